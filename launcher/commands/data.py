@@ -1,0 +1,10 @@
+"""btm verbs: data. (Being built: data preparation.)"""
+from launcher.errors import BtmError
+
+
+def _not_ready(args):
+    raise BtmError(f"'btm {args.command}' is not implemented yet")
+
+
+def register(subparsers):
+    subparsers.add_parser("data", help="(not implemented yet)").set_defaults(func=_not_ready)

@@ -1,0 +1,44 @@
+"""Foundation: the package's light half imports without fairseq/torch, and the CLI answers."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import REPO, run_btm
+
+BLOCK_HEAVY = textwrap.dedent("""
+    import sys
+    class _Block:
+        def find_spec(self, name, path=None, target=None):
+            if name.split('.')[0] in ('fairseq', 'torch', 'sentencepiece', 'fairseq_cli'):
+                raise ImportError('blocked for this test: ' + name)
+    sys.meta_path.insert(0, _Block())
+""")
+
+
+@pytest.mark.parametrize("module", [
+    "launcher", "launcher.cli", "launcher.commands", "launcher.presets", "launcher.atomic",
+    "analysis", "fairseq_ext",
+])
+def test_light_modules_import_without_fairseq_or_torch(module):
+    code = BLOCK_HEAVY + f"import {module}\nimport launcher.cli; launcher.cli.build_parser()\n"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_cli_help_lists_every_verb():
+    proc = run_btm("--help", check=True)
+    for verb in ["run", "status", "cancel", "data", "seed", "branch", "train", "eval",
+                 "average", "cluster", "forest", "report"]:
+        assert verb in proc.stdout
+
+
+def test_every_verb_has_help():
+    from launcher.cli import build_parser
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for verb in sub.choices:
+        proc = run_btm(verb, "--help")
+        assert proc.returncode == 0, (verb, proc.stderr)
+        assert "usage: btm" in proc.stdout
