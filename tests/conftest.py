@@ -16,6 +16,9 @@ from pathlib import Path
 
 import pytest
 
+# The SLURM test cluster fixtures (`slurm_cluster`) live in tests/slurm_testcluster.py.
+pytest_plugins = ["slurm_testcluster"]
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("BTM_SHARED", REPO.parent / "shared"))
 CORPUS = SHARED / "corpus"
