@@ -5,7 +5,7 @@ import textwrap
 
 import pytest
 
-from conftest import REPO, run_btm
+from conftest import REPO, require, run_btm
 
 BLOCK_HEAVY = textwrap.dedent("""
     import sys
@@ -46,6 +46,7 @@ def test_every_verb_has_help():
 
 def test_setup_script_second_run_is_a_no_op():
     """scripts/setup_env.sh is idempotent: with .venv in place it only checks, then exits 0."""
+    require((REPO / ".venv" / "bin" / "python").exists(), "no .venv in this checkout (run scripts/setup_env.sh)")
     proc = subprocess.run(["bash", str(REPO / "scripts" / "setup_env.sh"), "--test"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
