@@ -458,7 +458,9 @@ def _run_jobs(jobs: list[_DomainJob], workers: int, progress: bool):
             return
         import multiprocessing
 
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        # Not "fork": the caller may hold torch/OpenMP threads (a training test, a notebook),
+        # and a forked child that touches their locks can hang. A fresh worker costs one import.
+        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
         with ProcessPoolExecutor(max_workers=min(workers, len(jobs)),
                                  mp_context=multiprocessing.get_context(method)) as pool:
             futures = [pool.submit(_binarize_domain, job) for job in jobs]

@@ -446,3 +446,12 @@ def test_cli_help():
     assert proc.returncode == 0 and "--train-domains" in proc.stdout and "--vocab-size" in proc.stdout
     proc = run_btm("data")
     assert proc.returncode == 2 and "btm data prepare" in proc.stderr
+
+
+def test_error_in_a_worker_process_reaches_the_caller(dp, tmp_path):
+    corpus = make_corpus(tmp_path / "corpus", domains=("alpha", "beta", "gamma"))
+    _bad_utf8(corpus)
+    with pytest.raises(BtmError, match=r"beta/valid\.jsonl:2: not valid UTF-8"):
+        dp.prepare_data(corpus, tmp_path / "data", vocab_size=300, workers=2, progress=False)
+    manifest = dp.load_manifest(tmp_path / "data")
+    assert not any(k.startswith("beta/") for k in manifest["datasets"])
