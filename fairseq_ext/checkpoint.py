@@ -132,7 +132,7 @@ def make_cfg(model_cfg, task_cfg, *, seed: int = 1, optimizer: dict | None = Non
 def _plainify(obj):
     """Tuples -> lists, enums -> str, recursively (weights_only-safe containers only)."""
     if isinstance(obj, dict):
-        return {str(k): _plainify(v) for k, v in obj.items()}
+        return {(k if isinstance(k, int) else str(k)): _plainify(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_plainify(v) for v in obj]
     if obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor)):
