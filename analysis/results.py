@@ -32,6 +32,8 @@ REQUIRED_COLUMNS = ["run", "method", "k", "prior", "eval_domain", "split", "toke
                     "expert_forward_passes", "seconds"]
 OPTIONAL_COLUMNS = ["seed_fraction", "n_clusters", "routing", "notes"]
 NUMERIC_COLUMNS = ["tokens", "nll", "ppl", "expert_forward_passes", "seconds"]
+# Spellings of "no value" accepted in k / seed_fraction / n_clusters (k of a full ensemble).
+NO_VALUE = {"", "nan", "none", "null", "all", "-", "<na>"}
 
 # Methods in the order the paper's tables put them (docs/architecture.md lists them).
 # ``expert:<name>`` rows (one expert alone) are kept apart from these.
@@ -167,7 +169,8 @@ def validate_results(df: pd.DataFrame, source: Path | str) -> pd.DataFrame:
             df[col] = np.nan
     for col in ("k", "seed_fraction", "n_clusters"):
         values = pd.to_numeric(df[col], errors="coerce")
-        bad = values.isna() & df[col].notna() & (df[col].astype(str).str.strip() != "")
+        text = df[col].astype(str).str.strip().str.lower()
+        bad = values.isna() & df[col].notna() & ~text.isin(NO_VALUE)
         if bad.any():
             i = int(np.flatnonzero(bad.to_numpy())[0])
             raise BtmError(f"results table {source}, {line(i)}: column {col} has non-numeric "

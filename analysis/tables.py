@@ -58,6 +58,14 @@ def combine(runs: list[RunData]) -> tuple[pd.DataFrame, list[str]]:
             df.loc[cbtm, "n_clusters"] = df.loc[cbtm, "n_clusters"].fillna(run.n_clusters)
         frames.append(df)
     frame = pd.concat(frames, ignore_index=True)
+    unknown = sorted({m for m in frame["method"] if m not in METHOD_ORDER and not is_expert_method(m)})
+    if unknown:
+        notes.append(f"method(s) {', '.join(unknown)} are not among those docs/architecture.md "
+                     "lists; they are shown after the known ones")
+    off = (np.exp(frame["nll"]) - frame["ppl"]).abs() > 0.01 * frame["ppl"]
+    for (run, method), n in frame[off].groupby(["run_label", "method"]).size().items():
+        notes.append(f"run {run}: {n} row(s) of {method} have ppl != exp(nll) (more than 1% "
+                     "apart); the tables show ppl")
     frame["label"] = variant_labels(frame)
     frame["order_key"] = [_order_key(r) for r in frame.itertuples()]
     key = ["run_label", "label", "eval_domain", "split"]
@@ -188,6 +196,22 @@ def summary_table(frame: pd.DataFrame, runs: list[RunData], split: str, group_ke
     table = pd.DataFrame(out).T.reindex(columns=labels) if out else pd.DataFrame(columns=labels)
     table.index.name = "run"
     return table.dropna(axis=1, how="all")
+
+
+def cost_table(frame: pd.DataFrame, runs: list[RunData], split: str,
+               labels: list[str]) -> pd.DataFrame:
+    """Rows = runs, columns = labels, values = expert forward passes per token on the split
+    (sum of ``expert_forward_passes`` over sum of ``tokens``, all domains): the inference cost
+    that separates a full ensemble (one pass per expert) from top-k and parameter averages."""
+    rows = frame[(frame["split"] == split) & frame["label"].isin(labels)]
+    rows = rows.dropna(subset=["expert_forward_passes", "tokens"])
+    rows = rows[rows["tokens"] > 0]
+    sums = rows.groupby(["run_label", "label"])[["expert_forward_passes", "tokens"]].sum()
+    per_token = (sums["expert_forward_passes"] / sums["tokens"]).unstack("label")
+    table = per_token.reindex(index=[r.label for r in runs], columns=labels)
+    table.index.name = "run"
+    table.columns.name = None
+    return table.dropna(axis=1, how="all").dropna(axis=0, how="all")
 
 
 def compute_table(runs: list[RunData]) -> pd.DataFrame:

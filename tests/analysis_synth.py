@@ -39,6 +39,12 @@ def ppl_of(domain: str, method: str, k: int, seed_fraction: float = 0.5,
     return round(BASE[domain] * factor * seed_effect, 6)
 
 
+def passes_per_token(method: str, k: int) -> int:
+    if method.startswith("ensemble") or method == "random_split":
+        return len(TRAIN)
+    return k if method in ("topk_prior", "cbtm_cluster") else 1
+
+
 def result_rows(run: str, seed_fraction: float = 0.5, split: str = "test",
                 cbtm_clusters: int | None = None) -> list[dict]:
     variants = [(m, k) for (m, k) in FACTORS] + [(f"expert:{d}", 1) for d in TRAIN]
@@ -51,7 +57,7 @@ def result_rows(run: str, seed_fraction: float = 0.5, split: str = "test",
             rows.append({"run": run, "method": method, "k": k,
                          "prior": "cached" if "prior" in method else "",
                          "eval_domain": domain, "split": split, "tokens": 1000,
-                         "nll": math.log(ppl), "ppl": ppl, "expert_forward_passes": 3000,
+                         "nll": math.log(ppl), "ppl": ppl, "expert_forward_passes": 1000 * passes_per_token(method, k),
                          "seconds": 1.5,
                          "n_clusters": cbtm_clusters if method == "cbtm_cluster" else None})
     return rows

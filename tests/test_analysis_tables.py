@@ -173,6 +173,40 @@ def test_split_choice():
         tables.check_split(frame, "train")
 
 
+def test_inference_cost_is_forward_passes_per_token(two_runs):
+    runs, frame, _ = two_runs
+    t = tables.cost_table(frame, runs, "test", tables.ordered_labels(frame))
+    assert list(t.index) == ["sf30", "sf50"]
+    assert t.at["sf30", "Dense"] == 1 and t.at["sf30", "Ensemble prior"] == len(TRAIN)
+    assert t.at["sf50", "Top-2 prior"] == 2 and t.at["sf50", "Avg posterior"] == 1
+
+
+def test_unknown_methods_and_inconsistent_nll_are_noted(tmp_path):
+    extra = [dict(r, method="ensemble_magic") for r in result_rows("r") if r["method"] == "dense"]
+    extra[0]["ppl"] = extra[0]["ppl"] * 2
+    runs = load_runs([make_run(tmp_path, "r", extra_rows=extra)])
+    frame, notes = tables.combine(runs)
+    assert tables.ordered_labels(frame)[-1] == "ensemble_magic"
+    assert any("ensemble_magic are not among" in n for n in notes)
+    assert any("1 row(s) of ensemble_magic have ppl != exp(nll)" in n for n in notes)
+
+
+def test_k_may_be_empty_or_all_for_full_ensembles(tmp_path):
+    run = make_run(tmp_path, "r")
+    csv = run / "results" / "results.csv"
+    df = pd.read_csv(csv)
+    df["k"] = df["k"].astype(object)
+    df.loc[df["method"] == "ensemble_prior", "k"] = "all"
+    df.loc[df["method"] == "dense", "k"] = None
+    df.to_csv(csv, index=False)
+    frame, _ = tables.combine(load_runs([run]))
+    assert "Ensemble prior" in tables.ordered_labels(frame)
+    df.loc[0, "k"] = "three"
+    df.to_csv(csv, index=False)
+    with pytest.raises(BtmError, match=r"line 2: column k has non-numeric value 'three'"):
+        load_run(run)
+
+
 # --------------------------------------------------------------------------- compute hours
 
 def test_compute_hours_are_summed_per_stage_from_records(two_runs):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 
-
 def _report(args) -> int:
     from analysis.report import build_report  # pandas/matplotlib only when asked for
 
