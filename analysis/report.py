@@ -6,7 +6,6 @@ Layout of the output directory (RUN/report/ of the first run unless ``out`` is g
     tables/ppl_<group>.<run>.{md,tex,csv}   perplexity per domain x method (group: train/eval/...)
     tables/summary_<group>.{md,tex,csv}     mean perplexity per run x method
     tables/experts.<run>.{md,tex,csv}       perplexity of each expert alone, per domain
-    tables/inference_cost.{md,tex,csv}      expert forward passes per token, run x method
     tables/compute.{md,tex,csv}             CPU/GPU/wall hours per run and stage
     tables/results_all.csv                  every results row of every run (tidy, + run_label)
     plots/*.png
@@ -100,7 +99,6 @@ def build_report(run_dirs: list[str | Path], out: str | Path | None = None,
             md += [f"**{g.title}**", "", text, links, ""]
 
     md += _summary_section(w, frame, runs, split, labels, run_groups)
-    md += _cost_section(w, frame, runs, split, labels)
     md += _experts_section(w, frame, runs, split, experts, run_groups)
     md += _compute_section(w, runs)
     md += _plots_section(w, frame, runs, split, labels, run_groups)
@@ -152,17 +150,6 @@ def _summary_section(w: _Out, frame, runs, split, labels, run_groups) -> list[st
                               f"mean perplexity on {titles[key].lower()} ({split} split)")
         md += [f"**{titles[key]}**", "", text, links, ""]
     return md
-
-
-def _cost_section(w: _Out, frame, runs, split, labels) -> list[str]:
-    md = ["## Inference cost", ""]
-    t = tables.cost_table(frame, runs, split, labels)
-    if t.empty:
-        return md + ["Omitted: no row has both `expert_forward_passes` and `tokens`.", ""]
-    text, links = w.table("tables/inference_cost", t,
-                          f"expert forward passes per token ({split} split)", mark_best=False)
-    return md + ["Expert forward passes per token (all domains of the split): 1 for one model, "
-                 "k for top-k, the forest size for a full ensemble.", "", text, links, ""]
 
 
 def _experts_section(w: _Out, frame, runs, split, experts, run_groups) -> list[str]:

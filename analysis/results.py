@@ -177,8 +177,7 @@ def validate_results(df: pd.DataFrame, source: Path | str) -> pd.DataFrame:
                            f"value {df[col].iloc[i]!r}")
         df[col] = values.astype(float)
     for col in ("prior", "routing", "notes"):
-        df[col] = df[col].map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v))
-                              else str(v)).astype(object)
+        df[col] = df[col].map(lambda v: "" if pd.isna(v) else str(v)).astype(object)
     return df
 
 

@@ -198,22 +198,6 @@ def summary_table(frame: pd.DataFrame, runs: list[RunData], split: str, group_ke
     return table.dropna(axis=1, how="all")
 
 
-def cost_table(frame: pd.DataFrame, runs: list[RunData], split: str,
-               labels: list[str]) -> pd.DataFrame:
-    """Rows = runs, columns = labels, values = expert forward passes per token on the split
-    (sum of ``expert_forward_passes`` over sum of ``tokens``, all domains): the inference cost
-    that separates a full ensemble (one pass per expert) from top-k and parameter averages."""
-    rows = frame[(frame["split"] == split) & frame["label"].isin(labels)]
-    rows = rows.dropna(subset=["expert_forward_passes", "tokens"])
-    rows = rows[rows["tokens"] > 0]
-    sums = rows.groupby(["run_label", "label"])[["expert_forward_passes", "tokens"]].sum()
-    per_token = (sums["expert_forward_passes"] / sums["tokens"]).unstack("label")
-    table = per_token.reindex(index=[r.label for r in runs], columns=labels)
-    table.index.name = "run"
-    table.columns.name = None
-    return table.dropna(axis=1, how="all").dropna(axis=0, how="all")
-
-
 def compute_table(runs: list[RunData]) -> pd.DataFrame:
     """CPU, GPU and wall hours per (run, stage) from the records, plus a total per run.
 

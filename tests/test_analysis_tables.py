@@ -11,7 +11,8 @@ import pytest
 
 from analysis import tables
 from analysis.results import load_run, load_runs
-from analysis_synth import (BASE, EVAL, SACCT_RECORDS, TRAIN, make_run, ppl_of, result_rows)
+from analysis_synth import (BASE, EVAL, PRIOR, SACCT_RECORDS, TRAIN, make_run, ppl_of,
+                            result_rows)
 from launcher.errors import BtmError
 
 
@@ -135,7 +136,7 @@ def test_variant_fields_appear_in_labels_only_when_they_vary(tmp_path):
                       make_run(tmp_path, "c8", cbtm_clusters=8)])
     frame, notes = tables.combine(runs)
     labels = tables.ordered_labels(frame)
-    assert "Ensemble prior [prior=cached]" in labels
+    assert f"Ensemble prior [prior={PRIOR}]" in labels
     assert "Ensemble prior [prior=uniform-prior]" in labels
     assert "Dense" in labels  # nothing varies for dense
     assert "c-BTM 8 clusters top-1" in labels and "c-BTM 8 clusters top-2" in labels
@@ -171,14 +172,6 @@ def test_split_choice():
     assert tables.check_split(frame, "valid") == "valid"
     with pytest.raises(BtmError, match="--split 'train' has no rows.*test, valid"):
         tables.check_split(frame, "train")
-
-
-def test_inference_cost_is_forward_passes_per_token(two_runs):
-    runs, frame, _ = two_runs
-    t = tables.cost_table(frame, runs, "test", tables.ordered_labels(frame))
-    assert list(t.index) == ["sf30", "sf50"]
-    assert t.at["sf30", "Dense"] == 1 and t.at["sf30", "Ensemble prior"] == len(TRAIN)
-    assert t.at["sf50", "Top-2 prior"] == 2 and t.at["sf50", "Avg posterior"] == 1
 
 
 def test_unknown_methods_and_inconsistent_nll_are_noted(tmp_path):
