@@ -94,3 +94,25 @@ def test_unknown_split_is_an_error(tmp_path):
     run = make_run(tmp_path, "r", records=False, priors=False)
     with pytest.raises(BtmError, match="--split 'train' has no rows"):
         build_report([run], split="train")
+
+
+def test_report_runs_without_torch_or_fairseq(tmp_path):
+    """The whole report path imports only light packages (a login node has no torch)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    run = make_run(tmp_path, "light", records=False)
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'fairseq', 'fairseq_cli', 'sentencepiece'):\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from launcher.cli import main\n"
+        f"sys.exit(main(['report', {str(run)!r}]))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (run / "report" / "report.md").is_file()
