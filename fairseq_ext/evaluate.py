@@ -156,6 +156,20 @@ def _row(run: str, method: str, k: int, prior: str, domain: str, split: str, log
             "seconds": float(sum(s.seconds for s in scores) + mix_seconds)}
 
 
+def prescore(run_dir: str | os.PathLike, checkpoint: str | os.PathLike, domain: str, *,
+             data_dir: str | os.PathLike | None = None, settings: EvalSettings = EvalSettings()) -> list:
+    """Fill the score cache for one (model, domain): the prior split and the eval split.
+
+    The launcher's ``score`` stage (one array task per (model, eval domain)) calls this, so the
+    ``eval`` stage afterwards only mixes; both must use the same ``settings``.
+    """
+    run_dir = Path(run_dir)
+    settings = settings.validate()
+    scorer = Scorer(run_dir, Path(data_dir) if data_dir else run_dir / "data", settings)
+    splits = dict.fromkeys([settings.prior.split, settings.split])
+    return [scorer(Path(checkpoint), domain, split) for split in splits]
+
+
 def domain_prior(run_dir: Path, scorer: Scorer, experts: dict[str, Path], domain: str,
                  settings: PriorSettings) -> np.ndarray:
     """The cached prior of ``domain`` over ``experts`` (scoring the held-out split if needed)."""

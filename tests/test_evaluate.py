@@ -88,6 +88,17 @@ def test_forest_rows_are_correct_and_a_rerun_hits_the_cache(tiny_data, tiny_expe
     assert len(list((run / "priors").glob("legal.*.json"))) == 2
 
 
+def test_prescore_fills_the_cache_the_evaluation_reads(tiny_data, tiny_experts, tmp_path):
+    from fairseq_ext.evaluate import evaluate_forest, prescore
+
+    run = tmp_path / "run"
+    for path in tiny_experts.values():  # what the launcher's score stage does, one unit each
+        scores = prescore(run, path, "bible", data_dir=tiny_data, settings=settings())
+        assert [s.forward_passes > 0 for s in scores] == [True, True]
+    rows = evaluate_forest(run, tiny_experts, ["bible"], data_dir=tiny_data, settings=settings())
+    assert (rows.expert_forward_passes == 0).all()
+
+
 def test_sparse_top_k_scores_only_the_selected_experts(tiny_data, tiny_experts, tmp_path):
     from fairseq_ext.evaluate import evaluate_forest
 
