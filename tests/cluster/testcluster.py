@@ -155,6 +155,25 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def reap_orphans(directory: Path, prefix: str = "btm-slurm-") -> list[Path]:
+    """Stop test clusters under directory/prefix* whose owning process died (a crashed run).
+
+    Their daemons are ended by the PIDs in their state.json, like any stop(); most would have
+    died with their owner already (PR_SET_PDEATHSIG), but mariadbd drops that when it changes
+    to the mysql user. Clusters started by scripts/slurm_test_cluster.sh have no owner and are
+    never touched. Returns the roots that were stopped (and removed).
+    """
+    reaped = []
+    for state in sorted(Path(directory).glob(f"{prefix}*/state.json")):
+        with contextlib.suppress(ClusterError, OSError, KeyError, ValueError):
+            cluster = SlurmTestCluster.load(state.parent)
+            if cluster.orphaned():
+                cluster.stop(timeout=15)
+                shutil.rmtree(cluster.root, ignore_errors=True)
+                reaped.append(cluster.root)
+    return reaped
+
+
 class SlurmTestCluster:
     """One test cluster under `root`. API for tests (see docs/cluster-testing.md):
 
@@ -172,6 +191,9 @@ class SlurmTestCluster:
         self.partitions = {"debug": 10, "batch": None}
         self.default_partition = "batch"
         self.tie_to_parent = tie_to_parent
+        # With tie_to_parent, the process whose death ends the daemons (see reap_orphans).
+        self.owner = {"pid": os.getpid(), "start_time": _proc_start_time(os.getpid())} \
+            if tie_to_parent else None
         self.ports: dict[str, int] = {}
         self.pids: dict[str, dict] = {}  # daemon name -> {"pid", "start_time", "argv", "log"}
         self._procs: dict[str, subprocess.Popen] = {}
@@ -207,6 +229,7 @@ class SlurmTestCluster:
         if os.geteuid() != 0:
             raise ClusterUnavailable("SLURM test cluster: must run as root (slurmd runs jobs as root)")
         ensure_packages()
+        reap_orphans(self.root.parent)
         if self.running_daemons():
             raise ClusterError(f"a test cluster is already running under {self.root}; stop it first")
         deadline = time.monotonic() + timeout
@@ -294,7 +317,7 @@ class SlurmTestCluster:
     def _save_state(self) -> None:
         state = {"root": str(self.root), "nodes": self.nodes, "cpus_per_node": self.cpus_per_node,
                  "mem_mb_per_node": self.mem_mb_per_node, "partitions": self.partitions,
-                 "ports": self.ports, "pids": self.pids, "env": self.env}
+                 "ports": self.ports, "pids": self.pids, "owner": self.owner, "env": self.env}
         tmp = self._state_file().with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2) + "\n")
         os.replace(tmp, self._state_file())
@@ -311,7 +334,14 @@ class SlurmTestCluster:
                    mem_mb_per_node=state["mem_mb_per_node"], tie_to_parent=False)
         self.ports = state["ports"]
         self.pids = state["pids"]
+        self.owner = state.get("owner")
         return self
+
+    def orphaned(self) -> bool:
+        """Started by a process that is gone (crashed) and still has daemons running."""
+        owner = self.owner
+        return bool(owner) and _proc_start_time(owner["pid"]) != owner["start_time"] \
+            and bool(self.running_daemons())
 
     # ----------------------------------------------------------------- set-up steps
     def _prepare_root(self) -> None:
