@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from cluster.testcluster import reap_orphans
-from slurm_testcluster import SlurmTestCluster, new_cluster_root
+from slurm_testcluster import ClusterError, SlurmTestCluster, new_cluster_root
 
 pytestmark = pytest.mark.slurm
 TESTS = Path(__file__).resolve().parent
@@ -197,3 +197,14 @@ def test_stop_signals_only_recorded_pids(tmp_path):
     finally:
         bystander.send_signal(signal.SIGTERM)
         bystander.wait()
+
+
+def test_start_refuses_a_directory_it_did_not_make(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    cluster = SlurmTestCluster(tmp_path)
+    if os.geteuid() != 0:
+        from conftest import require
+        require(False, "the SLURM test cluster needs root")
+    with pytest.raises(ClusterError, match="not empty and holds no test cluster"):
+        cluster.start()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

@@ -347,6 +347,9 @@ class SlurmTestCluster:
     def _prepare_root(self) -> None:
         """A fresh layout under root; leftovers of a stopped run there are removed."""
         self.root.mkdir(parents=True, exist_ok=True)
+        if any(self.root.iterdir()) and not self._state_file().exists():
+            raise ClusterError(f"{self.root} is not empty and holds no test cluster; "
+                               f"give a new or empty directory")
         if self._state_file().exists():
             old = SlurmTestCluster.load(self.root)
             if old.running_daemons():
