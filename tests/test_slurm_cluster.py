@@ -208,3 +208,16 @@ def test_start_refuses_a_directory_it_did_not_make(tmp_path):
     with pytest.raises(ClusterError, match="not empty and holds no test cluster"):
         cluster.start()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("ci, outcome", [("", "1 skipped"), ("true", "1 error")])
+def test_without_cluster_tests_skip_locally_and_fail_under_ci(ci, outcome):
+    """conftest.require semantics for the fixture, checked in a child pytest (cluster off)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "SLURM_CONF")}
+    env.update(BTM_SLURM_CLUSTER="off", CI=ci)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           f"{__file__}::test_cluster_is_up_with_partitions_and_accounting"],
+                          cwd=TESTS.parent, env=env, capture_output=True, text=True, timeout=120)
+    assert outcome in proc.stdout, proc.stdout + proc.stderr
+    assert "switched off (BTM_SLURM_CLUSTER=off)" in proc.stdout
+    assert proc.returncode == (0 if not ci else 1)
