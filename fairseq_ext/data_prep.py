@@ -102,8 +102,8 @@ def prepare_data(corpus_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     _check_positive("sample_chars", sample_chars)
     if not isinstance(text_field, str) or not text_field:
         raise BtmError(f"invalid text field {text_field!r}: give a non-empty JSON field name")
-    if not 0.9 <= character_coverage <= 1.0:
-        raise BtmError(f"invalid character_coverage {character_coverage!r}: use a value in [0.9, 1.0]")
+    if not 0.98 <= character_coverage <= 1.0:  # sentencepiece's own limits
+        raise BtmError(f"invalid character_coverage {character_coverage!r}: use a value in [0.98, 1.0]")
     if progress is None:
         progress = sys.stderr.isatty()
 
@@ -172,6 +172,16 @@ def decode_ids(data_dir: str | os.PathLike, ids) -> str:
 def load_dictionary(data_dir: str | os.PathLike):
     """The shared fairseq ``Dictionary`` of a prepared data directory."""
     return _load_tokenizer(data_dir).dictionary
+
+
+def quiet_fairseq_logging() -> None:
+    """Call before importing fairseq: its import runs ``logging.basicConfig(level=DEBUG)``
+    (fairseq/tasks/text_to_speech.py), which prints an INFO notice and then every filelock
+    acquire; those loggers are set to WARNING so the output stays ours."""
+    import logging
+
+    for name in ("filelock", "fairseq.tasks.text_to_speech"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,6 +253,7 @@ def _prepare_tokenizer(out_dir: Path, settings: TokenizerSettings, sources: dict
         _remove_outputs(out_dir, old)
 
     sample, chars_per_domain = _tokenizer_sample(settings, sources, progress)
+    sample, rare_dropped = _drop_rare_characters(sample, settings.vocab_size)
     model_bytes = _train_spm(sample, settings, chars_per_domain)
     import sentencepiece as spm
 
@@ -265,6 +276,7 @@ def _prepare_tokenizer(out_dir: Path, settings: TokenizerSettings, sources: dict
         "dict_sha256": sha256_file(out_dir / "dict.txt"),
         "tokenizer": key,
         "tokenizer_sample_chars": chars_per_domain,
+        "rare_characters_cut_from_sample": rare_dropped,
         "settings": {**settings.as_dict(), "special_ids": {"bos": BOS_ID, "pad": PAD_ID, "eos": EOS_ID, "unk": UNK_ID},
                      "dataset_impl": "mmap", "item": "document token ids + eos",
                      "tokens_count": "including the eos of every document"},
@@ -304,6 +316,31 @@ def _tokenizer_sample(settings: TokenizerSettings, sources: dict, progress: bool
             if left <= 0:
                 break
     return sample, {d: quota for d in settings.train_domains}
+
+
+def _drop_rare_characters(sample: list[str], vocab_size: int) -> tuple[list[str], int]:
+    """Cut the sample's rarest characters out when they would crowd out the vocabulary.
+
+    sentencepiece gives every character within the character coverage its own piece and fails
+    when they outnumber the vocabulary (a sample with CJK text or a symbol table has thousands;
+    its coverage cannot go below 0.98). Characters may take at most half of the pieces left
+    after the specials and the 256 byte pieces: lines are split at the rarer characters, which
+    then never get a piece and are written with byte pieces (losslessly) when encoding.
+    Returns the new sample and how many distinct characters were cut.
+    """
+    import re
+    from collections import Counter
+
+    counts = Counter()
+    for line in sample:
+        counts.update(line)
+    budget = max(1, (vocab_size - N_SPECIAL - 256) // 2)
+    if len(counts) <= budget:
+        return sample, 0
+    ranked = sorted(counts, key=lambda ch: (-counts[ch], ch))
+    rare = re.compile("[" + "".join(re.escape(ch) for ch in sorted(ranked[budget:])) + "]+")
+    kept = [part for line in sample for part in rare.split(line) if part]
+    return kept, len(ranked) - budget
 
 
 def _train_spm(sample: list[str], settings: TokenizerSettings, chars_per_domain: dict) -> bytes:
@@ -396,6 +433,7 @@ def _binarize_domain(job: _DomainJob) -> dict:
     """
     import sentencepiece as spm
 
+    quiet_fairseq_logging()  # a fresh worker process imports fairseq below
     out_dir = Path(job.out_dir)
     sp = spm.SentencePieceProcessor(model_file=str(out_dir / "spm.model"))
     # Read and validate every split before writing any, so bad input writes nothing.

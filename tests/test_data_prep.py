@@ -455,3 +455,14 @@ def test_error_in_a_worker_process_reaches_the_caller(dp, tmp_path):
         dp.prepare_data(corpus, tmp_path / "data", vocab_size=300, workers=2, progress=False)
     manifest = dp.load_manifest(tmp_path / "data")
     assert not any(k.startswith("beta/") for k in manifest["datasets"])
+
+
+def test_many_rare_characters_fit_a_small_vocabulary(dp, tmp_path):
+    """Thousands of distinct CJK characters would need more pieces than vocab_size=300 has."""
+    corpus = tmp_path / "corpus"
+    text = "".join(chr(0x4E00 + i) for i in range(3000))
+    for split in ("train", "valid", "test"):
+        write_jsonl(corpus / "cjk" / f"{split}.jsonl", [text[i:i + 300] + " common words here" for i in range(0, 3000, 300)])
+    manifest = dp.prepare_data(corpus, tmp_path / "data", vocab_size=300, workers=1, progress=False)
+    assert manifest["rare_characters_cut_from_sample"] > 2900
+    assert dp.decode_ids(tmp_path / "data", dp.encode_text(tmp_path / "data", text)) == text
