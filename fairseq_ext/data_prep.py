@@ -254,7 +254,11 @@ def _prepare_tokenizer(out_dir: Path, settings: TokenizerSettings, sources: dict
 
     sample, chars_per_domain = _tokenizer_sample(settings, sources, progress)
     sample, rare_dropped = _drop_rare_characters(sample, settings.vocab_size)
-    model_bytes = _train_spm(sample, settings, chars_per_domain)
+    from tqdm import tqdm
+
+    with tqdm(total=1, desc=f"train tokenizer ({len(sample)} lines)", unit="model", disable=not progress) as bar:
+        model_bytes = _train_spm(sample, settings, chars_per_domain)
+        bar.update()
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_proto=model_bytes)
@@ -463,7 +467,7 @@ def _build_split(sp, docs: list[str], tmp_bin: Path, tmp_idx: Path, job: _Domain
 
     tokens = 0
     builder = indexed_dataset.make_builder(str(tmp_bin), impl="mmap", vocab_size=sp.get_piece_size())
-    for doc in tqdm(docs, desc=f"{job.domain}/{split}", unit="doc", disable=not job.show_progress):
+    for doc in tqdm(docs, desc=f"{job.domain}/{split}", unit="doc", leave=False, disable=not job.show_progress):
         ids = _encode(sp, doc)
         ids.append(EOS_ID)
         builder.add_item(torch.from_numpy(np.asarray(ids, dtype=np.int64)))

@@ -112,8 +112,8 @@ def test_default_size_builds_in_a_few_seconds(tmp_path):
     t0 = time.perf_counter()
     description = build_demo_corpus(tmp_path)
     elapsed = time.perf_counter() - t0
-    # on a 2-core shared CI machine; about 3 s when idle
-    assert elapsed < 30, f"building the default demo corpus took {elapsed:.1f}s"
+    # about 3 s of CPU; the bound is generous because CI machines are shared and slow
+    assert elapsed < 60, f"building the default demo corpus took {elapsed:.1f}s"
     sizes = {d: info["characters"] for d, info in description["domains"].items()}
     assert all(v >= 1_000_000 for d, v in sizes.items() if d != "reference_manual"), sizes
     assert sizes["reference_manual"] > 400_000
