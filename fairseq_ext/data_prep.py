@@ -46,7 +46,7 @@ from launcher.atomic import atomic_path, atomic_write_bytes, atomic_write_json, 
 from launcher.errors import BtmError
 from launcher.names import validate_name
 
-from fairseq_ext.corpus_io import SPLITS, find_split_file, list_domains, read_documents
+from fairseq_ext.corpus_io import SPLITS, find_split_file, iter_documents, list_domains
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -292,25 +292,30 @@ def _prepare_tokenizer(out_dir: Path, settings: TokenizerSettings, sources: dict
 
 
 def _tokenizer_sample(settings: TokenizerSettings, sources: dict, progress: bool) -> tuple[list[str], dict]:
-    """Equal characters from every training domain: shuffled documents, cut into lines."""
+    """Equal characters from every training domain: randomly chosen documents, cut into lines.
+
+    Each domain's documents get a seeded random priority; the lowest-priority documents holding
+    ``sample_chars`` characters are kept while streaming (so memory is bounded by the sample,
+    not the domain). Every domain then contributes the same number of characters: the cap, or
+    the smallest domain's whole text when that is smaller.
+    """
     from tqdm import tqdm
 
-    docs = {}
+    chosen = {}
     for d in tqdm(settings.train_domains, desc="read tokenizer sample", unit="domain", disable=not progress):
-        docs[d] = read_documents(sources[d, "train"], settings.text_field)
-    available = {d: sum(len(line) for doc in ds for line in doc.splitlines()) for d, ds in docs.items()}
+        chosen[d] = _choose_documents(sources[d, "train"], settings.text_field,
+                                      random.Random(f"{settings.seed}:{d}"), settings.sample_chars)
+    available = {d: sum(len(line) for doc in docs for line in doc.splitlines()) for d, docs in chosen.items()}
     quota = min(settings.sample_chars, *available.values())
     if quota == 0:
         empty = min(available, key=available.get)
         raise BtmError(f"training domain {empty!r} has no text in {sources[empty, 'train']}")
     sample: list[str] = []
     for d in settings.train_domains:
-        order = list(range(len(docs[d])))
-        random.Random(f"{settings.seed}:{d}").shuffle(order)
         left = quota
-        for i in order:
+        for doc in chosen[d]:
             # splitlines: no line break of any kind reaches a learned piece (see module doc).
-            for line in docs[d][i].splitlines():
+            for line in doc.splitlines():
                 line = line[:left]
                 for start in range(0, len(line), _MAX_LINE_CHARS):
                     sample.append(line[start:start + _MAX_LINE_CHARS])
@@ -320,6 +325,24 @@ def _tokenizer_sample(settings: TokenizerSettings, sources: dict, progress: bool
             if left <= 0:
                 break
     return sample, {d: quota for d in settings.train_domains}
+
+
+def _choose_documents(path, text_field: str, rng: random.Random, chars: int) -> list[str]:
+    """A uniformly random set of documents holding at least ``chars`` characters (all of them
+    if the file has fewer), in random order, read in one streaming pass."""
+    import heapq
+
+    heap: list[tuple[float, int, str]] = []  # (-priority, index, doc): the worst kept doc on top
+    total = 0
+    for i, doc in enumerate(iter_documents(path, text_field)):
+        priority = rng.random()
+        if total >= chars and priority >= -heap[0][0]:
+            continue
+        heapq.heappush(heap, (-priority, i, doc))
+        total += len(doc)
+        while total - len(heap[0][2]) >= chars:  # still enough without the worst one
+            total -= len(heapq.heappop(heap)[2])
+    return [doc for _, _, doc in sorted(heap, reverse=True)]
 
 
 def _drop_rare_characters(sample: list[str], vocab_size: int) -> tuple[list[str], int]:
@@ -440,40 +463,42 @@ def _binarize_domain(job: _DomainJob) -> dict:
     quiet_fairseq_logging()  # a fresh worker process imports fairseq below
     out_dir = Path(job.out_dir)
     sp = spm.SentencePieceProcessor(model_file=str(out_dir / "spm.model"))
-    # Read and validate every split before writing any, so bad input writes nothing.
-    docs = {s: read_documents(job.sources[s], job.text_field) for s in SPLITS}
-    # A copy of the shared dictionary next to the splits, so stock fairseq tools
-    # (fairseq-train/fairseq-eval-lm DATA/<domain>) read a domain directory as it is.
-    atomic_write_bytes(out_dir / job.domain / "dict.txt", (out_dir / "dict.txt").read_bytes())
     prefixes = {s: out_dir / job.domain / s for s in SPLITS}
     results = {}
     with contextlib.ExitStack() as stack:
         tmp_idx = {s: stack.enter_context(atomic_path(f"{prefixes[s]}.idx")) for s in SPLITS}
         tmp_bin = {s: stack.enter_context(atomic_path(f"{prefixes[s]}.bin")) for s in SPLITS}
         for split in SPLITS:
-            results[split] = _build_split(sp, docs[split], tmp_bin[split], tmp_idx[split], job, split)
+            # Documents stream from the file into the temp dataset; bad input raises here and
+            # the temp files are removed, so nothing of this domain is written.
+            docs = iter_documents(job.sources[split], job.text_field)
+            results[split] = _build_split(sp, docs, tmp_bin[split], tmp_idx[split], job, split)
             results[split].update(source=job.sources[split], source_sha256=job.source_sha[split])
+        # A copy of the shared dictionary next to the splits, so stock fairseq tools
+        # (fairseq-train/fairseq-eval-lm DATA/<domain>) read a domain directory as it is.
+        atomic_write_bytes(out_dir / job.domain / "dict.txt", (out_dir / "dict.txt").read_bytes())
         for split in SPLITS:
             Path(f"{prefixes[split]}.idx").unlink(missing_ok=True)
     return {"domain": job.domain, "splits": results}
 
 
-def _build_split(sp, docs: list[str], tmp_bin: Path, tmp_idx: Path, job: _DomainJob, split: str) -> dict:
+def _build_split(sp, docs, tmp_bin: Path, tmp_idx: Path, job: _DomainJob, split: str) -> dict:
     """Write one mmap indexed dataset: item i = the ids of document i followed by eos."""
     import numpy as np
     import torch
     from fairseq.data import indexed_dataset
     from tqdm import tqdm
 
-    tokens = 0
+    tokens = documents = 0
     builder = indexed_dataset.make_builder(str(tmp_bin), impl="mmap", vocab_size=sp.get_piece_size())
     for doc in tqdm(docs, desc=f"{job.domain}/{split}", unit="doc", leave=False, disable=not job.show_progress):
         ids = _encode(sp, doc)
         ids.append(EOS_ID)
         builder.add_item(torch.from_numpy(np.asarray(ids, dtype=np.int64)))
         tokens += len(ids)
+        documents += 1
     builder.finalize(str(tmp_idx))
-    return {"documents": len(docs), "tokens": tokens, "bin_sha256": sha256_file(tmp_bin),
+    return {"documents": documents, "tokens": tokens, "bin_sha256": sha256_file(tmp_bin),
             "idx_sha256": sha256_file(tmp_idx), "data_hash": _data_hash(tmp_bin, tmp_idx)}
 
 

@@ -376,7 +376,7 @@ def test_bad_corpus_is_one_clear_error_and_writes_nothing(dp, tmp_path, breaker,
         written = [str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()]
         # at most a complete tokenizer (errors in valid/test surface while binarizing); never a
         # dataset of a broken domain, never a temp file
-        assert not [w for w in written if w.endswith((".bin", ".idx", ".tmp")) and w.startswith("beta")]
+        assert not [w for w in written if w.startswith("beta")]
         assert not [w for w in written if w.endswith(".tmp")]
 
 
@@ -489,3 +489,18 @@ def test_many_rare_characters_fit_a_small_vocabulary(dp, tmp_path):
     manifest = dp.prepare_data(corpus, tmp_path / "data", vocab_size=300, workers=1, progress=False)
     assert manifest["rare_characters_cut_from_sample"] > 2900
     assert dp.decode_ids(tmp_path / "data", dp.encode_text(tmp_path / "data", text)) == text
+
+
+def test_tokenizer_sample_is_a_seeded_random_subset_read_in_one_pass(dp, tmp_path):
+    import random
+
+    path = tmp_path / "train.jsonl"
+    docs = [f"document {i:04d} " + "x" * 86 for i in range(1000)]  # 100 characters each
+    write_jsonl(path, docs)
+    pick = dp._choose_documents(path, "text", random.Random("1:a"), 5000)
+    assert len(pick) == 50 and set(pick) <= set(docs) and len(set(pick)) == 50
+    assert pick == dp._choose_documents(path, "text", random.Random("1:a"), 5000)
+    assert pick != dp._choose_documents(path, "text", random.Random("2:a"), 5000)
+    first_half = sum(int(d.split()[1]) < 500 for d in pick)
+    assert 10 <= first_half <= 40  # spread over the file, not its head
+    assert sorted(dp._choose_documents(path, "text", random.Random("1:a"), 10**9)) == docs
