@@ -8,16 +8,17 @@ from conftest import require_fairseq, run_btm
 pytestmark = pytest.mark.fairseq
 
 DOMAINS = ["bible", "code_python", "legal"]
-COMMON = ["--tokens-per-batch", "512", "--valid-max-tokens", "4096", "--save-interval-updates", "20"]
+COMMON = ["--tokens-per-batch", "256", "--valid-max-tokens", "2048", "--save-interval-updates", "10"]
 
 
 @pytest.fixture(scope="module")
 def data_dir(small_corpus, tmp_path_factory):
     require_fairseq()
-    from elm_testdata import build_char_data
-    return build_char_data(small_corpus, tmp_path_factory.mktemp("data"), DOMAINS)
+    from elm_testdata import build_data
+    return build_data(small_corpus, tmp_path_factory.mktemp("data"), DOMAINS)
 
 
+@pytest.mark.slow
 def test_seed_branch_train_experts_beat_seed_on_their_domain(data_dir, tmp_path):
     import torch
     from fairseq_ext.checkpoint import load_checkpoint, load_model
@@ -25,9 +26,9 @@ def test_seed_branch_train_experts_beat_seed_on_their_domain(data_dir, tmp_path)
 
     run = tmp_path / "run"
     seed = json.loads(run_btm("seed", "--data", data_dir, "--domains", ",".join(DOMAINS),
-                              "--updates", "40", "--save-dir", run / "seed", *COMMON,
+                              "--updates", "30", "--save-dir", run / "seed", *COMMON,
                               check=True).stdout)
-    assert seed["num_updates"] == 40 and set(seed["valid_losses"]) == set(DOMAINS)
+    assert seed["num_updates"] == 30 and set(seed["valid_losses"]) == set(DOMAINS)
     seed_ckpt = run / "seed" / "checkpoint_best.pt"
     spec = load_checkpoint(seed_ckpt)["extra_state"]["btm"]["train_spec"]
     assert spec["domain_weights"] == [1.0, 1.0, 1.0]  # balanced mix
@@ -43,10 +44,10 @@ def test_seed_branch_train_experts_beat_seed_on_their_domain(data_dir, tmp_path)
         init_state = load_checkpoint(init)
         assert init_state["extra_state"]["num_updates"] == 0 and init_state["last_optimizer_state"] is None
         out = json.loads(run_btm("train", "--data", data_dir, "--domain", domain, "--init", init,
-                                 "--save-dir", init.parent, "--updates", "40", *COMMON,
+                                 "--save-dir", init.parent, "--updates", "20", *COMMON,
                                  check=True).stdout)
         seed_loss = evaluate(seed_model.model, str(data_dir), [domain], 128, pad,
-                             torch.device("cpu"), max_tokens=4096)[domain]
+                             torch.device("cpu"), max_tokens=2048)[domain]
         assert out["valid_losses"][domain] < seed_loss, (domain, out["valid_losses"], seed_loss)
 
 
