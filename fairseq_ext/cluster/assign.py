@@ -101,7 +101,7 @@ def assign_shard(model_dir, corpus_dir, out_dir, shard: int = 0, num_shards: int
     nearest = np.zeros((len(sources), k), dtype=np.int64)  # nearest centre, for comparison
     empty = np.zeros(len(sources), dtype=np.int64)
     from_sample = 0
-    rows: list[tuple[int, int, int, int]] = []  # source id, index, cluster, nearest
+    rows: list[np.ndarray] = []  # per batch: [b, 4] source id, index, cluster, nearest
 
     with contextlib.ExitStack() as stack:
         handles = {}
@@ -116,7 +116,8 @@ def assign_shard(model_dir, corpus_dir, out_dir, shard: int = 0, num_shards: int
             if not batch:
                 return
             near = nearest_centre(model.embed([t for _, _, t in batch]), model.centres)
-            for (sid, index, text), n_c in zip(batch, near):
+            block = np.empty((len(batch), 4), dtype=np.int64)
+            for row, ((sid, index, text), n_c) in enumerate(zip(batch, near)):
                 hit = lookup.get((sources[sid].key, index))
                 cluster = int(n_c)
                 if hit is not None and hit[0] == text_hash(text):
@@ -125,7 +126,8 @@ def assign_shard(model_dir, corpus_dir, out_dir, shard: int = 0, num_shards: int
                 handles[cluster, sources[sid].split].write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
                 assigned[sid, cluster] += 1
                 nearest[sid, n_c] += 1
-                rows.append((sid, index, cluster, int(n_c)))
+                block[row] = (sid, index, cluster, n_c)
+            rows.append(block)
             batch.clear()
 
         ordinal = 0
@@ -146,7 +148,7 @@ def assign_shard(model_dir, corpus_dir, out_dir, shard: int = 0, num_shards: int
         for h in handles.values():
             h.close()
 
-    arr = np.array(rows, dtype=np.int64).reshape(-1, 4)
+    arr = np.concatenate(rows) if rows else np.zeros((0, 4), dtype=np.int64)
     with atomic_path(sdir / "assignments.npz") as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, source=arr[:, 0].astype(np.int32), index=arr[:, 1],

@@ -61,8 +61,9 @@ def balanced_assign(cost: np.ndarray) -> np.ndarray:
         else:
             regret = np.zeros(len(pending), dtype=cost.dtype)
         choice = open_idx[best]
-        # Proposers grouped by centre, highest regret first, then lowest point index.
-        order = np.lexsort((pending, -regret, choice))
+        # Proposers grouped by centre, highest regret first, then lowest point index
+        # (lexsort is stable and ``pending`` is ascending).
+        order = np.lexsort((-regret, choice))
         pts, ch, rg = pending[order], choice[order], regret[order]
         group_start = np.searchsorted(ch, np.arange(k))
         rank = np.arange(len(order)) - group_start[ch]
@@ -108,17 +109,18 @@ def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndar
 
 
 def centre_means(x: np.ndarray, labels: np.ndarray, k: int, old: np.ndarray) -> np.ndarray:
-    """Mean of each cluster's points (a cluster with no points keeps its old centre)."""
-    sums = np.zeros((k, x.shape[1]), dtype=np.float64)
-    order = np.argsort(labels, kind="stable")
-    sorted_labels = labels[order]
-    starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
-    sums[sorted_labels[starts]] = np.add.reduceat(x[order].astype(np.float64), starts, axis=0)
+    """Mean of each cluster's points (a cluster with no points keeps its old centre).
+
+    Sums are a one-hot [k, n] x [n, d] matrix product: one multithreaded BLAS call, the same
+    cost as the distance step, instead of a gather + segmented sum."""
+    onehot = np.zeros((k, len(x)), dtype=x.dtype)
+    onehot[labels, np.arange(len(x))] = 1
+    sums = onehot @ x
     counts = np.bincount(labels, minlength=k)
-    out = old.astype(np.float64).copy()
+    out = old.astype(x.dtype, copy=True)
     nz = counts > 0
-    out[nz] = sums[nz] / counts[nz, None]
-    return out.astype(x.dtype)
+    out[nz] = sums[nz] / counts[nz, None].astype(x.dtype)
+    return out
 
 
 @dataclass
@@ -131,9 +133,24 @@ class KMeansResult:
 
 def balanced_kmeans(x: np.ndarray, k: int, *, seed: int = 0, max_iter: int = 100,
                     tol: float = 1e-4, n_init: int = 1, batch_size: int = 65_536,
-                    minibatch_epochs: float = 10.0) -> KMeansResult:
+                    minibatch_epochs: float = 10.0, threads: int | None = 1) -> KMeansResult:
     """Fit balanced k-means on x [n, d] (n >= k). Full-batch Lloyd when n <= batch_size,
-    else minibatches; either way the returned labels are an exactly balanced assignment."""
+    else minibatches; either way the returned labels are an exactly balanced assignment.
+
+    ``threads`` caps BLAS threads during the fit (None: leave BLAS as configured). The
+    products here are skinny ([n, d] x [d, k]); on a shared or oversubscribed machine
+    multithreaded OpenBLAS was 5-10x *slower* on them (docs/benchmarks.md), so the default
+    is 1, as scikit-learn's own k-means does inside its iterations.
+    """
+    if threads is None:
+        return _balanced_kmeans(x, k, seed, max_iter, tol, n_init, batch_size, minibatch_epochs)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=threads, user_api="blas"):
+        return _balanced_kmeans(x, k, seed, max_iter, tol, n_init, batch_size, minibatch_epochs)
+
+
+def _balanced_kmeans(x, k, seed, max_iter, tol, n_init, batch_size, minibatch_epochs) -> KMeansResult:
     x = np.ascontiguousarray(x, dtype=np.float32)
     n = len(x)
     if not 1 <= k <= n:
@@ -158,17 +175,19 @@ def balanced_kmeans(x: np.ndarray, k: int, *, seed: int = 0, max_iter: int = 100
 def _lloyd(x, centres, max_iter, abs_tol) -> KMeansResult:
     k = len(centres)
     labels = None
-    it = 0
     for it in range(1, max_iter + 1):
-        new_labels = balanced_assign(squared_distances(x, centres))
-        new_centres = centre_means(x, new_labels, k, centres)
+        d = squared_distances(x, centres)
+        new_labels = balanced_assign(d)
+        if labels is not None and np.array_equal(new_labels, labels):
+            break  # centres are already the means of these labels
+        labels = new_labels
+        new_centres = centre_means(x, labels, k, centres)
         shift = float(((new_centres - centres) ** 2).sum())
-        converged = labels is not None and np.array_equal(new_labels, labels)
-        labels, centres = new_labels, new_centres
-        if converged or shift <= abs_tol:
+        centres = new_centres
+        if shift <= abs_tol or it == max_iter:
+            d = squared_distances(x, centres)
+            labels = balanced_assign(d)
             break
-    d = squared_distances(x, centres)
-    labels = balanced_assign(d)
     return KMeansResult(centres, labels, float(d[np.arange(len(x)), labels].sum()), it)
 
 
