@@ -25,9 +25,12 @@ from dataclasses import dataclass
 import numpy as np
 
 
-def squared_distances(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
-    """||x_i - c_j||^2 [n, k], clipped at 0 (float32 when both inputs are)."""
-    d = np.einsum("ij,ij->i", x, x)[:, None] - 2.0 * (x @ centres.T)
+def squared_distances(x: np.ndarray, centres: np.ndarray, x_sq: np.ndarray | None = None) -> np.ndarray:
+    """||x_i - c_j||^2 [n, k], clipped at 0 (float32 when both inputs are). ``x_sq``: the
+    precomputed squared norms of x's rows, when calling repeatedly with the same x."""
+    if x_sq is None:
+        x_sq = np.einsum("ij,ij->i", x, x)
+    d = x_sq[:, None] - 2.0 * (x @ centres.T)
     d += np.einsum("ij,ij->i", centres, centres)[None, :]
     np.maximum(d, 0, out=d)
     return d
@@ -53,12 +56,18 @@ def balanced_assign(cost: np.ndarray) -> np.ndarray:
     pending = np.arange(n)
     while pending.size:
         open_idx = np.flatnonzero(open_)
-        sub = cost[np.ix_(pending, open_idx)] if len(open_idx) < k else cost[pending]
-        best = np.argmin(sub, axis=1)
-        if sub.shape[1] > 1:
-            two = np.partition(sub, 1, axis=1)
-            regret = two[:, 1] - two[:, 0]
+        if len(open_idx) < k:
+            sub = cost[np.ix_(pending, open_idx)]
         else:
+            sub = cost if len(pending) == n else cost[pending]
+        if sub.shape[1] > 1:
+            # one argpartition gives the nearest (position 0) and second-nearest (position 1)
+            two = np.argpartition(sub, 1, axis=1)[:, :2]
+            best = two[:, 0]
+            vals = np.take_along_axis(sub, two, axis=1)
+            regret = vals[:, 1] - vals[:, 0]
+        else:
+            best = np.zeros(len(pending), dtype=np.int64)
             regret = np.zeros(len(pending), dtype=cost.dtype)
         choice = open_idx[best]
         # Proposers grouped by centre, highest regret first, then lowest point index
@@ -164,7 +173,7 @@ def _balanced_kmeans(x, k, seed, max_iter, tol, n_init, batch_size, minibatch_ep
         init_pts = x if n <= batch_size else x[init_rng.choice(n, batch_size, replace=False)]
         centres = kmeans_plus_plus(init_pts, k, init_rng)
         if n <= batch_size:
-            result = _lloyd(x, centres, max_iter, abs_tol)
+            result = _lloyd(x, centres, max_iter, tol)
         else:
             result = _minibatch(x, centres, init_rng, batch_size, minibatch_epochs, abs_tol)
         if best is None or result.inertia < best.inertia:
@@ -172,23 +181,30 @@ def _balanced_kmeans(x, k, seed, max_iter, tol, n_init, batch_size, minibatch_ep
     return best
 
 
-def _lloyd(x, centres, max_iter, abs_tol) -> KMeansResult:
+def _lloyd(x, centres, max_iter, rel_tol) -> KMeansResult:
+    """Lloyd iterations with the balanced assignment step. Greedy balanced steps need not
+    decrease the objective monotonically (they can cycle between near-equal assignments), so
+    this stops when the labels repeat or the objective improves by less than ``rel_tol``
+    (relative), and returns the best (centres, balanced labels) pair seen."""
     k = len(centres)
-    labels = None
+    x_sq = np.einsum("ij,ij->i", x, x)
+    rows = np.arange(len(x))
+    best: KMeansResult | None = None
+    labels, previous = None, np.inf
     for it in range(1, max_iter + 1):
-        d = squared_distances(x, centres)
+        d = squared_distances(x, centres, x_sq)
         new_labels = balanced_assign(d)
+        inertia = float(d[rows, new_labels].sum())
+        if best is None or inertia < best.inertia:
+            best = KMeansResult(centres, new_labels, inertia, it)
         if labels is not None and np.array_equal(new_labels, labels):
-            break  # centres are already the means of these labels
-        labels = new_labels
-        new_centres = centre_means(x, labels, k, centres)
-        shift = float(((new_centres - centres) ** 2).sum())
-        centres = new_centres
-        if shift <= abs_tol or it == max_iter:
-            d = squared_distances(x, centres)
-            labels = balanced_assign(d)
             break
-    return KMeansResult(centres, labels, float(d[np.arange(len(x)), labels].sum()), it)
+        if np.isfinite(previous) and previous - inertia <= rel_tol * previous:
+            break
+        labels, previous = new_labels, inertia
+        centres = centre_means(x, labels, k, centres)
+    best.iterations = it
+    return best
 
 
 def _minibatch(x, centres, rng, batch_size, epochs, abs_tol) -> KMeansResult:
