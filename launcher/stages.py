@@ -1,0 +1,411 @@
+"""``btm stage RUN_DIR STAGE --unit NAME``: run one unit of one stage, then record it.
+
+The same entry point runs locally, in an sbatch (array) task and by hand. It loads the run's
+resolved ``config.yaml``, finds the unit's parameters (``launcher.plan``), returns at once if
+the unit's record is current, otherwise does the work by calling the model/data/eval packages'
+Python APIs and writes the record atomically. Heavy imports happen inside the stage functions.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from launcher.atomic import atomic_write_json, atomic_write_text
+from launcher.config import Config, load_config
+from launcher.errors import PREEMPTED_EXIT, BtmError
+from launcher.forest import FOREST_FILE, editing
+from launcher.plan import Unit, find_unit
+from launcher.records import HashCache, hash_files, now, read_record, record_is_current, write_record
+
+
+class Preempted(Exception):
+    """The unit saved its state on SIGUSR2/SIGTERM; exit PREEMPTED_EXIT to be requeued."""
+
+
+@dataclass
+class Ctx:
+    run_dir: Path
+    config: Config
+    unit: Unit
+
+    @property
+    def params(self) -> dict:
+        return self.unit.params
+
+    @property
+    def data_dir(self) -> Path:
+        return self.run_dir / "data"
+
+    def domain_files(self, domains, splits=("train",)) -> list[Path]:
+        return [self.data_dir / d / f"{s}.{ext}" for d in domains for s in splits for ext in ("bin", "idx")]
+
+    def model_dir(self, name: str) -> Path:
+        if name == "seed":
+            return self.run_dir / "seed"
+        if name == "dense":
+            return self.run_dir / "dense"
+        return self.run_dir / "experts" / name
+
+
+@dataclass
+class StageImpl:
+    inputs: Callable[[Ctx], list[Path]]
+    run: Callable[[Ctx], tuple[list[Path], dict]]  # -> (outputs, extra record fields)
+
+
+def _need(module: str, attr: str):
+    """Import ``module.attr`` or explain which part of btm is missing."""
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise BtmError(f"this stage needs {module}.{attr}, which is not available: {e}") from None
+
+
+def _device() -> str:
+    return os.environ.get("BTM_DEVICE", "auto")
+
+
+# ---- data -----------------------------------------------------------------------------------
+
+def _corpus_files(corpus: Path, domains) -> list[Path]:
+    out = []
+    for d in domains:
+        if not (corpus / d).is_dir():
+            raise BtmError(f"corpus {corpus} has no domain directory {d!r}")
+        out += sorted(p for p in (corpus / d).iterdir() if p.is_file() and p.name.split(".")[0] in ("train", "valid", "test"))
+    return out
+
+
+def _read_docs(path: Path, text_field: str) -> list[str]:
+    import gzip
+
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        if ".jsonl" in path.name:
+            return [json.loads(line)[text_field] for line in f if line.strip()]
+        return [d for d in f.read().split("\n\n") if d.strip()]
+
+
+def build_corpus_view(ctx: Ctx) -> Path:
+    """``RUN_DIR/corpus``: the configured domains (symlinks) + the random-split baseline's domains.
+
+    ``random<i>`` holds every n-th document of the pooled training domains after a seeded
+    shuffle, per split: the paper's random-split forest sees the same data as the domain forest.
+    """
+    corpus = Path(ctx.params["corpus"])
+    view = ctx.run_dir / "corpus"
+    view.mkdir(parents=True, exist_ok=True)
+    for d in ctx.params["domains"]:
+        link = view / d
+        if not link.exists():
+            link.symlink_to((corpus / d).resolve(), target_is_directory=True)
+    n = ctx.params.get("random_split", 0)
+    for split in ("train", "valid", "test") if n else ():
+        docs = []
+        for d in ctx.params["train_domains"]:
+            for p in sorted((corpus / d).glob(f"{split}.*")):
+                docs += _read_docs(p, ctx.params["text_field"])
+        random.Random(ctx.config.seed).shuffle(docs)
+        for i in range(n):
+            lines = "".join(json.dumps({ctx.params["text_field"]: t}) + "\n" for t in docs[i::n])
+            atomic_write_text(view / f"random{i}" / f"{split}.jsonl", lines)
+    return view
+
+
+def data_inputs(ctx: Ctx) -> list[Path]:
+    return _corpus_files(Path(ctx.params["corpus"]), ctx.params["domains"])
+
+
+def data_run(ctx: Ctx):
+    prepare_data = _need("fairseq_ext.data_prep", "prepare_data")
+    view = build_corpus_view(ctx)
+    n = ctx.params.get("random_split", 0)
+    domains = [*ctx.params["domains"], *[f"random{i}" for i in range(n)]]
+    manifest = prepare_data(str(view), str(ctx.data_dir), domains=domains,
+                            train_domains=ctx.params["train_domains"], vocab_size=ctx.params["vocab_size"],
+                            text_field=ctx.params["text_field"], workers=max(1, min(4, os.cpu_count() or 1)))
+    outs = [ctx.data_dir / f for f in ("manifest.json", "spm.model", "dict.txt")]
+    outs += ctx.domain_files(domains, ("train", "valid", "test"))
+    return [p for p in outs if p.exists()], {"manifest_domains": sorted(manifest.get("domains", domains))
+                                             if isinstance(manifest, dict) else domains}
+
+
+def data_incremental_inputs(ctx: Ctx) -> list[Path]:
+    return [*_corpus_files(Path(ctx.params["corpus"]), ctx.params["domains"]),
+            ctx.data_dir / "spm.model", ctx.data_dir / "dict.txt"]
+
+
+def data_incremental_run(ctx: Ctx):
+    prepare_data = _need("fairseq_ext.data_prep", "prepare_data")
+    view = ctx.run_dir / "corpus"
+    corpus = Path(ctx.params["corpus"])
+    for d in ctx.params["domains"]:
+        if not (view / d).exists():
+            (view / d).symlink_to((corpus / d).resolve(), target_is_directory=True)
+    manifest = json.loads((ctx.data_dir / "manifest.json").read_text())
+    prepare_data(str(view), str(ctx.data_dir), domains=sorted(set(manifest.get("domains", [])) | set(ctx.params["domains"])),
+                 train_domains=ctx.config.domains.train, vocab_size=ctx.config.corpus.vocab_size,
+                 text_field=ctx.params["text_field"])
+    return ctx.domain_files(ctx.params["domains"], ("train", "valid", "test")), {}
+
+
+# ---- clusters (c-BTM) -----------------------------------------------------------------------
+
+def cluster_inputs(ctx: Ctx) -> list[Path]:
+    return [ctx.data_dir / "dict.txt", *ctx.domain_files(ctx.params["domains"], ("train", "valid", "test"))]
+
+
+def cluster_run(ctx: Ctx):
+    build = _need("fairseq_ext.cluster", "build_cluster_domains")
+    build(data_dir=str(ctx.data_dir), domains=ctx.params["domains"], k=ctx.params["k"],
+          out_dir=str(ctx.run_dir / "clusters"), seed=ctx.params["seed"])
+    names = [f"cluster{i}" for i in range(ctx.params["k"])]
+    return [p for p in ctx.domain_files(names, ("train", "valid", "test")) if p.exists()], {}
+
+
+# ---- training (seed, experts, dense, incremental experts) -----------------------------------
+
+def _train(ctx: Ctx, save_dir: Path, init: Path | None):
+    TrainSpec = _need("fairseq_ext.train", "TrainSpec")
+    train_lm = _need("fairseq_ext.train", "train_lm")
+    p = ctx.params
+    spec = TrainSpec(data_dir=str(ctx.data_dir), domains=list(p["domains"]), save_dir=str(save_dir),
+                     preset=p["preset"], init=str(init) if init else None, max_updates=p["max_updates"],
+                     save_interval_updates=p["save_interval_updates"], tokens_per_batch=p["tokens_per_batch"],
+                     seed=p["seed"], device=_device())
+    result = train_lm(spec)
+    if result.preempted:
+        raise Preempted()
+    outs = [save_dir / "checkpoint_last.pt", save_dir / "checkpoint_best.pt"]
+    extra = {"train": {"num_updates": result.num_updates, "tokens": result.num_updates * p["tokens_per_batch"],
+                       "valid_losses": result.valid_losses, "best_valid_loss": result.best_valid_loss,
+                       "tokens_per_second": result.tokens_per_second}}
+    return [o for o in outs if o.exists()], extra
+
+
+def _branch(ctx: Ctx, save_dir: Path, parents: dict[str, float]) -> Path:
+    """Write ``init.pt`` from the weighted parents (names -> weights) and ``branch.json``."""
+    branch_expert = _need("fairseq_ext.branch", "branch_expert")
+    init = save_dir / "init.pt"
+    info = {"parents": parents}
+    if init.exists() and (save_dir / "branch.json").exists():
+        if json.loads((save_dir / "branch.json").read_text()).get("parents") == parents:
+            return init  # a requeued task: the branch is already there
+    paths = {str(ctx.model_dir(n) / "checkpoint_last.pt"): w for n, w in parents.items()}
+    branch_expert(next(iter(paths)) if list(parents) == ["seed"] else paths, str(init))
+    atomic_write_json(save_dir / "branch.json", info)
+    return init
+
+
+def seed_inputs(ctx: Ctx) -> list[Path]:
+    return [ctx.data_dir / "dict.txt", *ctx.domain_files(ctx.params["domains"], ("train", "valid"))]
+
+
+def seed_run(ctx: Ctx):
+    return _train(ctx, ctx.model_dir("seed"), None)
+
+
+def train_inputs(ctx: Ctx) -> list[Path]:
+    ins = [ctx.data_dir / "dict.txt", *ctx.domain_files(ctx.params["domains"], ("train", "valid"))]
+    if ctx.params["init"] == "seed":
+        ins.append(ctx.model_dir("seed") / "checkpoint_last.pt")
+    return ins
+
+
+def train_run(ctx: Ctx):
+    save_dir = ctx.model_dir(ctx.params["name"])
+    save_dir.mkdir(parents=True, exist_ok=True)
+    init = _branch(ctx, save_dir, {"seed": 1.0}) if ctx.params["init"] == "seed" else None
+    outs, extra = _train(ctx, save_dir, init)
+    if init is not None:
+        outs.append(save_dir / "branch.json")
+    return outs, extra
+
+
+def dense_inputs(ctx: Ctx) -> list[Path]:
+    return [ctx.data_dir / "dict.txt", *ctx.domain_files(ctx.params["domains"], ("train", "valid"))]
+
+
+def dense_run(ctx: Ctx):
+    return _train(ctx, ctx.model_dir("dense"), None)
+
+
+def grow_inputs(ctx: Ctx) -> list[Path]:
+    return [ctx.run_dir / "data" / "dict.txt", *ctx.domain_files(ctx.params["domains"], ("train", "valid")),
+            *[ctx.model_dir(n) / "checkpoint_last.pt" for n in ctx.params["parents"]]]
+
+
+def grow_run(ctx: Ctx):
+    """Incremental BTM: branch from the posterior-weighted top-k experts, train, join the forest."""
+    name = ctx.params["name"]
+    save_dir = ctx.model_dir(name)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    if ctx.params["init"] == "seed":
+        parents = {"seed": 1.0}
+    else:
+        branch_weights = _need("fairseq_ext.priors", "branch_weights")
+        ckpts = [str(ctx.model_dir(n) / "checkpoint_last.pt") for n in ctx.params["parents"]]
+        weights = branch_weights(ckpts, str(ctx.data_dir), name, "train", ctx.params["sample_docs"],
+                                 ctx.params["top_k"])
+        by_path = {str(k): float(v) for k, v in dict(weights).items()}
+        parents = {n: by_path[c] for n, c in zip(ctx.params["parents"], ckpts) if by_path.get(c, 0) > 0}
+    init = _branch(ctx, save_dir, parents)
+    outs, extra = _train(ctx, save_dir, init)
+    with editing(ctx.run_dir / FOREST_FILE, ctx.config.name) as forest:
+        forest.add(name, ctx.params["domains"], save_dir / "checkpoint_last.pt", parents=parents,
+                   updates=extra["train"]["num_updates"], tokens=extra["train"]["tokens"],
+                   metrics={"valid_losses": extra["train"]["valid_losses"]}, replace=True)
+    return [*outs, save_dir / "branch.json"], extra
+
+
+# ---- merge ----------------------------------------------------------------------------------
+
+def merge_inputs(ctx: Ctx) -> list[Path]:
+    return [p for n in ctx.params["experts"] if (p := ctx.model_dir(n) / "checkpoint_last.pt").exists()]
+
+
+def merge_run(ctx: Ctx):
+    """forest.json from every finished expert; fail naming the missing ones (after writing)."""
+    missing, cache = [], HashCache(ctx.run_dir)
+    from launcher.plan import find_unit as _find
+
+    with editing(ctx.run_dir / FOREST_FILE, ctx.config.name) as forest:
+        for name in ctx.params["experts"]:
+            unit = _find(ctx.config, "train", name)
+            rec = read_record(ctx.run_dir, "train", name)
+            if not record_is_current(rec, unit.params, cache):
+                missing.append(name)
+                continue
+            d = ctx.model_dir(name)
+            branch = json.loads((d / "branch.json").read_text()) if (d / "branch.json").exists() else {"parents": {}}
+            train = rec.get("train", {})
+            forest.add(name, unit.params["domains"], d / "checkpoint_last.pt", parents=branch["parents"],
+                       updates=train.get("num_updates", 0), tokens=train.get("tokens", 0),
+                       metrics={"valid_losses": train.get("valid_losses", {})},
+                       sha256=rec["outputs"].get(cache.rel(d / "checkpoint_last.pt")), replace=True)
+        forest.missing = missing
+    cache.save()
+    if missing:
+        raise BtmError(f"forest.json written without {len(missing)} expert(s) that did not finish: "
+                       f"{', '.join(missing)}; run `btm run` again to train only those")
+    return [ctx.run_dir / FOREST_FILE], {"experts": ctx.params["experts"]}
+
+
+# ---- scoring, evaluation, report ------------------------------------------------------------
+
+def _model_checkpoint(ctx: Ctx, model: str) -> Path:
+    return ctx.model_dir(model) / "checkpoint_last.pt"
+
+
+def score_inputs(ctx: Ctx) -> list[Path]:
+    p = ctx.params
+    return [_model_checkpoint(ctx, p["model"]), *ctx.domain_files([p["domain"]], (p["split"],))]
+
+
+def score_run(ctx: Ctx):
+    score_split = _need("fairseq_ext.scoring", "score_split")
+    p = ctx.params
+    scores = score_split(str(_model_checkpoint(ctx, p["model"])), str(ctx.data_dir), p["domain"], p["split"],
+                         cache_dir=str(ctx.run_dir / "scores"), device=_device())
+    path = getattr(scores, "path", None)
+    return ([Path(path)] if path else []), {"tokens": int(getattr(scores, "num_tokens", 0) or 0)}
+
+
+def eval_inputs(ctx: Ctx) -> list[Path]:
+    p = ctx.params
+    models = [*p["experts"], *(["dense"] if "dense" in p["baselines"] else [])]
+    return [ctx.run_dir / FOREST_FILE, *[_model_checkpoint(ctx, m) for m in models]]
+
+
+def eval_run(ctx: Ctx):
+    evaluate_forest = _need("fairseq_ext.evaluate", "evaluate_forest")
+    p = ctx.params
+    evaluate_forest(run_dir=str(ctx.run_dir), methods=p["methods"], baselines=p["baselines"],
+                    domains=p["domains"], split=p["split"], top_k=p["top_k"], device=_device())
+    res = ctx.run_dir / "results"
+    return [q for q in (res / "results.csv", res / "results.parquet") if q.exists()], {}
+
+
+def report_inputs(ctx: Ctx) -> list[Path]:
+    return [ctx.run_dir / "results" / "results.csv"]
+
+
+def report_run(ctx: Ctx):
+    write_report = _need("analysis.report", "write_report")
+    write_report(str(ctx.run_dir))
+    return [q for q in (ctx.run_dir / "report" / "report.md",) if q.exists()], {}
+
+
+STAGES: dict[str, StageImpl] = {
+    "data": StageImpl(data_inputs, data_run),
+    "data_incremental": StageImpl(data_incremental_inputs, data_incremental_run),
+    "cluster": StageImpl(cluster_inputs, cluster_run),
+    "seed": StageImpl(seed_inputs, seed_run),
+    "train": StageImpl(train_inputs, train_run),
+    "dense": StageImpl(dense_inputs, dense_run),
+    "merge": StageImpl(merge_inputs, merge_run),
+    "grow": StageImpl(grow_inputs, grow_run),
+    "score": StageImpl(score_inputs, score_run),
+    "eval": StageImpl(eval_inputs, eval_run),
+    "report": StageImpl(report_inputs, report_run),
+}
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise BtmError(f"{run_dir} is not a btm run directory (no config.yaml); start it with `btm run`")
+    return load_config(path)
+
+
+def unit_from_units_file(units_file: str | Path) -> str | None:
+    """An array task's unit: its index (SLURM_ARRAY_TASK_ID) in the units file written at submit."""
+    task = os.environ.get("SLURM_ARRAY_TASK_ID")
+    if task is None:
+        raise BtmError("--units-file needs SLURM_ARRAY_TASK_ID (run inside an array job, or pass --unit)")
+    names = json.loads(Path(units_file).read_text())
+    index = int(task)
+    if not 0 <= index < len(names):
+        raise BtmError(f"array task {index} is outside {units_file} ({len(names)} units)")
+    return names[index]
+
+
+def run_stage(run_dir: str | Path, stage: str, unit_name: str | None, force: bool = False) -> int:
+    """Run one unit; 0 = done (now or before), PREEMPTED_EXIT = saved, requeue me."""
+    run_dir = Path(run_dir).resolve()
+    cfg = load_run_config(run_dir)
+    unit = find_unit(cfg, stage, unit_name)
+    impl = STAGES[stage]
+    ctx = Ctx(run_dir, cfg, unit)
+    cache = HashCache(run_dir)
+    label = f"{stage}" + (f" {unit_name}" if unit_name else "")
+    if not force and record_is_current(read_record(run_dir, stage, unit_name), unit.params, cache):
+        print(f"{label}: already done (record is current)")
+        return 0
+    missing = [p for p in impl.inputs(ctx) if not p.exists()]
+    if missing:
+        raise BtmError(f"{label}: missing input(s) {', '.join(map(str, missing[:5]))} (has the upstream stage run?)")
+    inputs = hash_files(cache, impl.inputs(ctx))
+    started = now()
+    print(f"{label}: started {started}", flush=True)
+    try:
+        outputs, extra = impl.run(ctx)
+    except Preempted:
+        print(f"{label}: saved its state; exiting {PREEMPTED_EXIT} to be requeued", flush=True)
+        return PREEMPTED_EXIT
+    write_record(run_dir, stage, unit_name, params=unit.params, config_hash=cfg.config_hash(),
+                 inputs=inputs, outputs=hash_files(cache, outputs), started=started, extra=extra)
+    cache.save()
+    print(f"{label}: done", flush=True)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - use `python -m launcher stage`
+    sys.exit("use: python -m launcher stage RUN_DIR STAGE [--unit NAME]")
