@@ -5,7 +5,7 @@ import textwrap
 
 import pytest
 
-from conftest import REPO, run_btm
+from conftest import REPO, require, run_btm
 
 BLOCK_HEAVY = textwrap.dedent("""
     import sys
@@ -42,3 +42,26 @@ def test_every_verb_has_help():
         proc = run_btm(verb, "--help")
         assert proc.returncode == 0, (verb, proc.stderr)
         assert "usage: btm" in proc.stdout
+
+
+def test_setup_script_second_run_is_a_no_op():
+    """scripts/setup_env.sh is idempotent: with .venv in place it only checks, then exits 0."""
+    require((REPO / ".venv" / "bin" / "python").exists(), "no .venv in this checkout (run scripts/setup_env.sh)")
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "setup_env.sh"), "--test"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "environment up to date" in proc.stderr
+
+
+def test_setup_script_pins_fairseq_by_version_and_sha256():
+    text = (REPO / "scripts" / "setup_env.sh").read_text()
+    assert 'fairseq_spec="fairseq-fixed==0.12.3.1"' in text
+    assert "--require-hashes" in text
+    assert 'fairseq_sha256="c607577a54ab30e2ee0f0b0a754ea5cdbc6ad0a9f99a1726638a2201445bc1cc"' in text
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "bash scripts/run_tests.sh" in readme
+    assert "bash scripts/run_tests.sh" in ci

@@ -1,0 +1,261 @@
+"""PNG plots of a report, drawn with matplotlib's object API (no pyplot, no global state).
+
+Each ``plot_*`` function returns a ``matplotlib.figure.Figure`` (tests read its titles and axis
+labels) or raises ``PlotSkipped`` saying which data it lacks; ``save_png`` writes a figure
+atomically. Nothing is drawn from made-up values: a plot without its data is skipped.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless; must happen before anything draws
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
+
+from analysis.results import RunData, is_expert_method  # noqa: E402
+from analysis.tables import DomainGroup, group_means  # noqa: E402
+from launcher.atomic import atomic_path  # noqa: E402
+
+GROUP_TITLES = {"train": "training domains", "eval": "evaluation domains",
+                "other": "other domains", "all": "all domains"}
+
+
+class PlotSkipped(Exception):
+    """A plot lacks the data it needs; the message says which (it goes into the report)."""
+
+
+def save_png(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+    return path
+
+
+def _colors(n: int) -> list:
+    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+# --------------------------------------------------------------------------- per run
+
+def plot_domain_ppl(frame: pd.DataFrame, run: RunData, split: str, groups: list[DomainGroup],
+                    labels: list[str]) -> Figure:
+    """Grouped bars: one group per domain (training domains first), one bar per method."""
+    rows = frame[(frame["run_label"] == run.label) & (frame["split"] == split)
+                 & frame["label"].isin(labels)]
+    domains = [d for g in groups for d in g.domains]
+    table = rows.pivot(index="eval_domain", columns="label", values="ppl")
+    table = table.reindex(index=domains, columns=labels).dropna(axis=1, how="all")
+    if table.empty or table.notna().sum().sum() == 0:
+        raise PlotSkipped(f"run {run.label} has no method results on the {split} split")
+    n_dom, n_lab = table.shape
+    width = 0.8 / n_lab
+    fig = Figure(figsize=(max(7.0, 1.0 + n_dom * (0.25 * n_lab + 0.4)), 4.8))
+    ax = fig.subplots()
+    x = np.arange(n_dom)
+    for i, (label, color) in enumerate(zip(table.columns, _colors(n_lab))):
+        ax.bar(x + (i - (n_lab - 1) / 2) * width, table[label].to_numpy(), width, label=label,
+               color=color)
+    ax.set_xticks(x, [_domain_tick(d, groups) for d in domains], rotation=30, ha="right")
+    values = table.to_numpy()[np.isfinite(table.to_numpy())]
+    log = values.max() / values.min() > 8
+    if log:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_ylabel("perplexity (lower is better" + (", log scale)" if log else ")"))
+    ax.set_xlabel("evaluation domain" + (" (T = training domain, E = evaluation domain)"
+                                         if any(g.key in ("train", "eval") for g in groups) else ""))
+    ax.set_title(f"{run.label}: perplexity per domain and method ({split} split)")
+    ax.legend(title="method", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def _domain_tick(domain: str, groups: list[DomainGroup]) -> str:
+    for g in groups:
+        if domain in g.domains and g.key in ("train", "eval"):
+            return f"{domain} ({'T' if g.key == 'train' else 'E'})"
+    return domain
+
+
+def plot_prior_heatmap(run: RunData, domain_order: list[str] | None = None) -> Figure:
+    """Heatmap of the cached domain prior p(expert | evaluation domain) from RUN/priors/.
+
+    One panel per forest (the prior files' optional ``forest`` key); where two files give the
+    same (forest, evaluation domain) the later file name wins.
+    """
+    if not run.priors:
+        raise PlotSkipped(f"run {run.label} has no cached priors ({run.path / 'priors'}/*.json)")
+    forests: dict[str, dict[str, dict]] = {}
+    for p in run.priors:
+        forests.setdefault(p["forest"], {})[p["eval_domain"]] = p
+    fig = Figure(figsize=(1.0, 1.0))
+    axes = fig.subplots(1, len(forests), squeeze=False)[0]
+    widest = 0
+    tallest = 0
+    for ax, (forest, by_domain) in zip(axes, sorted(forests.items())):
+        experts: list[str] = []
+        for p in by_domain.values():
+            experts += [e for e in p["experts"] if e not in experts]
+        order = [d for d in (domain_order or []) if d in by_domain]
+        domains = order + sorted(d for d in by_domain if d not in order)
+        matrix = np.full((len(domains), len(experts)), np.nan)
+        for i, d in enumerate(domains):
+            for e, v in zip(by_domain[d]["experts"], by_domain[d]["prior"]):
+                matrix[i, experts.index(e)] = v
+        image = ax.imshow(matrix, cmap="viridis", vmin=0.0, vmax=max(1.0, np.nanmax(matrix)),
+                          aspect="auto")
+        ax.set_xticks(range(len(experts)), experts, rotation=40, ha="right")
+        ax.set_yticks(range(len(domains)), domains)
+        ax.set_xlabel("expert")
+        ax.set_ylabel("evaluation domain")
+        ax.set_title(f"{run.label}: cached domain prior" + (f" ({forest})" if forest else ""))
+        if matrix.size <= 200:
+            for (i, j), v in np.ndenumerate(matrix):
+                if np.isfinite(v):
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if v < 0.5 else "black")
+        fig.colorbar(image, ax=ax, label="prior probability p(expert | domain)")
+        widest += 1.5 + 0.6 * len(experts)
+        tallest = max(tallest, 1.5 + 0.45 * len(domains))
+    fig.set_size_inches(max(6.0, widest + 1.5), max(3.5, tallest))
+    return fig
+
+
+# --------------------------------------------------------------------------- across runs
+
+def _panels(means: pd.DataFrame, x: str, what: str) -> list[str]:
+    """Domain groups (one panel each) in which ``x`` takes two or more values."""
+    order = ["train", "eval", "other", "all"]
+    panels = [g for g in order if means.loc[means["group"] == g, x].nunique() >= 2]
+    if not panels:
+        raise PlotSkipped(f"no domain group (training/evaluation domains) has {what} for two or "
+                          f"more values of {x} (runs differ in their domain roles or coverage)")
+    return panels
+
+
+def _finish(fig: Figure, title: str, legend_title: str) -> None:
+    """Overall title above the panels; one legend right of them (the panel with most lines)."""
+    fig.suptitle(title)
+    axes = fig.get_axes()
+    handles, labels = max((ax.get_legend_handles_labels() for ax in axes), key=lambda h: len(h[0]))
+    if handles:
+        fig.legend(handles, labels, title=legend_title, loc="upper left", fontsize="small",
+                   bbox_to_anchor=(1.0, 0.9))
+    fig.tight_layout()
+
+
+def _panel_axes(fig: Figure, panels: list[str]):
+    return fig.subplots(1, len(panels), squeeze=False)[0]
+
+
+def plot_ppl_vs_topk(frame: pd.DataFrame, runs: list[RunData], split: str) -> Figure:
+    """Mean perplexity of top-k ensembles (cached prior) against k, one line per run; the
+    run's full ensemble (dashed) and dense model (dotted) as reference lines."""
+    means = group_means(frame, runs, split)
+    topk = means[means["method"] == "topk_prior"].dropna(subset=["k"])
+    if topk.empty:
+        raise PlotSkipped(f"no topk_prior results on the {split} split")
+    ks = sorted(topk["k"].unique())
+    if len(ks) < 2:
+        raise PlotSkipped(f"top-k results exist only for k={ks[0]:g}; a curve needs two or more k")
+    panels = _panels(topk, "k", "top-k results")
+    fig = Figure(figsize=(5.5 * len(panels), 4.2))
+    run_colors = dict(zip([r.label for r in runs], _colors(len(runs))))
+    for ax, group in zip(_panel_axes(fig, panels), panels):
+        sub = topk[topk["group"] == group]
+        for (run_label, line), pts in sub.groupby(["run_label", _strip(sub, r"Top-\S+ prior")]):
+            pts = pts.sort_values("k")
+            name = f"{run_label} {line}".strip()
+            ax.plot(pts["k"], pts["ppl"], marker="o", color=run_colors[run_label], label=name)
+        for run_label in sub["run_label"].unique():
+            ref = means[(means["run_label"] == run_label) & (means["group"] == group)]
+            for method, style, what in (("ensemble_prior", "--", "full ensemble"),
+                                        ("dense", ":", "dense")):
+                row = ref[ref["method"] == method]
+                if len(row) == 1:
+                    ax.axhline(row["ppl"].iloc[0], linestyle=style, color=run_colors[run_label],
+                               label=f"{run_label} {what}")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ks, [f"{k:g}" for k in ks])
+        ax.set_xlabel("k (experts used per token, top-k by cached prior)")
+        ax.set_ylabel(f"mean perplexity over {GROUP_TITLES[group]}")
+        ax.set_title(GROUP_TITLES[group])
+        ax.grid(alpha=0.3)
+    _finish(fig, f"Perplexity vs. top-k ({split} split)", "run")
+    return fig
+
+
+def _strip(rows: pd.DataFrame, pattern: str) -> pd.Series:
+    """The label with the plotted variable's part removed: what tells the lines apart."""
+    return rows["label"].map(lambda s: re.sub(pattern, "", s).replace("  ", " ").strip())
+
+
+def plot_ppl_vs_seed_fraction(frame: pd.DataFrame, runs: list[RunData], split: str) -> Figure:
+    """Mean perplexity against the seed LM's share of the training budget, across runs (or
+    within one table with a ``seed_fraction`` column); one line per method."""
+    means = group_means(frame, runs, split)
+    means = means[~means["method"].map(is_expert_method)].dropna(subset=["seed_fraction"])
+    fractions = sorted(means["seed_fraction"].unique())
+    if len(fractions) < 2:
+        found = f"only seed_fraction={fractions[0]:g}" if fractions else "no seed_fraction"
+        raise PlotSkipped(f"{found} in the results columns or config.yaml of the runs; "
+                          "a curve needs runs with two or more seed fractions")
+    panels = _panels(means, "seed_fraction", "results")
+    fig = Figure(figsize=(5.5 * len(panels), 4.2))
+    for ax, group in zip(_panel_axes(fig, panels), panels):
+        sub = means[means["group"] == group]
+        line_of = _strip(sub, r" seed=\S+")
+        lines = [l for l in dict.fromkeys(line_of) if sub[line_of == l]["seed_fraction"].nunique() > 1]
+        for line, color in zip(lines, _colors(len(lines))):
+            pts = sub[line_of == line].groupby("seed_fraction")["ppl"].mean()
+            ax.plot(pts.index, pts.to_numpy(), marker="o", color=color, label=line)
+        ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
+        ax.set_xlabel("seed fraction (share of training updates spent on the seed LM)")
+        ax.set_ylabel(f"mean perplexity over {GROUP_TITLES[group]}")
+        ax.set_title(GROUP_TITLES[group])
+        ax.grid(alpha=0.3)
+    _finish(fig, f"Perplexity vs. seed fraction ({split} split)", "method")
+    return fig
+
+
+def plot_ppl_vs_clusters(frame: pd.DataFrame, runs: list[RunData], split: str) -> Figure:
+    """c-BTM: mean perplexity against the number of clusters, one line per routing top-k;
+    the dense model (one cluster, averaged over the runs) as a dotted reference."""
+    means = group_means(frame, runs, split)
+    cbtm = means[means["method"] == "cbtm_cluster"].dropna(subset=["n_clusters"])
+    counts = sorted(cbtm["n_clusters"].unique())
+    if len(counts) < 2:
+        found = f"only n_clusters={counts[0]:g}" if counts else "no cbtm_cluster rows with n_clusters"
+        raise PlotSkipped(f"{found} on the {split} split; a curve needs c-BTM results for two "
+                          "or more cluster counts (n_clusters column or config.yaml)")
+    panels = _panels(cbtm, "n_clusters", "c-BTM results")
+    fig = Figure(figsize=(5.5 * len(panels), 4.2))
+    for ax, group in zip(_panel_axes(fig, panels), panels):
+        sub = cbtm[cbtm["group"] == group]
+        line_of = _strip(sub, r"\d+(\.\d+)? clusters")
+        lines = list(dict.fromkeys(line_of))
+        for line, color in zip(lines, _colors(len(lines))):
+            pts = sub[line_of == line].groupby("n_clusters")["ppl"].mean()
+            ax.plot(pts.index, pts.to_numpy(), marker="o", color=color, label=line)
+        dense = means[(means["method"] == "dense") & (means["group"] == group)
+                      & means["run_label"].isin(sub["run_label"])]
+        if not dense.empty:
+            ax.axhline(dense["ppl"].mean(), linestyle=":", color="gray", label="dense (1 cluster)")
+        if min(counts) > 0:
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(counts, [f"{c:g}" for c in counts])
+        ax.set_xlabel("number of clusters (c-BTM experts)")
+        ax.set_ylabel(f"mean perplexity over {GROUP_TITLES[group]}")
+        ax.set_title(GROUP_TITLES[group])
+        ax.grid(alpha=0.3)
+    _finish(fig, f"c-BTM perplexity vs. number of clusters ({split} split)", "routing")
+    return fig
+

@@ -1,0 +1,342 @@
+"""Load and validate what the report reads from one run directory.
+
+A run directory gives the report four things, all optional except the results table:
+
+- ``results/results.parquet`` or ``results/results.csv`` (parquet preferred: it keeps types):
+  the tidy results table of docs/architecture.md ("Results table").
+- ``config.yaml``: ``train_domains``, ``eval_domains``, ``seed_fraction`` and ``n_clusters``,
+  each looked up at any depth (top level first), so a nested ``data: {train_domains: ...}``
+  works too. Without it, domains have no roles and come from the table.
+- ``records/*.json``: one record per finished job unit (compute accounting, analysis/tables.py).
+- ``priors/*.json``: cached domain priors ``{"eval_domain", "experts", "prior", ...}``.
+
+Everything here is read-only; a malformed file raises ``BtmError`` naming the file and the
+column, key or line at fault.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from launcher.errors import BtmError
+
+REQUIRED_COLUMNS = ["run", "method", "k", "prior", "eval_domain", "split", "tokens", "nll", "ppl",
+                    "expert_forward_passes", "seconds"]
+OPTIONAL_COLUMNS = ["seed_fraction", "n_clusters", "routing", "notes"]
+NUMERIC_COLUMNS = ["tokens", "nll", "ppl", "expert_forward_passes", "seconds"]
+# Spellings of "no value" accepted in k / seed_fraction / n_clusters (k of a full ensemble).
+NO_VALUE = {"", "nan", "none", "null", "all", "-", "<na>"}
+
+# Methods in the order the paper's tables put them (docs/architecture.md lists them).
+# ``expert:<name>`` rows (one expert alone) are kept apart from these.
+METHOD_ORDER = ["dense", "random_split", "ensemble_uniform", "ensemble_prior", "ensemble_posterior",
+                "ensemble_prev_token", "topk_prior", "average_uniform", "average_argmax",
+                "average_posterior", "cbtm_cluster"]
+EXPERT_PREFIX = "expert:"
+
+
+@dataclass
+class RunData:
+    """Everything the report uses from one run directory."""
+
+    label: str                      # the run's name in tables, plots and file names
+    path: Path
+    results: pd.DataFrame           # validated results table, one column ``label`` added later
+    results_file: Path
+    config: dict = field(default_factory=dict)
+    train_domains: list[str] | None = None   # None: config.yaml missing or silent
+    eval_domains: list[str] | None = None
+    seed_fraction: float | None = None
+    n_clusters: int | None = None
+    records: list[dict] = field(default_factory=list)
+    priors: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)   # things the reader should know
+
+
+def load_run(run_dir: str | Path, label: str | None = None) -> RunData:
+    """Read and validate one run directory (see the module docstring for what is read)."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise BtmError(f"run directory {path} does not exist (or is not a directory)")
+    results, results_file = load_results_table(path)
+    run = RunData(label=label or path.resolve().name, path=path, results=results,
+                  results_file=results_file)
+    config_file = path / "config.yaml"
+    if config_file.is_file():
+        run.config = _read_yaml(config_file)
+        run.train_domains = _domain_list(run.config, "train_domains", config_file)
+        run.eval_domains = _domain_list(run.config, "eval_domains", config_file)
+        run.seed_fraction = _number(run.config, "seed_fraction", config_file, float)
+        run.n_clusters = _number(run.config, "n_clusters", config_file, int)
+    else:
+        run.notes.append(f"{config_file} not found: domain roles (train/eval) come from the "
+                         "results table alone")
+    run.records = load_records(path / "records")
+    run.priors = load_priors(path / "priors")
+    return run
+
+
+def load_runs(run_dirs: list[str | Path]) -> list[RunData]:
+    """Load several runs with unique labels: the directory name, else ``parent/name``."""
+    if not run_dirs:
+        raise BtmError("no run directory given")
+    paths = [Path(p) for p in run_dirs]
+    names = [p.resolve().name for p in paths]
+    labels = [f"{p.resolve().parent.name}_{name}" if names.count(name) > 1 else name
+              for p, name in zip(paths, names)]
+    seen: dict[str, int] = {}
+    for i, lab in enumerate(labels):   # still equal (same dir twice, or a/x and b/x)
+        seen[lab] = seen.get(lab, 0) + 1
+        if seen[lab] > 1:
+            labels[i] = f"{lab}_{seen[lab]}"
+    return [load_run(p, safe_label(lab)) for p, lab in zip(paths, labels)]
+
+
+def safe_label(text: str) -> str:
+    """A label usable as part of a file name (letters, digits, ``_.-``)."""
+    out = re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "run"
+    return out.replace("..", "_")
+
+
+# --------------------------------------------------------------------------- results table
+
+def load_results_table(run_dir: Path) -> tuple[pd.DataFrame, Path]:
+    """Read RUN/results/results.parquet (or .csv) and validate it against the contract."""
+    parquet = run_dir / "results" / "results.parquet"
+    csv = run_dir / "results" / "results.csv"
+    if parquet.is_file():
+        source = parquet
+        try:
+            df = pd.read_parquet(parquet)
+        except Exception as e:  # pyarrow raises several types for a broken file
+            raise BtmError(f"cannot read results table {parquet}: {e}") from e
+    elif csv.is_file():
+        source = csv
+        try:
+            df = pd.read_csv(csv, keep_default_na=True)
+        except pd.errors.EmptyDataError:
+            raise BtmError(f"results table {csv} is empty (no header, no rows)") from None
+        except (pd.errors.ParserError, UnicodeDecodeError) as e:
+            raise BtmError(f"cannot parse results table {csv}: {e}") from e
+    else:
+        raise BtmError(f"no results table in {run_dir / 'results'} (expected results.parquet or "
+                       "results.csv; run `btm eval` first)")
+    return validate_results(df, source), source
+
+
+def validate_results(df: pd.DataFrame, source: Path | str) -> pd.DataFrame:
+    """Check columns and values; return a cleaned copy (typed columns, optional ones added)."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise BtmError(f"results table {source} lacks column(s) {', '.join(missing)} "
+                       f"(required: {', '.join(REQUIRED_COLUMNS)})")
+    if len(df) == 0:
+        raise BtmError(f"results table {source} has no rows")
+    df = df.copy().reset_index(drop=True)
+    line = (lambda i: f"line {i + 2}") if str(source).endswith(".csv") else (lambda i: f"row {i}")
+    for col in NUMERIC_COLUMNS:
+        values = pd.to_numeric(df[col], errors="coerce")
+        bad = values.isna() & df[col].notna()
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            raise BtmError(f"results table {source}, {line(i)}: column {col} has non-numeric "
+                           f"value {df[col].iloc[i]!r}")
+        df[col] = values.astype(float)
+    for col in ("ppl", "nll"):
+        if df[col].isna().any():
+            i = int(np.flatnonzero(df[col].isna().to_numpy())[0])
+            raise BtmError(f"results table {source}, {line(i)}: column {col} is empty")
+    nonpositive = df["ppl"] <= 0
+    if nonpositive.any():
+        i = int(np.flatnonzero(nonpositive.to_numpy())[0])
+        raise BtmError(f"results table {source}, {line(i)}: ppl must be > 0, got {df['ppl'].iloc[i]}")
+    for col in ("run", "method", "eval_domain", "split"):
+        empty = df[col].isna() | (df[col].astype(str).str.strip() == "")
+        if empty.any():
+            i = int(np.flatnonzero(empty.to_numpy())[0])
+            raise BtmError(f"results table {source}, {line(i)}: column {col} is empty")
+        df[col] = df[col].astype(str)
+    for col in OPTIONAL_COLUMNS:
+        if col not in df.columns:
+            df[col] = np.nan
+    for col in ("k", "seed_fraction", "n_clusters"):
+        values = pd.to_numeric(df[col], errors="coerce")
+        text = df[col].astype(str).str.strip().str.lower()
+        bad = values.isna() & df[col].notna() & ~text.isin(NO_VALUE)
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            raise BtmError(f"results table {source}, {line(i)}: column {col} has non-numeric "
+                           f"value {df[col].iloc[i]!r}")
+        df[col] = values.astype(float)
+    for col in ("prior", "routing", "notes"):
+        df[col] = df[col].map(lambda v: "" if pd.isna(v) else str(v)).astype(object)
+    return df
+
+
+def is_expert_method(method: str) -> bool:
+    return method.startswith(EXPERT_PREFIX)
+
+
+# --------------------------------------------------------------------------- config.yaml
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise BtmError(f"cannot parse {path}: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise BtmError(f"{path} must hold a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def find_key(config: dict, key: str) -> Any:
+    """The value of ``key`` at the shallowest depth of a nested mapping (breadth first)."""
+    level = [config]
+    while level:
+        for mapping in level:
+            if key in mapping:
+                return mapping[key]
+        level = [v for m in level for v in m.values() if isinstance(v, dict)]
+    return None
+
+
+def _domain_list(config: dict, key: str, path: Path) -> list[str] | None:
+    value = find_key(config, key)
+    if value is None:
+        return None
+    if isinstance(value, dict):  # {domain: weight} is also a list of domains
+        value = list(value)
+    if not isinstance(value, list) or not all(isinstance(d, str) for d in value):
+        raise BtmError(f"{path}: key {key} must be a list of domain names, got {value!r}")
+    return list(value)
+
+
+def _number(config: dict, key: str, path: Path, kind: type) -> Any:
+    value = find_key(config, key)
+    if value is None:
+        return None
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise BtmError(f"{path}: key {key} must be a number, got {value!r}") from None
+
+
+# --------------------------------------------------------------------------- records
+
+def load_records(records_dir: Path) -> list[dict]:
+    """Read records/*.json; each gets ``_file`` (its path) and ``_source`` added.
+
+    Wall time is ``sacct.elapsed_s`` when present, else ``finished - started`` (``_source`` =
+    "local wall clock"); CPU and GPU seconds come only from ``sacct`` (None when absent).
+    """
+    if not records_dir.is_dir():
+        return []
+    records = []
+    for f in sorted(records_dir.glob("*.json")):
+        rec = _read_json(f)
+        if not isinstance(rec, dict):
+            raise BtmError(f"record {f} must be a JSON object")
+        stage = rec.get("stage") or f.name.split(".")[0]
+        sacct = rec.get("sacct")
+        if sacct is not None and not isinstance(sacct, dict):
+            raise BtmError(f"record {f}: key sacct must be an object, got {sacct!r}")
+        out = {"stage": str(stage), "unit": rec.get("unit") or "", "_file": f}
+        if sacct:
+            out["wall_s"] = _seconds(sacct.get("elapsed_s"), f, "sacct.elapsed_s")
+            out["cpu_s"] = _seconds(sacct.get("cpu_s"), f, "sacct.cpu_s")
+            out["gpu_s"] = _seconds(sacct.get("gpu_s"), f, "sacct.gpu_s")
+            out["_source"] = "sacct"
+            if out["wall_s"] is None:
+                out["wall_s"] = _wall_clock(rec, f)
+        else:
+            out["wall_s"] = _wall_clock(rec, f)
+            out["cpu_s"] = None
+            out["gpu_s"] = None
+            out["_source"] = "local wall clock"
+        records.append(out)
+    return records
+
+
+def _seconds(value: Any, path: Path, key: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise BtmError(f"record {path}: key {key} must be a number of seconds, got {value!r}") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise BtmError(f"record {path}: key {key} must be >= 0, got {value!r}")
+    return seconds
+
+
+def _timestamp(value: Any, path: Path, key: str) -> float:
+    """Epoch seconds from a number or an ISO-8601 string."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value).timestamp()
+        except ValueError:
+            pass
+    raise BtmError(f"record {path}: key {key} must be an ISO-8601 time or epoch seconds, got {value!r}")
+
+
+def _wall_clock(rec: dict, path: Path) -> float | None:
+    if rec.get("started") is None or rec.get("finished") is None:
+        return None
+    seconds = _timestamp(rec["finished"], path, "finished") - _timestamp(rec["started"], path, "started")
+    if seconds < 0:
+        raise BtmError(f"record {path}: finished is before started")
+    return seconds
+
+
+# --------------------------------------------------------------------------- priors
+
+def load_priors(priors_dir: Path) -> list[dict]:
+    """Read priors/*.json: ``{"eval_domain": str, "experts": [str], "prior": [float], ...}``.
+
+    Returns dicts with ``eval_domain``, ``experts``, ``prior`` (floats), ``forest`` (the
+    optional key of that name, else "") and ``_file``.
+    """
+    if not priors_dir.is_dir():
+        return []
+    priors = []
+    for f in sorted(priors_dir.glob("*.json")):
+        data = _read_json(f)
+        if not isinstance(data, dict):
+            raise BtmError(f"prior file {f} must be a JSON object")
+        for key in ("eval_domain", "experts", "prior"):
+            if key not in data:
+                raise BtmError(f"prior file {f} lacks key {key}")
+        experts, prior = data["experts"], data["prior"]
+        if not isinstance(experts, list) or not isinstance(prior, list) or len(experts) != len(prior):
+            raise BtmError(f"prior file {f}: experts and prior must be lists of the same length "
+                           f"(got {len(experts) if isinstance(experts, list) else experts!r} experts, "
+                           f"{len(prior) if isinstance(prior, list) else prior!r} prior values)")
+        try:
+            values = [float(p) for p in prior]
+        except (TypeError, ValueError):
+            raise BtmError(f"prior file {f}: prior must hold numbers, got {prior!r}") from None
+        priors.append({"eval_domain": str(data["eval_domain"]), "experts": [str(e) for e in experts],
+                       "prior": values, "forest": str(data.get("forest") or ""), "_file": f})
+    return priors
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise BtmError(f"cannot parse {path}: {e.msg} at line {e.lineno}") from None
+    except UnicodeDecodeError as e:
+        raise BtmError(f"cannot read {path}: {e}") from None

@@ -1,0 +1,366 @@
+"""Paper-style tables: perplexity per domain and method, cross-run summaries, compute hours.
+
+The results of all runs are first combined into one long frame (``combine``) in which every
+row has a ``run_label`` (which run directory) and a ``label`` (which column of the tables:
+the method plus whichever of k, prior, clusters, routing, seed fraction tell its variants
+apart). Tables are then plain pivots of that frame, rendered as Markdown, LaTeX or CSV with
+the best (lowest) value of each row marked.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from analysis.results import EXPERT_PREFIX, METHOD_ORDER, RunData, is_expert_method
+from launcher.errors import BtmError
+
+METHOD_NAMES = {
+    "dense": "Dense", "random_split": "Random split", "ensemble_uniform": "Ensemble uniform",
+    "ensemble_prior": "Ensemble prior", "ensemble_posterior": "Ensemble posterior",
+    "ensemble_prev_token": "Ensemble prev-token", "topk_prior": "Top-k prior",
+    "average_uniform": "Avg uniform", "average_argmax": "Avg argmax",
+    "average_posterior": "Avg posterior", "cbtm_cluster": "c-BTM",
+}
+# Columns that tell variants of one method apart; shown in a label only when they vary.
+VARIANT_FIELDS = ["run", "k", "prior", "n_clusters", "routing", "seed_fraction"]
+STAGE_ORDER = ["data", "seed", "train", "merge", "cluster", "score", "eval", "report"]
+BASELINE_UNITS = ("dense", "random_split")
+MEAN_ROW = "mean"
+
+
+@dataclass
+class DomainGroup:
+    key: str          # "train", "eval", "other" or "all" (no roles known)
+    title: str
+    domains: list[str]
+
+
+# --------------------------------------------------------------------------- combining runs
+
+def combine(runs: list[RunData]) -> tuple[pd.DataFrame, list[str]]:
+    """One frame with ``run_label`` and ``label`` added; returns (frame, notes).
+
+    ``n_clusters`` and ``seed_fraction`` missing in a row are taken from the run's config.yaml.
+    Rows that repeat a (run, label, domain, split) keep the last one (a re-run appended it).
+    """
+    notes: list[str] = []
+    frames = []
+    for run in runs:
+        df = run.results.copy()
+        df["run_label"] = run.label
+        if run.seed_fraction is not None:
+            df["seed_fraction"] = df["seed_fraction"].fillna(run.seed_fraction)
+        if run.n_clusters is not None:
+            cbtm = df["method"] == "cbtm_cluster"
+            df.loc[cbtm, "n_clusters"] = df.loc[cbtm, "n_clusters"].fillna(run.n_clusters)
+        frames.append(df)
+    frame = pd.concat(frames, ignore_index=True)
+    unknown = sorted({m for m in frame["method"] if m not in METHOD_ORDER and not is_expert_method(m)})
+    if unknown:
+        notes.append(f"method(s) {', '.join(unknown)} are not among those docs/architecture.md "
+                     "lists; they are shown after the known ones")
+    off = (np.exp(frame["nll"]) - frame["ppl"]).abs() > 0.01 * frame["ppl"]
+    for (run, method), n in frame[off].groupby(["run_label", "method"]).size().items():
+        notes.append(f"run {run}: {n} row(s) of {method} have ppl != exp(nll) (more than 1% "
+                     "apart); the tables show ppl")
+    frame["label"] = variant_labels(frame)
+    frame["order_key"] = [_order_key(r) for r in frame.itertuples()]
+    key = ["run_label", "label", "eval_domain", "split"]
+    dup = frame.duplicated(key, keep="last")
+    if dup.any():
+        for (run, label), n in frame[dup].groupby(["run_label", "label"]).size().items():
+            notes.append(f"run {run}: {n} repeated row(s) of {label} (same domain and split); "
+                         "the last one in the results table is used")
+        frame = frame[~dup].reset_index(drop=True)
+    return frame, notes
+
+
+def variant_labels(frame: pd.DataFrame) -> list[str]:
+    """A column label per row: method name plus the variant fields that vary for it."""
+    varying: dict[str, set[str]] = {}
+    for (_, method), group in frame.groupby(["run_label", "method"], sort=False):
+        fields = {f for f in VARIANT_FIELDS if group[f].astype(str).nunique(dropna=False) > 1}
+        varying.setdefault(method, set()).update(fields)
+    return [_label(row, varying.get(row.method, set())) for row in frame.itertuples()]
+
+
+def _num(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) and not math.isnan(value) else "?"
+
+
+def _label(row, varying: set[str]) -> str:
+    method = row.method
+    if is_expert_method(method):
+        name = method[len(EXPERT_PREFIX):]
+        text = f"Expert {name}"
+    elif method == "topk_prior":
+        text = f"Top-{_num(row.k)} prior"
+    elif method == "cbtm_cluster":
+        text = "c-BTM" if math.isnan(row.n_clusters) else f"c-BTM {_num(row.n_clusters)} clusters"
+        if "k" in varying:
+            text += f" top-{_num(row.k)}"
+    else:
+        text = METHOD_NAMES.get(method, method)
+    if "k" in varying and method not in ("topk_prior", "cbtm_cluster"):
+        text += f" k={_num(row.k)}"
+    if "n_clusters" in varying and method != "cbtm_cluster":
+        text += f" {_num(row.n_clusters)} clusters"
+    for f in ("prior", "routing"):
+        if f in varying:
+            text += f" [{f}={getattr(row, f) or '-'}]"
+    if "seed_fraction" in varying:
+        text += f" seed={_num(row.seed_fraction)}"
+    if "run" in varying:
+        text += f" [run={row.run}]"
+    return text
+
+
+def _order_key(row) -> tuple:
+    method = row.method
+    rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else (
+        len(METHOD_ORDER) + 1 if is_expert_method(method) else len(METHOD_ORDER))
+    num = lambda v: -1.0 if math.isnan(v) else v  # noqa: E731
+    return (rank, method, num(row.n_clusters), num(row.k), row.prior, row.routing,
+            num(row.seed_fraction), row.run)
+
+
+def ordered_labels(frame: pd.DataFrame, experts: bool = False) -> list[str]:
+    """Column labels in paper order; method columns, or (experts=True) the single experts."""
+    rows = frame[frame["method"].map(is_expert_method) == experts].drop_duplicates("label")
+    return [label for _, label in sorted(zip(rows["order_key"], rows["label"]))]
+
+
+# --------------------------------------------------------------------------- domains
+
+def domain_groups(run: RunData, domains_present: list[str]) -> tuple[list[DomainGroup], list[str]]:
+    """Training / evaluation (/ other) domains of a run, as far as its results cover them."""
+    notes = []
+    present = set(domains_present)
+    if run.train_domains is None and run.eval_domains is None:
+        return [DomainGroup("all", "Domains (roles unknown: no train_domains/eval_domains in "
+                            "config.yaml)", sorted(present))], notes
+    groups = []
+    listed: set[str] = set()
+    for key, title, domains in (("train", "Training domains", run.train_domains),
+                                ("eval", "Evaluation domains", run.eval_domains)):
+        if domains is None:
+            continue
+        listed.update(domains)
+        missing = [d for d in domains if d not in present]
+        if missing:
+            notes.append(f"run {run.label}: {key} domain(s) {', '.join(missing)} have no results")
+        found = [d for d in domains if d in present]
+        if found:
+            groups.append(DomainGroup(key, title, found))
+    other = sorted(present - listed)
+    if other:
+        groups.append(DomainGroup("other", "Other domains (not listed in config.yaml)", other))
+    return groups, notes
+
+
+# --------------------------------------------------------------------------- tables
+
+def ppl_table(frame: pd.DataFrame, run_label: str, split: str, domains: list[str],
+              labels: list[str]) -> pd.DataFrame:
+    """Rows = domains + mean, columns = labels, values = perplexity (NaN where missing).
+
+    The mean row is the arithmetic mean of the per-domain perplexities, as in the BTM paper;
+    it is NaN for a column that lacks any of the domains, so means always cover the same set.
+    """
+    rows = frame[(frame["run_label"] == run_label) & (frame["split"] == split)
+                 & frame["eval_domain"].isin(domains) & frame["label"].isin(labels)]
+    table = rows.pivot(index="eval_domain", columns="label", values="ppl")
+    table = table.reindex(index=domains, columns=labels)
+    table.loc[MEAN_ROW] = table.mean(axis=0, skipna=False)
+    table.index.name = "domain"
+    table.columns.name = None
+    return table.dropna(axis=1, how="all")
+
+
+def summary_table(frame: pd.DataFrame, runs: list[RunData], split: str, group_key: str,
+                  labels: list[str]) -> pd.DataFrame:
+    """Rows = runs, columns = labels, values = mean perplexity over the run's domains of one
+    group ("train", "eval", "other" or "all")."""
+    out = {}
+    for run in runs:
+        present = sorted(frame.loc[(frame["run_label"] == run.label) & (frame["split"] == split),
+                                   "eval_domain"].unique())
+        groups, _ = domain_groups(run, present)
+        group = next((g for g in groups if g.key == group_key), None)
+        if group is None:
+            continue
+        out[run.label] = ppl_table(frame, run.label, split, group.domains, labels).loc[MEAN_ROW]
+    table = pd.DataFrame(out).T.reindex(columns=labels) if out else pd.DataFrame(columns=labels)
+    table.index.name = "run"
+    return table.dropna(axis=1, how="all")
+
+
+def compute_table(runs: list[RunData]) -> pd.DataFrame:
+    """CPU, GPU and wall hours per (run, stage) from the records, plus a total per run.
+
+    Baseline units (``dense``, ``random_split*``) get their own row ``<stage> (<unit>)`` so the
+    forest's cost can be set against the compute-matched dense model. Hours are NaN where no
+    record of the row had that measurement; ``source`` says where the numbers came from.
+    """
+    rows = []
+    for run in runs:
+        groups: dict[str, list[dict]] = {}
+        for rec in run.records:
+            unit = str(rec["unit"])
+            baseline = next((b for b in BASELINE_UNITS if unit == b or unit.startswith(b)), None)
+            name = f"{rec['stage']} ({baseline})" if baseline else rec["stage"]
+            groups.setdefault(name, []).append(rec)
+        for name in sorted(groups, key=_stage_rank):
+            rows.append(_compute_row(run.label, name, groups[name]))
+        if groups:
+            rows.append(_compute_row(run.label, "total", run.records))
+    columns = ["run", "stage", "units", "wall_h", "cpu_h", "gpu_h", "source"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _stage_rank(name: str) -> tuple:
+    stage = name.split(" ")[0]
+    return (STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER), stage, name)
+
+
+def _compute_row(run_label: str, name: str, records: list[dict]) -> dict:
+    def hours(key: str) -> float:
+        known = [r[key] for r in records if r.get(key) is not None]
+        return sum(known) / 3600.0 if known else float("nan")
+    sources = sorted({r["_source"] for r in records})
+    source = sources[0] if len(sources) == 1 else "mixed: " + ", ".join(
+        f"{sum(r['_source'] == s for r in records)} {s}" for s in sources)
+    return {"run": run_label, "stage": name, "units": len(records), "wall_h": hours("wall_s"),
+            "cpu_h": hours("cpu_s"), "gpu_h": hours("gpu_s"), "source": source}
+
+
+# --------------------------------------------------------------------------- rendering
+
+def best_mask(table: pd.DataFrame) -> pd.DataFrame:
+    """True where a value is the lowest of its row as displayed (two decimals; ties all)."""
+    rounded = table.round(2)
+    return rounded.eq(rounded.min(axis=1), axis=0) & table.notna()
+
+
+def _fmt(value, digits: int = 2) -> str:
+    if isinstance(value, str):
+        return value
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, (int, np.integer)):
+        return str(value)
+    return f"{value:.{digits}f}"
+
+
+def to_markdown(table: pd.DataFrame, mark_best: bool = True, digits: int = 2) -> str:
+    """A GitHub Markdown table; the row's best value in **bold**, missing values as –."""
+    best = best_mask(table.select_dtypes("number")) if mark_best else None
+    header = [table.index.name or ""] + [str(c) for c in table.columns]
+    numeric = set(table.select_dtypes("number").columns)
+    lines = ["| " + " | ".join(_md_escape(h) for h in header) + " |",
+             "|---|" + "".join("---:|" if c in numeric else "---|" for c in table.columns)]
+    for idx, row in table.iterrows():
+        cells = [_md_escape(str(idx))]
+        for col, value in row.items():
+            text = _md_escape(_fmt(value, digits))
+            if best is not None and col in best.columns and bool(best.at[idx, col]):
+                text = f"**{text}**"
+            cells.append(text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+                  "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+                  "^": r"\textasciicircum{}"}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
+
+
+def to_latex(table: pd.DataFrame, caption: str = "", mark_best: bool = True,
+             digits: int = 2) -> str:
+    """A booktabs ``tabular`` (needs ``\\usepackage{booktabs}``); best value in \\textbf.
+
+    A row named ``mean`` or ``total`` is set off by a ``\\midrule`` as in the paper's tables.
+    """
+    best = best_mask(table.select_dtypes("number")) if mark_best else None
+    numeric = set(table.select_dtypes("number").columns)
+    spec = "l" + "".join("r" if c in numeric else "l" for c in table.columns)
+    lines = []
+    if caption:
+        lines.append(f"% {caption}")
+    lines += ["% requires \\usepackage{booktabs}", f"\\begin{{tabular}}{{{spec}}}", "\\toprule",
+              " & ".join(latex_escape(h) for h in [table.index.name or ""] + list(table.columns))
+              + " \\\\", "\\midrule"]
+    for idx, row in table.iterrows():
+        if str(idx) in (MEAN_ROW, "total"):
+            lines.append("\\midrule")
+        cells = [latex_escape(idx)]
+        for col, value in row.items():
+            text = latex_escape(_fmt(value, digits)).replace("–", "--")
+            if best is not None and col in best.columns and bool(best.at[idx, col]):
+                text = f"\\textbf{{{text}}}"
+            cells.append(text)
+        lines.append(" & ".join(cells) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(table: pd.DataFrame, mark_best: bool = True) -> str:
+    """CSV of the table; with mark_best, a last column ``best`` names each row's best column(s)."""
+    out = table.copy()
+    if mark_best:
+        best = best_mask(table.select_dtypes("number"))
+        out["best"] = [";".join(str(c) for c in best.columns if best.at[i, c]) for i in best.index]
+    return out.to_csv(float_format="%.6g")
+
+
+def check_split(frame: pd.DataFrame, split: str | None) -> str:
+    """The split to tabulate: the one asked for, else ``test``, else ``valid``, else the most
+    common split in the results."""
+    splits = frame["split"].value_counts()
+    if split is not None:
+        if split not in splits.index:
+            raise BtmError(f"--split {split!r} has no rows in the results (splits present: "
+                           f"{', '.join(sorted(splits.index))})")
+        return split
+    for preferred in ("test", "valid"):
+        if preferred in splits.index:
+            return preferred
+    return str(splits.index[0])
+
+
+def group_means(frame: pd.DataFrame, runs: list[RunData], split: str) -> pd.DataFrame:
+    """Mean perplexity per (run, label, domain group) over the group's domains.
+
+    Only complete groups count: a label that lacks a domain of the group gets no mean there.
+    Columns: run_label, label, method, k, n_clusters, seed_fraction, group, group_title, ppl.
+    """
+    rows = []
+    for run in runs:
+        sub = frame[(frame["run_label"] == run.label) & (frame["split"] == split)]
+        if sub.empty:
+            continue
+        groups, _ = domain_groups(run, sorted(sub["eval_domain"].unique()))
+        for label, rows_of_label in sub.groupby("label", sort=False):
+            by_domain = rows_of_label.set_index("eval_domain")
+            first = rows_of_label.iloc[0]
+            for group in groups:
+                if not all(d in by_domain.index for d in group.domains):
+                    continue
+                rows.append({"run_label": run.label, "label": label, "method": first["method"],
+                             "k": first["k"], "n_clusters": first["n_clusters"],
+                             "seed_fraction": first["seed_fraction"], "group": group.key,
+                             "group_title": group.title,
+                             "ppl": float(by_domain.loc[group.domains, "ppl"].mean())})
+    return pd.DataFrame(rows, columns=["run_label", "label", "method", "k", "n_clusters",
+                                       "seed_fraction", "group", "group_title", "ppl"])
