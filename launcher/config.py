@@ -116,7 +116,7 @@ class Config:
     def expert_names(self) -> list[str]:
         """The base forest's experts: one per training domain (btm) or cluster (cbtm)."""
         if self.method == "cbtm":
-            return [f"cluster{i}" for i in range(self.clusters.k)]
+            return [f"cluster_{i}" for i in range(self.clusters.k)]  # fairseq_ext.cluster.cluster_name
         return list(self.domains.train)
 
     @property

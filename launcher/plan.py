@@ -115,6 +115,7 @@ def _train_params(cfg: Config, name: str, domains: list[str], init: str | None, 
 
 def data_units(cfg: Config) -> list[Unit]:
     base = [*cfg.domains.train, *[d for d in cfg.domains.eval if d not in cfg.domains.train]]
+    # c-BTM: clusters are made from (and replace) the training domains; eval domains are kept.
     return [Unit(None, {"corpus": cfg.corpus.path, "domains": base, "train_domains": list(cfg.domains.train),
                         "vocab_size": cfg.corpus.vocab_size, "text_field": cfg.corpus.text_field,
                         "random_split": len(cfg.expert_names) if "random_split" in cfg.baselines else 0})]
@@ -127,7 +128,8 @@ def data_incremental_units(cfg: Config) -> list[Unit]:
 
 
 def cluster_units(cfg: Config) -> list[Unit]:
-    return [Unit(None, {"k": cfg.clusters.k, "domains": list(cfg.domains.train), "seed": cfg.seed})]
+    return [Unit(None, {"k": cfg.clusters.k, "domains": list(cfg.domains.train), "seed": cfg.seed,
+                        "corpus": cfg.corpus.path, "text_field": cfg.corpus.text_field})]
 
 
 def seed_units(cfg: Config) -> list[Unit]:
@@ -180,9 +182,20 @@ def scored_models(cfg: Config) -> list[str]:
     return models
 
 
+PRIOR_METHODS = ("ensemble_prior", "ensemble_posterior", "ensemble_prev_token", "topk_prior",
+                 "average_argmax", "average_posterior")
+PRIOR_SPLIT = "valid"  # the cached domain prior is estimated on held-out data (fairseq_ext.priors)
+
+
 def score_units(cfg: Config) -> list[Unit]:
-    return [Unit(f"{m}.{d}", {"model": m, "domain": d, "split": cfg.evaluation.split})
-            for m in scored_models(cfg) for d in cfg.domains.eval]
+    """One unit per (model, eval domain, split): the eval split for every model, plus the prior
+    split for the forest's experts when a method needs the domain prior."""
+    units = [Unit(f"{m}.{d}.{cfg.evaluation.split}", {"model": m, "domain": d, "split": cfg.evaluation.split})
+             for m in scored_models(cfg) for d in cfg.domains.eval]
+    if any(m in PRIOR_METHODS for m in cfg.evaluation.methods) and cfg.evaluation.split != PRIOR_SPLIT:
+        units += [Unit(f"{m}.{d}.{PRIOR_SPLIT}", {"model": m, "domain": d, "split": PRIOR_SPLIT})
+                  for m in [*cfg.expert_names, *cfg.domains.incremental] for d in cfg.domains.eval]
+    return units
 
 
 def eval_units(cfg: Config) -> list[Unit]:

@@ -69,7 +69,17 @@ def _need(module: str, attr: str):
 
 
 def _device() -> str:
-    return os.environ.get("BTM_DEVICE", "auto")
+    """BTM_DEVICE, else the GPU SLURM gave us, else the CPU."""
+    if os.environ.get("BTM_DEVICE"):
+        return os.environ["BTM_DEVICE"]
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _workers() -> int:
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, n))
 
 
 # ---- data -----------------------------------------------------------------------------------
@@ -93,6 +103,14 @@ def _read_docs(path: Path, text_field: str) -> list[str]:
         return [d for d in f.read().split("\n\n") if d.strip()]
 
 
+def _link(view: Path, name: str, target: Path) -> None:
+    link = view / name
+    if link.is_symlink() and link.resolve() != target.resolve():
+        link.unlink()
+    if not link.exists():
+        link.symlink_to(target.resolve(), target_is_directory=True)
+
+
 def build_corpus_view(ctx: Ctx) -> Path:
     """``RUN_DIR/corpus``: the configured domains (symlinks) + the random-split baseline's domains.
 
@@ -103,9 +121,7 @@ def build_corpus_view(ctx: Ctx) -> Path:
     view = ctx.run_dir / "corpus"
     view.mkdir(parents=True, exist_ok=True)
     for d in ctx.params["domains"]:
-        link = view / d
-        if not link.exists():
-            link.symlink_to((corpus / d).resolve(), target_is_directory=True)
+        _link(view, d, corpus / d)
     n = ctx.params.get("random_split", 0)
     for split in ("train", "valid", "test") if n else ():
         docs = []
@@ -119,22 +135,28 @@ def build_corpus_view(ctx: Ctx) -> Path:
     return view
 
 
+def _prepare(ctx: Ctx, domains: list[str]) -> dict:
+    prepare_data = _need("fairseq_ext.data_prep", "prepare_data")
+    return prepare_data(str(ctx.run_dir / "corpus"), str(ctx.data_dir), domains=domains,
+                        train_domains=list(ctx.config.domains.train), vocab_size=ctx.config.corpus.vocab_size,
+                        text_field=ctx.config.corpus.text_field, workers=_workers(), seed=ctx.config.seed,
+                        progress=False)
+
+
+def _data_outputs(ctx: Ctx, domains) -> list[Path]:
+    return [ctx.data_dir / "spm.model", ctx.data_dir / "dict.txt",
+            *ctx.domain_files(domains, ("train", "valid", "test"))]
+
+
 def data_inputs(ctx: Ctx) -> list[Path]:
     return _corpus_files(Path(ctx.params["corpus"]), ctx.params["domains"])
 
 
 def data_run(ctx: Ctx):
-    prepare_data = _need("fairseq_ext.data_prep", "prepare_data")
-    view = build_corpus_view(ctx)
-    n = ctx.params.get("random_split", 0)
-    domains = [*ctx.params["domains"], *[f"random{i}" for i in range(n)]]
-    manifest = prepare_data(str(view), str(ctx.data_dir), domains=domains,
-                            train_domains=ctx.params["train_domains"], vocab_size=ctx.params["vocab_size"],
-                            text_field=ctx.params["text_field"], workers=max(1, min(4, os.cpu_count() or 1)))
-    outs = [ctx.data_dir / f for f in ("manifest.json", "spm.model", "dict.txt")]
-    outs += ctx.domain_files(domains, ("train", "valid", "test"))
-    return [p for p in outs if p.exists()], {"manifest_domains": sorted(manifest.get("domains", domains))
-                                             if isinstance(manifest, dict) else domains}
+    build_corpus_view(ctx)
+    domains = [*ctx.params["domains"], *[f"random{i}" for i in range(ctx.params.get("random_split", 0))]]
+    _prepare(ctx, domains)
+    return _data_outputs(ctx, domains), {"domains": domains}
 
 
 def data_incremental_inputs(ctx: Ctx) -> list[Path]:
@@ -143,31 +165,35 @@ def data_incremental_inputs(ctx: Ctx) -> list[Path]:
 
 
 def data_incremental_run(ctx: Ctx):
-    prepare_data = _need("fairseq_ext.data_prep", "prepare_data")
+    """Binarize the new domains with the run's tokenizer (prepare_data skips finished domains)."""
     view = ctx.run_dir / "corpus"
-    corpus = Path(ctx.params["corpus"])
     for d in ctx.params["domains"]:
-        if not (view / d).exists():
-            (view / d).symlink_to((corpus / d).resolve(), target_is_directory=True)
+        _link(view, d, Path(ctx.params["corpus"]) / d)
     manifest = json.loads((ctx.data_dir / "manifest.json").read_text())
-    prepare_data(str(view), str(ctx.data_dir), domains=sorted(set(manifest.get("domains", [])) | set(ctx.params["domains"])),
-                 train_domains=ctx.config.domains.train, vocab_size=ctx.config.corpus.vocab_size,
-                 text_field=ctx.params["text_field"])
-    return ctx.domain_files(ctx.params["domains"], ("train", "valid", "test")), {}
+    have = sorted({key.split("/")[0] for key in manifest.get("datasets", {})} | set(manifest.get("domains", [])))
+    _prepare(ctx, [*have, *[d for d in ctx.params["domains"] if d not in have]])
+    return _data_outputs(ctx, ctx.params["domains"]), {}
 
 
 # ---- clusters (c-BTM) -----------------------------------------------------------------------
 
 def cluster_inputs(ctx: Ctx) -> list[Path]:
-    return [ctx.data_dir / "dict.txt", *ctx.domain_files(ctx.params["domains"], ("train", "valid", "test"))]
+    return [*_corpus_files(Path(ctx.params["corpus"]), ctx.params["domains"]), ctx.data_dir / "dict.txt"]
 
 
 def cluster_run(ctx: Ctx):
+    """Cluster the training domains' documents; each cluster becomes a domain of the run's data."""
     build = _need("fairseq_ext.cluster", "build_cluster_domains")
-    build(data_dir=str(ctx.data_dir), domains=ctx.params["domains"], k=ctx.params["k"],
-          out_dir=str(ctx.run_dir / "clusters"), seed=ctx.params["seed"])
-    names = [f"cluster{i}" for i in range(ctx.params["k"])]
-    return [p for p in ctx.domain_files(names, ("train", "valid", "test")) if p.exists()], {}
+    p = ctx.params
+    out = build(str(ctx.run_dir / "corpus"), str(ctx.run_dir / "clusters"), p["k"], seed=p["seed"],
+                domains=p["domains"], text_field=p["text_field"])
+    view = ctx.run_dir / "corpus"
+    for name in out["domains"]:
+        _link(view, name, Path(out["corpus_dir"]) / name)
+    manifest = json.loads((ctx.data_dir / "manifest.json").read_text())
+    have = sorted({key.split("/")[0] for key in manifest.get("datasets", {})} | set(manifest.get("domains", [])))
+    _prepare(ctx, [*have, *[d for d in out["domains"] if d not in have]])
+    return _data_outputs(ctx, out["domains"]), {"clusters": out["domains"], "cluster_report": out.get("report")}
 
 
 # ---- training (seed, experts, dense, incremental experts) -----------------------------------
@@ -179,7 +205,7 @@ def _train(ctx: Ctx, save_dir: Path, init: Path | None):
     spec = TrainSpec(data_dir=str(ctx.data_dir), domains=list(p["domains"]), save_dir=str(save_dir),
                      preset=p["preset"], init=str(init) if init else None, max_updates=p["max_updates"],
                      save_interval_updates=p["save_interval_updates"], tokens_per_batch=p["tokens_per_batch"],
-                     seed=p["seed"], device=_device())
+                     seed=p["seed"], device=os.environ.get("BTM_DEVICE", "auto"))
     result = train_lm(spec)
     if result.preempted:
         raise Preempted()
@@ -190,18 +216,22 @@ def _train(ctx: Ctx, save_dir: Path, init: Path | None):
     return [o for o in outs if o.exists()], extra
 
 
-def _branch(ctx: Ctx, save_dir: Path, parents: dict[str, float]) -> Path:
-    """Write ``init.pt`` from the weighted parents (names -> weights) and ``branch.json``."""
+def _branch(ctx: Ctx, save_dir: Path, parents: dict[str, float], method: str) -> Path:
+    """``init.pt`` = the weighted average of the parents (names -> weights); branch.json by branch_expert."""
     branch_expert = _need("fairseq_ext.branch", "branch_expert")
     init = save_dir / "init.pt"
-    info = {"parents": parents}
-    if init.exists() and (save_dir / "branch.json").exists():
-        if json.loads((save_dir / "branch.json").read_text()).get("parents") == parents:
-            return init  # a requeued task: the branch is already there
+    if (save_dir / "checkpoint_last.pt").exists() and init.exists():
+        return init  # resuming (requeue): the trainer continues from checkpoint_last
     paths = {str(ctx.model_dir(n) / "checkpoint_last.pt"): w for n, w in parents.items()}
-    branch_expert(next(iter(paths)) if list(parents) == ["seed"] else paths, str(init))
-    atomic_write_json(save_dir / "branch.json", info)
+    branch_expert(paths, str(init), method=method, info={"parent_names": parents})
     return init
+
+
+def _parents_by_name(save_dir: Path) -> dict[str, float]:
+    try:
+        return dict(json.loads((save_dir / "branch.json").read_text()).get("parent_names", {}))
+    except (OSError, ValueError):
+        return {}
 
 
 def seed_inputs(ctx: Ctx) -> list[Path]:
@@ -222,10 +252,8 @@ def train_inputs(ctx: Ctx) -> list[Path]:
 def train_run(ctx: Ctx):
     save_dir = ctx.model_dir(ctx.params["name"])
     save_dir.mkdir(parents=True, exist_ok=True)
-    init = _branch(ctx, save_dir, {"seed": 1.0}) if ctx.params["init"] == "seed" else None
+    init = _branch(ctx, save_dir, {"seed": 1.0}, "seed") if ctx.params["init"] == "seed" else None
     outs, extra = _train(ctx, save_dir, init)
-    if init is not None:
-        outs.append(save_dir / "branch.json")
     return outs, extra
 
 
@@ -238,8 +266,10 @@ def dense_run(ctx: Ctx):
 
 
 def grow_inputs(ctx: Ctx) -> list[Path]:
-    return [ctx.run_dir / "data" / "dict.txt", *ctx.domain_files(ctx.params["domains"], ("train", "valid")),
-            *[ctx.model_dir(n) / "checkpoint_last.pt" for n in ctx.params["parents"]]]
+    ins = [ctx.data_dir / "dict.txt", *ctx.domain_files(ctx.params["domains"], ("train", "valid"))]
+    if ctx.params["init"] == "seed":
+        return [*ins, ctx.model_dir("seed") / "checkpoint_last.pt"]
+    return [*ins, *[ctx.model_dir(n) / "checkpoint_last.pt" for n in ctx.params["parents"]]]
 
 
 def grow_run(ctx: Ctx):
@@ -248,21 +278,22 @@ def grow_run(ctx: Ctx):
     save_dir = ctx.model_dir(name)
     save_dir.mkdir(parents=True, exist_ok=True)
     if ctx.params["init"] == "seed":
-        parents = {"seed": 1.0}
+        parents, method = {"seed": 1.0}, "seed"
+    elif (save_dir / "checkpoint_last.pt").exists() and _parents_by_name(save_dir):
+        parents, method = _parents_by_name(save_dir), "posterior"  # resuming
     else:
         branch_weights = _need("fairseq_ext.priors", "branch_weights")
-        ckpts = [str(ctx.model_dir(n) / "checkpoint_last.pt") for n in ctx.params["parents"]]
+        ckpts = {n: str(ctx.model_dir(n) / "checkpoint_last.pt") for n in ctx.params["parents"]}
         weights = branch_weights(ckpts, str(ctx.data_dir), name, "train", ctx.params["sample_docs"],
-                                 ctx.params["top_k"])
-        by_path = {str(k): float(v) for k, v in dict(weights).items()}
-        parents = {n: by_path[c] for n, c in zip(ctx.params["parents"], ckpts) if by_path.get(c, 0) > 0}
-    init = _branch(ctx, save_dir, parents)
+                                 ctx.params["top_k"], cache_dir=str(ctx.run_dir / "scores"), device=_device())
+        parents, method = {n: float(w) for n, w in weights.items() if w > 0}, "posterior"
+    init = _branch(ctx, save_dir, parents, method)
     outs, extra = _train(ctx, save_dir, init)
     with editing(ctx.run_dir / FOREST_FILE, ctx.config.name) as forest:
         forest.add(name, ctx.params["domains"], save_dir / "checkpoint_last.pt", parents=parents,
                    updates=extra["train"]["num_updates"], tokens=extra["train"]["tokens"],
                    metrics={"valid_losses": extra["train"]["valid_losses"]}, replace=True)
-    return [*outs, save_dir / "branch.json"], extra
+    return [*outs, save_dir / "branch.json"], {**extra, "parents": parents}
 
 
 # ---- merge ----------------------------------------------------------------------------------
@@ -274,19 +305,16 @@ def merge_inputs(ctx: Ctx) -> list[Path]:
 def merge_run(ctx: Ctx):
     """forest.json from every finished expert; fail naming the missing ones (after writing)."""
     missing, cache = [], HashCache(ctx.run_dir)
-    from launcher.plan import find_unit as _find
-
     with editing(ctx.run_dir / FOREST_FILE, ctx.config.name) as forest:
         for name in ctx.params["experts"]:
-            unit = _find(ctx.config, "train", name)
+            unit = find_unit(ctx.config, "train", name)
             rec = read_record(ctx.run_dir, "train", name)
             if not record_is_current(rec, unit.params, cache):
                 missing.append(name)
                 continue
             d = ctx.model_dir(name)
-            branch = json.loads((d / "branch.json").read_text()) if (d / "branch.json").exists() else {"parents": {}}
             train = rec.get("train", {})
-            forest.add(name, unit.params["domains"], d / "checkpoint_last.pt", parents=branch["parents"],
+            forest.add(name, unit.params["domains"], d / "checkpoint_last.pt", parents=_parents_by_name(d),
                        updates=train.get("num_updates", 0), tokens=train.get("tokens", 0),
                        metrics={"valid_losses": train.get("valid_losses", {})},
                        sha256=rec["outputs"].get(cache.rel(d / "checkpoint_last.pt")), replace=True)
@@ -310,12 +338,12 @@ def score_inputs(ctx: Ctx) -> list[Path]:
 
 
 def score_run(ctx: Ctx):
+    """Fill the per-token log-prob cache that the eval stage mixes (same cache key as evaluate)."""
     score_split = _need("fairseq_ext.scoring", "score_split")
     p = ctx.params
     scores = score_split(str(_model_checkpoint(ctx, p["model"])), str(ctx.data_dir), p["domain"], p["split"],
                          cache_dir=str(ctx.run_dir / "scores"), device=_device())
-    path = getattr(scores, "path", None)
-    return ([Path(path)] if path else []), {"tokens": int(getattr(scores, "num_tokens", 0) or 0)}
+    return [Path(scores.path)], {"tokens": int(len(scores.logprobs)), "forward_passes": scores.forward_passes}
 
 
 def eval_inputs(ctx: Ctx) -> list[Path]:
@@ -325,10 +353,9 @@ def eval_inputs(ctx: Ctx) -> list[Path]:
 
 
 def eval_run(ctx: Ctx):
-    evaluate_forest = _need("fairseq_ext.evaluate", "evaluate_forest")
-    p = ctx.params
-    evaluate_forest(run_dir=str(ctx.run_dir), methods=p["methods"], baselines=p["baselines"],
-                    domains=p["domains"], split=p["split"], top_k=p["top_k"], device=_device())
+    from launcher.stages_eval import evaluate_run
+
+    evaluate_run(ctx, _device())
     res = ctx.run_dir / "results"
     return [q for q in (res / "results.csv", res / "results.parquet") if q.exists()], {}
 
@@ -338,9 +365,9 @@ def report_inputs(ctx: Ctx) -> list[Path]:
 
 
 def report_run(ctx: Ctx):
-    write_report = _need("analysis.report", "write_report")
-    write_report(str(ctx.run_dir))
-    return [q for q in (ctx.run_dir / "report" / "report.md",) if q.exists()], {}
+    build_report = _need("analysis.report", "build_report")
+    path = build_report([str(ctx.run_dir)])
+    return [Path(path)], {}
 
 
 STAGES: dict[str, StageImpl] = {

@@ -31,7 +31,7 @@ def test_stages_and_dependencies_of_the_paper_setup():
     assert jobs["train"].array and len(jobs["train"].units) == 16  # 8 experts + 8 random-split experts
     assert jobs["train"].after_ok == ["seed"] and jobs["seed"].after_ok == ["data"]
     assert jobs["merge"].after_any == ["train"] and jobs["merge"].after_ok == []
-    assert jobs["score"].after_ok == ["merge", "dense"] and len(jobs["score"].units) == 17 * 8
+    assert jobs["score"].after_ok == ["merge", "dense"] and len(jobs["score"].units) == 17 * 8 + 8 * 8  # test split + prior split
     assert jobs["dense"].after_ok == ["data"]
 
 
@@ -79,7 +79,7 @@ def test_random_split_and_cbtm_units():
     assert plan.job("data").units[0].params["random_split"] == 3
     cb = _plan("cbtm-tiny")
     assert [j.name for j in cb.jobs][:3] == ["data", "cluster", "seed"]
-    assert [u.name for u in cb.job("train").units] == ["cluster0", "cluster1"]
+    assert [u.name for u in cb.job("train").units] == ["cluster_0", "cluster_1"]
 
 
 def test_incremental_domains_grow_after_merge():

@@ -8,6 +8,7 @@ from pathlib import Path
 from launcher.errors import BtmError
 
 # Keys that define what a run trains; a run directory refuses a config that changes them.
+DEMO_CORPUS_CHARS = 300_000  # per domain: enough for tiny experts, quick to build and tokenize
 FIXED_KEYS = ("name", "method", "corpus", "model", "budget", "clusters", "seed")
 
 
@@ -106,7 +107,7 @@ def _prepare(args):
             corpus = run_dir / "demo_corpus"
             if not corpus.is_dir():
                 print(f"building the demo corpus in {corpus}")
-                build_demo_corpus(corpus)
+                build_demo_corpus(corpus, size=DEMO_CORPUS_CHARS)
         cfg = load_config("demo", _overrides(args) | {"executor": "local"}, corpus=corpus)
     else:
         if not args.config:
