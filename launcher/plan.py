@@ -188,14 +188,13 @@ PRIOR_SPLIT = "valid"  # the cached domain prior is estimated on held-out data (
 
 
 def score_units(cfg: Config) -> list[Unit]:
-    """One unit per (model, eval domain, split): the eval split for every model, plus the prior
+    """One unit per model (loaded once): every eval domain on the eval split, plus the prior
     split for the forest's experts when a method needs the domain prior."""
-    units = [Unit(f"{m}.{d}.{cfg.evaluation.split}", {"model": m, "domain": d, "split": cfg.evaluation.split})
-             for m in scored_models(cfg) for d in cfg.domains.eval]
-    if any(m in PRIOR_METHODS for m in cfg.evaluation.methods) and cfg.evaluation.split != PRIOR_SPLIT:
-        units += [Unit(f"{m}.{d}.{PRIOR_SPLIT}", {"model": m, "domain": d, "split": PRIOR_SPLIT})
-                  for m in [*cfg.expert_names, *cfg.domains.incremental] for d in cfg.domains.eval]
-    return units
+    needs_prior = any(m in PRIOR_METHODS for m in cfg.evaluation.methods) and cfg.evaluation.split != PRIOR_SPLIT
+    experts = {*cfg.expert_names, *cfg.domains.incremental}
+    return [Unit(m, {"model": m, "domains": list(cfg.domains.eval),
+                     "splits": [cfg.evaluation.split, *([PRIOR_SPLIT] if needs_prior and m in experts else [])]})
+            for m in scored_models(cfg)]
 
 
 def eval_units(cfg: Config) -> list[Unit]:

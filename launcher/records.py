@@ -167,14 +167,15 @@ def sacct_accounting(job_id: str) -> dict | None:
 
 def write_record(run_dir: str | Path, stage: str, unit: str | None, *, params: dict, config_hash: str,
                  inputs: dict[str, str | None], outputs: dict[str, str | None], started: str,
-                 extra: dict | None = None) -> dict:
+                 extra: dict | None = None, config: dict | None = None) -> dict:
     slurm = slurm_environment()
     job_id = None
     if slurm:
         job_id = (f"{slurm['slurm_array_job_id']}_{slurm['slurm_array_task_id']}"
                   if "slurm_array_job_id" in slurm else slurm["slurm_job_id"])
     record = {
-        "stage": stage, "unit": unit, "config_hash": config_hash, "spec_hash": spec_hash(params),
+        "stage": stage, "unit": unit, "config_hash": config_hash, "config": config,
+        "spec_hash": spec_hash(params),
         "params": params, "inputs": inputs, "outputs": outputs, "versions": package_versions(),
         "git_commit": git_commit(), "started": started, "finished": now(), "host": socket.gethostname(),
         "slurm": slurm, "sacct": sacct_accounting(job_id) if job_id else None, **(extra or {}),

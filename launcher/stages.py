@@ -206,14 +206,31 @@ def _train(ctx: Ctx, save_dir: Path, init: Path | None):
                      preset=p["preset"], init=str(init) if init else None, max_updates=p["max_updates"],
                      save_interval_updates=p["save_interval_updates"], tokens_per_batch=p["tokens_per_batch"],
                      seed=p["seed"], device=os.environ.get("BTM_DEVICE", "auto"))
+    resumed = _resume_point(save_dir)
     result = train_lm(spec)
     if result.preempted:
         raise Preempted()
     outs = [save_dir / "checkpoint_last.pt", save_dir / "checkpoint_best.pt"]
     extra = {"train": {"num_updates": result.num_updates, "tokens": result.num_updates * p["tokens_per_batch"],
                        "valid_losses": result.valid_losses, "best_valid_loss": result.best_valid_loss,
-                       "tokens_per_second": result.tokens_per_second}}
+                       "tokens_per_second": result.tokens_per_second, "resumed": resumed}}
     return [o for o in outs if o.exists()], extra
+
+
+def _resume_point(save_dir: Path) -> dict | None:
+    """Where a resumed run picks up: checkpoint_last exists; last update in train_log.jsonl."""
+    if not (save_dir / "checkpoint_last.pt").exists():
+        return None
+    last = 0
+    try:
+        for line in (save_dir / "train_log.jsonl").read_text().splitlines():
+            try:
+                last = max(last, int(json.loads(line).get("update", 0)))
+            except (ValueError, AttributeError):
+                continue
+    except OSError:
+        pass
+    return {"checkpoint_last_existed": True, "last_logged_update": last}
 
 
 def _branch(ctx: Ctx, save_dir: Path, parents: dict[str, float], method: str) -> Path:
@@ -334,16 +351,22 @@ def _model_checkpoint(ctx: Ctx, model: str) -> Path:
 
 def score_inputs(ctx: Ctx) -> list[Path]:
     p = ctx.params
-    return [_model_checkpoint(ctx, p["model"]), *ctx.domain_files([p["domain"]], (p["split"],))]
+    return [_model_checkpoint(ctx, p["model"]), *ctx.domain_files(p["domains"], p["splits"])]
 
 
 def score_run(ctx: Ctx):
     """Fill the per-token log-prob cache that the eval stage mixes (same cache key as evaluate)."""
     score_split = _need("fairseq_ext.scoring", "score_split")
     p = ctx.params
-    scores = score_split(str(_model_checkpoint(ctx, p["model"])), str(ctx.data_dir), p["domain"], p["split"],
-                         cache_dir=str(ctx.run_dir / "scores"), device=_device())
-    return [Path(scores.path)], {"tokens": int(len(scores.logprobs)), "forward_passes": scores.forward_passes}
+    outputs, tokens, passes = [], 0, 0
+    for domain in p["domains"]:
+        for split in p["splits"]:
+            scores = score_split(str(_model_checkpoint(ctx, p["model"])), str(ctx.data_dir), domain, split,
+                                 cache_dir=str(ctx.run_dir / "scores"), device=_device())
+            outputs.append(Path(scores.path))
+            tokens += int(len(scores.logprobs))
+            passes += scores.forward_passes
+    return outputs, {"tokens": tokens, "forward_passes": passes}
 
 
 def eval_inputs(ctx: Ctx) -> list[Path]:
@@ -428,7 +451,8 @@ def run_stage(run_dir: str | Path, stage: str, unit_name: str | None, force: boo
         print(f"{label}: saved its state; exiting {PREEMPTED_EXIT} to be requeued", flush=True)
         return PREEMPTED_EXIT
     write_record(run_dir, stage, unit_name, params=unit.params, config_hash=cfg.config_hash(),
-                 inputs=inputs, outputs=hash_files(cache, outputs), started=started, extra=extra)
+                 inputs=inputs, outputs=hash_files(cache, outputs), started=started, extra=extra,
+                 config=cfg.to_dict())
     cache.save()
     print(f"{label}: done", flush=True)
     return 0

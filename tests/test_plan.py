@@ -31,7 +31,7 @@ def test_stages_and_dependencies_of_the_paper_setup():
     assert jobs["train"].array and len(jobs["train"].units) == 16  # 8 experts + 8 random-split experts
     assert jobs["train"].after_ok == ["seed"] and jobs["seed"].after_ok == ["data"]
     assert jobs["merge"].after_any == ["train"] and jobs["merge"].after_ok == []
-    assert jobs["score"].after_ok == ["merge", "dense"] and len(jobs["score"].units) == 17 * 8 + 8 * 8  # test split + prior split
+    assert jobs["score"].after_ok == ["merge", "dense"] and len(jobs["score"].units) == 17  # one per model
     assert jobs["dense"].after_ok == ["data"]
 
 

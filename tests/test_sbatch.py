@@ -56,7 +56,7 @@ def test_slurm_test_profile_renders_cpu_jobs():
     plan = _plan("tiny", "slurm-test")
     text = render_sbatch(plan.job("train"), plan.profile, SbatchContext(**CTX))
     assert "gpus" not in text and "#SBATCH --array=0-2%2" not in text  # array_parallelism from ctx: 8
-    assert "#SBATCH --array=0-2%3" in text and "#SBATCH --mem=500M" in text
+    assert "#SBATCH --array=0-2%3" in text and "#SBATCH --mem=1000M" in text
 
 
 _value = st.text(st.characters(min_codepoint=32, max_codepoint=0x2FF, exclude_characters="\x7f"), min_size=1, max_size=30)

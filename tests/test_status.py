@@ -100,5 +100,5 @@ def test_status_rows_join_plan_ledger_scheduler_and_records(tmp_path):
     assert by[("train", "code_python")][3:6] == ("-", "CANCELLED", "2002_1")
     assert by[("train", "legal")][4] == "RUNNING"
     assert by[("merge", "-")][4] == "PENDING"
-    assert by[("score", "bible.bible.test")][4:6] == ("-", "-")
+    assert by[("score", "bible")][4:6] == ("-", "-")
     assert "CANCELLED" in format_table(("a",) * 8, rows)

@@ -2,7 +2,7 @@
 
 # Parameters
 #SBATCH --account=my-project
-#SBATCH --array=0-199%8
+#SBATCH --array=0-16%8
 #SBATCH --constraint=volta32gb
 #SBATCH --cpus-per-task=10
 #SBATCH --dependency=afterok:1004:1005
