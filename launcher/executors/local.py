@@ -9,6 +9,7 @@ again (a local requeue).
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -85,7 +86,7 @@ class LocalExecutor:
         self.bars: dict = {}
         try:
             while self._step():
-                time.sleep(self.poll_s)
+                self._wait_for_exit()
         finally:
             for proc, _, logf in self.running.values():  # interrupted: stop the units we started
                 if proc.poll() is None:
@@ -95,6 +96,22 @@ class LocalExecutor:
             for b in self.bars.values():
                 b.close()
         return LocalResult(units=list(self.runs.values()), wall_seconds=time.perf_counter() - start)
+
+    def _wait_for_exit(self) -> None:
+        """Sleep until a running unit exits (pidfd, Linux) or poll_s passes."""
+        fds = []
+        try:
+            fds = [os.pidfd_open(proc.pid) for proc, _, _ in self.running.values()]
+        except (AttributeError, OSError):
+            pass
+        if not fds:
+            time.sleep(self.poll_s)
+            return
+        try:
+            select.select(fds, [], [], max(self.poll_s, 1.0))
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def _settled(self, names: list[str], accept: tuple[str, ...]) -> bool:
         return all(self.state.get(d, "ok") in accept for d in names)  # unknown job: done before
