@@ -243,7 +243,7 @@ def load_records(records_dir: Path) -> list[dict]:
     if not records_dir.is_dir():
         return []
     records = []
-    for f in sorted(records_dir.glob("*.json")):
+    for f in _json_files(records_dir):
         rec = _read_json(f)
         if not isinstance(rec, dict):
             raise BtmError(f"record {f} must be a JSON object")
@@ -304,22 +304,31 @@ def _wall_clock(rec: dict, path: Path) -> float | None:
 # --------------------------------------------------------------------------- priors
 
 def load_priors(priors_dir: Path) -> list[dict]:
-    """Read priors/*.json: ``{"eval_domain": str, "experts": [str], "prior": [float], ...}``.
+    """Read priors/*.json, oldest first (a later file for the same prior supersedes it).
 
-    Returns dicts with ``eval_domain``, ``experts``, ``prior`` (floats), ``forest`` (the
-    optional key of that name, else "") and ``_file``.
+    Accepted layouts: ``{"eval_domain", "experts": [...], "prior": [...], "forest"?}`` and the
+    one fairseq_ext/priors.py writes, ``{"key": {"domain", "experts", "settings", ...},
+    "prior": [...], "by_expert": {...}}``. Returns dicts with ``eval_domain``, ``experts``,
+    ``prior`` (floats), ``forest`` (the optional key, else ""), ``settings`` (a short text of
+    ``key.settings``, else "") and ``_file``.
     """
     if not priors_dir.is_dir():
         return []
     priors = []
-    for f in sorted(priors_dir.glob("*.json")):
+    files = sorted(_json_files(priors_dir), key=lambda f: (f.stat().st_mtime_ns, f.name))
+    for f in files:
         data = _read_json(f)
         if not isinstance(data, dict):
             raise BtmError(f"prior file {f} must be a JSON object")
-        for key in ("eval_domain", "experts", "prior"):
-            if key not in data:
-                raise BtmError(f"prior file {f} lacks key {key}")
-        experts, prior = data["experts"], data["prior"]
+        key = data.get("key") if isinstance(data.get("key"), dict) else {}
+        domain = data.get("eval_domain", key.get("domain"))
+        experts = data.get("experts", key.get("experts"))
+        if experts is None and isinstance(data.get("by_expert"), dict):
+            experts = list(data["by_expert"])
+        prior = data.get("prior")
+        for name, value in (("eval_domain", domain), ("experts", experts), ("prior", prior)):
+            if value is None:
+                raise BtmError(f"prior file {f} lacks key {name}")
         if not isinstance(experts, list) or not isinstance(prior, list) or len(experts) != len(prior):
             raise BtmError(f"prior file {f}: experts and prior must be lists of the same length "
                            f"(got {len(experts) if isinstance(experts, list) else experts!r} experts, "
@@ -328,9 +337,18 @@ def load_priors(priors_dir: Path) -> list[dict]:
             values = [float(p) for p in prior]
         except (TypeError, ValueError):
             raise BtmError(f"prior file {f}: prior must hold numbers, got {prior!r}") from None
-        priors.append({"eval_domain": str(data["eval_domain"]), "experts": [str(e) for e in experts],
-                       "prior": values, "forest": str(data.get("forest") or ""), "_file": f})
+        settings = key.get("settings")
+        settings = (", ".join(f"{k}={v}" for k, v in settings.items())
+                    if isinstance(settings, dict) else str(settings or ""))
+        priors.append({"eval_domain": str(domain), "experts": [str(e) for e in experts],
+                       "prior": values, "forest": str(data.get("forest") or ""),
+                       "settings": settings, "_file": f})
     return priors
+
+
+def _json_files(directory: Path) -> list[Path]:
+    """``*.json`` in a directory, without hidden files (``records/.hashes.json``)."""
+    return sorted(f for f in directory.glob("*.json") if not f.name.startswith("."))
 
 
 def _read_json(path: Path) -> Any:

@@ -127,9 +127,17 @@ def prior_of(domain: str) -> list[float]:
     return [0.5, 0.2, 0.3] if domain == "quotes" else [0.2, 0.3, 0.5]
 
 
-def write_priors(run: Path) -> None:
+def write_priors(run: Path, layout: str = "brief") -> None:
+    """layout "brief": {eval_domain, experts, prior}; "fairseq_ext": what fairseq_ext/priors.py
+    writes, {key: {domain, experts, settings, ...}, prior, by_expert}."""
     (run / "priors").mkdir(exist_ok=True)
     for domain in TRAIN + EVAL:
-        (run / "priors" / f"forest.{domain}.json").write_text(json.dumps(
-            {"eval_domain": domain, "experts": TRAIN, "prior": prior_of(domain),
-             "split": "valid", "docs": 8}))
+        prior = prior_of(domain)
+        if layout == "brief":
+            data = {"eval_domain": domain, "experts": TRAIN, "prior": prior, "split": "valid"}
+        else:
+            data = {"key": {"format": 1, "domain": domain, "experts": TRAIN, "scores": [],
+                            "settings": {"split": "valid", "alpha": 0.3, "n_batches": None,
+                                         "batch_docs": 2}},
+                    "prior": prior, "by_expert": dict(zip(TRAIN, prior))}
+        (run / "priors" / f"{domain}.{layout}.json").write_text(json.dumps(data))
