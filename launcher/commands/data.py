@@ -1,10 +1,69 @@
-"""btm verbs: data. (Being built: data preparation.)"""
+"""btm verbs: ``btm data prepare`` (tokenizer + binarized multi-domain datasets)."""
+from __future__ import annotations
+
+import argparse
+
 from launcher.errors import BtmError
 
 
-def _not_ready(args):
-    raise BtmError(f"'btm {args.command}' is not implemented yet")
+def _domain_list(value: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated domain names, got {value!r}")
+    return names
 
 
-def register(subparsers):
-    subparsers.add_parser("data", help="(not implemented yet)").set_defaults(func=_not_ready)
+def _prepare(args) -> int:
+    import logging
+
+    # Importing fairseq runs logging.basicConfig(level=DEBUG) (fairseq/tasks/text_to_speech.py),
+    # which would print its own notices and every filelock acquire; keep the output to ours.
+    for name in ("filelock", "fairseq.tasks.text_to_speech"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    from fairseq_ext.data_prep import prepare_data  # heavy: sentencepiece, fairseq, torch
+
+    manifest = prepare_data(
+        args.corpus_dir, args.out_dir, domains=args.domains, train_domains=args.train_domains,
+        vocab_size=args.vocab_size, text_field=args.text_field, workers=args.workers, seed=args.seed,
+        sample_chars=args.sample_chars, overwrite=args.overwrite,
+        progress=False if args.no_progress else None)
+    print(f"prepared {args.out_dir}: {len(manifest['domains'])} domains, vocab size {manifest['vocab_size']}")
+    print(f"{'domain/split':<32} {'documents':>10} {'tokens':>12}")
+    for key, info in sorted(manifest["datasets"].items()):
+        print(f"{key:<32} {info['documents']:>10} {info['tokens']:>12}")
+    return 0
+
+
+def _no_subcommand(args) -> int:
+    raise BtmError("'btm data' needs a sub-command: btm data prepare CORPUS_DIR OUT_DIR (see btm data --help)")
+
+
+def register(subparsers) -> None:
+    data = subparsers.add_parser("data", help="prepare multi-domain training data",
+                                 description="Prepare multi-domain data for BTM (see docs/data.md).")
+    data.set_defaults(func=_no_subcommand)
+    sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    p = sub.add_parser(
+        "prepare", help="train one tokenizer and binarize every domain",
+        description="Train one sentencepiece BPE tokenizer on a domain-balanced sample, build the shared "
+                    "fairseq dict.txt, and binarize CORPUS_DIR/<domain>/{train,valid,test}.{jsonl,jsonl.gz,txt} "
+                    "into OUT_DIR/<domain>/<split>.bin/.idx (one item per document). Re-running skips "
+                    "finished domains; a changed tokenizer setting or training text is an error unless "
+                    "--overwrite is given.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("corpus_dir", help="directory with one subdirectory per domain")
+    p.add_argument("out_dir", help="output data directory (e.g. RUN_DIR/data)")
+    p.add_argument("--domains", type=_domain_list, default=None,
+                   help="comma-separated domains to prepare (default: every subdirectory)")
+    p.add_argument("--train-domains", type=_domain_list, default=None,
+                   help="comma-separated domains whose train split trains the tokenizer (default: --domains)")
+    p.add_argument("--vocab-size", type=int, default=8000, help="tokenizer vocabulary size")
+    p.add_argument("--text-field", default="text", help="JSON field holding the document text (.jsonl inputs)")
+    p.add_argument("--workers", type=int, default=2, help="domains binarized in parallel")
+    p.add_argument("--seed", type=int, default=1, help="seed of the tokenizer sample")
+    p.add_argument("--sample-chars", type=int, default=1_000_000,
+                   help="characters sampled per training domain for the tokenizer (equal for every domain)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="rebuild OUT_DIR when its tokenizer settings or training text differ")
+    p.add_argument("--no-progress", action="store_true", help="never show progress bars")
+    p.set_defaults(func=_prepare)

@@ -1,0 +1,263 @@
+"""Assign every document of a corpus to a cluster and write one domain per cluster.
+
+Output (``OUT``), the corpus layout ``btm data prepare`` reads:
+
+    OUT/cluster_<i>/{train,valid,test}.jsonl   {"text": ...} per line, corpus order
+    OUT/assignments.npz                        source id, document index, cluster, nearest
+    OUT/cluster_report.json                    sizes, purity against domain labels; written
+                                               last, so it marks a finished assignment
+
+Rule: a document of the fitting sample (same source, index and text hash) keeps the balanced
+cluster it was fitted with; every other document (other splits, documents beyond the sample)
+goes to its nearest centre without the balance constraint, as the paper does for new data.
+Empty documents are skipped and counted.
+
+Work is split into ``num_shards`` contiguous slices of the global document order (one SLURM
+array task each); a shard writes ``OUT/.shards/<S>/shard_<i>/`` and a merge step
+concatenates the shards in order. Everything is written atomically, and a shard or a merge
+whose outputs exist for the same model, corpus and settings is skipped.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from launcher.atomic import atomic_path, atomic_write_json
+from launcher.errors import BtmError
+
+from fairseq_ext.cluster.corpus import SPLITS, count_documents, find_sources, is_empty, iter_documents
+from fairseq_ext.cluster.kmeans import nearest_centre
+from fairseq_ext.cluster.model_io import load_model, model_fingerprint, text_hash
+
+REPORT = "cluster_report.json"
+
+
+@dataclass
+class AssignSettings:
+    splits: list[str] = field(default_factory=lambda: list(SPLITS),
+                              metadata={"help": "splits to assign (each keeps its split)"})
+    domains: list[str] | None = field(default=None, metadata={"help": "corpus subdirectories (default all)"})
+    text_field: str = field(default="text", metadata={"help": "JSON field holding the text"})
+    batch_docs: int = field(default=256, metadata={"help": "documents embedded at once"})
+
+
+def cluster_name(i: int) -> str:
+    return f"cluster_{i}"
+
+
+def _fingerprint(model_dir, corpus_dir, sources, num_shards, settings) -> dict:
+    return {
+        "model_sha256": model_fingerprint(model_dir),
+        "sources": [[s.key, os.path.getsize(s.path), os.stat(s.path).st_mtime_ns] for s in sources],
+        "num_shards": num_shards, "splits": list(settings.splits), "text_field": settings.text_field,
+    }
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _shard_dir(out: Path, shard: int, num_shards: int) -> Path:
+    return out / ".shards" / str(num_shards) / f"shard_{shard}"
+
+
+def _check_shard_args(shard: int, num_shards: int) -> None:
+    if num_shards < 1 or not 0 <= shard < num_shards:
+        raise BtmError(f"--shard {shard} --num-shards {num_shards}: need 0 <= shard < num_shards")
+
+
+def assign_shard(model_dir, corpus_dir, out_dir, shard: int = 0, num_shards: int = 1,
+                 settings: AssignSettings | None = None) -> dict:
+    """Assign the documents of one shard; returns the shard's summary (shard.json)."""
+    settings = settings or AssignSettings()
+    _check_shard_args(shard, num_shards)
+    out = Path(out_dir)
+    model = load_model(model_dir)
+    sources = find_sources(corpus_dir, splits=settings.splits, domains=settings.domains)
+    fp = _fingerprint(model_dir, corpus_dir, sources, num_shards, settings)
+    report = _read_json(out / REPORT)
+    if report and report.get("fingerprint") == fp:
+        return {"skipped": "merged report already exists"}
+    sdir = _shard_dir(out, shard, num_shards)
+    done = _read_json(sdir / "shard.json")
+    if done and done.get("fingerprint") == fp:
+        return done
+
+    counts = count_documents(sources, settings.text_field)
+    total = sum(counts)
+    lo, hi = shard * total // num_shards, (shard + 1) * total // num_shards
+    k = model.k
+    lookup = model.sample_lookup()
+    assigned = np.zeros((len(sources), k), dtype=np.int64)  # as written
+    nearest = np.zeros((len(sources), k), dtype=np.int64)  # nearest centre, for comparison
+    empty = np.zeros(len(sources), dtype=np.int64)
+    from_sample = 0
+    rows: list[tuple[int, int, int, int]] = []  # source id, index, cluster, nearest
+
+    with contextlib.ExitStack() as stack:
+        handles = {}
+        for c in range(k):
+            for split in {s.split for s in sources}:
+                tmp = stack.enter_context(atomic_path(sdir / cluster_name(c) / f"{split}.jsonl"))
+                handles[c, split] = stack.enter_context(open(tmp, "w", encoding="utf-8"))
+        batch: list[tuple[int, int, str]] = []
+
+        def flush():
+            nonlocal from_sample
+            if not batch:
+                return
+            near = nearest_centre(model.embed([t for _, _, t in batch]), model.centres)
+            for (sid, index, text), n_c in zip(batch, near):
+                hit = lookup.get((sources[sid].key, index))
+                cluster = int(n_c)
+                if hit is not None and hit[0] == text_hash(text):
+                    cluster = hit[1]
+                    from_sample += 1
+                handles[cluster, sources[sid].split].write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+                assigned[sid, cluster] += 1
+                nearest[sid, n_c] += 1
+                rows.append((sid, index, cluster, int(n_c)))
+            batch.clear()
+
+        ordinal = 0
+        for sid, source in enumerate(sources):
+            if ordinal + counts[sid] <= lo or ordinal >= hi:
+                ordinal += counts[sid]
+                continue
+            for index, text in enumerate(iter_documents(source, settings.text_field)):
+                if lo <= ordinal < hi:
+                    if is_empty(text):
+                        empty[sid] += 1
+                    else:
+                        batch.append((sid, index, text))
+                        if len(batch) >= settings.batch_docs:
+                            flush()
+                ordinal += 1
+        flush()
+        for h in handles.values():
+            h.close()
+
+    arr = np.array(rows, dtype=np.int64).reshape(-1, 4)
+    with atomic_path(sdir / "assignments.npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, source=arr[:, 0].astype(np.int32), index=arr[:, 1],
+                     cluster=arr[:, 2].astype(np.int32), nearest=arr[:, 3].astype(np.int32))
+    summary = {"fingerprint": fp, "shard": shard, "num_shards": num_shards, "documents": [lo, hi],
+               "assigned": assigned.tolist(), "nearest": nearest.tolist(),
+               "empty": empty.tolist(), "from_sample": from_sample}
+    atomic_write_json(sdir / "shard.json", summary)
+    return summary
+
+
+def merge_shards(model_dir, corpus_dir, out_dir, num_shards: int = 1,
+                 settings: AssignSettings | None = None) -> dict:
+    """Combine finished shards into OUT/cluster_<i>/ files and the report."""
+    settings = settings or AssignSettings()
+    out = Path(out_dir)
+    model = load_model(model_dir)
+    sources = find_sources(corpus_dir, splits=settings.splits, domains=settings.domains)
+    fp = _fingerprint(model_dir, corpus_dir, sources, num_shards, settings)
+    report = _read_json(out / REPORT)
+    if report and report.get("fingerprint") == fp:
+        return report
+    k = model.k
+    stale = sorted(p.name for p in out.glob("cluster_*") if p.is_dir()
+                   and p.name not in {cluster_name(c) for c in range(k)})
+    if stale:
+        raise BtmError(f"{out} holds {stale} from an assignment with another k; "
+                       "use a fresh --out directory or remove them")
+    summaries, missing = [], []
+    for shard in range(num_shards):
+        s = _read_json(_shard_dir(out, shard, num_shards) / "shard.json")
+        if not s or s.get("fingerprint") != fp:
+            missing.append(shard)
+        summaries.append(s)
+    if missing:
+        raise BtmError(f"cannot merge into {out}: shard(s) {missing} of {num_shards} are not "
+                       "finished for this model and corpus (run 'btm cluster assign --shard I "
+                       f"--num-shards {num_shards}' for each)")
+
+    for c in range(k):
+        for split in sorted({s.split for s in sources}):
+            with atomic_path(out / cluster_name(c) / f"{split}.jsonl") as tmp, open(tmp, "wb") as dst:
+                for shard in range(num_shards):
+                    with open(_shard_dir(out, shard, num_shards) / cluster_name(c) / f"{split}.jsonl", "rb") as src:
+                        shutil.copyfileobj(src, dst)
+    parts = []
+    for shard in range(num_shards):
+        with np.load(_shard_dir(out, shard, num_shards) / "assignments.npz", allow_pickle=False) as z:
+            parts.append({name: z[name] for name in z.files})
+    with atomic_path(out / "assignments.npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, **{name: np.concatenate([p[name] for p in parts]) for name in parts[0]})
+
+    assigned = sum(np.array(s["assigned"], dtype=np.int64).reshape(len(sources), k) for s in summaries)
+    nearest = sum(np.array(s["nearest"], dtype=np.int64).reshape(len(sources), k) for s in summaries)
+    empty = sum(np.array(s["empty"], dtype=np.int64) for s in summaries)
+    report = build_report(model, sources, assigned, nearest, empty,
+                          from_sample=sum(s["from_sample"] for s in summaries))
+    report.update(fingerprint=fp, model_dir=str(model_dir), corpus_dir=str(corpus_dir),
+                  settings=asdict(settings))
+    atomic_write_json(out / REPORT, report)
+    shutil.rmtree(out / ".shards" / str(num_shards), ignore_errors=True)
+    with contextlib.suppress(OSError):
+        (out / ".shards").rmdir()
+    return report
+
+
+def assign_corpus(model_dir, corpus_dir, out_dir, settings: AssignSettings | None = None,
+                  num_shards: int = 1) -> dict:
+    """All shards one after the other, then the merge (the local, single-process path)."""
+    for shard in range(num_shards):
+        assign_shard(model_dir, corpus_dir, out_dir, shard, num_shards, settings)
+    return merge_shards(model_dir, corpus_dir, out_dir, num_shards, settings)
+
+
+def purity(confusion: np.ndarray) -> float | None:
+    """confusion [labels, clusters]: share of documents in their cluster's majority label."""
+    total = confusion.sum()
+    return float(confusion.max(axis=0).sum() / total) if total else None
+
+
+def build_report(model, sources, assigned, nearest, empty, from_sample: int) -> dict:
+    k = model.k
+    splits = sorted({s.split for s in sources}, key=SPLITS.index)
+    sizes = {cluster_name(c): {split: int(sum(assigned[i, c] for i, s in enumerate(sources)
+                                              if s.split == split)) for split in splits}
+             for c in range(k)}
+    report = {
+        "k": k, "clusters": [cluster_name(c) for c in range(k)], "sizes": sizes,
+        "documents": int(assigned.sum()), "empty_documents_skipped": int(empty.sum()),
+        "documents_from_fitting_sample": int(from_sample),
+        "rule": "fitting-sample documents keep their balanced cluster; all others go to the "
+                "nearest centre (no balance constraint)",
+        "fit_sample_sizes": [int(s) for s in model.sizes],
+    }
+    labels = sorted({s.domain for s in sources if s.domain is not None})
+    if not labels:
+        report.update(labels=None, purity=None, purity_nearest_centre=None, confusion=None)
+        return report
+
+    def confusion(counts, split=None):
+        m = np.zeros((len(labels), k), dtype=np.int64)
+        for i, s in enumerate(sources):
+            if split is None or s.split == split:
+                m[labels.index(s.domain)] += counts[i]
+        return m
+
+    report["labels"] = labels
+    report["confusion"] = {split: {lab: row.tolist() for lab, row in zip(labels, confusion(assigned, split))}
+                           for split in splits}
+    report["purity"] = {split: purity(confusion(assigned, split)) for split in splits}
+    report["purity"]["all"] = purity(confusion(assigned))
+    report["purity_nearest_centre"] = {split: purity(confusion(nearest, split)) for split in splits}
+    report["purity_nearest_centre"]["all"] = purity(confusion(nearest))
+    return report

@@ -1,0 +1,13 @@
+"""Register btm's fairseq components (model ``elm``, task ``multidomain_lm``) for our own code.
+
+fairseq's ``--user-dir fairseq_ext`` imports ``fairseq_ext/models`` and ``fairseq_ext/tasks``
+itself. btm's own code (trainer, scoring, averaging) calls ``register_all()`` instead, so that
+importing ``fairseq_ext`` stays fairseq-free for the pure-math modules. Registration happens at
+import time and Python imports a module once, so calling this twice is harmless.
+"""
+from __future__ import annotations
+
+
+def register_all() -> None:
+    import fairseq_ext.models  # noqa: F401  (registers model "elm" and archs elm_*)
+    import fairseq_ext.tasks  # noqa: F401  (registers task "multidomain_lm")

@@ -1,0 +1,153 @@
+"""c-BTM fit + assign end to end: CLI, sharding, idempotency, edge cases, purity on the
+development corpus."""
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import CORPUS, require, run_btm
+from fairseq_ext.cluster import AssignSettings, FitSettings, assign_corpus, build_cluster_domains
+from fairseq_ext.cluster.pipeline import fit_model_dir
+from launcher.errors import BtmError
+
+TRAIN_DOMAINS = ["code_python", "legal", "bible", "dictionary", "kernel_docs", "fiction"]
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def _snapshot(out: Path) -> dict:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def _write(path: Path, texts: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+
+
+def test_cli_fit_assign_shards_merge_and_rerun(small_corpus, tmp_path):
+    model = tmp_path / "model"
+    proc = run_btm("cluster", "fit", "--corpus", small_corpus, "--k", "3", "--out", model,
+                   "--dims", "20", check=True)
+    assert "fitted" in proc.stdout and "sizes=[60, 60, 60]" in proc.stdout
+    again = run_btm("cluster", "fit", "--corpus", small_corpus, "--k", "3", "--out", model,
+                    "--dims", "20", check=True)
+    assert "already fitted" in again.stdout
+
+    whole = tmp_path / "whole"
+    run_btm("cluster", "assign", "--model", model, "--corpus", small_corpus, "--out", whole, check=True)
+    report = json.loads((whole / "cluster_report.json").read_text())
+    assert report["k"] == 3 and report["documents"] == 3 * (60 + 8 + 8)
+    assert sorted(s["train"] for s in report["sizes"].values()) == [60, 60, 60]  # fitted: balanced
+    assert report["documents_from_fitting_sample"] == 180
+    assert report["purity"]["train"] >= 0.9 and report["labels"] == ["bible", "code_python", "legal"]
+    for c in range(3):
+        for split in ("train", "valid", "test"):
+            rows = [json.loads(x) for x in _lines(whole / f"cluster_{c}" / f"{split}.jsonl")]
+            assert len(rows) == report["sizes"][f"cluster_{c}"][split]
+            assert all(set(r) == {"text"} and r["text"].strip() for r in rows)
+
+    # Three SLURM-style shards then a merge give byte-identical domains.
+    sharded = tmp_path / "sharded"
+    merge = run_btm("cluster", "assign", "--model", model, "--corpus", small_corpus, "--out", sharded,
+                    "--merge", "--num-shards", "3")
+    assert merge.returncode == 2 and "shard(s) [0, 1, 2] of 3 are not finished" in merge.stderr
+    for shard in (2, 0, 1):
+        run_btm("cluster", "assign", "--model", model, "--corpus", small_corpus, "--out", sharded,
+                "--shard", str(shard), "--num-shards", "3", check=True)
+    run_btm("cluster", "assign", "--model", model, "--corpus", small_corpus, "--out", sharded,
+            "--merge", "--num-shards", "3", check=True)
+    assert not (sharded / ".shards").exists()
+    for c in range(3):
+        for split in ("train", "valid", "test"):
+            name = f"cluster_{c}/{split}.jsonl"
+            assert (sharded / name).read_bytes() == (whole / name).read_bytes(), name
+    rep_sharded = json.loads((sharded / "cluster_report.json").read_text())
+    assert rep_sharded["sizes"] == report["sizes"] and rep_sharded["purity"] == report["purity"]
+
+    # Re-running is idempotent: nothing changes, and a shard after the merge is a no-op.
+    before = _snapshot(whole)
+    run_btm("cluster", "assign", "--model", model, "--corpus", small_corpus, "--out", whole, check=True)
+    assert _snapshot(whole) == before
+    late = run_btm("cluster", "assign", "--model", model, "--corpus", small_corpus, "--out", sharded,
+                   "--shard", "1", "--num-shards", "3", check=True)
+    assert "already exists" in late.stdout and not (sharded / ".shards").exists()
+
+
+def test_cli_errors_are_clear(small_corpus, tmp_path):
+    proc = run_btm("cluster", "fit", "--corpus", small_corpus, "--k", "500", "--out", tmp_path / "m")
+    assert proc.returncode == 2
+    assert "btm: error: cannot make k=500 clusters from 180 non-empty document(s)" in proc.stderr
+    proc = run_btm("cluster", "fit", "--corpus", tmp_path / "nope", "--k", "2", "--out", tmp_path / "m")
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+    proc = run_btm("cluster", "assign", "--model", tmp_path / "m", "--corpus", small_corpus,
+                   "--out", tmp_path / "o")
+    assert proc.returncode == 2 and "not a fitted cluster model" in proc.stderr
+    bad = tmp_path / "bad" / "d"
+    _write(bad / "train.jsonl", ["lord god"])
+    (bad / "train.jsonl").write_text('{"text": "ok"}\n{"txt": 1}\n')
+    proc = run_btm("cluster", "fit", "--corpus", tmp_path / "bad", "--k", "1", "--out", tmp_path / "m")
+    assert proc.returncode == 2 and "train.jsonl:2" in proc.stderr and "'text'" in proc.stderr
+
+
+def test_empty_documents_duplicates_and_single_unlabelled_domain(tmp_path):
+    corpus = tmp_path / "flat"  # no domain subdirectories: one unlabelled domain
+    texts = (["lord god israel unto thee"] * 5 + ["def return import self class"] * 5
+             + ["", "   ", "license copyright warranty"])
+    _write(corpus / "train.jsonl", texts)
+    (corpus / "valid.txt").write_text("lord god\nunto thee\n\n\n\ndef return self\n", encoding="utf-8")
+    result = build_cluster_domains(corpus, tmp_path / "out", 2, seed=0, dims=4)
+    report = result["report"]
+    assert report["empty_documents_skipped"] == 2 and report["documents"] == 11 + 2
+    assert report["purity"] is None and report["labels"] is None
+    assert sorted(s["train"] for s in report["sizes"].values()) == [5, 6]  # balanced, dups split OK
+    domains = Path(result["corpus_dir"])
+    trains = {c: _lines(domains / c / "train.jsonl") for c in result["domains"]}
+    god = [c for c, rows in trains.items() if json.dumps({"text": "lord god israel unto thee"}) in rows]
+    assert len(god) == 1  # five exact duplicates land together (5 <= ceil(11/2))
+    valid = sum(len(_lines(domains / c / "valid.jsonl")) for c in result["domains"])
+    assert valid == 2  # txt documents: separated by blank lines
+
+
+def test_k_equals_one_is_the_whole_corpus(small_corpus, tmp_path):
+    result = build_cluster_domains(small_corpus, tmp_path, 1, seed=0, dims=10)
+    assert result["domains"] == ["cluster_0"]
+    domain = Path(result["corpus_dir"]) / "cluster_0"
+    for split, n in (("train", 60), ("valid", 8), ("test", 8)):
+        expected = sorted(json.loads(x)["text"] for d in ("bible", "code_python", "legal")
+                          for x in _lines(small_corpus / d / f"{split}.jsonl"))
+        got = sorted(json.loads(x)["text"] for x in _lines(domain / f"{split}.jsonl"))
+        assert got == expected and len(got) == 3 * n
+    assert result["report"]["purity"]["train"] == pytest.approx(1 / 3)  # three equal domains
+
+
+def test_k_larger_than_documents_via_pipeline(tmp_path):
+    _write(tmp_path / "c" / "a" / "train.jsonl", ["lord god", "def return"])
+    with pytest.raises(BtmError, match="k=3 clusters from 2 non-empty"):
+        build_cluster_domains(tmp_path / "c", tmp_path / "o", 3)
+
+
+def test_stale_clusters_from_another_k_are_refused(small_corpus, tmp_path):
+    build_cluster_domains(small_corpus, tmp_path / "o", 3, dims=10)
+    fit_model_dir(small_corpus, tmp_path / "m2", FitSettings(k=2, dims=10))
+    with pytest.raises(BtmError, match="cluster_2"):
+        assign_corpus(tmp_path / "m2", small_corpus, tmp_path / "o" / "domains", AssignSettings())
+
+
+def test_purity_on_development_corpus_six_domains(tmp_path):
+    """All training documents of the six training domains (5387 docs, labels hidden from the
+    fit), k = 6, full size (no cap): ~15 s on 2 cores."""
+    require((CORPUS / "legal" / "train.jsonl.gz").is_file(), f"development corpus not at {CORPUS}")
+    result = build_cluster_domains(CORPUS, tmp_path, 6, seed=0, domains=TRAIN_DOMAINS)
+    report = result["report"]
+    n = report["documents"]
+    sizes = [s["train"] for s in report["sizes"].values()]
+    assert max(sizes) <= -(-5387 // 6) and sum(sizes) == 5387
+    # Balanced clusters cannot be pure here (dictionary alone is 2051 > 898 documents; the
+    # best possible balanced purity is ~0.855); measured 0.84 balanced, 0.91 unconstrained.
+    assert report["purity"]["train"] >= 0.75, report["purity"]
+    assert report["purity_nearest_centre"]["train"] >= 0.75
+    assert report["purity"]["all"] >= 0.75 and n > 5387

@@ -1,0 +1,220 @@
+"""Properties of the ensemble mixing rules (fairseq_ext/mixing.py), checked against slow loops."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from fairseq_ext import mixing
+from launcher.errors import BtmError
+
+
+@st.composite
+def forests(draw, min_experts=1, max_experts=5):
+    """Random expert log-probs [N, T] plus document starts."""
+    n = draw(st.integers(min_experts, max_experts))
+    t = draw(st.integers(1, 40))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    # Log-probs of real next-token distributions: log of a random probability in (0, 1].
+    lp = np.log(rng.uniform(1e-6, 1.0, size=(n, t))).astype(np.float32)
+    cuts = sorted(set(rng.integers(1, t, size=rng.integers(0, 4)).tolist())) if t > 1 else []
+    starts = np.array([0] + cuts, dtype=np.int64)
+    prior = rng.dirichlet(np.ones(n))
+    return lp, starts, prior
+
+
+def slow_weights(lp, starts, prior, method):
+    """Reference loop: the weights of every method written out token by token."""
+    lp = lp.astype(np.float64)
+    n, t = lp.shape
+    out = np.zeros((n, t))
+    start_set = set(starts.tolist())
+    prefix = np.zeros(n)
+    for i in range(t):
+        if i in start_set:
+            prefix = np.zeros(n)
+        if method == "uniform":
+            w = np.full(n, 1.0 / n)
+        elif method == "prior":
+            w = prior.copy()
+        elif method == "posterior":
+            u = np.log(prior) + prefix
+            w = np.exp(u - u.max())
+        elif method == "prev_token":
+            u = np.log(prior) + (0.0 if i in start_set else lp[:, i - 1])
+            w = np.exp(u - u.max())
+        out[:, i] = w / w.sum()
+        prefix = prefix + lp[:, i]
+    return out
+
+
+def slow_mixture(lp, weights):
+    return np.log(np.sum(weights * np.exp(lp.astype(np.float64)), axis=0))
+
+
+@settings(max_examples=60, deadline=None)
+@given(forests(), st.sampled_from(mixing.METHODS))
+def test_every_method_matches_a_slow_loop(forest, method):
+    lp, starts, prior = forest
+    expected = slow_mixture(lp, slow_weights(lp, starts, prior, method))
+    got = mixing.ensemble_logprobs(lp, starts, method=method, prior=prior)
+    assert got.dtype == np.float64 and got.shape == (lp.shape[1],)
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(forests(), st.data())
+def test_one_hot_prior_gives_exactly_that_experts_scores(forest, data):
+    lp, starts, _ = forest
+    j = data.draw(st.integers(0, lp.shape[0] - 1))
+    one_hot = np.eye(lp.shape[0])[j]
+    for method in ("prior", "posterior", "prev_token"):
+        got = mixing.ensemble_logprobs(lp, starts, method=method, prior=one_hot)
+        np.testing.assert_array_equal(got, lp[j].astype(np.float64))
+
+
+@settings(max_examples=60, deadline=None)
+@given(forests())
+def test_fixed_prior_mixture_is_no_worse_than_the_weighted_mean_of_experts(forest):
+    lp, starts, prior = forest
+    mixture_nll = mixing.nll(mixing.ensemble_logprobs(lp, starts, method="prior", prior=prior))
+    expert_nlls = -lp.astype(np.float64).mean(axis=1)
+    assert mixture_nll <= float(prior @ expert_nlls) + 1e-9  # Jensen
+
+
+@settings(max_examples=40, deadline=None)
+@given(forests(), st.integers(1, 6))
+def test_identical_experts_give_the_single_experts_perplexity(forest, copies):
+    lp, starts, _ = forest
+    same = np.repeat(lp[:1], copies, axis=0)
+    single_ppl = math.exp(-lp[0].astype(np.float64).mean())
+    for method in mixing.METHODS:
+        ppl = math.exp(mixing.nll(mixing.ensemble_logprobs(same, starts, method=method)))
+        assert ppl == pytest.approx(single_ppl, rel=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(forests(), st.sampled_from(mixing.METHODS))
+def test_top_k_with_k_equal_n_is_the_full_ensemble(forest, method):
+    lp, starts, prior = forest
+    full = mixing.ensemble_logprobs(lp, starts, method=method, prior=prior)
+    topn = mixing.ensemble_logprobs(lp, starts, method=method, prior=prior, top_k=lp.shape[0])
+    np.testing.assert_array_equal(full, topn)
+
+
+@settings(max_examples=40, deadline=None)
+@given(forests(min_experts=2), st.data())
+def test_top_k_keeps_the_k_highest_weights_and_renormalizes(forest, data):
+    lp, starts, prior = forest
+    n = lp.shape[0]
+    k = data.draw(st.integers(1, n - 1))
+    w = slow_weights(lp, starts, prior, "posterior")
+    kept = np.zeros_like(w)
+    for i in range(w.shape[1]):
+        top = np.argsort(-w[:, i], kind="stable")[:k]
+        kept[top, i] = w[top, i]
+    kept /= kept.sum(axis=0, keepdims=True)
+    got = mixing.ensemble_logprobs(lp, starts, method="posterior", prior=prior, top_k=k)
+    np.testing.assert_allclose(got, slow_mixture(lp, kept), rtol=1e-9, atol=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(forests(), st.sampled_from(["posterior", "prev_token"]))
+def test_posterior_right_after_a_document_boundary_is_the_prior(forest, method):
+    lp, starts, prior = forest
+    w = np.exp(mixing.log_weights(lp, starts, method=method, prior=prior))
+    for s in starts:
+        np.testing.assert_allclose(w[:, s], prior, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(w.sum(axis=0), 1.0, rtol=1e-12)
+
+
+def test_prior_top_k_uses_only_the_selected_experts():
+    rng = np.random.default_rng(0)
+    lp = np.log(rng.uniform(0.01, 1, size=(4, 30)))
+    starts = np.array([0, 10, 21])
+    prior = np.array([0.1, 0.4, 0.2, 0.3])
+    keep = mixing.topk_experts(prior, 2)
+    assert keep == [1, 3]
+    sparse = mixing.ensemble_logprobs(lp[keep], starts, method="prior", prior=prior[keep])
+    dense = mixing.ensemble_logprobs(lp, starts, method="prior", prior=prior, top_k=2)
+    np.testing.assert_allclose(sparse, dense, rtol=1e-12)
+
+
+def test_mix_with_weights_matches_methods_and_per_token_weights():
+    rng = np.random.default_rng(1)
+    lp = np.log(rng.uniform(0.01, 1, size=(3, 12)))
+    prior = np.array([0.2, 0.5, 0.3])
+    np.testing.assert_allclose(mixing.mix_with_weights(lp, prior),
+                               mixing.ensemble_logprobs(lp, [0], "prior", prior), rtol=1e-12)
+    per_token = rng.dirichlet(np.ones(3), size=12)  # [T, N]
+    expected = np.log(np.sum(per_token.T * np.exp(lp), axis=0))
+    np.testing.assert_allclose(mixing.mix_with_weights(lp, per_token * 7.0), expected, rtol=1e-12)
+
+
+def test_long_documents_do_not_underflow():
+    # 20k tokens at ~-5 nats each: the prefix likelihood is exp(-1e5), far below float range.
+    rng = np.random.default_rng(2)
+    lp = np.stack([np.full(20000, -5.0), np.full(20000, -5.1)]) + rng.normal(0, 0.01, (2, 20000))
+    lp = np.minimum(lp, 0)
+    got = mixing.ensemble_logprobs(lp, [0], "posterior")
+    assert np.all(np.isfinite(got))
+    # The posterior concentrates on the better expert, so the mixture approaches it.
+    assert abs(got[-1000:].mean() - lp[0, -1000:].mean()) < 1e-6
+
+
+def test_estimate_prior_is_the_ewma_of_batch_posteriors():
+    rng = np.random.default_rng(3)
+    lp = np.log(rng.uniform(0.05, 1, size=(3, 50)))
+    starts = np.array([0, 7, 15, 22, 30, 41])
+    doc_post = mixing.document_posteriors(lp, starts)
+    np.testing.assert_allclose(doc_post.sum(axis=1), 1.0)
+    batches = [doc_post[0:2].mean(0), doc_post[2:4].mean(0), doc_post[4:6].mean(0)]
+    expected = batches[0]
+    for b in batches[1:]:
+        expected = 0.7 * expected + 0.3 * b
+    np.testing.assert_allclose(mixing.estimate_prior(lp, starts, alpha=0.3, batch_docs=2), expected)
+    # n_batches limits how much held-out data is used.
+    np.testing.assert_allclose(mixing.estimate_prior(lp, starts, n_batches=1, batch_docs=2), batches[0])
+    # Agrees with pandas' ewm(adjust=False), the reference implementation's estimator.
+    import pandas as pd
+    ref = pd.DataFrame(np.array(batches)).ewm(alpha=0.3, adjust=False).mean().to_numpy()[-1]
+    np.testing.assert_allclose(mixing.estimate_prior(lp, starts, batch_docs=2), ref)
+
+
+def test_estimate_prior_prefers_the_expert_that_fits_the_data():
+    rng = np.random.default_rng(4)
+    good = np.log(rng.uniform(0.3, 1, size=200))
+    bad = np.log(rng.uniform(0.01, 0.3, size=200))
+    prior = mixing.estimate_prior(np.stack([bad, good]), np.arange(0, 200, 20))
+    assert prior[1] > 0.9
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(expert_logprobs=np.zeros((2, 0))), "non-empty"),
+    (dict(expert_logprobs=np.array([[0.0, np.nan]])), "non-finite value at expert 0, token 1"),
+    (dict(expert_logprobs=np.array([[0.0, 0.5]])), "<= 0"),
+    (dict(doc_starts=[1]), "start at 0"),
+    (dict(doc_starts=[0, 3, 3]), "increase strictly"),
+    (dict(doc_starts=[0.0]), "integer"),
+    (dict(method="majority"), "unknown mixing method 'majority'"),
+    (dict(prior=[1.0]), "prior has 1 entries but there are 2 experts"),
+    (dict(prior=[-1.0, 2.0]), "non-negative"),
+    (dict(top_k=0), "top_k must be at least 1"),
+])
+def test_bad_input_names_the_fault(bad, match):
+    kwargs = dict(expert_logprobs=np.log(np.full((2, 5), 0.5)), doc_starts=[0, 2], method="posterior",
+                  prior=None, top_k=1)
+    kwargs.update(bad)
+    with pytest.raises(BtmError, match=match):
+        mixing.ensemble_logprobs(**kwargs)
+
+
+def test_mixing_imports_neither_fairseq_nor_torch():
+    code = ("import sys; import fairseq_ext.mixing; "
+            "assert 'torch' not in sys.modules and 'fairseq' not in sys.modules, sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True)

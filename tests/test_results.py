@@ -1,0 +1,91 @@
+"""The tidy results table (launcher/results.py): schema, atomic append, replace-by-key."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from launcher.errors import BtmError
+from launcher.results import KEY_COLUMNS, REQUIRED_COLUMNS, append_results, read_results, validate_rows
+
+
+def row(**over):
+    r = dict(run="demo", method="ensemble_posterior", k=3, prior="ewma(alpha=0.3)", eval_domain="legal",
+             split="test", tokens=1000, nll=2.5, ppl=math.exp(2.5), expert_forward_passes=3, seconds=1.5)
+    r.update(over)
+    return r
+
+
+def test_append_writes_csv_and_parquet_with_the_same_typed_table(tmp_path):
+    table = append_results(tmp_path, [row(), row(method="expert:legal", k=1, notes="x")])
+    assert list(table.columns[:len(REQUIRED_COLUMNS)]) == list(REQUIRED_COLUMNS)
+    csv = read_results(tmp_path / "results" / "results.csv")
+    parquet = read_results(tmp_path / "results" / "results.parquet")
+    pd.testing.assert_frame_equal(csv, parquet)
+    pd.testing.assert_frame_equal(read_results(tmp_path), parquet)
+    assert parquet["k"].dtype == "Int64" and parquet["nll"].dtype == "float64"
+    assert parquet["method"].tolist() == ["ensemble_posterior", "expert:legal"]
+    assert pd.isna(parquet["notes"][0]) and parquet["notes"][1] == "x"
+
+
+def test_append_adds_new_keys_and_replaces_existing_ones(tmp_path):
+    append_results(tmp_path, [row(), row(eval_domain="bible")])
+    table = append_results(tmp_path, [row(nll=2.0, ppl=math.exp(2.0)), row(k=1, method="topk_prior")])
+    assert len(table) == 3
+    assert not table.duplicated(subset=KEY_COLUMNS).any()
+    legal = table[(table.eval_domain == "legal") & (table.method == "ensemble_posterior")]
+    assert legal["nll"].tolist() == [2.0]
+    assert len(read_results(tmp_path)) == 3
+
+
+def test_a_bad_append_leaves_the_table_untouched(tmp_path):
+    append_results(tmp_path, [row()])
+    before = (tmp_path / "results" / "results.csv").read_bytes()
+    with pytest.raises(BtmError):
+        append_results(tmp_path, [row(nll="oops")])
+    assert (tmp_path / "results" / "results.csv").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == [
+        ".results.lock", "results.csv", "results.parquet"]
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(nll="oops"), "column 'nll' must be a number; row 0 has 'oops'"),
+    (dict(k=1.5), "column 'k' must be a whole number"),
+    (dict(tokens=0), "column 'tokens' must be >= 1"),
+    (dict(method="ensemble_magic"), "column 'method' row 0 has unknown method 'ensemble_magic'"),
+    (dict(method="expert:bad/name"), "unknown method"),
+    (dict(ppl=3.0), "column 'ppl' row 0 is 3.0 but exp"),
+    (dict(seconds=-1), "column 'seconds' must be >= 0"),
+    (dict(run=None), "column 'run' is empty in row 0"),
+    (dict(run=5), "column 'run' must be text"),
+    (dict(colour="red"), "unknown column 'colour'"),
+])
+def test_schema_errors_name_the_column(bad, match):
+    with pytest.raises(BtmError, match=match):
+        validate_rows([row(**bad)])
+
+
+def test_missing_column_is_named():
+    r = row()
+    del r["expert_forward_passes"]
+    with pytest.raises(BtmError, match="missing required column 'expert_forward_passes'"):
+        validate_rows([r])
+
+
+def test_reading_a_corrupt_table_names_the_file(tmp_path):
+    (tmp_path / "results").mkdir()
+    bad = tmp_path / "results" / "results.csv"
+    bad.write_text("run,method\ndemo,dense\n")
+    with pytest.raises(BtmError, match="results.csv.*missing required column 'k'"):
+        read_results(bad)
+    with pytest.raises(BtmError, match="no results table"):
+        read_results(tmp_path / "elsewhere")
+
+
+def test_results_imports_neither_fairseq_nor_torch():
+    code = ("import sys; import launcher.results; "
+            "assert 'torch' not in sys.modules and 'fairseq' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)

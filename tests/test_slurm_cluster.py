@@ -1,0 +1,136 @@
+"""The real SLURM test cluster: it comes up, runs a submitit array across its three nodes with
+states read from sacct, survives slurmctld restarts and slurmd crashes, and a second instance
+starts and stops cleanly twice without disturbing the session's cluster."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_testcluster import SlurmTestCluster, new_cluster_root
+
+pytestmark = pytest.mark.slurm
+TESTS = Path(__file__).resolve().parent
+
+
+def where_am_i(task: int) -> dict:
+    """Runs inside an array task (pickled by reference: the job imports this module)."""
+    return {"task": task, "node": os.environ["SLURMD_NODENAME"], "host": socket.gethostname(),
+            "job": os.environ["SLURM_JOB_ID"]}
+
+
+def test_cluster_is_up_with_partitions_and_accounting(slurm_cluster):
+    assert slurm_cluster.node_states() == {"node1": "idle", "node2": "idle", "node3": "idle"}
+    assert os.environ["SLURM_CONF"] == slurm_cluster.env["SLURM_CONF"]
+    partitions = slurm_cluster.run(["sinfo", "-h", "-o", "%P %l %D"]).stdout.split("\n")
+    assert "debug 10:00 3" in partitions
+    assert "batch* infinite 3" in partitions
+    assert set(slurm_cluster.partitions) == {"debug", "batch"}
+    # sacct answers only when slurmctld -> slurmdbd -> MariaDB all work.
+    assert slurm_cluster.run(["sacct", "-X", "-n", "-S", "now-1hours"]).returncode == 0
+    assert slurm_cluster.run(["sacctmgr", "-n", "-P", "list", "cluster", "format=cluster"]) \
+        .stdout.split() == ["btmtest"]
+
+
+def test_submitit_array_runs_on_three_nodes(slurm_cluster, tmp_path, monkeypatch):
+    submitit = pytest.importorskip("submitit")
+    # The array task unpickles `where_am_i` by importing this module.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    executor = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="slurm")
+    # Each task asks for every CPU of a node, so the three tasks need three different nodes.
+    executor.update_parameters(slurm_partition="debug", timeout_min=2, nodes=1,
+                               tasks_per_node=1, cpus_per_task=slurm_cluster.cpus_per_node,
+                               name="btm-cluster-array")
+    jobs = executor.map_array(where_am_i, [0, 1, 2])
+    array_id = jobs[0].job_id.split("_")[0]
+    assert {job.job_id for job in jobs} == {f"{array_id}_{i}" for i in range(3)}
+
+    rows = slurm_cluster.wait_job(array_id, count=3, timeout=90)
+    assert sorted(r["JobID"] for r in rows) == [f"{array_id}_{i}" for i in range(3)]
+    assert {r["State"] for r in rows} == {"COMPLETED"}, rows
+    assert {r["NodeList"] for r in rows} == {"node1", "node2", "node3"}, rows
+
+    results = [job.result() for job in jobs]
+    assert [r["task"] for r in results] == [0, 1, 2]
+    assert {r["node"] for r in results} == {"node1", "node2", "node3"}
+    # What each task saw agrees with what accounting recorded for it.
+    by_id = {r["JobID"]: r["NodeList"] for r in rows}
+    for job, result in zip(jobs, results):
+        assert by_id[job.job_id] == result["node"]
+
+
+def test_restart_slurmctld_keeps_running_jobs(slurm_cluster, tmp_path):
+    job_id = slurm_cluster.run(["sbatch", "--parsable", "-p", "debug", "-t", "1",
+                                f"--output={tmp_path}/out.txt",
+                                "--wrap", "sleep 4; echo done"]).stdout.strip()
+    slurm_cluster.wait_for("the job to start", lambda: slurm_cluster.run(
+        ["squeue", "-h", "-j", job_id, "-o", "%T"], check=False).stdout.strip() == "RUNNING", 30)
+    old_pid = slurm_cluster.pids["slurmctld"]["pid"]
+    slurm_cluster.restart_slurmctld()
+    assert slurm_cluster.pids["slurmctld"]["pid"] != old_pid
+    [row] = slurm_cluster.wait_job(job_id, timeout=60)
+    assert row["State"] == "COMPLETED", row
+    assert (tmp_path / "out.txt").read_text().strip() == "done"
+    slurm_cluster.wait_idle()
+
+
+def test_kill_and_restart_slurmd(slurm_cluster):
+    slurm_cluster.kill_slurmd("node3")
+    assert not slurm_cluster.is_alive("slurmd-node3")
+    # The controller notices on its next ping: the node is flagged not responding ("*").
+    slurm_cluster.wait_for("node3 not responding", lambda: slurm_cluster.node_states()
+                           .get("node3", "").endswith("*"), timeout=60)
+    slurm_cluster.start_slurmd("node3")
+    slurm_cluster.wait_idle(timeout=60)
+    assert slurm_cluster.is_alive("slurmd-node3")
+
+
+@pytest.mark.slow
+def test_second_cluster_starts_and_stops_twice(slurm_cluster):
+    """A second instance, next to the session's, on its own ports: start/stop, twice."""
+    root = new_cluster_root()
+    other = SlurmTestCluster(root)
+    try:
+        for _ in range(2):
+            started = time.monotonic()
+            other.start()
+            assert time.monotonic() - started < 60
+            assert not set(other.ports.values()) & set(slurm_cluster.ports.values())
+            assert other.node_states() == {n: "idle" for n in other.nodes}
+            pids = {name: info["pid"] for name, info in other.pids.items()}
+            assert len(pids) == 7  # munged, mariadbd, slurmdbd, slurmctld, 3 x slurmd
+            other.stop()
+            assert other.running_daemons() == []
+            for pid in pids.values():  # gone (or at most a zombie of ours, already reaped)
+                assert not os.path.exists(f"/proc/{pid}") or \
+                    Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z"
+        # The session's cluster did not notice.
+        assert slurm_cluster.node_states() == {n: "idle" for n in slurm_cluster.nodes}
+    finally:
+        other.stop()
+        import shutil
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_stop_signals_only_recorded_pids(tmp_path):
+    """A state file whose PID was reused by another process must not get that process killed."""
+    import json
+    import subprocess
+    import sys
+
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / "state.json").write_text(json.dumps({
+            "nodes": ["node1"], "cpus_per_node": 1, "mem_mb_per_node": 100, "ports": {},
+            "pids": {"slurmctld": {"pid": bystander.pid, "start_time": 1, "argv": [], "log": ""}}}))
+        cluster = SlurmTestCluster.load(tmp_path)
+        assert cluster.running_daemons() == []
+        cluster.stop()
+        assert bystander.poll() is None
+    finally:
+        bystander.send_signal(signal.SIGTERM)
+        bystander.wait()
