@@ -113,6 +113,12 @@ def build_report(run_dirs: list[str | Path], out: str | Path | None = None,
     return report
 
 
+def write_report(run_dir: str | Path, out: str | Path | None = None,
+                 split: str | None = None) -> Path:
+    """The report of one run (the pipeline's ``report`` stage): RUN_DIR/report/report.md."""
+    return build_report([run_dir], out=out, split=split)
+
+
 def _runs_section(runs: list[RunData], frame: pd.DataFrame, split: str) -> list[str]:
     rows = []
     for run in runs:

@@ -4,9 +4,8 @@ A run directory gives the report four things, all optional except the results ta
 
 - ``results/results.parquet`` or ``results/results.csv`` (parquet preferred: it keeps types):
   the tidy results table of docs/architecture.md ("Results table").
-- ``config.yaml``: ``train_domains``, ``eval_domains``, ``seed_fraction`` and ``n_clusters``,
-  each looked up at any depth (top level first), so a nested ``data: {train_domains: ...}``
-  works too. Without it, domains have no roles and come from the table.
+- ``config.yaml``: domain roles, seed fraction, c-BTM cluster count (``read_config``).
+  Without it, domains have no roles and come from the table.
 - ``records/*.json``: one record per finished job unit (compute accounting, analysis/tables.py).
 - ``priors/*.json``: cached domain priors ``{"eval_domain", "experts", "prior", ...}``.
 
@@ -71,11 +70,7 @@ def load_run(run_dir: str | Path, label: str | None = None) -> RunData:
                   results_file=results_file)
     config_file = path / "config.yaml"
     if config_file.is_file():
-        run.config = _read_yaml(config_file)
-        run.train_domains = _domain_list(run.config, "train_domains", config_file)
-        run.eval_domains = _domain_list(run.config, "eval_domains", config_file)
-        run.seed_fraction = _number(run.config, "seed_fraction", config_file, float)
-        run.n_clusters = _number(run.config, "n_clusters", config_file, int)
+        read_config(run, config_file)
     else:
         run.notes.append(f"{config_file} not found: domain roles (train/eval) come from the "
                          "results table alone")
@@ -200,6 +195,33 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
+def read_config(run: RunData, config_file: Path) -> None:
+    """Domain roles, seed fraction and cluster count of a run from its config.yaml.
+
+    Training domains: ``train_domains``, else ``domains.train`` plus ``domains.incremental``
+    (the launcher's layout). Evaluation domains are the paper's held-out ones: ``eval_domains``
+    or ``domains.eval``, minus the training domains (a config may evaluate on its training
+    domains too). ``n_clusters``: that key, else ``clusters.k`` when ``method`` is ``cbtm``.
+    """
+    config = run.config = _read_yaml(config_file)
+    domains = config.get("domains") if isinstance(config.get("domains"), dict) else {}
+    train = _domain_list(config, "train_domains", config_file)
+    if train is None and "train" in domains:
+        train = (_domain_list(domains, "train", config_file, "domains.train") or []) + (
+            _domain_list(domains, "incremental", config_file, "domains.incremental") or [])
+    evaluated = _domain_list(config, "eval_domains", config_file)
+    if evaluated is None and "eval" in domains:
+        evaluated = _domain_list(domains, "eval", config_file, "domains.eval")
+    run.train_domains = train
+    if evaluated is not None:
+        run.eval_domains = [d for d in evaluated if d not in (train or [])]
+    run.seed_fraction = _number(config, "seed_fraction", config_file, float)
+    run.n_clusters = _number(config, "n_clusters", config_file, int)
+    clusters = config.get("clusters")
+    if run.n_clusters is None and config.get("method") == "cbtm" and isinstance(clusters, dict):
+        run.n_clusters = _number(clusters, "k", config_file, int, "clusters.k")
+
+
 def find_key(config: dict, key: str) -> Any:
     """The value of ``key`` at the shallowest depth of a nested mapping (breadth first)."""
     level = [config]
@@ -211,25 +233,25 @@ def find_key(config: dict, key: str) -> Any:
     return None
 
 
-def _domain_list(config: dict, key: str, path: Path) -> list[str] | None:
+def _domain_list(config: dict, key: str, path: Path, shown: str | None = None) -> list[str] | None:
     value = find_key(config, key)
     if value is None:
         return None
     if isinstance(value, dict):  # {domain: weight} is also a list of domains
         value = list(value)
     if not isinstance(value, list) or not all(isinstance(d, str) for d in value):
-        raise BtmError(f"{path}: key {key} must be a list of domain names, got {value!r}")
+        raise BtmError(f"{path}: key {shown or key} must be a list of domain names, got {value!r}")
     return list(value)
 
 
-def _number(config: dict, key: str, path: Path, kind: type) -> Any:
+def _number(config: dict, key: str, path: Path, kind: type, shown: str | None = None) -> Any:
     value = find_key(config, key)
     if value is None:
         return None
     try:
         return kind(value)
     except (TypeError, ValueError):
-        raise BtmError(f"{path}: key {key} must be a number, got {value!r}") from None
+        raise BtmError(f"{path}: key {shown or key} must be a number, got {value!r}") from None
 
 
 # --------------------------------------------------------------------------- records

@@ -70,7 +70,7 @@ def result_rows(run: str, seed_fraction: float = 0.5, split: str = "test",
 
 
 def make_run(root: Path, name: str, *, seed_fraction: float = 0.5, fmt: str = "csv",
-             config: bool = True, records: bool = True, priors: bool = True,
+             config: bool | str = True, records: bool = True, priors: bool = True,
              cbtm_clusters: int | None = None, extra_rows: list[dict] | None = None) -> Path:
     run = root / name
     (run / "results").mkdir(parents=True)
@@ -84,7 +84,13 @@ def make_run(root: Path, name: str, *, seed_fraction: float = 0.5, fmt: str = "c
                         "n_clusters": "Int64", "run": "string", "method": "string",
                         "prior": "string", "eval_domain": "string", "split": "string"})
         df.to_parquet(run / "results" / "results.parquet", index=False)
-    if config:
+    if config == "launcher":  # the layout of launcher/config.py (resolved config.yaml)
+        cfg = {"name": name, "method": "btm" if cbtm_clusters is None else "cbtm",
+               "domains": {"train": TRAIN, "eval": TRAIN + EVAL, "incremental": []},
+               "budget": {"total_updates": 200, "seed_fraction": seed_fraction},
+               "clusters": {"k": cbtm_clusters or 4}}
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    elif config:
         cfg = {"name": name, "data": {"train_domains": TRAIN, "eval_domains": EVAL},
                "seed_fraction": seed_fraction}
         if cbtm_clusters is not None:

@@ -72,6 +72,16 @@ def test_default_output_is_the_first_runs_report_dir(tmp_path):
     assert (run / "report" / "tables" / "ppl_train.solo.tex").is_file()
 
 
+def test_write_report_is_the_pipeline_stage_entry_point(tmp_path):
+    """launcher/stages.py calls analysis.report.write_report(str(run_dir))."""
+    from analysis.report import write_report
+    run = make_run(tmp_path, "stage", config="launcher")
+    path = write_report(str(run))
+    assert path == run / "report" / "report.md"
+    md = path.read_text()
+    assert "**Training domains**" in md and "**Evaluation domains**" in md
+
+
 def test_cli_writes_report_and_reports_bad_input(tmp_path):
     run = make_run(tmp_path, "cli", priors=False)
     ok = run_btm("report", run, "--out", tmp_path / "rep", "--split", "valid", timeout=120)
