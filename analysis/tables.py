@@ -321,7 +321,7 @@ def to_csv(table: pd.DataFrame, mark_best: bool = True) -> str:
     if mark_best:
         best = best_mask(table.select_dtypes("number"))
         out["best"] = [";".join(str(c) for c in best.columns if best.at[i, c]) for i in best.index]
-    return out.to_csv(float_format="%.6g")
+    return out.to_csv()
 
 
 def check_split(frame: pd.DataFrame, split: str | None) -> str:
