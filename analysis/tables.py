@@ -99,8 +99,9 @@ def _label(row, varying: set[str]) -> str:
     elif method == "topk_prior":
         text = f"Top-{_num(row.k)} prior"
     elif method == "cbtm_cluster":
+        # Always top-k: it is c-BTM's inference budget, so runs line up in the tables.
         text = "c-BTM" if math.isnan(row.n_clusters) else f"c-BTM {_num(row.n_clusters)} clusters"
-        if "k" in varying:
+        if not math.isnan(row.k):
             text += f" top-{_num(row.k)}"
     else:
         text = METHOD_NAMES.get(method, method)
