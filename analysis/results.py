@@ -7,7 +7,7 @@ A run directory gives the report four things, all optional except the results ta
 - ``config.yaml``: domain roles, seed fraction, c-BTM cluster count (``read_config``).
   Without it, domains have no roles and come from the table.
 - ``records/*.json``: one record per finished job unit (compute accounting, analysis/tables.py).
-- ``priors/*.json``: cached domain priors ``{"eval_domain", "experts", "prior", ...}``.
+- ``priors/*.json``: cached domain priors (two layouts, see ``load_priors``).
 
 Everything here is read-only; a malformed file raises ``BtmError`` naming the file and the
 column, key or line at fault.
@@ -48,11 +48,11 @@ class RunData:
 
     label: str                      # the run's name in tables, plots and file names
     path: Path
-    results: pd.DataFrame           # validated results table, one column ``label`` added later
+    results: pd.DataFrame           # the validated results table (analysis/tables.py adds labels)
     results_file: Path
     config: dict = field(default_factory=dict)
     train_domains: list[str] | None = None   # None: config.yaml missing or silent
-    eval_domains: list[str] | None = None
+    eval_domains: list[str] | None = None    # held out: evaluated, never trained on
     seed_fraction: float | None = None
     n_clusters: int | None = None
     records: list[dict] = field(default_factory=list)
@@ -66,7 +66,7 @@ def load_run(run_dir: str | Path, label: str | None = None) -> RunData:
     if not path.is_dir():
         raise BtmError(f"run directory {path} does not exist (or is not a directory)")
     results, results_file = load_results_table(path)
-    run = RunData(label=label or path.resolve().name, path=path, results=results,
+    run = RunData(label=label or safe_label(path.resolve().name), path=path, results=results,
                   results_file=results_file)
     config_file = path / "config.yaml"
     if config_file.is_file():
