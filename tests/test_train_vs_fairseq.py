@@ -107,7 +107,8 @@ def test_elm_trainer_matches_fairseq_train(data_dir, tmp_path):
                 "optimizer_history": [{"criterion_name": "CrossEntropyCriterion",
                                        "optimizer_name": "FairseqAdam", "lr_scheduler_state": {},
                                        "num_updates": 0}],
-                "last_optimizer_state": None, "extra_state": {"train_iterator": None}}, restore)
+                "last_optimizer_state": None,
+                "extra_state": {"train_iterator": {"epoch": 1, "iterations_in_epoch": 0}}}, restore)
     cmd = [sys.executable, "-m", "fairseq_cli.train", str(data_dir), "--user-dir", str(REPO / "fairseq_ext"),
            "--task", "multidomain_lm", "--domains", "bible", "--sample-break-mode", "none", *STOCK_ARGS,
            "--batch-size", str(SEQS), "--optimizer", "adam", "--adam-betas", "(0.9,0.95)",
