@@ -172,3 +172,14 @@ def test_every_cluster_gets_valid_and_test_documents(tmp_path):
     assert sum(len(_lines(domains / c / "valid.jsonl")) for c in result["domains"]) == 4
     with np.load(domains / "assignments.npz", allow_pickle=False) as z:
         assert np.bincount(z["cluster"], minlength=2).sum() == 12 + 4
+
+
+def test_fit_refits_when_the_corpus_changes(tmp_path):
+    corpus = tmp_path / "c"
+    _write(corpus / "a" / "train.jsonl", ["lord god israel", "def return self", "license copyright"])
+    settings = FitSettings(k=2, dims=2)
+    assert fit_model_dir(corpus, tmp_path / "m", settings) is True
+    assert fit_model_dir(corpus, tmp_path / "m", settings) is False  # same corpus: skipped
+    _write(corpus / "a" / "train.jsonl", ["lord god israel", "def return self", "license copyright", "unto thee"])
+    assert fit_model_dir(corpus, tmp_path / "m", settings) is True
+    assert fit_model_dir(corpus, tmp_path / "m", FitSettings(k=3, dims=2)) is True  # new settings

@@ -12,7 +12,7 @@ none is empty), exactly, by construction of ``balanced_assign``:
     rounds, each fully vectorised (one partition, one lexsort).
 
 Open seats always equal unassigned points, so the capacity holds exactly and no repair step
-is needed. Ties break by point index, then centre index, so results are deterministic.
+is needed. Equal regrets are served in point-index order; results are deterministic.
 
 Large samples are fitted with minibatches (balanced within each batch, running-mean centre
 updates as in scikit-learn's MiniBatchKMeans), then one balanced assignment of the whole
