@@ -14,7 +14,7 @@ import numpy as np
 
 from launcher.errors import BtmError
 
-from fairseq_ext.cluster.corpus import count_documents, find_sources, is_empty, iter_documents
+from fairseq_ext.cluster.corpus import find_sources, is_empty, iter_documents
 from fairseq_ext.cluster.kmeans import balanced_kmeans
 from fairseq_ext.cluster.model_io import ClusterModel, text_hash
 from fairseq_ext.cluster.tfidf import fit_embedder
