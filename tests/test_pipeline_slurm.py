@@ -174,7 +174,7 @@ def _progress(run_dir: Path, expert: str) -> int:
 def test_scancel_and_requeue_resume_from_checkpoints(slurm_cluster, small_corpus, tmp_path):
     _require_pipeline_parts()
     run_dir = tmp_path / "run"
-    cfg = _tiny_config(tmp_path, small_corpus, total_updates=700, seed_fraction=0.05, save_interval_updates=10)
+    cfg = _tiny_config(tmp_path, small_corpus, total_updates=150, seed_fraction=0.2, save_interval_updates=10)
     run_btm("run", cfg, "--run-dir", run_dir, check=True)
     train = next(row for row in _ledger(run_dir) if row["job"] == "train")
     task = {u: f"{train['job_id']}_{i}" for i, u in enumerate(train["units"])}
@@ -188,7 +188,7 @@ def test_scancel_and_requeue_resume_from_checkpoints(slurm_cluster, small_corpus
     # requeued expert: finished in its second life, from its checkpoint
     legal = _record(run_dir, "train.legal")
     assert int(legal["slurm"]["slurm_restart_count"]) >= 1
-    assert legal["train"]["resumed"]["last_logged_update"] >= 20 and legal["train"]["num_updates"] == 665
+    assert legal["train"]["resumed"]["last_logged_update"] >= 20 and legal["train"]["num_updates"] == 120
     # cancelled expert: no record; merge wrote the forest without it and failed
     assert not (run_dir / "records" / "train.bible.json").exists()
     forest = json.loads((run_dir / "forest.json").read_text())
@@ -201,6 +201,6 @@ def test_scancel_and_requeue_resume_from_checkpoints(slurm_cluster, small_corpus
     assert next(row for row in new if row["job"] == "train")["units"] == ["bible"]
     _wait_done(slurm_cluster, run_dir, timeout=420)
     bible = _record(run_dir, "train.bible")
-    assert bible["train"]["resumed"]["last_logged_update"] >= 20 and bible["train"]["num_updates"] == 665
+    assert bible["train"]["resumed"]["last_logged_update"] >= 20 and bible["train"]["num_updates"] == 120
     assert _record(run_dir, "merge")
     assert "jobs to submit: 0" in run_btm("run", cfg, "--run-dir", run_dir, check=True).stdout
