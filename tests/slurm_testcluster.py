@@ -12,7 +12,8 @@ the Debian packages once when they are missing), the end of the session stops it
 up, os.environ holds `cluster.env` (SLURM_CONF), so submitit and `btm` find it. A test that
 disturbs it (kill_slurmd, restart_slurmctld) must leave it idle again (`cluster.wait_idle()`).
 If it cannot start (not root, no packages, a daemon fails), tests using it skip, or fail under
-CI=true (`conftest.require`). Set BTM_KEEP_SLURM_CLUSTER=1 to keep its directory (logs).
+CI=true (`conftest.require`). BTM_SLURM_CLUSTER=off does not start it (same skip/fail rule);
+BTM_KEEP_SLURM_CLUSTER=1 keeps its directory (logs) after the session.
 """
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ def slurm_cluster():
     """A started SlurmTestCluster with its env exported into os.environ for the session."""
     from conftest import require
 
+    if os.environ.get("BTM_SLURM_CLUSTER", "").lower() in ("0", "off", "no", "false"):
+        require(False, "the SLURM test cluster is switched off (BTM_SLURM_CLUSTER=off)")
     root = new_cluster_root()
     cluster = SlurmTestCluster(root)
     try:

@@ -3,15 +3,21 @@ states read from sacct, survives slurmctld restarts and slurmd crashes, and a se
 starts and stops cleanly twice without disturbing the session's cluster."""
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from slurm_testcluster import SlurmTestCluster, new_cluster_root
+from cluster.testcluster import reap_orphans
+from slurm_testcluster import ClusterError, SlurmTestCluster, new_cluster_root
 
 pytestmark = pytest.mark.slurm
 TESTS = Path(__file__).resolve().parent
@@ -37,7 +43,7 @@ def test_cluster_is_up_with_partitions_and_accounting(slurm_cluster):
 
 
 def test_submitit_array_runs_on_three_nodes(slurm_cluster, tmp_path, monkeypatch):
-    submitit = pytest.importorskip("submitit")
+    import submitit
     # The array task unpickles `where_am_i` by importing this module.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     executor = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="slurm")
@@ -105,23 +111,80 @@ def test_second_cluster_starts_and_stops_twice(slurm_cluster):
             assert len(pids) == 7  # munged, mariadbd, slurmdbd, slurmctld, 3 x slurmd
             other.stop()
             assert other.running_daemons() == []
-            for pid in pids.values():  # gone (or at most a zombie of ours, already reaped)
-                assert not os.path.exists(f"/proc/{pid}") or \
-                    Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z"
+            assert all(_gone(pid) for pid in pids.values())
         # The session's cluster did not notice.
         assert slurm_cluster.node_states() == {n: "idle" for n in slurm_cluster.nodes}
     finally:
         other.stop()
-        import shutil
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] in "ZX"
+    except OSError:
+        return True
+
+
+@pytest.mark.slow
+def test_script_start_status_stop(slurm_cluster):
+    """scripts/slurm_test_cluster.sh: its daemons outlive the starting process, like a crashed
+    run's leftovers would; the session's cluster keeps its ports; stop ends them all."""
+    script = [str(TESTS.parent / "scripts" / "slurm_test_cluster.sh")]
+    root = new_cluster_root()
+    try:
+        started = subprocess.run(script + ["start", str(root)], capture_output=True, text=True,
+                                 timeout=120)
+        assert started.returncode == 0, started.stderr
+        assert started.stdout == f"export SLURM_CONF={root}/etc/slurm.conf\n"
+        status = subprocess.run(script + ["status", str(root)], capture_output=True, text=True)
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert len(re.findall(r"pid +\d+  up$", status.stdout, re.MULTILINE)) == 7
+        state = json.loads((root / "state.json").read_text())
+        assert state["owner"] is None  # never reaped as an orphan
+        sinfo = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True,
+                               text=True, env={**os.environ, "SLURM_CONF": f"{root}/etc/slurm.conf"})
+        assert set(sinfo.stdout.splitlines()) == {"node1 idle", "node2 idle", "node3 idle"}
+        stopped = subprocess.run(script + ["stop", str(root)], capture_output=True, text=True,
+                                 timeout=120)
+        assert stopped.returncode == 0, stopped.stderr
+        assert all(_gone(info["pid"]) for info in state["pids"].values())
+        again = subprocess.run(script + ["status", str(root)], capture_output=True, text=True)
+        assert again.returncode == 1 and "no SLURM test cluster running" in again.stdout
+    finally:
+        subprocess.run(script + ["stop", str(root)], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_cluster_of_a_crashed_process_is_reaped(slurm_cluster):
+    """A process that starts a cluster and dies without stop(): its slurm daemons die with it
+    (PR_SET_PDEATHSIG) and the next start's reap_orphans() stops the rest (mariadbd) by PID."""
+    root = new_cluster_root()
+    crash = (f"import os, sys; sys.path.insert(0, {str(TESTS)!r}); "
+             f"from cluster.testcluster import SlurmTestCluster; "
+             f"SlurmTestCluster({str(root)!r}).start(); os._exit(0)")
+    try:
+        subprocess.run([sys.executable, "-c", crash], check=True, timeout=120)
+        leftover = SlurmTestCluster.load(root)
+        pids = [info["pid"] for info in leftover.pids.values()]
+        assert len(pids) == 7
+        assert leftover.orphaned()
+        assert reap_orphans(root.parent).count(root) == 1
+        assert not root.exists()
+        deadline = time.monotonic() + 30
+        while not all(_gone(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert all(_gone(pid) for pid in pids)
+        assert slurm_cluster.node_states() == {n: "idle" for n in slurm_cluster.nodes}
+    finally:
+        if root.exists():
+            SlurmTestCluster.load(root).stop()
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def test_stop_signals_only_recorded_pids(tmp_path):
     """A state file whose PID was reused by another process must not get that process killed."""
-    import json
-    import subprocess
-    import sys
-
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         (tmp_path / "state.json").write_text(json.dumps({
@@ -134,3 +197,27 @@ def test_stop_signals_only_recorded_pids(tmp_path):
     finally:
         bystander.send_signal(signal.SIGTERM)
         bystander.wait()
+
+
+def test_start_refuses_a_directory_it_did_not_make(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    cluster = SlurmTestCluster(tmp_path)
+    if os.geteuid() != 0:
+        from conftest import require
+        require(False, "the SLURM test cluster needs root")
+    with pytest.raises(ClusterError, match="not empty and holds no test cluster"):
+        cluster.start()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("ci, outcome", [("", "1 skipped"), ("true", "1 error")])
+def test_without_cluster_tests_skip_locally_and_fail_under_ci(ci, outcome):
+    """conftest.require semantics for the fixture, checked in a child pytest (cluster off)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "SLURM_CONF")}
+    env.update(BTM_SLURM_CLUSTER="off", CI=ci)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           f"{__file__}::test_cluster_is_up_with_partitions_and_accounting"],
+                          cwd=TESTS.parent, env=env, capture_output=True, text=True, timeout=120)
+    assert outcome in proc.stdout, proc.stdout + proc.stderr
+    assert "switched off (BTM_SLURM_CLUSTER=off)" in proc.stdout
+    assert proc.returncode == (0 if not ci else 1)

@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import ctypes
 import fcntl
+import hashlib
 import json
 import os
 import pwd
@@ -38,6 +39,8 @@ CLUSTER_NAME = "btmtest"
 PORT_BLOCK = 10
 PREFERRED_BASE = 17000
 SERVICE_PORT_OFFSETS = {"slurmctld": 7, "slurmdbd": 8, "mariadb": 9}
+# MariaDB settings besides paths and port; they also key the accounting DB template.
+MARIADB_SETTINGS = ("innodb_buffer_pool_size=32M", "innodb_log_file_size=8M")
 # sacct states after which a job allocation will not change again.
 TERMINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
                              "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE"})
@@ -155,6 +158,64 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def reap_orphans(directory: Path, prefix: str = "btm-slurm-") -> list[Path]:
+    """Stop test clusters under directory/prefix* whose owning process died (a crashed run).
+
+    Their daemons are ended by the PIDs in their state.json, like any stop(); most would have
+    died with their owner already (PR_SET_PDEATHSIG), but mariadbd drops that when it changes
+    to the mysql user. Clusters started by scripts/slurm_test_cluster.sh have no owner and are
+    never touched. Returns the roots that were stopped (and removed).
+    """
+    reaped = []
+    for state in sorted(Path(directory).glob(f"{prefix}*/state.json")):
+        with contextlib.suppress(ClusterError, OSError, KeyError, ValueError):
+            cluster = SlurmTestCluster.load(state.parent)
+            if cluster.orphaned():
+                cluster.stop(timeout=15)
+                shutil.rmtree(cluster.root, ignore_errors=True)
+                reaped.append(cluster.root)
+    return reaped
+
+
+def accounting_db_template(directory: Path) -> tuple[Path, str]:
+    """(datadir, slurm DB password) of a stopped MariaDB holding slurmdbd's schema and our
+    registered cluster; every start copies it instead of running mariadb-install-db and
+    letting slurmdbd create ~40 tables (seconds each on a busy machine).
+
+    Built once per MariaDB and SLURM version under `directory`, by a throw-away cluster
+    (munge, MariaDB, slurmdbd) that is stopped cleanly before its datadir is kept. Call with
+    _machine_lock() held. The password only guards a database on 127.0.0.1 used for tests.
+    """
+    versions = [subprocess.run([_which(b), flag], capture_output=True, text=True).stdout.strip()
+                for b, flag in (("mariadbd", "--version"), ("slurmctld", "-V"))]
+    key = hashlib.sha256("\n".join([*versions, *MARIADB_SETTINGS, CLUSTER_NAME]).encode())
+    template = Path(directory) / f"btm-slurm-db-{key.hexdigest()[:12]}"
+    if (template / "password").is_file():
+        return template / "data", (template / "password").read_text()
+    builder = SlurmTestCluster(tempfile.mkdtemp(prefix="btm-slurm-", dir=directory))
+    password = secrets.token_hex(16)
+    try:
+        deadline = time.monotonic() + 300
+        builder._prepare_root()
+        builder._choose_ports()
+        builder._write_configs(password)
+        builder._start_munge(deadline)
+        builder._start_mariadb(deadline, None)
+        builder._create_accounting_db(deadline)
+        builder.stop()
+        staging = template.with_name(f"{template.name}.{os.getpid()}.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(mode=0o700)
+        os.rename(builder.root / "mysql" / "data", staging / "data")
+        (staging / "password").write_text(password)
+        shutil.rmtree(template, ignore_errors=True)  # an incomplete one, if any
+        os.rename(staging, template)
+    finally:
+        builder.stop()
+        shutil.rmtree(builder.root, ignore_errors=True)
+    return template / "data", password
+
+
 class SlurmTestCluster:
     """One test cluster under `root`. API for tests (see docs/cluster-testing.md):
 
@@ -172,6 +233,9 @@ class SlurmTestCluster:
         self.partitions = {"debug": 10, "batch": None}
         self.default_partition = "batch"
         self.tie_to_parent = tie_to_parent
+        # With tie_to_parent, the process whose death ends the daemons (see reap_orphans).
+        self.owner = {"pid": os.getpid(), "start_time": _proc_start_time(os.getpid())} \
+            if tie_to_parent else None
         self.ports: dict[str, int] = {}
         self.pids: dict[str, dict] = {}  # daemon name -> {"pid", "start_time", "argv", "log"}
         self._procs: dict[str, subprocess.Popen] = {}
@@ -207,16 +271,18 @@ class SlurmTestCluster:
         if os.geteuid() != 0:
             raise ClusterUnavailable("SLURM test cluster: must run as root (slurmd runs jobs as root)")
         ensure_packages()
+        reap_orphans(self.root.parent)
         if self.running_daemons():
             raise ClusterError(f"a test cluster is already running under {self.root}; stop it first")
         deadline = time.monotonic() + timeout
         self._prepare_root()
         try:
             with _machine_lock():
+                datadir, password = accounting_db_template(self.root.parent)
                 self._choose_ports()
-                self._write_configs()
+                self._write_configs(password)
                 self._start_munge(deadline)
-                self._start_mariadb(deadline)
+                self._start_mariadb(deadline, datadir)
                 self._start_slurmdbd(deadline)
                 self._start_slurmctld(deadline)
                 for node in self.nodes:
@@ -294,7 +360,7 @@ class SlurmTestCluster:
     def _save_state(self) -> None:
         state = {"root": str(self.root), "nodes": self.nodes, "cpus_per_node": self.cpus_per_node,
                  "mem_mb_per_node": self.mem_mb_per_node, "partitions": self.partitions,
-                 "ports": self.ports, "pids": self.pids, "env": self.env}
+                 "ports": self.ports, "pids": self.pids, "owner": self.owner, "env": self.env}
         tmp = self._state_file().with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2) + "\n")
         os.replace(tmp, self._state_file())
@@ -311,12 +377,22 @@ class SlurmTestCluster:
                    mem_mb_per_node=state["mem_mb_per_node"], tie_to_parent=False)
         self.ports = state["ports"]
         self.pids = state["pids"]
+        self.owner = state.get("owner")
         return self
+
+    def orphaned(self) -> bool:
+        """Started by a process that is gone (crashed) and still has daemons running."""
+        owner = self.owner
+        return bool(owner) and _proc_start_time(owner["pid"]) != owner["start_time"] \
+            and bool(self.running_daemons())
 
     # ----------------------------------------------------------------- set-up steps
     def _prepare_root(self) -> None:
         """A fresh layout under root; leftovers of a stopped run there are removed."""
         self.root.mkdir(parents=True, exist_ok=True)
+        if any(self.root.iterdir()) and not self._state_file().exists():
+            raise ClusterError(f"{self.root} is not empty and holds no test cluster; "
+                               f"give a new or empty directory")
         if self._state_file().exists():
             old = SlurmTestCluster.load(self.root)
             if old.running_daemons():
@@ -355,13 +431,13 @@ class SlurmTestCluster:
                 return
         raise ClusterError("no free block of ports between 17000 and 19999")
 
-    def _write_configs(self) -> None:
+    def _write_configs(self, db_password: str) -> None:
         r = self.root
         key = r / "munge" / "munge.key"
         key.write_bytes(secrets.token_bytes(1024))
         key.chmod(0o400)
         (r / "etc" / "plugstack.conf").write_text("")
-        self._db_password = secrets.token_hex(16)
+        self._db_password = db_password
         (r / "mysql" / "my.cnf").write_text("\n".join([
             "[mysqld]",
             f"datadir={r}/mysql/data",
@@ -371,8 +447,7 @@ class SlurmTestCluster:
             "skip-name-resolve",
             f"pid-file={r}/mysql/run/mariadbd.pid",
             f"log-error={r}/mysql/log/mariadbd.err",
-            "innodb_buffer_pool_size=32M",
-            "innodb_log_file_size=8M",
+            *MARIADB_SETTINGS,
             "",
         ]))
         auth = f"AuthType=auth/munge\nAuthInfo=socket={self.munge_socket}"
@@ -503,22 +578,39 @@ class SlurmTestCluster:
         return subprocess.run([_which("mariadb"), f"--socket={self.mysql_socket}", "-uroot",
                                "-e", sql], capture_output=True, text=True, timeout=30)
 
-    def _start_mariadb(self, deadline: float) -> None:
+    def _start_mariadb(self, deadline: float, initial_datadir: Path | None) -> None:
+        """Start MariaDB on a copy of initial_datadir, or on a new one from mariadb-install-db."""
         cnf = f"--defaults-file={self.root}/mysql/my.cnf"
-        proc = subprocess.run([_which("mariadb-install-db"), cnf, "--user=mysql",
-                               "--auth-root-authentication-method=socket", "--skip-test-db"],
-                              capture_output=True, text=True, timeout=120)
-        if proc.returncode != 0:
-            raise ClusterError(f"mariadb-install-db failed:\n{_tail_text(proc.stdout + proc.stderr)}")
+        datadir = self.root / "mysql" / "data"
+        if initial_datadir is None:
+            proc = subprocess.run([_which("mariadb-install-db"), cnf, "--user=mysql",
+                                   "--auth-root-authentication-method=socket", "--skip-test-db"],
+                                  capture_output=True, text=True, timeout=300)
+            if proc.returncode != 0:
+                raise ClusterError(f"mariadb-install-db failed:\n"
+                                   f"{_tail_text(proc.stdout + proc.stderr)}")
+        else:
+            shutil.copytree(initial_datadir, datadir, symlinks=True, dirs_exist_ok=True)
+            mysql = pwd.getpwnam("mysql")
+            for path in [datadir, *datadir.rglob("*")]:
+                os.lchown(path, mysql.pw_uid, mysql.pw_gid)
         self._spawn("mariadbd", [_which("mariadbd"), cnf, "--user=mysql"])
         logs = [self.root / "mysql" / "log" / "mariadbd.err", self.root / "log" / "mariadbd.out"]
         self._wait("MariaDB", lambda: self._mariadb("SELECT 1").returncode == 0, deadline,
                    "mariadbd", logs)
+
+    def _create_accounting_db(self, deadline: float) -> None:
+        """The slurmdbd user, the schema (slurmdbd's first start) and the registered cluster."""
         grant = self._mariadb(
             f"CREATE USER 'slurm'@'127.0.0.1' IDENTIFIED BY '{self._db_password}'; "
             "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';")
         if grant.returncode != 0:
             raise ClusterError(f"creating the MariaDB user for slurmdbd failed: {grant.stderr}")
+        self._start_slurmdbd(deadline)
+        self._wait("sacctmgr add cluster",
+                   lambda: self.run(["sacctmgr", "-i", "add", "cluster", CLUSTER_NAME],
+                                    check=False).returncode == 0,
+                   deadline, "slurmdbd", [self.log_path("slurmdbd")])
 
     def _start_slurmdbd(self, deadline: float) -> None:
         # slurmdbd reads slurmdbd.conf next to $SLURM_CONF (it has no -f option).
@@ -526,11 +618,6 @@ class SlurmTestCluster:
         logs = [self.log_path("slurmdbd"), self.root / "log" / "slurmdbd.out"]
         self._wait("slurmdbd", lambda: _port_open(self.ports["slurmdbd"]), deadline,
                    "slurmdbd", logs)
-        # Register the cluster before slurmctld first talks to slurmdbd.
-        self._wait("sacctmgr add cluster",
-                   lambda: self.run(["sacctmgr", "-i", "add", "cluster", CLUSTER_NAME],
-                                    check=False).returncode == 0,
-                   deadline, "slurmdbd", logs)
 
     def _start_slurmctld(self, deadline: float) -> None:
         self._spawn("slurmctld", [_which("slurmctld"), "-D", "-i", "-f", str(self.slurm_conf)])
@@ -571,14 +658,17 @@ class SlurmTestCluster:
         return [dict(zip(fields, line.split("|"))) for line in proc.stdout.splitlines() if line]
 
     def wait_job(self, job_id: str | int, count: int = 1, timeout: float = 120) -> list[dict]:
-        """Wait until sacct lists `count` allocations of the job, all finished; return them."""
+        """Wait until sacct has complete records of `count` finished allocations; return them."""
         rows: list[dict] = []
 
         def finished() -> bool:
             nonlocal rows
             rows = self.sacct(job_id)
             states = [r["State"].split()[0] for r in rows]
-            return len(rows) >= count and all(s in TERMINAL_STATES for s in states)
+            # A fast job's end can reach slurmdbd before its start record: until then the
+            # row has no partition (and the JobName "allocation").
+            return len(rows) >= count and all(s in TERMINAL_STATES for s in states) and \
+                all(r["Partition"] for r in rows)
         self.wait_for(f"job {job_id} to finish in sacct", finished, timeout)
         return rows
 
