@@ -38,7 +38,8 @@ from launcher.errors import BtmError
 from launcher.names import validate_name
 from fairseq_ext import mixing
 from fairseq_ext.priors import PriorSettings, cached_domain_prior, stack_scores
-from fairseq_ext.scoring import ContextSettings, checkpoint_sha256, score_split
+from fairseq_ext.scoring import (ContextSettings, cache_key, cache_path, checkpoint_sha256, data_hash,
+                                score_split)
 
 ENSEMBLE_METHODS = {"ensemble_uniform": "uniform", "ensemble_prior": "prior",
                     "ensemble_posterior": "posterior", "ensemble_prev_token": "prev_token"}
@@ -110,8 +111,13 @@ def forest_experts(run_dir: str | os.PathLike) -> dict[str, Path]:
     return {e.name: forest.checkpoint_path(e) for e in forest.experts}
 
 
-def check_experts(experts: dict[str, Path]) -> None:
-    """Before any scoring: every checkpoint exists, and all share dictionary and architecture."""
+def check_experts(experts: dict[str, Path], scorer: "Scorer | None" = None,
+                  needed: list[tuple[str, str]] = ()) -> None:
+    """Before any scoring: every checkpoint exists, and all share dictionary and architecture.
+
+    The compatibility check loads (and hashes) every checkpoint; it is skipped when ``scorer``
+    already has every (domain, split) in ``needed`` cached for every expert, i.e. when nothing
+    will be scored (a re-mix). Those scores all passed the dictionary check against DATA."""
     from fairseq_ext.averaging import check_compatible
 
     if not experts:
@@ -120,6 +126,9 @@ def check_experts(experts: dict[str, Path]) -> None:
         validate_name(name, "expert name")
         if not Path(path).is_file():
             raise BtmError(f"expert {name!r}: checkpoint {path} does not exist")
+    if scorer is not None and needed and all(scorer.is_cached(p, d, s) for p in experts.values()
+                                             for d, s in needed):
+        return
     try:
         check_compatible([str(p) for p in experts.values()])
     except BtmError as e:
@@ -139,11 +148,20 @@ class Scorer:
         self._done: dict[tuple[str, str, str], object] = {}
         self._sha: dict[str, str] = {}
 
+    def sha(self, checkpoint: Path) -> str:
+        if str(checkpoint) not in self._sha:
+            self._sha[str(checkpoint)] = checkpoint_sha256(checkpoint)
+        return self._sha[str(checkpoint)]
+
+    def is_cached(self, checkpoint: Path, domain: str, split: str) -> bool:
+        """Whether the score file for this (checkpoint, domain, split) exists (no scoring)."""
+        key = cache_key(self.sha(checkpoint), data_hash(self.data_dir, domain, split), self.settings.context)
+        return cache_path(self.cache_dir, domain, split, key).exists()
+
     def __call__(self, checkpoint: Path, domain: str, split: str):
         key = (str(checkpoint), domain, split)
         if key not in self._done:
-            if str(checkpoint) not in self._sha:
-                self._sha[str(checkpoint)] = checkpoint_sha256(checkpoint)
+            self.sha(checkpoint)
             self._done[key] = score_split(checkpoint, self.data_dir, domain, split,
                                           cache_dir=self.cache_dir, context=self.settings.context,
                                           device=self.device, batch_size=self.settings.batch_size,
@@ -200,8 +218,9 @@ def evaluate_forest(run_dir: str | os.PathLike, experts: dict[str, Path], eval_d
     run = run_name or run_dir.resolve().name
     for d in eval_domains:
         validate_name(d, "eval domain")
-    check_experts(experts)
     scorer = Scorer(run_dir, data_dir, settings)
+    splits = dict.fromkeys([settings.prior.split, settings.split])
+    check_experts(experts, scorer, [(d, s) for d in eval_domains for s in splits])
     names = list(experts)
     n = len(names)
     methods = settings.methods
