@@ -18,7 +18,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
-from analysis.results import RunData, is_expert_method  # noqa: E402
+from analysis.results import METHOD_ORDER, RunData, is_expert_method  # noqa: E402
 from analysis.tables import DomainGroup, group_means  # noqa: E402
 from launcher.atomic import atomic_path  # noqa: E402
 
@@ -204,6 +204,19 @@ def plot_ppl_vs_topk(frame: pd.DataFrame, runs: list[RunData], split: str) -> Fi
     return fig
 
 
+CLUSTERS_PART = r"\d+(\.\d+)? clusters"
+
+
+def _line_colors(rows: pd.DataFrame, line_of: pd.Series) -> dict[str, tuple]:
+    """One colour per line, the same in every panel; lines in the paper's method order."""
+    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+    first: dict[str, tuple] = {}
+    for line, method in zip(line_of, rows["method"]):
+        first.setdefault(line, (rank.get(method, len(rank)), line))
+    ordered = sorted(first, key=first.get)
+    return dict(zip(ordered, _colors(len(ordered))))
+
+
 def _strip(rows: pd.DataFrame, pattern: str) -> pd.Series:
     """The label with the plotted variable's part removed: what tells the lines apart."""
     return rows["label"].map(lambda s: re.sub(pattern, "", s).replace("  ", " ").strip())
@@ -221,13 +234,14 @@ def plot_ppl_vs_seed_fraction(frame: pd.DataFrame, runs: list[RunData], split: s
                           "a curve needs runs with two or more seed fractions")
     panels = _panels(means, "seed_fraction", "results")
     fig = Figure(figsize=(5.5 * len(panels), 4.2))
+    colors = _line_colors(means, _strip(means, r" seed=\S+"))
     for ax, group in zip(_panel_axes(fig, panels), panels):
         sub = means[means["group"] == group]
         line_of = _strip(sub, r" seed=\S+")
-        lines = [l for l in dict.fromkeys(line_of) if sub[line_of == l]["seed_fraction"].nunique() > 1]
-        for line, color in zip(lines, _colors(len(lines))):
+        for line, color in colors.items():
             pts = sub[line_of == line].groupby("seed_fraction")["ppl"].mean()
-            ax.plot(pts.index, pts.to_numpy(), marker="o", color=color, label=line)
+            if len(pts) > 1:
+                ax.plot(pts.index, pts.to_numpy(), marker="o", color=color, label=line)
         ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
         ax.set_xlabel("seed fraction (share of training updates spent on the seed LM)")
         ax.set_ylabel(f"mean perplexity over {GROUP_TITLES[group]}")
@@ -249,13 +263,14 @@ def plot_ppl_vs_clusters(frame: pd.DataFrame, runs: list[RunData], split: str) -
                           "or more cluster counts (n_clusters column or config.yaml)")
     panels = _panels(cbtm, "n_clusters", "c-BTM results")
     fig = Figure(figsize=(5.5 * len(panels), 4.2))
+    colors = _line_colors(cbtm, _strip(cbtm, CLUSTERS_PART))
     for ax, group in zip(_panel_axes(fig, panels), panels):
         sub = cbtm[cbtm["group"] == group]
-        line_of = _strip(sub, r"\d+(\.\d+)? clusters")
-        lines = list(dict.fromkeys(line_of))
-        for line, color in zip(lines, _colors(len(lines))):
+        line_of = _strip(sub, CLUSTERS_PART)
+        for line, color in colors.items():
             pts = sub[line_of == line].groupby("n_clusters")["ppl"].mean()
-            ax.plot(pts.index, pts.to_numpy(), marker="o", color=color, label=line)
+            if len(pts):
+                ax.plot(pts.index, pts.to_numpy(), marker="o", color=color, label=line)
         dense = means[(means["method"] == "dense") & (means["group"] == group)
                       & means["run_label"].isin(sub["run_label"])]
         if not dense.empty:

@@ -190,16 +190,20 @@ class Forest:
             src = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
             for r, i in enumerate(rows):
                 src[r, :len(inputs[i])] = torch.tensor(inputs[i], dtype=torch.long)
-            src = src.to(self.device)
-            per_model = []
+            tgt = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, i in enumerate(rows):
+                tgt[r, :len(targets[i])] = torch.tensor(targets[i], dtype=torch.long)
+            src, tgt = src.to(self.device), tgt.to(self.device)
+            target_lp, full_rows = [], []
             with torch.inference_mode():
                 for model in self.models:
-                    per_model.append(torch.log_softmax(model(src)[0].float(), dim=-1).cpu())
+                    lp = torch.log_softmax(model(src)[0].float(), dim=-1)
+                    target_lp.append(lp.gather(2, tgt[:, :, None])[:, :, 0].double().cpu().numpy())
+                    full_rows.append([lp[r, full_from[i]:len(inputs[i])].cpu().numpy()
+                                      for r, i in enumerate(rows)])
             for r, i in enumerate(rows):
-                length = len(inputs[i])
-                tgt = torch.tensor(targets[i], dtype=torch.long)[:, None]
-                lps[i] = np.stack([lp[r, :length].gather(1, tgt)[:, 0].double().numpy() for lp in per_model])
-                fulls[i] = np.stack([lp[r, full_from[i]:length].numpy() for lp in per_model])
+                lps[i] = np.stack([t[r, :len(inputs[i])] for t in target_lp])
+                fulls[i] = np.stack([f[r] for f in full_rows])
         return lps, fulls
 
     def close(self) -> None:
@@ -302,11 +306,11 @@ class BtmLM(_lm_base()):
         lps, fulls = self.forest.run([d[0] for d in docs], [d[1] for d in docs],
                                      [len(d[1]) - k for d, k in zip(docs, n_cont)])
         self.forward_sequences += len(docs) * self.forest.forward_passes_per_sequence
+        from fairseq_ext.mixing import mix_log_weights
+
         out = []
         for (_, targets), k, lp, full in zip(docs, n_cont, lps, fulls):
             log_w = self.forest.log_weights(lp)
-            from fairseq_ext.mixing import mix_log_weights
-
             mixed = mix_log_weights(lp, log_w)
             greedy = mixture_full(log_w[:, len(targets) - k:], full).argmax(-1)
             out.append((float(mixed[len(targets) - k:].sum()),

@@ -129,6 +129,12 @@ def test_ppl_vs_seed_fraction_across_runs(runs_and_frame):
         sum(ppl_of(d, "ensemble_prior", 0, 0.5) for d in EVAL) / len(EVAL))
     # c-BTM exists at one seed fraction only: no line for it.
     assert not any("c-BTM" in l.get_label() for l in eval_ax.get_lines())
+    # Lines in paper order, and one colour per method across both panels (one legend).
+    labels = [l.get_label() for l in eval_ax.get_lines()]
+    assert labels[:4] == ["Dense", "Random split", "Ensemble uniform", "Ensemble prior"]
+    train_ax = fig.get_axes()[0]
+    for a, b in zip(train_ax.get_lines(), eval_ax.get_lines()):
+        assert a.get_label() == b.get_label() and a.get_color() == b.get_color()
 
 
 def test_ppl_vs_clusters_across_cbtm_runs(runs_and_frame, tmp_path):
