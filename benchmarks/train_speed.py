@@ -132,8 +132,9 @@ def run_fairseq(a) -> dict:
                               env=dict(os.environ, PYTHONPATH=str(REPO)))
     if proc.returncode:
         raise SystemExit(proc.stderr[-3000:])
+    # train_inner rows (--log-format simple): "... wps=1234.5, ... num_updates=20, ..."
     wps = [(int(m.group(2)), float(m.group(1))) for m in
-           re.finditer(r"train_inner .*?wps ([\d.]+) .*?num_updates (\d+)", proc.stdout + proc.stderr)]
+           re.finditer(r"train_inner.*?wps[= ]([\d.]+).*?num_updates[= ](\d+)", proc.stdout + proc.stderr)]
     wps = [w for u, w in wps if u > a.skip]
     if not wps:
         raise SystemExit("no fairseq train_inner rows past the warm-up: raise --updates")
