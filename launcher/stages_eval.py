@@ -46,8 +46,10 @@ def evaluate_run(ctx, device: str) -> None:
         targets = [None] if kind == "uniform" else domains
         for target in targets:
             avg = average_forest(run_dir, experts, kind, target, data_dir=ctx.data_dir, settings=settings)
+            # k = experts actually averaged (argmax averages one), as `btm average` reports it.
+            k = sum(1 for w in avg["weights"] if w > 0)
             evaluate_model(run_dir, method, avg["checkpoint"], [target] if target else domains,
-                           data_dir=ctx.data_dir, settings=settings, k=n, prior=avg["prior"], run_name=cfg.name)
+                           data_dir=ctx.data_dir, settings=settings, k=k, prior=avg["prior"], run_name=cfg.name)
     if "dense" in p["baselines"]:
         evaluate_model(run_dir, "dense", ctx.model_dir("dense") / "checkpoint_last.pt", domains,
                        data_dir=ctx.data_dir, settings=settings, k=1, run_name=cfg.name)
