@@ -13,12 +13,29 @@ core = [
     "matplotlib>=3.8",
     "filelock>=3.12",
 ]
+# fairseq-fixed==0.12.3.1 itself is installed by scripts/setup_env.sh with --no-deps and a
+# sha256 pin: its metadata requires torchaudio, whose builds do not load beside a CPU torch, so
+# listing it here would let pip pull one in. Its real runtime dependencies are listed instead.
 fairseq = [
     "torch>=2.1",  # the exact build is chosen by scripts/setup_env.sh (BTM_TORCH_SPEC)
-    "fairseq-fixed==0.12.3.1",
+    "cffi",
+    "cython>=3",
+    "hydra-core==1.3.2",
+    "omegaconf==2.3.0",
+    "antlr4-python3-runtime==4.9.3",
+    "bitarray",
+    "regex",
+    "sacrebleu>=1.4.12",
+    "packaging",
     "sentencepiece>=0.2",
     "safetensors>=0.4",
     "scikit-learn>=1.4",
+]
+# Hugging Face export and the lm-evaluation-harness model (fairseq_ext/export_hf.py, lm_eval_btm.py).
+hf = [
+    "transformers>=5.20,<6",
+    "tokenizers>=0.22",
+    "lm-eval==0.4.13",
 ]
 test = [
     "pytest>=8",
@@ -35,6 +52,6 @@ setup(
     package_data={"launcher": ["configs/*.yaml"]},
     include_package_data=True,
     install_requires=core,
-    extras_require={"fairseq": fairseq, "test": test},
+    extras_require={"fairseq": fairseq, "hf": hf, "test": test},
     entry_points={"console_scripts": ["btm = launcher.cli:main"]},
 )

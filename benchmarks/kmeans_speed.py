@@ -82,12 +82,12 @@ def run(name: str, x: np.ndarray, k: int, seed: int, repeats: int, batch_size: i
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, nargs="*", default=[20_000, 100_000], help="documents")
+    p.add_argument("--n", type=int, nargs="*", default=[20_000, 100_000, 400_000], help="documents")
     p.add_argument("--k", type=int, nargs="*", default=[8, 32], help="clusters")
     p.add_argument("--d", type=int, default=100, help="dimensions (SVD dims)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=2, help="timing repeats (best is kept)")
-    p.add_argument("--batch-size", type=int, default=65_536, help="our minibatch size")
+    p.add_argument("--batch-size", type=int, default=262_144, help="our minibatch size")
     p.add_argument("--corpus", default=None, help="also run on the train split of this corpus")
     args = p.parse_args()
 

@@ -128,9 +128,10 @@ def average_checkpoints(paths, weights, out_path, *, safetensors_path=None,
         if cfg is None:
             cfg, dictionary = state["cfg"], ck.checkpoint_dictionary(state, p)
         w32 = torch.tensor(w, dtype=torch.float32)
-        for k, x in state["model"].items():
-            acc[k] = acc[k] + w32 * x.to(torch.float32)
-        del state
+        for k in list(state["model"]):
+            # acc + (w * x): the product is rounded to fp32 before the add, as written.
+            acc[k].add_(w32 * state["model"].pop(k).to(torch.float32))
+        del state  # unmaps the file: its pages leave this process's memory
 
     out_state = {}
     for k, (shape, dtype) in ref["shapes"].items():

@@ -222,23 +222,16 @@ def forest_experts(source: Path) -> tuple[dict[str, Path], Path | None]:
     """
     manifest = source if source.is_file() else source / FOREST_FILE
     if manifest.is_file():
-        try:
-            data = json.loads(manifest.read_text())
-            entries = data["experts"]
-            experts = {}
-            for e in entries:
-                name = validate_name(e["name"], f"expert name in {manifest}")
-                path = Path(e["checkpoint"])
-                path = path if path.is_absolute() else manifest.parent / path
-                if e.get("sha256") and path.is_file() and sha256_file(path) != e["sha256"]:
-                    raise BtmError(f"{manifest}: checkpoint {path} of expert {name!r} changed since "
-                                   "the forest was merged (sha256 differs)")
-                experts[name] = path
-        except (ValueError, KeyError, TypeError) as e:
-            raise BtmError(f"{manifest} is not a btm forest manifest: {e!r}") from None
-        if not experts:
+        from launcher.forest import Forest
+
+        forest = Forest.load(manifest)
+        if not forest.experts:
             raise BtmError(f"{manifest} lists no experts")
-        return experts, manifest
+        changed = forest.verify()
+        if changed:
+            raise BtmError(f"{manifest}: checkpoint missing or changed since the forest was merged "
+                           f"(sha256 differs) for expert(s) {', '.join(changed)}")
+        return {e.name: forest.checkpoint_path(e) for e in forest.experts}, manifest
     files = sorted(p for p in source.glob("*.pt") if p.is_file())
     if not files:
         raise BtmError(f"{source} is neither a checkpoint, a run dir with {FOREST_FILE}, nor a "

@@ -21,8 +21,8 @@ torch_spec="${BTM_TORCH_SPEC:-torch==2.13.0}"
 fairseq_spec="fairseq-fixed==0.12.3.1"
 # sha256 of the fairseq-fixed 0.12.3.1 sdist; pip refuses any other file.
 fairseq_sha256="c607577a54ab30e2ee0f0b0a754ea5cdbc6ad0a9f99a1726638a2201445bc1cc"
-extras="fairseq"
-[ "${1:-}" = "--test" ] && extras="fairseq,test"
+extras="fairseq,hf"
+[ "${1:-}" = "--test" ] && extras="fairseq,hf,test"
 
 log() { printf '[setup_env] %s\n' "$*" >&2; }
 
@@ -58,7 +58,17 @@ if ! "$py" -c 'import fairseq' 2>/dev/null; then
 fi
 
 log "installing btm[$extras] (editable)"
-"${pip[@]}" install -q --no-build-isolation -e "$repo[$extras]"
+# The constraint keeps pip from replacing the torch chosen above while resolving the extras.
+constraints="$(mktemp)"
+"$py" -c 'import torch; print(f"torch=={torch.__version__}")' >"$constraints"
+"${pip[@]}" install -q --no-build-isolation -c "$constraints" -e "$repo[$extras]"
+rm -f "$constraints"
+# fairseq-fixed's metadata names torchaudio; a build that cannot load beside this torch breaks
+# every library that imports it when present (transformers does), so none is better than that.
+if "${pip[@]}" show -q torchaudio >/dev/null 2>&1 && ! "$py" -c 'import torchaudio' >/dev/null 2>&1; then
+  log "removing a torchaudio that does not load with this torch"
+  "${pip[@]}" uninstall -q -y torchaudio
+fi
 "$py" -c 'import torch, fairseq, launcher, fairseq_ext, analysis'
 printf '%s' "$want" >"$stamp"
 log "done: $venv"

@@ -1,19 +1,16 @@
-"""c-BTM fit + assign end to end: CLI, sharding, idempotency, edge cases, purity on the
-development corpus."""
-import gzip
+"""c-BTM fit + assign end to end: CLI, sharding, idempotency, edge cases (purity on the
+development corpus: tests/test_cluster_purity.py)."""
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import CORPUS, require, run_btm
-from fairseq_ext.cluster import AssignSettings, FitSettings, assign_corpus, build_cluster_domains
+from conftest import run_btm
+from fairseq_ext.cluster import (AssignSettings, FitSettings, assign_corpus, assign_shard,
+                                 build_cluster_domains, merge_shards)
 from fairseq_ext.cluster.pipeline import fit_model_dir
 from launcher.errors import BtmError
-
-TRAIN_DOMAINS = ["code_python", "legal", "bible", "dictionary", "kernel_docs", "fiction"]
-
 
 def _lines(path: Path) -> list[str]:
     return path.read_text(encoding="utf-8").splitlines()
@@ -29,6 +26,7 @@ def _write(path: Path, texts: list[str]) -> None:
 
 
 def test_cli_fit_assign_shards_merge_and_rerun(small_corpus, tmp_path):
+    # CLI calls are few on purpose (each pays the scikit-learn import); the rest is in-process.
     model = tmp_path / "model"
     proc = run_btm("cluster", "fit", "--corpus", small_corpus, "--k", "3", "--out", model,
                    "--dims", "20", check=True)
@@ -50,16 +48,19 @@ def test_cli_fit_assign_shards_merge_and_rerun(small_corpus, tmp_path):
             assert len(rows) == report["sizes"][f"cluster_{c}"][split]
             assert all(set(r) == {"text"} and r["text"].strip() for r in rows)
 
-    # Three SLURM-style shards then a merge give byte-identical domains.
+    # Three SLURM-style shards (out of order) then a merge give byte-identical domains.
     sharded = tmp_path / "sharded"
-    merge = run_btm("cluster", "assign", "--model", model, "--corpus", small_corpus, "--out", sharded,
-                    "--merge", "--num-shards", "3")
-    assert merge.returncode == 2 and "shard(s) [0, 1, 2] of 3 are not finished" in merge.stderr
-    for shard in (2, 0, 1):
-        run_btm("cluster", "assign", "--model", model, "--corpus", small_corpus, "--out", sharded,
-                "--shard", str(shard), "--num-shards", "3", check=True)
+    with pytest.raises(BtmError, match=r"shard\(s\) \[0, 1, 2\] of 3 are not finished"):
+        merge_shards(model, small_corpus, sharded, 3)
+    assign_shard(model, small_corpus, sharded, 2, 3)
     run_btm("cluster", "assign", "--model", model, "--corpus", small_corpus, "--out", sharded,
-            "--merge", "--num-shards", "3", check=True)
+            "--shard", "0", "--num-shards", "3", check=True)
+    with pytest.raises(BtmError, match=r"shard\(s\) \[1\] of 3"):
+        merge_shards(model, small_corpus, sharded, 3)
+    assign_shard(model, small_corpus, sharded, 1, 3)
+    merged = run_btm("cluster", "assign", "--model", model, "--corpus", small_corpus, "--out",
+                     sharded, "--merge", "--num-shards", "3", check=True)
+    assert "228 documents in 3 clusters" in merged.stdout
     assert not (sharded / ".shards").exists()
     for c in range(3):
         for split in ("train", "valid", "test"):
@@ -70,27 +71,28 @@ def test_cli_fit_assign_shards_merge_and_rerun(small_corpus, tmp_path):
 
     # Re-running is idempotent: nothing changes, and a shard after the merge is a no-op.
     before = _snapshot(whole)
-    run_btm("cluster", "assign", "--model", model, "--corpus", small_corpus, "--out", whole, check=True)
+    assign_corpus(model, small_corpus, whole)
     assert _snapshot(whole) == before
-    late = run_btm("cluster", "assign", "--model", model, "--corpus", small_corpus, "--out", sharded,
-                   "--shard", "1", "--num-shards", "3", check=True)
-    assert "already exists" in late.stdout and not (sharded / ".shards").exists()
+    assert "skipped" in assign_shard(model, small_corpus, sharded, 1, 3)
+    assert not (sharded / ".shards").exists()
 
 
 def test_cli_errors_are_clear(small_corpus, tmp_path):
     proc = run_btm("cluster", "fit", "--corpus", small_corpus, "--k", "500", "--out", tmp_path / "m")
     assert proc.returncode == 2
     assert "btm: error: cannot make k=500 clusters from 180 non-empty document(s)" in proc.stderr
-    proc = run_btm("cluster", "fit", "--corpus", tmp_path / "nope", "--k", "2", "--out", tmp_path / "m")
-    assert proc.returncode == 2 and "does not exist" in proc.stderr
     proc = run_btm("cluster", "assign", "--model", tmp_path / "m", "--corpus", small_corpus,
                    "--out", tmp_path / "o")
     assert proc.returncode == 2 and "not a fitted cluster model" in proc.stderr
+    with pytest.raises(BtmError, match="does not exist"):
+        fit_model_dir(tmp_path / "nope", tmp_path / "m", FitSettings(k=2))
     bad = tmp_path / "bad" / "d"
-    _write(bad / "train.jsonl", ["lord god"])
+    bad.mkdir(parents=True)
     (bad / "train.jsonl").write_text('{"text": "ok"}\n{"txt": 1}\n')
-    proc = run_btm("cluster", "fit", "--corpus", tmp_path / "bad", "--k", "1", "--out", tmp_path / "m")
-    assert proc.returncode == 2 and "train.jsonl:2" in proc.stderr and "'text'" in proc.stderr
+    with pytest.raises(BtmError, match=r"train.jsonl:2: .*'text'"):
+        fit_model_dir(tmp_path / "bad", tmp_path / "m", FitSettings(k=1))
+    with pytest.raises(BtmError, match="--shard 3 --num-shards 3"):
+        assign_shard(tmp_path / "m", small_corpus, tmp_path / "o", 3, 3)
 
 
 def test_empty_documents_duplicates_and_single_unlabelled_domain(tmp_path):
@@ -137,22 +139,6 @@ def test_stale_clusters_from_another_k_are_refused(small_corpus, tmp_path):
         assign_corpus(tmp_path / "m2", small_corpus, tmp_path / "o" / "domains", AssignSettings())
 
 
-def test_purity_on_development_corpus_six_domains(tmp_path):
-    """All training documents of the six training domains (5387 docs, labels hidden from the
-    fit), k = 6, full size (no cap): ~15 s on 2 cores."""
-    require((CORPUS / "legal" / "train.jsonl.gz").is_file(), f"development corpus not at {CORPUS}")
-    result = build_cluster_domains(CORPUS, tmp_path, 6, seed=0, domains=TRAIN_DOMAINS)
-    report = result["report"]
-    n = report["documents"]
-    sizes = [s["train"] for s in report["sizes"].values()]
-    assert max(sizes) <= -(-5387 // 6) and sum(sizes) == 5387
-    # Balanced clusters cannot be pure here (dictionary alone is 2051 > 898 documents; the
-    # best possible balanced purity is ~0.855); measured 0.84 balanced, 0.91 unconstrained.
-    assert report["purity"]["train"] >= 0.75, report["purity"]
-    assert report["purity_nearest_centre"]["train"] >= 0.75
-    assert report["purity"]["all"] >= 0.75 and n > 5387
-
-
 def test_every_cluster_gets_valid_and_test_documents(tmp_path):
     """Nearest-centre assignment would leave cluster 'law' without valid documents here (all
     valid documents are bible-like); one is moved so `btm data prepare` accepts the cluster."""
@@ -172,3 +158,14 @@ def test_every_cluster_gets_valid_and_test_documents(tmp_path):
     assert sum(len(_lines(domains / c / "valid.jsonl")) for c in result["domains"]) == 4
     with np.load(domains / "assignments.npz", allow_pickle=False) as z:
         assert np.bincount(z["cluster"], minlength=2).sum() == 12 + 4
+
+
+def test_fit_refits_when_the_corpus_changes(tmp_path):
+    corpus = tmp_path / "c"
+    _write(corpus / "a" / "train.jsonl", ["lord god israel", "def return self", "license copyright"])
+    settings = FitSettings(k=2, dims=2)
+    assert fit_model_dir(corpus, tmp_path / "m", settings) is True
+    assert fit_model_dir(corpus, tmp_path / "m", settings) is False  # same corpus: skipped
+    _write(corpus / "a" / "train.jsonl", ["lord god israel", "def return self", "license copyright", "unto thee"])
+    assert fit_model_dir(corpus, tmp_path / "m", settings) is True
+    assert fit_model_dir(corpus, tmp_path / "m", FitSettings(k=3, dims=2)) is True  # new settings

@@ -241,20 +241,20 @@ def test_literal_space_mark_is_the_documented_difference(tiny_data, exported):  
 
 
 def test_export_forest_dir_and_run_dir(tiny_data, experts, tmp_path):  # noqa: F811
-    from launcher.atomic import sha256_file
     from fairseq_ext.export_hf import export_hf
 
     transformers = _transformers()
+    from launcher.forest import Forest
+
     run = tmp_path / "run"
     (run / "experts").mkdir(parents=True)
     (run / "priors").mkdir()
-    entries = []
+    manifest = Forest.load_or_new(run / "forest.json", "run")
     for name, ckpt in experts.items():
         dst = run / "experts" / f"{name}.pt"
         dst.write_bytes(ckpt.read_bytes())
-        entries.append({"id": len(entries), "name": name, "domains": ["bible"],
-                        "checkpoint": f"experts/{name}.pt", "sha256": sha256_file(dst)})
-    (run / "forest.json").write_text(json.dumps({"format": 1, "run": "run", "experts": entries}))
+        manifest.add(name, ["bible"], dst)
+    manifest.save()
     (run / "priors" / "bible.abc.json").write_text(json.dumps({"prior": [0.25, 0.75]}))
     out = tmp_path / "hf"
     index = export_hf(run, out)

@@ -93,7 +93,8 @@ def assign_shard(model_dir, corpus_dir, out_dir, shard: int = 0, num_shards: int
         return done
 
     counts = count_documents(sources, settings.text_field)
-    total = sum(counts)
+    source_end = np.cumsum(counts).tolist()
+    total = source_end[-1]
     lo, hi = shard * total // num_shards, (shard + 1) * total // num_shards
     k = model.k
     lookup = model.sample_lookup()
@@ -136,7 +137,9 @@ def assign_shard(model_dir, corpus_dir, out_dir, shard: int = 0, num_shards: int
                 ordinal += counts[sid]
                 continue
             for index, text in enumerate(iter_documents(source, settings.text_field)):
-                if lo <= ordinal < hi:
+                if ordinal >= hi:
+                    break
+                if ordinal >= lo:
                     if is_empty(text):
                         empty[sid] += 1
                     else:
@@ -144,6 +147,7 @@ def assign_shard(model_dir, corpus_dir, out_dir, shard: int = 0, num_shards: int
                         if len(batch) >= settings.batch_docs:
                             flush()
                 ordinal += 1
+            ordinal = source_end[sid]  # also when the shard ended inside this source
         flush()
         for h in handles.values():
             h.close()

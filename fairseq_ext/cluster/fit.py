@@ -14,7 +14,7 @@ import numpy as np
 
 from launcher.errors import BtmError
 
-from fairseq_ext.cluster.corpus import count_documents, find_sources, is_empty, iter_documents
+from fairseq_ext.cluster.corpus import find_sources, is_empty, iter_documents
 from fairseq_ext.cluster.kmeans import balanced_kmeans
 from fairseq_ext.cluster.model_io import ClusterModel, text_hash
 from fairseq_ext.cluster.tfidf import fit_embedder
@@ -30,7 +30,7 @@ class FitSettings:
     min_df: int = field(default=1, metadata={"help": "drop terms in fewer documents than this"})
     max_iter: int = field(default=100, metadata={"help": "Lloyd iterations (full-batch mode)"})
     n_init: int = field(default=3, metadata={"help": "k-means++ restarts; the lowest inertia wins"})
-    batch_size: int = field(default=65_536, metadata={"help": "minibatch size; samples up to this size use full-batch Lloyd"})
+    batch_size: int = field(default=262_144, metadata={"help": "minibatch size; samples up to this size use full-batch Lloyd"})
     threads: int = field(default=1, metadata={"help": "BLAS threads during k-means (1 is fastest on shared CPUs)"})
     split: str = field(default="train", metadata={"help": "corpus split to fit on"})
     text_field: str = field(default="text", metadata={"help": "JSON field holding the text"})

@@ -12,7 +12,7 @@ none is empty), exactly, by construction of ``balanced_assign``:
     rounds, each fully vectorised (one partition, one lexsort).
 
 Open seats always equal unassigned points, so the capacity holds exactly and no repair step
-is needed. Ties break by point index, then centre index, so results are deterministic.
+is needed. Equal regrets are served in point-index order; results are deterministic.
 
 Large samples are fitted with minibatches (balanced within each batch, running-mean centre
 updates as in scikit-learn's MiniBatchKMeans), then one balanced assignment of the whole
@@ -141,8 +141,8 @@ class KMeansResult:
 
 
 def balanced_kmeans(x: np.ndarray, k: int, *, seed: int = 0, max_iter: int = 100,
-                    tol: float = 1e-4, n_init: int = 1, batch_size: int = 65_536,
-                    minibatch_epochs: float = 10.0, threads: int | None = 1) -> KMeansResult:
+                    tol: float = 1e-4, n_init: int = 1, batch_size: int = 262_144,
+                    minibatch_epochs: float = 3.0, threads: int | None = 1) -> KMeansResult:
     """Fit balanced k-means on x [n, d] (n >= k). Full-batch Lloyd when n <= batch_size,
     else minibatches; either way the returned labels are an exactly balanced assignment.
 

@@ -7,19 +7,23 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 
 from fairseq_ext.cluster.assign import AssignSettings, assign_corpus, cluster_name
+from fairseq_ext.cluster.corpus import find_sources
 from fairseq_ext.cluster.fit import FitSettings, fit_corpus
 from fairseq_ext.cluster.model_io import save_model
 
 
 def fit_model_dir(corpus_dir, model_dir, settings: FitSettings, force: bool = False) -> bool:
     """Fit and save unless ``model_dir`` already holds a model fitted with the same settings
-    on the same corpus path. Returns True when it fitted."""
+    on the same corpus (path, and size and mtime of its files). Returns True when it fitted."""
     model_dir = Path(model_dir)
-    wanted = dict(asdict(settings), corpus=str(Path(corpus_dir).resolve()))
+    files = find_sources(corpus_dir, splits=[settings.split], domains=settings.domains)
+    wanted = dict(asdict(settings), corpus=str(Path(corpus_dir).resolve()),
+                  corpus_files=[[s.key, os.path.getsize(s.path), os.stat(s.path).st_mtime_ns] for s in files])
     meta = model_dir / "model.json"
     if not force and meta.is_file() and (model_dir / "model.npz").is_file():
         try:
@@ -29,7 +33,7 @@ def fit_model_dir(corpus_dir, model_dir, settings: FitSettings, force: bool = Fa
         if {key: saved.get(key) for key in wanted} == wanted:
             return False
     model = fit_corpus(corpus_dir, settings)
-    model.settings["corpus"] = wanted["corpus"]
+    model.settings.update(corpus=wanted["corpus"], corpus_files=wanted["corpus_files"])
     save_model(model, model_dir)
     return True
 

@@ -44,6 +44,7 @@ class TextEmbedder:
 
     def __post_init__(self):
         self._counter = None
+        self._projection = None  # components.T as float64, made once
 
     def counts(self, texts: Sequence[str]):
         """Sparse term counts [n, V] over the saved vocabulary."""
@@ -63,7 +64,9 @@ class TextEmbedder:
         np.log(x.data, out=x.data)
         x.data += 1.0
         x = normalize(x.multiply(self.idf[None, :]).tocsr(), norm="l2", copy=False)
-        h = np.asarray(x @ self.components.T.astype(np.float64), dtype=np.float64)
+        if self._projection is None:
+            self._projection = np.ascontiguousarray(self.components.T, dtype=np.float64)
+        h = np.asarray(x @ self._projection, dtype=np.float64)
         return normalize(h, norm="l2", copy=False).astype(np.float32)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:

@@ -85,8 +85,8 @@ def register(subparsers):
     fit.add_argument("--min-df", type=int, default=1, help="minimum document frequency of a term [1]")
     fit.add_argument("--max-iter", type=int, default=100, help="Lloyd iterations [100]")
     fit.add_argument("--n-init", type=int, default=3, help="k-means++ restarts [3]")
-    fit.add_argument("--batch-size", type=int, default=65_536,
-                     help="minibatch size; larger samples are fitted in minibatches [65536]")
+    fit.add_argument("--batch-size", type=int, default=262_144,
+                     help="minibatch size; larger samples are fitted in minibatches [262144]")
     fit.add_argument("--threads", type=int, default=1, help="BLAS threads during k-means [1]")
     fit.add_argument("--split", default="train", help="split to fit on [train]")
     fit.add_argument("--text-field", default="text", help="JSON field with the text [text]")
