@@ -45,9 +45,20 @@ def sidecar_path(path: str | os.PathLike) -> Path:
 def save_checkpoint(state: dict, path: str | os.PathLike) -> str:
     """Write ``state`` atomically, then its ``.sha256`` sidecar; return the sha256."""
     path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-    digest = sha256_file(path)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+            # Hash before the rename, so a kill between the checkpoint and its sidecar landing
+            # is a window of two renames, not of hashing a multi-GB file (a new checkpoint with
+            # the old sidecar is refused as corrupt on resume).
+            digest = sha256_file(tmp)
+    except RuntimeError as e:  # torch's zip writer reports a full disk as "unexpected pos"
+        import shutil
+
+        free = shutil.disk_usage(path.parent).free
+        raise BtmError(f"could not write checkpoint {path}: {str(e).splitlines()[0]} "
+                       f"({free} bytes free on its filesystem: is the disk full?); the previous "
+                       f"{path.name}, if any, is untouched") from e
     atomic_write_text(sidecar_path(path), f"{digest}  {path.name}\n")
     return digest
 

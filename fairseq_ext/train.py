@@ -233,6 +233,8 @@ def train_lm(spec: TrainSpec) -> TrainResult:
     parse_domains(spec.data_dir, spec.domains)
     save_dir = Path(spec.save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
+    for stale in save_dir.glob(".checkpoint_*.pt.*.tmp"):  # a killed save's leftover, checkpoint-sized
+        stale.unlink(missing_ok=True)
     last_path, best_path = save_dir / "checkpoint_last.pt", save_dir / "checkpoint_best.pt"
     log_path = save_dir / "train_log.jsonl"
 
