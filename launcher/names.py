@@ -6,6 +6,7 @@ is restricted to a safe alphabet instead of being escaped everywhere it travels.
 from __future__ import annotations
 
 import re
+import reprlib
 
 from launcher.errors import BtmError
 
@@ -19,8 +20,9 @@ def validate_name(name: object, what: str = "name") -> str:
     100 characters, and never ``..`` (so no path traversal).
     """
     if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        # reprlib keeps a pasted megabyte from being echoed whole.
         raise BtmError(
-            f"invalid {what} {name!r}: use letters, digits, '_', '-' and '.', starting with a "
+            f"invalid {what} {reprlib.repr(name)}: use letters, digits, '_', '-' and '.', starting with a "
             "letter or digit (no '/', '..', spaces, newlines or shell characters)"
         )
     return name
