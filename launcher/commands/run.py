@@ -98,8 +98,12 @@ def _prepare(args):
     from launcher.config import load_config
     from launcher.stages import load_run_config
 
+    # Stage commands run with the run directory as their working directory, so every path that
+    # reaches them (run dir, corpus) must be absolute.
+    if args.corpus is not None:
+        args.corpus = str(Path(args.corpus).resolve())
     if args.demo:
-        run_dir = Path(args.run_dir or args.config or "btm-demo")
+        run_dir = Path(args.run_dir or args.config or "btm-demo").resolve()
         corpus = args.corpus
         if corpus is None:
             from launcher.demo_corpus import build_demo_corpus
@@ -114,7 +118,7 @@ def _prepare(args):
             raise BtmError("btm run needs a CONFIG (file or named config), or --demo")
         if not args.run_dir:
             raise BtmError("btm run needs --run-dir DIR")
-        run_dir = Path(args.run_dir)
+        run_dir = Path(args.run_dir).resolve()
         cfg = load_config(args.config, _overrides(args), corpus=args.corpus)
     if (run_dir / "config.yaml").is_file():
         cfg = reconcile(load_run_config(run_dir), cfg)
