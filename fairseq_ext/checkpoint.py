@@ -43,15 +43,22 @@ def sidecar_path(path: str | os.PathLike) -> Path:
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> str:
-    """Write ``state`` atomically, then its ``.sha256`` sidecar; return the sha256."""
+    """Write ``state`` atomically with its ``.sha256`` sidecar; return the sha256.
+
+    A kill at any moment leaves a checkpoint that verifies against its sidecar. The sidecar is
+    updated in two phases around the checkpoint's rename: first it accepts both the file in
+    place and the one about to replace it (current hash first, so readers that take the first
+    hash stay right), then, after the rename, only the new one.
+    """
     path = Path(path)
+    side = sidecar_path(path)
     try:
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
-            # Hash before the rename, so a kill between the checkpoint and its sidecar landing
-            # is a window of two renames, not of hashing a multi-GB file (a new checkpoint with
-            # the old sidecar is refused as corrupt on resume).
             digest = sha256_file(tmp)
+            current = _current_hash(path)
+            if current is not None:
+                atomic_write_text(side, f"{current}  {path.name}\n{digest}  {path.name} (pending)\n")
     except RuntimeError as e:  # torch's zip writer reports a full disk as "unexpected pos"
         import shutil
 
@@ -59,27 +66,40 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> str:
         raise BtmError(f"could not write checkpoint {path}: {str(e).splitlines()[0]} "
                        f"({free} bytes free on its filesystem: is the disk full?); the previous "
                        f"{path.name}, if any, is untouched") from e
-    atomic_write_text(sidecar_path(path), f"{digest}  {path.name}\n")
+    atomic_write_text(side, f"{digest}  {path.name}\n")
     return digest
 
 
-def read_sidecar(path: str | os.PathLike) -> str | None:
+def read_sidecar_hashes(path: str | os.PathLike) -> list[str]:
+    """The hashes the sidecar accepts, current first (two only in the middle of a save)."""
     side = sidecar_path(path)
     if not side.exists():
+        return []
+    return [line.split()[0] for line in side.read_text().splitlines() if line.strip()]
+
+
+def _current_hash(path: Path) -> str | None:
+    """The sha256 of the checkpoint now at ``path``, from its sidecar where that is unambiguous."""
+    if not path.is_file():
         return None
-    return side.read_text().split()[0] if side.read_text().strip() else None
+    hashes = read_sidecar_hashes(path)
+    if len(hashes) == 1:
+        return hashes[0]
+    if not hashes:
+        return None  # no sidecar: nothing to keep consistent
+    return sha256_file(path)  # a save was killed mid-way: which of the two is in place?
 
 
 def verify_checkpoint(path: str | os.PathLike) -> str:
-    """Return the file's sha256, raising BtmError when it disagrees with its sidecar."""
+    """Return the file's sha256, raising BtmError when its sidecar does not accept it."""
     path = Path(path)
     if not path.is_file():
         raise BtmError(f"checkpoint not found: {path}")
     digest = sha256_file(path)
-    expected = read_sidecar(path)
-    if expected is not None and expected != digest:
+    accepted = read_sidecar_hashes(path)
+    if accepted and digest not in accepted:
         raise BtmError(f"checkpoint {path} does not match its sidecar {sidecar_path(path)} "
-                       f"(sha256 {digest[:12]}... != {expected[:12]}...): the file is corrupt "
+                       f"(sha256 {digest[:12]}... != {accepted[0][:12]}...): the file is corrupt "
                        "or was replaced without its sidecar")
     return digest
 
