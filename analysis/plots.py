@@ -7,6 +7,7 @@ atomically. Nothing is drawn from made-up values: a plot without its data is ski
 from __future__ import annotations
 
 import re
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -88,19 +89,22 @@ def _domain_tick(domain: str, groups: list[DomainGroup]) -> str:
 def plot_prior_heatmap(run: RunData, domain_order: list[str] | None = None) -> Figure:
     """Heatmap of the cached domain prior p(expert | evaluation domain) from RUN/priors/.
 
-    One panel per forest (the prior files' optional ``forest`` key); where two files give the
-    same (forest, evaluation domain) the later file name wins.
+    One panel per forest: prior files with the same ``forest`` key, expert set and settings.
+    Where several files give the same domain of one panel, the newest file wins (older ones
+    are stale caches of earlier checkpoints or settings).
     """
     if not run.priors:
         raise PlotSkipped(f"run {run.label} has no cached priors ({run.path / 'priors'}/*.json)")
-    forests: dict[str, dict[str, dict]] = {}
-    for p in run.priors:
-        forests.setdefault(p["forest"], {})[p["eval_domain"]] = p
-    fig = Figure(figsize=(1.0, 1.0))
-    axes = fig.subplots(1, len(forests), squeeze=False)[0]
-    widest = 0
-    tallest = 0
-    for ax, (forest, by_domain) in zip(axes, sorted(forests.items())):
+    panels: dict[tuple, dict[str, dict]] = {}
+    for p in run.priors:  # oldest first, so later files overwrite
+        group = (p["forest"], tuple(sorted(p["experts"])), p["settings"])
+        panels.setdefault(group, {})[p["eval_domain"]] = p
+    varying = [i for i in range(3) if len({g[i] for g in panels}) > 1]
+    fig = Figure(figsize=(1.0, 1.0), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    widest = 0.0
+    tallest = 0.0
+    for ax, (group, by_domain) in zip(axes, sorted(panels.items())):
         experts: list[str] = []
         for p in by_domain.values():
             experts += [e for e in p["experts"] if e not in experts]
@@ -116,15 +120,18 @@ def plot_prior_heatmap(run: RunData, domain_order: list[str] | None = None) -> F
         ax.set_yticks(range(len(domains)), domains)
         ax.set_xlabel("expert")
         ax.set_ylabel("evaluation domain")
-        ax.set_title(f"{run.label}: cached domain prior" + (f" ({forest})" if forest else ""))
+        what = {0: group[0], 1: f"{len(group[1])} experts", 2: group[2]}
+        detail = "\n".join(textwrap.wrap("; ".join(what[i] for i in varying if what[i]), 40))
+        ax.set_title(f"{run.label}: cached domain prior" + (f"\n({detail})" if detail else ""),
+                     fontsize="medium")
         if matrix.size <= 200:
             for (i, j), v in np.ndenumerate(matrix):
                 if np.isfinite(v):
                     ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
                             color="white" if v < 0.5 else "black")
-        fig.colorbar(image, ax=ax, label="prior probability p(expert | domain)")
-        widest += 1.5 + 0.6 * len(experts)
-        tallest = max(tallest, 1.5 + 0.45 * len(domains))
+        widest += 2.0 + 0.6 * len(experts)
+        tallest = max(tallest, 2.0 + 0.45 * len(domains))
+    fig.colorbar(image, ax=list(axes), label="prior probability p(expert | domain)")
     fig.set_size_inches(max(6.0, widest + 1.5), max(3.5, tallest))
     return fig
 

@@ -104,13 +104,19 @@ def build_report(run_dirs: list[str | Path], out: str | Path | None = None,
     md += _plots_section(w, frame, runs, split, labels, run_groups)
 
     w.text("tables/results_all.csv",
-           frame.drop(columns=["order_key"]).to_csv(index=False, float_format="%.6g"))
+           frame.drop(columns=["order_key"]).to_csv(index=False))
     md += ["## Notes", ""]
     md += [f"- {n}" for n in notes] if notes else ["None."]
     md += ["", "All rows of every run, as read: [tables/results_all.csv](tables/results_all.csv)", ""]
     report = root / "report.md"
     atomic_write_text(report, "\n".join(md))
     return report
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None,
+                 split: str | None = None) -> Path:
+    """The report of one run (the pipeline's ``report`` stage): RUN_DIR/report/report.md."""
+    return build_report([run_dir], out=out, split=split)
 
 
 def _runs_section(runs: list[RunData], frame: pd.DataFrame, split: str) -> list[str]:
@@ -181,8 +187,10 @@ def _compute_section(w: _Out, runs) -> list[str]:
            "wall, CPU and GPU time come from SLURM accounting; without it (local runs) the wall "
            "time is `finished - started` and CPU/GPU hours were not measured (–). Baseline "
            "units (dense, random split) have their own rows.", ""]
-    text, links = w.table("tables/compute", table.set_index("run"), "compute hours per stage",
-                          mark_best=False, digits=4)
+    table = table.set_index("run").rename(columns={"wall_h": "wall hours", "cpu_h": "CPU hours",
+                                                   "gpu_h": "GPU hours"})
+    text, links = w.table("tables/compute", table, "compute hours per stage", mark_best=False,
+                          digits=4)
     return md + [text, links, ""]
 
 

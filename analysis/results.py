@@ -4,11 +4,10 @@ A run directory gives the report four things, all optional except the results ta
 
 - ``results/results.parquet`` or ``results/results.csv`` (parquet preferred: it keeps types):
   the tidy results table of docs/architecture.md ("Results table").
-- ``config.yaml``: ``train_domains``, ``eval_domains``, ``seed_fraction`` and ``n_clusters``,
-  each looked up at any depth (top level first), so a nested ``data: {train_domains: ...}``
-  works too. Without it, domains have no roles and come from the table.
+- ``config.yaml``: domain roles, seed fraction, c-BTM cluster count (``read_config``).
+  Without it, domains have no roles and come from the table.
 - ``records/*.json``: one record per finished job unit (compute accounting, analysis/tables.py).
-- ``priors/*.json``: cached domain priors ``{"eval_domain", "experts", "prior", ...}``.
+- ``priors/*.json``: cached domain priors (two layouts, see ``load_priors``).
 
 Everything here is read-only; a malformed file raises ``BtmError`` naming the file and the
 column, key or line at fault.
@@ -49,11 +48,11 @@ class RunData:
 
     label: str                      # the run's name in tables, plots and file names
     path: Path
-    results: pd.DataFrame           # validated results table, one column ``label`` added later
+    results: pd.DataFrame           # the validated results table (analysis/tables.py adds labels)
     results_file: Path
     config: dict = field(default_factory=dict)
     train_domains: list[str] | None = None   # None: config.yaml missing or silent
-    eval_domains: list[str] | None = None
+    eval_domains: list[str] | None = None    # held out: evaluated, never trained on
     seed_fraction: float | None = None
     n_clusters: int | None = None
     records: list[dict] = field(default_factory=list)
@@ -67,15 +66,11 @@ def load_run(run_dir: str | Path, label: str | None = None) -> RunData:
     if not path.is_dir():
         raise BtmError(f"run directory {path} does not exist (or is not a directory)")
     results, results_file = load_results_table(path)
-    run = RunData(label=label or path.resolve().name, path=path, results=results,
+    run = RunData(label=label or safe_label(path.resolve().name), path=path, results=results,
                   results_file=results_file)
     config_file = path / "config.yaml"
     if config_file.is_file():
-        run.config = _read_yaml(config_file)
-        run.train_domains = _domain_list(run.config, "train_domains", config_file)
-        run.eval_domains = _domain_list(run.config, "eval_domains", config_file)
-        run.seed_fraction = _number(run.config, "seed_fraction", config_file, float)
-        run.n_clusters = _number(run.config, "n_clusters", config_file, int)
+        read_config(run, config_file)
     else:
         run.notes.append(f"{config_file} not found: domain roles (train/eval) come from the "
                          "results table alone")
@@ -200,6 +195,33 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
+def read_config(run: RunData, config_file: Path) -> None:
+    """Domain roles, seed fraction and cluster count of a run from its config.yaml.
+
+    Training domains: ``train_domains``, else ``domains.train`` plus ``domains.incremental``
+    (the launcher's layout). Evaluation domains are the paper's held-out ones: ``eval_domains``
+    or ``domains.eval``, minus the training domains (a config may evaluate on its training
+    domains too). ``n_clusters``: that key, else ``clusters.k`` when ``method`` is ``cbtm``.
+    """
+    config = run.config = _read_yaml(config_file)
+    domains = config.get("domains") if isinstance(config.get("domains"), dict) else {}
+    train = _domain_list(config, "train_domains", config_file)
+    if train is None and "train" in domains:
+        train = (_domain_list(domains, "train", config_file, "domains.train") or []) + (
+            _domain_list(domains, "incremental", config_file, "domains.incremental") or [])
+    evaluated = _domain_list(config, "eval_domains", config_file)
+    if evaluated is None and "eval" in domains:
+        evaluated = _domain_list(domains, "eval", config_file, "domains.eval")
+    run.train_domains = train
+    if evaluated is not None:
+        run.eval_domains = [d for d in evaluated if d not in (train or [])]
+    run.seed_fraction = _number(config, "seed_fraction", config_file, float)
+    run.n_clusters = _number(config, "n_clusters", config_file, int)
+    clusters = config.get("clusters")
+    if run.n_clusters is None and config.get("method") == "cbtm" and isinstance(clusters, dict):
+        run.n_clusters = _number(clusters, "k", config_file, int, "clusters.k")
+
+
 def find_key(config: dict, key: str) -> Any:
     """The value of ``key`` at the shallowest depth of a nested mapping (breadth first)."""
     level = [config]
@@ -211,25 +233,25 @@ def find_key(config: dict, key: str) -> Any:
     return None
 
 
-def _domain_list(config: dict, key: str, path: Path) -> list[str] | None:
+def _domain_list(config: dict, key: str, path: Path, shown: str | None = None) -> list[str] | None:
     value = find_key(config, key)
     if value is None:
         return None
     if isinstance(value, dict):  # {domain: weight} is also a list of domains
         value = list(value)
     if not isinstance(value, list) or not all(isinstance(d, str) for d in value):
-        raise BtmError(f"{path}: key {key} must be a list of domain names, got {value!r}")
+        raise BtmError(f"{path}: key {shown or key} must be a list of domain names, got {value!r}")
     return list(value)
 
 
-def _number(config: dict, key: str, path: Path, kind: type) -> Any:
+def _number(config: dict, key: str, path: Path, kind: type, shown: str | None = None) -> Any:
     value = find_key(config, key)
     if value is None:
         return None
     try:
         return kind(value)
     except (TypeError, ValueError):
-        raise BtmError(f"{path}: key {key} must be a number, got {value!r}") from None
+        raise BtmError(f"{path}: key {shown or key} must be a number, got {value!r}") from None
 
 
 # --------------------------------------------------------------------------- records
@@ -243,7 +265,7 @@ def load_records(records_dir: Path) -> list[dict]:
     if not records_dir.is_dir():
         return []
     records = []
-    for f in sorted(records_dir.glob("*.json")):
+    for f in _json_files(records_dir):
         rec = _read_json(f)
         if not isinstance(rec, dict):
             raise BtmError(f"record {f} must be a JSON object")
@@ -304,22 +326,31 @@ def _wall_clock(rec: dict, path: Path) -> float | None:
 # --------------------------------------------------------------------------- priors
 
 def load_priors(priors_dir: Path) -> list[dict]:
-    """Read priors/*.json: ``{"eval_domain": str, "experts": [str], "prior": [float], ...}``.
+    """Read priors/*.json, oldest first (a later file for the same prior supersedes it).
 
-    Returns dicts with ``eval_domain``, ``experts``, ``prior`` (floats), ``forest`` (the
-    optional key of that name, else "") and ``_file``.
+    Accepted layouts: ``{"eval_domain", "experts": [...], "prior": [...], "forest"?}`` and the
+    one fairseq_ext/priors.py writes, ``{"key": {"domain", "experts", "settings", ...},
+    "prior": [...], "by_expert": {...}}``. Returns dicts with ``eval_domain``, ``experts``,
+    ``prior`` (floats), ``forest`` (the optional key, else ""), ``settings`` (a short text of
+    ``key.settings``, else "") and ``_file``.
     """
     if not priors_dir.is_dir():
         return []
     priors = []
-    for f in sorted(priors_dir.glob("*.json")):
+    files = sorted(_json_files(priors_dir), key=lambda f: (f.stat().st_mtime_ns, f.name))
+    for f in files:
         data = _read_json(f)
         if not isinstance(data, dict):
             raise BtmError(f"prior file {f} must be a JSON object")
-        for key in ("eval_domain", "experts", "prior"):
-            if key not in data:
-                raise BtmError(f"prior file {f} lacks key {key}")
-        experts, prior = data["experts"], data["prior"]
+        key = data.get("key") if isinstance(data.get("key"), dict) else {}
+        domain = data.get("eval_domain", key.get("domain"))
+        experts = data.get("experts", key.get("experts"))
+        if experts is None and isinstance(data.get("by_expert"), dict):
+            experts = list(data["by_expert"])
+        prior = data.get("prior")
+        for name, value in (("eval_domain", domain), ("experts", experts), ("prior", prior)):
+            if value is None:
+                raise BtmError(f"prior file {f} lacks key {name}")
         if not isinstance(experts, list) or not isinstance(prior, list) or len(experts) != len(prior):
             raise BtmError(f"prior file {f}: experts and prior must be lists of the same length "
                            f"(got {len(experts) if isinstance(experts, list) else experts!r} experts, "
@@ -328,9 +359,18 @@ def load_priors(priors_dir: Path) -> list[dict]:
             values = [float(p) for p in prior]
         except (TypeError, ValueError):
             raise BtmError(f"prior file {f}: prior must hold numbers, got {prior!r}") from None
-        priors.append({"eval_domain": str(data["eval_domain"]), "experts": [str(e) for e in experts],
-                       "prior": values, "forest": str(data.get("forest") or ""), "_file": f})
+        settings = key.get("settings")
+        settings = (", ".join(f"{k}={v}" for k, v in settings.items())
+                    if isinstance(settings, dict) else str(settings or ""))
+        priors.append({"eval_domain": str(domain), "experts": [str(e) for e in experts],
+                       "prior": values, "forest": str(data.get("forest") or ""),
+                       "settings": settings, "_file": f})
     return priors
+
+
+def _json_files(directory: Path) -> list[Path]:
+    """``*.json`` in a directory, without hidden files (``records/.hashes.json``)."""
+    return sorted(f for f in directory.glob("*.json") if not f.name.startswith("."))
 
 
 def _read_json(path: Path) -> Any:

@@ -99,8 +99,9 @@ def _label(row, varying: set[str]) -> str:
     elif method == "topk_prior":
         text = f"Top-{_num(row.k)} prior"
     elif method == "cbtm_cluster":
+        # Always top-k: it is c-BTM's inference budget, so runs line up in the tables.
         text = "c-BTM" if math.isnan(row.n_clusters) else f"c-BTM {_num(row.n_clusters)} clusters"
-        if "k" in varying:
+        if not math.isnan(row.k):
             text += f" top-{_num(row.k)}"
     else:
         text = METHOD_NAMES.get(method, method)
@@ -321,7 +322,7 @@ def to_csv(table: pd.DataFrame, mark_best: bool = True) -> str:
     if mark_best:
         best = best_mask(table.select_dtypes("number"))
         out["best"] = [";".join(str(c) for c in best.columns if best.at[i, c]) for i in best.index]
-    return out.to_csv(float_format="%.6g")
+    return out.to_csv()
 
 
 def check_split(frame: pd.DataFrame, split: str | None) -> str:

@@ -71,14 +71,22 @@ def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
         raise BtmError(f"could not read {path}: {e}") from e
 
 
-def read_documents(path: str | os.PathLike, text_field: str = "text") -> list[str]:
-    """All documents of one split file, in file order, validated."""
+def iter_documents(path: str | os.PathLike, text_field: str = "text") -> Iterator[str]:
+    """The documents of one split file, in file order, validated as they are read (streaming:
+    a split larger than memory is fine). Raises BtmError at the end if there were none."""
     path = Path(path)
-    docs = list(_iter_txt(path) if path.suffix == ".txt" else _iter_jsonl(path, text_field))
-    if not docs:
+    count = 0
+    for doc in _iter_txt(path) if path.suffix == ".txt" else _iter_jsonl(path, text_field):
+        count += 1
+        yield doc
+    if count == 0:
         raise BtmError(f"{path} holds no documents (every line is blank or has empty "
                        f"{text_field!r})")
-    return docs
+
+
+def read_documents(path: str | os.PathLike, text_field: str = "text") -> list[str]:
+    """All documents of one split file, in file order, validated."""
+    return list(iter_documents(path, text_field))
 
 
 def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:

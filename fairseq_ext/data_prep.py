@@ -46,7 +46,7 @@ from launcher.atomic import atomic_path, atomic_write_bytes, atomic_write_json, 
 from launcher.errors import BtmError
 from launcher.names import validate_name
 
-from fairseq_ext.corpus_io import SPLITS, find_split_file, list_domains, read_documents
+from fairseq_ext.corpus_io import SPLITS, find_split_file, iter_documents, list_domains
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -102,8 +102,8 @@ def prepare_data(corpus_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     _check_positive("sample_chars", sample_chars)
     if not isinstance(text_field, str) or not text_field:
         raise BtmError(f"invalid text field {text_field!r}: give a non-empty JSON field name")
-    if not 0.9 <= character_coverage <= 1.0:
-        raise BtmError(f"invalid character_coverage {character_coverage!r}: use a value in [0.9, 1.0]")
+    if not 0.98 <= character_coverage <= 1.0:  # sentencepiece's own limits
+        raise BtmError(f"invalid character_coverage {character_coverage!r}: use a value in [0.98, 1.0]")
     if progress is None:
         progress = sys.stderr.isatty()
 
@@ -172,6 +172,16 @@ def decode_ids(data_dir: str | os.PathLike, ids) -> str:
 def load_dictionary(data_dir: str | os.PathLike):
     """The shared fairseq ``Dictionary`` of a prepared data directory."""
     return _load_tokenizer(data_dir).dictionary
+
+
+def quiet_fairseq_logging() -> None:
+    """Call before importing fairseq: its import runs ``logging.basicConfig(level=DEBUG)``
+    (fairseq/tasks/text_to_speech.py), which prints an INFO notice and then every filelock
+    acquire; those loggers are set to WARNING so the output stays ours."""
+    import logging
+
+    for name in ("filelock", "fairseq.tasks.text_to_speech"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,7 +253,12 @@ def _prepare_tokenizer(out_dir: Path, settings: TokenizerSettings, sources: dict
         _remove_outputs(out_dir, old)
 
     sample, chars_per_domain = _tokenizer_sample(settings, sources, progress)
-    model_bytes = _train_spm(sample, settings, chars_per_domain)
+    sample, rare_dropped = _drop_rare_characters(sample, settings.vocab_size)
+    from tqdm import tqdm
+
+    with tqdm(total=1, desc=f"train tokenizer ({len(sample)} lines)", unit="model", disable=not progress) as bar:
+        model_bytes = _train_spm(sample, settings, chars_per_domain)
+        bar.update()
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_proto=model_bytes)
@@ -265,6 +280,7 @@ def _prepare_tokenizer(out_dir: Path, settings: TokenizerSettings, sources: dict
         "dict_sha256": sha256_file(out_dir / "dict.txt"),
         "tokenizer": key,
         "tokenizer_sample_chars": chars_per_domain,
+        "rare_characters_cut_from_sample": rare_dropped,
         "settings": {**settings.as_dict(), "special_ids": {"bos": BOS_ID, "pad": PAD_ID, "eos": EOS_ID, "unk": UNK_ID},
                      "dataset_impl": "mmap", "item": "document token ids + eos",
                      "tokens_count": "including the eos of every document"},
@@ -276,25 +292,30 @@ def _prepare_tokenizer(out_dir: Path, settings: TokenizerSettings, sources: dict
 
 
 def _tokenizer_sample(settings: TokenizerSettings, sources: dict, progress: bool) -> tuple[list[str], dict]:
-    """Equal characters from every training domain: shuffled documents, cut into lines."""
+    """Equal characters from every training domain: randomly chosen documents, cut into lines.
+
+    Each domain's documents get a seeded random priority; the lowest-priority documents holding
+    ``sample_chars`` characters are kept while streaming (so memory is bounded by the sample,
+    not the domain). Every domain then contributes the same number of characters: the cap, or
+    the smallest domain's whole text when that is smaller.
+    """
     from tqdm import tqdm
 
-    docs = {}
+    chosen = {}
     for d in tqdm(settings.train_domains, desc="read tokenizer sample", unit="domain", disable=not progress):
-        docs[d] = read_documents(sources[d, "train"], settings.text_field)
-    available = {d: sum(len(line) for doc in ds for line in doc.splitlines()) for d, ds in docs.items()}
+        chosen[d] = _choose_documents(sources[d, "train"], settings.text_field,
+                                      random.Random(f"{settings.seed}:{d}"), settings.sample_chars)
+    available = {d: sum(len(line) for doc in docs for line in doc.splitlines()) for d, docs in chosen.items()}
     quota = min(settings.sample_chars, *available.values())
     if quota == 0:
         empty = min(available, key=available.get)
         raise BtmError(f"training domain {empty!r} has no text in {sources[empty, 'train']}")
     sample: list[str] = []
     for d in settings.train_domains:
-        order = list(range(len(docs[d])))
-        random.Random(f"{settings.seed}:{d}").shuffle(order)
         left = quota
-        for i in order:
+        for doc in chosen[d]:
             # splitlines: no line break of any kind reaches a learned piece (see module doc).
-            for line in docs[d][i].splitlines():
+            for line in doc.splitlines():
                 line = line[:left]
                 for start in range(0, len(line), _MAX_LINE_CHARS):
                     sample.append(line[start:start + _MAX_LINE_CHARS])
@@ -304,6 +325,49 @@ def _tokenizer_sample(settings: TokenizerSettings, sources: dict, progress: bool
             if left <= 0:
                 break
     return sample, {d: quota for d in settings.train_domains}
+
+
+def _choose_documents(path, text_field: str, rng: random.Random, chars: int) -> list[str]:
+    """A uniformly random set of documents holding at least ``chars`` characters (all of them
+    if the file has fewer), in random order, read in one streaming pass."""
+    import heapq
+
+    heap: list[tuple[float, int, str]] = []  # (-priority, index, doc): the worst kept doc on top
+    total = 0
+    for i, doc in enumerate(iter_documents(path, text_field)):
+        priority = rng.random()
+        if total >= chars and priority >= -heap[0][0]:
+            continue
+        heapq.heappush(heap, (-priority, i, doc))
+        total += len(doc)
+        while total - len(heap[0][2]) >= chars:  # still enough without the worst one
+            total -= len(heapq.heappop(heap)[2])
+    return [doc for _, _, doc in sorted(heap, reverse=True)]
+
+
+def _drop_rare_characters(sample: list[str], vocab_size: int) -> tuple[list[str], int]:
+    """Cut the sample's rarest characters out when they would crowd out the vocabulary.
+
+    sentencepiece gives every character within the character coverage its own piece and fails
+    when they outnumber the vocabulary (a sample with CJK text or a symbol table has thousands;
+    its coverage cannot go below 0.98). Characters may take at most half of the pieces left
+    after the specials and the 256 byte pieces: lines are split at the rarer characters, which
+    then never get a piece and are written with byte pieces (losslessly) when encoding.
+    Returns the new sample and how many distinct characters were cut.
+    """
+    import re
+    from collections import Counter
+
+    counts = Counter()
+    for line in sample:
+        counts.update(line)
+    budget = max(1, (vocab_size - N_SPECIAL - 256) // 2)
+    if len(counts) <= budget:
+        return sample, 0
+    ranked = sorted(counts, key=lambda ch: (-counts[ch], ch))
+    rare = re.compile("[" + "".join(re.escape(ch) for ch in sorted(ranked[budget:])) + "]+")
+    kept = [part for line in sample for part in rare.split(line) if part]
+    return kept, len(ranked) - budget
 
 
 def _train_spm(sample: list[str], settings: TokenizerSettings, chars_per_domain: dict) -> bytes:
@@ -396,42 +460,45 @@ def _binarize_domain(job: _DomainJob) -> dict:
     """
     import sentencepiece as spm
 
+    quiet_fairseq_logging()  # a fresh worker process imports fairseq below
     out_dir = Path(job.out_dir)
     sp = spm.SentencePieceProcessor(model_file=str(out_dir / "spm.model"))
-    # Read and validate every split before writing any, so bad input writes nothing.
-    docs = {s: read_documents(job.sources[s], job.text_field) for s in SPLITS}
-    # A copy of the shared dictionary next to the splits, so stock fairseq tools
-    # (fairseq-train/fairseq-eval-lm DATA/<domain>) read a domain directory as it is.
-    atomic_write_bytes(out_dir / job.domain / "dict.txt", (out_dir / "dict.txt").read_bytes())
     prefixes = {s: out_dir / job.domain / s for s in SPLITS}
     results = {}
     with contextlib.ExitStack() as stack:
         tmp_idx = {s: stack.enter_context(atomic_path(f"{prefixes[s]}.idx")) for s in SPLITS}
         tmp_bin = {s: stack.enter_context(atomic_path(f"{prefixes[s]}.bin")) for s in SPLITS}
         for split in SPLITS:
-            results[split] = _build_split(sp, docs[split], tmp_bin[split], tmp_idx[split], job, split)
+            # Documents stream from the file into the temp dataset; bad input raises here and
+            # the temp files are removed, so nothing of this domain is written.
+            docs = iter_documents(job.sources[split], job.text_field)
+            results[split] = _build_split(sp, docs, tmp_bin[split], tmp_idx[split], job, split)
             results[split].update(source=job.sources[split], source_sha256=job.source_sha[split])
+        # A copy of the shared dictionary next to the splits, so stock fairseq tools
+        # (fairseq-train/fairseq-eval-lm DATA/<domain>) read a domain directory as it is.
+        atomic_write_bytes(out_dir / job.domain / "dict.txt", (out_dir / "dict.txt").read_bytes())
         for split in SPLITS:
             Path(f"{prefixes[split]}.idx").unlink(missing_ok=True)
     return {"domain": job.domain, "splits": results}
 
 
-def _build_split(sp, docs: list[str], tmp_bin: Path, tmp_idx: Path, job: _DomainJob, split: str) -> dict:
+def _build_split(sp, docs, tmp_bin: Path, tmp_idx: Path, job: _DomainJob, split: str) -> dict:
     """Write one mmap indexed dataset: item i = the ids of document i followed by eos."""
     import numpy as np
     import torch
     from fairseq.data import indexed_dataset
     from tqdm import tqdm
 
-    tokens = 0
+    tokens = documents = 0
     builder = indexed_dataset.make_builder(str(tmp_bin), impl="mmap", vocab_size=sp.get_piece_size())
-    for doc in tqdm(docs, desc=f"{job.domain}/{split}", unit="doc", disable=not job.show_progress):
+    for doc in tqdm(docs, desc=f"{job.domain}/{split}", unit="doc", leave=False, disable=not job.show_progress):
         ids = _encode(sp, doc)
         ids.append(EOS_ID)
         builder.add_item(torch.from_numpy(np.asarray(ids, dtype=np.int64)))
         tokens += len(ids)
+        documents += 1
     builder.finalize(str(tmp_idx))
-    return {"documents": len(docs), "tokens": tokens, "bin_sha256": sha256_file(tmp_bin),
+    return {"documents": documents, "tokens": tokens, "bin_sha256": sha256_file(tmp_bin),
             "idx_sha256": sha256_file(tmp_idx), "data_hash": _data_hash(tmp_bin, tmp_idx)}
 
 

@@ -13,6 +13,7 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from launcher.atomic import atomic_path
@@ -67,7 +68,7 @@ def validate_rows(rows) -> pd.DataFrame:
             raise BtmError(f"results: missing required column {col!r} ({REQUIRED_COLUMNS[col][1]})")
         missing = df[col].isna()
         if missing.any():
-            raise BtmError(f"results: column {col!r} is empty in row {int(missing.to_numpy().argmax())}")
+            raise BtmError(f"results: column {col!r} is empty in row {_first(missing)}")
     out = pd.DataFrame(index=df.index)
     for col in COLUMNS:
         if col not in df.columns:
@@ -99,24 +100,35 @@ def _typed(series: pd.Series, col: str, kind: str) -> pd.Series:
     return numeric.astype("float64")
 
 
+def _first(mask) -> int:
+    return int(np.asarray(mask).argmax())
+
+
 def _check_values(df: pd.DataFrame) -> None:
-    for i, method in enumerate(df["method"]):
-        if method not in METHODS and not _EXPERT_METHOD.fullmatch(method):
-            raise BtmError(f"results: column 'method' row {i} has unknown method {method!r}; "
-                           f"use expert:<name> or one of {', '.join(sorted(METHODS))}")
+    methods = df["method"].astype(str)
+    bad = ~(methods.isin(METHODS) | methods.str.fullmatch(_EXPERT_METHOD.pattern))
+    if bad.any():
+        i = _first(bad)
+        raise BtmError(f"results: column 'method' row {i} has unknown method {methods.iloc[i]!r}; "
+                       f"use expert:<name> or one of {', '.join(sorted(METHODS))}")
     for col in ("k", "tokens", "expert_forward_passes", "seconds"):
-        neg = df[col] < 0
+        neg = (df[col] < 0).to_numpy(dtype=bool)
         if neg.any():
-            raise BtmError(f"results: column {col!r} must be >= 0; row {int(neg.to_numpy().argmax())} is negative")
+            raise BtmError(f"results: column {col!r} must be >= 0; row {_first(neg)} is negative")
     for col in ("k", "tokens"):
-        zero = df[col] < 1
+        zero = (df[col] < 1).to_numpy(dtype=bool)
         if zero.any():
-            raise BtmError(f"results: column {col!r} must be >= 1; row {int(zero.to_numpy().argmax())} is 0")
-    for i, (nll, ppl) in enumerate(zip(df["nll"], df["ppl"])):
-        if not math.isfinite(nll) or nll < 0:
-            raise BtmError(f"results: column 'nll' row {i} must be a finite non-negative loss, got {nll}")
-        if not math.isclose(ppl, math.exp(nll), rel_tol=1e-6):
-            raise BtmError(f"results: column 'ppl' row {i} is {ppl} but exp(nll) = {math.exp(nll)}")
+            raise BtmError(f"results: column {col!r} must be >= 1; row {_first(zero)} is 0")
+    nll, ppl = df["nll"].to_numpy(), df["ppl"].to_numpy()
+    bad = ~np.isfinite(nll) | (nll < 0)
+    if bad.any():
+        i = _first(bad)
+        raise BtmError(f"results: column 'nll' row {i} must be a finite non-negative loss, got {nll[i]}")
+    with np.errstate(over="ignore"):
+        bad = ~np.isclose(ppl, np.exp(nll), rtol=1e-6, atol=0)
+    if bad.any():
+        i = _first(bad)
+        raise BtmError(f"results: column 'ppl' row {i} is {ppl[i]} but exp(nll) = {math.exp(nll[i])}")
 
 
 def read_results(path: str | os.PathLike) -> pd.DataFrame:

@@ -70,7 +70,7 @@ def result_rows(run: str, seed_fraction: float = 0.5, split: str = "test",
 
 
 def make_run(root: Path, name: str, *, seed_fraction: float = 0.5, fmt: str = "csv",
-             config: bool = True, records: bool = True, priors: bool = True,
+             config: bool | str = True, records: bool = True, priors: bool = True,
              cbtm_clusters: int | None = None, extra_rows: list[dict] | None = None) -> Path:
     run = root / name
     (run / "results").mkdir(parents=True)
@@ -84,7 +84,13 @@ def make_run(root: Path, name: str, *, seed_fraction: float = 0.5, fmt: str = "c
                         "n_clusters": "Int64", "run": "string", "method": "string",
                         "prior": "string", "eval_domain": "string", "split": "string"})
         df.to_parquet(run / "results" / "results.parquet", index=False)
-    if config:
+    if config == "launcher":  # the layout of launcher/config.py (resolved config.yaml)
+        cfg = {"name": name, "method": "btm" if cbtm_clusters is None else "cbtm",
+               "domains": {"train": TRAIN, "eval": TRAIN + EVAL, "incremental": []},
+               "budget": {"total_updates": 200, "seed_fraction": seed_fraction},
+               "clusters": {"k": cbtm_clusters or 4}}
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    elif config:
         cfg = {"name": name, "data": {"train_domains": TRAIN, "eval_domains": EVAL},
                "seed_fraction": seed_fraction}
         if cbtm_clusters is not None:
@@ -127,9 +133,17 @@ def prior_of(domain: str) -> list[float]:
     return [0.5, 0.2, 0.3] if domain == "quotes" else [0.2, 0.3, 0.5]
 
 
-def write_priors(run: Path) -> None:
+def write_priors(run: Path, layout: str = "brief") -> None:
+    """layout "brief": {eval_domain, experts, prior}; "fairseq_ext": what fairseq_ext/priors.py
+    writes, {key: {domain, experts, settings, ...}, prior, by_expert}."""
     (run / "priors").mkdir(exist_ok=True)
     for domain in TRAIN + EVAL:
-        (run / "priors" / f"forest.{domain}.json").write_text(json.dumps(
-            {"eval_domain": domain, "experts": TRAIN, "prior": prior_of(domain),
-             "split": "valid", "docs": 8}))
+        prior = prior_of(domain)
+        if layout == "brief":
+            data = {"eval_domain": domain, "experts": TRAIN, "prior": prior, "split": "valid"}
+        else:
+            data = {"key": {"format": 1, "domain": domain, "experts": TRAIN, "scores": [],
+                            "settings": {"split": "valid", "alpha": 0.3, "n_batches": None,
+                                         "batch_docs": 2}},
+                    "prior": prior, "by_expert": dict(zip(TRAIN, prior))}
+        (run / "priors" / f"{domain}.{layout}.json").write_text(json.dumps(data))

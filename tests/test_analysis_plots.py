@@ -57,6 +57,35 @@ def test_prior_heatmap_is_domain_by_expert(runs_and_frame, tmp_path):
     assert plots.save_png(fig, tmp_path / "h.png").stat().st_size > 10_000
 
 
+def test_prior_files_as_fairseq_ext_writes_them_newest_wins(tmp_path):
+    import json
+    import os
+
+    from analysis_synth import write_priors
+    run_dir = make_run(tmp_path, "r", priors=False)
+    write_priors(run_dir, layout="fairseq_ext")
+    stale = run_dir / "priors" / "quotes.0000old.json"
+    stale.write_text(json.dumps({"key": {"domain": "quotes", "experts": TRAIN,
+                                         "settings": {"split": "valid", "alpha": 0.3,
+                                                      "n_batches": None, "batch_docs": 2}},
+                                 "prior": [0.0, 0.0, 1.0]}))
+    os.utime(stale, (1_000_000, 1_000_000))  # older than the others
+    # A second forest (random-split experts) gets its own panel.
+    (run_dir / "priors" / "quotes.random.json").write_text(json.dumps(
+        {"eval_domain": "quotes", "experts": ["rs0", "rs1"], "prior": [0.5, 0.5]}))
+    (run_dir / "records" / ".hashes.json").write_text("{}")  # not a record
+    run = load_runs([run_dir])[0]
+    assert len(run.records) == 6
+    fig = plots.plot_prior_heatmap(run, TRAIN + EVAL)
+    heatmaps = [ax for ax in fig.get_axes() if ax.get_images()]
+    assert len(heatmaps) == 2
+    forest = next(ax for ax in heatmaps if len(ax.get_xticklabels()) == 3)
+    assert "3 experts" in forest.get_title()
+    assert [t.get_text() for t in forest.get_yticklabels()] == TRAIN + EVAL
+    quotes = forest.get_images()[0].get_array()[(TRAIN + EVAL).index("quotes")]
+    assert list(quotes) == pytest.approx(prior_of("quotes"))  # not the stale [0, 0, 1]
+
+
 def test_ppl_vs_topk_has_one_point_per_k(runs_and_frame):
     runs, frame = runs_and_frame
     fig = plots.plot_ppl_vs_topk(frame, runs, "test")

@@ -72,6 +72,16 @@ def test_default_output_is_the_first_runs_report_dir(tmp_path):
     assert (run / "report" / "tables" / "ppl_train.solo.tex").is_file()
 
 
+def test_write_report_is_the_pipeline_stage_entry_point(tmp_path):
+    """launcher/stages.py calls analysis.report.write_report(str(run_dir))."""
+    from analysis.report import write_report
+    run = make_run(tmp_path, "stage", config="launcher")
+    path = write_report(str(run))
+    assert path == run / "report" / "report.md"
+    md = path.read_text()
+    assert "**Training domains**" in md and "**Evaluation domains**" in md
+
+
 def test_cli_writes_report_and_reports_bad_input(tmp_path):
     run = make_run(tmp_path, "cli", priors=False)
     ok = run_btm("report", run, "--out", tmp_path / "rep", "--split", "valid", timeout=120)
@@ -116,3 +126,33 @@ def test_report_runs_without_torch_or_fairseq(tmp_path):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (run / "report" / "report.md").is_file()
+
+
+def test_report_reads_tables_written_by_launcher_results(tmp_path):
+    """Integration with the evaluation part: tables written by launcher.results.append_results
+    (nullable-typed parquet + csv, priors as fairseq_ext/priors.py writes them)."""
+    import importlib.util
+
+    from analysis_synth import result_rows, write_priors, write_records
+    from conftest import require
+    require(importlib.util.find_spec("launcher.results") is not None,
+            "launcher/results.py (the evaluation part) is not merged into this checkout yet")
+    from launcher.results import append_results
+
+    runs = []
+    for fraction in (0.3, 0.6):
+        run = tmp_path / f"sf{int(fraction * 10)}"
+        rows = [{k: v for k, v in dict(r, seed_fraction=fraction).items() if v is not None}
+                for r in result_rows(run.name, fraction)]
+        append_results(run, rows[:20])
+        append_results(run, rows[20:])
+        write_records(run)
+        write_priors(run, layout="fairseq_ext")
+        runs.append(run)
+    path = build_report(runs, out=tmp_path / "out")
+    md = path.read_text()
+    assert "results.parquet (60 rows)" in md
+    assert "![Perplexity vs. seed fraction](plots/ppl_vs_seed_fraction.png)" in md
+    assert "![Domain prior, run sf3](plots/prior_heatmap.sf3.png)" in md
+    for link in _links(md):
+        assert (path.parent / link).is_file(), link

@@ -38,6 +38,25 @@ def test_config_roles_and_numbers_are_read_from_nested_config(two_runs):
     assert notes == []
 
 
+def test_launcher_config_layout(tmp_path):
+    """launcher/config.py: domains.train / domains.eval (which may repeat training domains),
+    budget.seed_fraction, clusters.k (a cluster count only when method is cbtm)."""
+    btm = load_run(make_run(tmp_path, "btm", config="launcher", seed_fraction=0.4))
+    assert btm.train_domains == TRAIN and btm.eval_domains == EVAL  # held-out ones only
+    assert btm.seed_fraction == 0.4 and btm.n_clusters is None
+    cbtm = load_run(make_run(tmp_path, "cbtm", config="launcher", cbtm_clusters=2))
+    assert cbtm.n_clusters == 2
+    (tmp_path / "btm" / "config.yaml").write_text(
+        "domains: {train: [bible, legal], eval: [bible, legal]}\n")
+    demo = load_run(tmp_path / "btm")
+    assert demo.train_domains == ["bible", "legal"] and demo.eval_domains == []
+    groups, _ = tables.domain_groups(demo, ["bible", "legal"])
+    assert [g.key for g in groups] == ["train"]
+    (tmp_path / "btm" / "config.yaml").write_text("domains: {train: bible}\n")
+    with pytest.raises(BtmError, match=r"config\.yaml: key domains\.train must be a list"):
+        load_run(tmp_path / "btm")
+
+
 def test_ppl_table_cells_mean_row_and_column_order(two_runs):
     runs, frame, _ = two_runs
     t = _train_table(runs, frame)

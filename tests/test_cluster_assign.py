@@ -151,3 +151,24 @@ def test_purity_on_development_corpus_six_domains(tmp_path):
     assert report["purity"]["train"] >= 0.75, report["purity"]
     assert report["purity_nearest_centre"]["train"] >= 0.75
     assert report["purity"]["all"] >= 0.75 and n > 5387
+
+
+def test_every_cluster_gets_valid_and_test_documents(tmp_path):
+    """Nearest-centre assignment would leave cluster 'law' without valid documents here (all
+    valid documents are bible-like); one is moved so `btm data prepare` accepts the cluster."""
+    bible = ["lord god israel unto thee thou shalt", "king jerusalem lord said unto"]
+    law = ["license copyright warranty liability", "permission distribute software license"]
+    _write(tmp_path / "c" / "bible" / "train.jsonl", bible * 3)
+    _write(tmp_path / "c" / "law" / "train.jsonl", law * 3)
+    _write(tmp_path / "c" / "bible" / "valid.jsonl", bible + ["lord god unto israel"])
+    _write(tmp_path / "c" / "law" / "valid.jsonl", ["lord unto thee king"])
+    result = build_cluster_domains(tmp_path / "c", tmp_path / "o", 2, dims=4)
+    report = result["report"]
+    assert all(s["valid"] >= 1 for s in report["sizes"].values()), report["sizes"]
+    assert len(report["moved_to_fill_empty_splits"]) == 1
+    move = report["moved_to_fill_empty_splits"][0]
+    assert move["split"] == "valid"
+    domains = Path(result["corpus_dir"])
+    assert sum(len(_lines(domains / c / "valid.jsonl")) for c in result["domains"]) == 4
+    with np.load(domains / "assignments.npz", allow_pickle=False) as z:
+        assert np.bincount(z["cluster"], minlength=2).sum() == 12 + 4

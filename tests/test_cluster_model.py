@@ -138,3 +138,24 @@ def test_fit_is_deterministic_with_a_seed():
     a = fit_clusters(_texts(), FitSettings(k=3, seed=7, dims=8))
     b = fit_clusters(_texts(), FitSettings(k=3, seed=7, dims=8))
     assert np.array_equal(a.centres, b.centres) and np.array_equal(a.embedder.components, b.embedder.components)
+
+
+def test_token_route_weights_from_ids_feed_mixing(model):
+    """Per-token c-BTM weights from target ids + a decoder, mixed by fairseq_ext.mixing."""
+    from fairseq_ext.mixing import mix_with_weights
+    from fairseq_ext.cluster.routing import token_route_weights_from_ids
+
+    vocab = ["<s>", "<pad>", "</s>", "lord ", "god ", "def ", "return ", "license "]
+    decode = lambda ids: "".join(vocab[i] for i in ids if i > 2)  # drops bos/pad/eos  # noqa: E731
+    targets = np.array([3, 4, 3, 4, 2, 5, 6, 5, 2])
+    doc_starts = np.array([0, 5])
+    w = token_route_weights_from_ids(model, targets, doc_starts, decode, stride=2, top_k=2)
+    pieces = [[vocab[i] if i > 2 else "" for i in targets[:5]], [vocab[i] if i > 2 else "" for i in targets[5:]]]
+    assert np.array_equal(w, token_route_weights(model, pieces, stride=2, top_k=2))
+    assert w.shape == (9, 3) and np.allclose(w.sum(1), 1) and ((w > 0).sum(1) <= 2).all()
+    rng = np.random.default_rng(0)
+    expert_lp = np.log(rng.uniform(0.01, 1.0, size=(3, 9)))  # [N experts, T tokens]
+    mixed = mix_with_weights(expert_lp, w)
+    assert np.allclose(mixed, np.log((np.exp(expert_lp) * w.T).sum(0)))
+    with pytest.raises(ValueError, match="doc_starts"):
+        token_route_weights_from_ids(model, targets, np.array([1, 5]), decode)

@@ -14,8 +14,8 @@ pytestmark = pytest.mark.fairseq
 @pytest.fixture(scope="module")
 def data_dir(small_corpus, tmp_path_factory):
     require_fairseq()
-    from elm_testdata import build_char_data
-    return build_char_data(small_corpus, tmp_path_factory.mktemp("data"),
+    from elm_testdata import build_data
+    return build_data(small_corpus, tmp_path_factory.mktemp("data"),
                            ["bible", "code_python", "legal"])
 
 

@@ -30,7 +30,7 @@ def test_light_modules_import_without_fairseq_or_torch(module):
 def test_cli_help_lists_every_verb():
     proc = run_btm("--help", check=True)
     for verb in ["run", "status", "cancel", "data", "seed", "branch", "train", "eval",
-                 "average", "cluster", "forest", "report"]:
+                 "average", "cluster", "forest", "report", "export"]:
         assert verb in proc.stdout
 
 

@@ -18,8 +18,8 @@ DOMAINS = ["bible", "code_python", "legal"]
 @pytest.fixture(scope="module")
 def data_dir(small_corpus, tmp_path_factory):
     require_fairseq()
-    from elm_testdata import build_char_data
-    return build_char_data(small_corpus, tmp_path_factory.mktemp("data"), DOMAINS)
+    from elm_testdata import build_data
+    return build_data(small_corpus, tmp_path_factory.mktemp("data"), DOMAINS)
 
 
 def _spec(data_dir, save_dir, **kw):
@@ -118,6 +118,7 @@ def test_sigusr2_saves_and_exits_preempted(data_dir, tmp_path):
     assert load_checkpoint(save / "checkpoint_last.pt")["extra_state"]["num_updates"] == result["num_updates"]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_at_last_saved_update(data_dir, tmp_path):
     from fairseq_ext.checkpoint import load_checkpoint
     from fairseq_ext.train import read_train_log

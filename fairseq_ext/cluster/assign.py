@@ -32,7 +32,7 @@ from launcher.atomic import atomic_path, atomic_write_json
 from launcher.errors import BtmError
 
 from fairseq_ext.cluster.corpus import SPLITS, count_documents, find_sources, is_empty, iter_documents
-from fairseq_ext.cluster.kmeans import nearest_centre
+from fairseq_ext.cluster.kmeans import nearest_centre, squared_distances
 from fairseq_ext.cluster.model_io import load_model, model_fingerprint, text_hash
 
 REPORT = "cluster_report.json"
@@ -101,7 +101,7 @@ def assign_shard(model_dir, corpus_dir, out_dir, shard: int = 0, num_shards: int
     nearest = np.zeros((len(sources), k), dtype=np.int64)  # nearest centre, for comparison
     empty = np.zeros(len(sources), dtype=np.int64)
     from_sample = 0
-    rows: list[tuple[int, int, int, int]] = []  # source id, index, cluster, nearest
+    rows: list[np.ndarray] = []  # per batch: [b, 4] source id, index, cluster, nearest
 
     with contextlib.ExitStack() as stack:
         handles = {}
@@ -116,7 +116,8 @@ def assign_shard(model_dir, corpus_dir, out_dir, shard: int = 0, num_shards: int
             if not batch:
                 return
             near = nearest_centre(model.embed([t for _, _, t in batch]), model.centres)
-            for (sid, index, text), n_c in zip(batch, near):
+            block = np.empty((len(batch), 4), dtype=np.int64)
+            for row, ((sid, index, text), n_c) in enumerate(zip(batch, near)):
                 hit = lookup.get((sources[sid].key, index))
                 cluster = int(n_c)
                 if hit is not None and hit[0] == text_hash(text):
@@ -125,7 +126,8 @@ def assign_shard(model_dir, corpus_dir, out_dir, shard: int = 0, num_shards: int
                 handles[cluster, sources[sid].split].write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
                 assigned[sid, cluster] += 1
                 nearest[sid, n_c] += 1
-                rows.append((sid, index, cluster, int(n_c)))
+                block[row] = (sid, index, cluster, n_c)
+            rows.append(block)
             batch.clear()
 
         ordinal = 0
@@ -146,7 +148,7 @@ def assign_shard(model_dir, corpus_dir, out_dir, shard: int = 0, num_shards: int
         for h in handles.values():
             h.close()
 
-    arr = np.array(rows, dtype=np.int64).reshape(-1, 4)
+    arr = np.concatenate(rows) if rows else np.zeros((0, 4), dtype=np.int64)
     with atomic_path(sdir / "assignments.npz") as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, source=arr[:, 0].astype(np.int32), index=arr[:, 1],
@@ -196,21 +198,69 @@ def merge_shards(model_dir, corpus_dir, out_dir, num_shards: int = 1,
     for shard in range(num_shards):
         with np.load(_shard_dir(out, shard, num_shards) / "assignments.npz", allow_pickle=False) as z:
             parts.append({name: z[name] for name in z.files})
+    rows = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    moves = _fill_empty_splits(out, model, sources, rows)
     with atomic_path(out / "assignments.npz") as tmp, open(tmp, "wb") as f:
-        np.savez(f, **{name: np.concatenate([p[name] for p in parts]) for name in parts[0]})
+        np.savez(f, **rows)
 
-    assigned = sum(np.array(s["assigned"], dtype=np.int64).reshape(len(sources), k) for s in summaries)
+    assigned = np.zeros((len(sources), k), dtype=np.int64)
+    np.add.at(assigned, (rows["source"], rows["cluster"]), 1)
     nearest = sum(np.array(s["nearest"], dtype=np.int64).reshape(len(sources), k) for s in summaries)
     empty = sum(np.array(s["empty"], dtype=np.int64) for s in summaries)
     report = build_report(model, sources, assigned, nearest, empty,
                           from_sample=sum(s["from_sample"] for s in summaries))
     report.update(fingerprint=fp, model_dir=str(model_dir), corpus_dir=str(corpus_dir),
-                  settings=asdict(settings))
+                  settings=asdict(settings), moved_to_fill_empty_splits=moves)
     atomic_write_json(out / REPORT, report)
     shutil.rmtree(out / ".shards" / str(num_shards), ignore_errors=True)
     with contextlib.suppress(OSError):
         (out / ".shards").rmdir()
     return report
+
+
+def _fill_empty_splits(out: Path, model, sources, rows: dict) -> list[dict]:
+    """Give every cluster at least one document of every split that has >= k documents, so
+    ``btm data prepare`` accepts each cluster as a domain (it needs every split non-empty).
+
+    Nearest-centre assignment can leave a small valid/test split without documents for some
+    cluster; for each such cluster the document whose move costs least (distance to this
+    centre minus distance to its own) is moved from a cluster that keeps at least one. Only
+    the affected split is re-read; the moves are listed in the report.
+    """
+    k = model.k
+    split_of = np.array([s.split for s in sources])[rows["source"]]
+    moves = []
+    for split in sorted(set(split_of)):
+        in_split = split_of == split
+        counts = np.bincount(rows["cluster"][in_split], minlength=k)
+        if counts.min() > 0 or in_split.sum() < k:
+            continue
+        files = {c: out / cluster_name(c) / f"{split}.jsonl" for c in range(k)}
+        lines = {c: files[c].read_text(encoding="utf-8").splitlines(keepends=True) for c in range(k)}
+        embedded = {}
+        for c in np.flatnonzero(counts == 0):
+            best = None  # (cost increase, donor, line number)
+            for donor in np.flatnonzero(counts >= 2):
+                if donor not in embedded:
+                    embedded[donor] = model.embed([json.loads(x)["text"] for x in lines[donor]])
+                d = squared_distances(embedded[donor], model.centres[[c, donor]])
+                j = int(np.argmin(d[:, 0] - d[:, 1]))
+                cost = float(d[j, 0] - d[j, 1])
+                if best is None or cost < best[0]:
+                    best = (cost, int(donor), j)
+            _, donor, j = best
+            row = np.flatnonzero((rows["cluster"] == donor) & in_split)[j]
+            rows["cluster"][row] = c
+            lines[c].append(lines[donor].pop(j))
+            embedded[donor] = np.delete(embedded[donor], j, axis=0)
+            counts[donor] -= 1
+            counts[c] += 1
+            moves.append({"split": split, "to": cluster_name(c), "from": cluster_name(donor),
+                          "source": sources[rows["source"][row]].key, "index": int(rows["index"][row])})
+            for cluster in (c, donor):
+                with atomic_path(files[cluster]) as tmp:
+                    tmp.write_text("".join(lines[cluster]), encoding="utf-8")
+    return moves
 
 
 def assign_corpus(model_dir, corpus_dir, out_dir, settings: AssignSettings | None = None,

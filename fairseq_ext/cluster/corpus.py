@@ -88,8 +88,8 @@ def iter_documents(source: Source, text_field: str = "text") -> Iterator[str]:
     """The texts of one source, in file order (empty documents included)."""
     path = source.path
     opener = gzip.open if path.name.endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
+    try:  # utf-8-sig: a byte-order mark is not part of the text (as fairseq_ext.corpus_io)
+        with opener(path, "rt", encoding="utf-8-sig") as f:
             if path.name.endswith(".txt"):
                 yield from _txt_documents(f)
                 return
@@ -109,15 +109,17 @@ def iter_documents(source: Source, text_field: str = "text") -> Iterator[str]:
 
 
 def _txt_documents(lines) -> Iterator[str]:
+    """Documents separated by blank lines, lines joined with "\n" (as fairseq_ext.corpus_io)."""
     buf: list[str] = []
     for line in lines:
+        line = line.rstrip("\r\n")
         if line.strip():
             buf.append(line)
         elif buf:
-            yield "".join(buf).rstrip("\n")
+            yield "\n".join(buf)
             buf = []
     if buf:
-        yield "".join(buf).rstrip("\n")
+        yield "\n".join(buf)
 
 
 def is_empty(text: str) -> bool:

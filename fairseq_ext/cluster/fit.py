@@ -31,12 +31,13 @@ class FitSettings:
     max_iter: int = field(default=100, metadata={"help": "Lloyd iterations (full-batch mode)"})
     n_init: int = field(default=3, metadata={"help": "k-means++ restarts; the lowest inertia wins"})
     batch_size: int = field(default=65_536, metadata={"help": "minibatch size; samples up to this size use full-batch Lloyd"})
+    threads: int = field(default=1, metadata={"help": "BLAS threads during k-means (1 is fastest on shared CPUs)"})
     split: str = field(default="train", metadata={"help": "corpus split to fit on"})
     text_field: str = field(default="text", metadata={"help": "JSON field holding the text"})
     domains: list[str] | None = field(default=None, metadata={"help": "corpus subdirectories to use (default all)"})
 
     def validate(self) -> None:
-        for name in ("k", "sample_size", "dims", "max_features", "min_df", "max_iter", "n_init", "batch_size"):
+        for name in ("k", "sample_size", "dims", "max_features", "min_df", "max_iter", "n_init", "batch_size", "threads"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise BtmError(f"cluster setting {name}={value!r} must be a positive integer")
@@ -103,7 +104,8 @@ def _fit(texts: Iterable[str], settings: FitSettings) -> tuple[ClusterModel, np.
     if len(x) < settings.k:
         raise _too_few(len(x), settings.k, "the fitting sample")
     result = balanced_kmeans(x, settings.k, seed=settings.seed, max_iter=settings.max_iter,
-                             n_init=settings.n_init, batch_size=settings.batch_size)
+                             n_init=settings.n_init, batch_size=settings.batch_size,
+                             threads=settings.threads)
     recorded = asdict(settings)
     recorded.update(sample_documents=int(len(x)), iterations=result.iterations,
                     inertia=result.inertia)

@@ -14,7 +14,7 @@ fed to the "given weights" mixing of ``fairseq_ext.mixing``.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -52,22 +52,43 @@ def route_weights(model: ClusterModel, texts: Sequence[str], temperature: float 
 def token_route_weights(model: ClusterModel, doc_pieces: Sequence[Sequence[str]], *,
                         stride: int = 32, temperature: float = 0.1, top_k: int | None = None,
                         batch: int = 256) -> np.ndarray:
-    """Per-token expert weights [T, k] for a scored split.
+    """Per-token expert weights [T, k] for a scored split, from decoded token texts.
 
     ``doc_pieces[d][t]`` is the decoded text of target token t of document d (so
     ``"".join(doc_pieces[d][:t])`` is the text a model has seen before predicting token t).
     The weights for tokens t in [m*stride, (m+1)*stride) come from the document's text before
     token m*stride, so no token's own text or later text is ever used. T = sum of lengths.
     """
+    return _per_token(model, [len(p) for p in doc_pieces],
+                      lambda d, t: "".join(doc_pieces[d][:t]), stride, temperature, top_k, batch)
+
+
+def token_route_weights_from_ids(model: ClusterModel, targets: np.ndarray, doc_starts: np.ndarray,
+                                 decode: Callable[[Sequence[int]], str], *, stride: int = 32,
+                                 temperature: float = 0.1, top_k: int | None = None,
+                                 batch: int = 256) -> np.ndarray:
+    """The same from a scored split's target ids (``Scores.targets``, ``Scores.doc_starts``)
+    and a decoder of an id prefix, e.g. ``lambda ids: data_prep.decode_ids(data_dir, ids)``
+    (which drops bos/pad/eos). Feed the result to ``mixing.mix_with_weights``."""
+    targets = np.asarray(targets)
+    bounds = np.append(np.asarray(doc_starts, dtype=np.int64), len(targets))
+    if bounds[0] != 0 or np.any(np.diff(bounds) <= 0):
+        raise ValueError(f"doc_starts must start at 0 and increase below {len(targets)}")
+    return _per_token(model, np.diff(bounds).tolist(),
+                      lambda d, t: decode(targets[bounds[d]:bounds[d] + t].tolist()),
+                      stride, temperature, top_k, batch)
+
+
+def _per_token(model, lengths: list[int], prefix_text: Callable[[int, int], str], stride: int,
+               temperature: float, top_k: int | None, batch: int) -> np.ndarray:
     if stride < 1:
         raise ValueError(f"routing stride must be >= 1, got {stride}")
     prefixes: list[str] = []
-    spans: list[tuple[int, int]] = []  # token range each prefix covers
+    spans: list[tuple[int, int]] = []  # the token range each prefix's weights cover
     offset = 0
-    for pieces in doc_pieces:
-        n = len(pieces)
+    for d, n in enumerate(lengths):
         for start in range(0, n, stride):
-            prefixes.append("".join(pieces[:start]))
+            prefixes.append(prefix_text(d, start))
             spans.append((offset + start, offset + min(start + stride, n)))
         offset += n
     out = np.empty((offset, model.k), dtype=np.float64)

@@ -26,7 +26,7 @@ def _fit(args) -> int:
 
     settings = FitSettings(k=args.k, seed=args.seed, sample_size=args.sample_size, dims=args.dims,
                            max_features=args.max_features, min_df=args.min_df,
-                           max_iter=args.max_iter, n_init=args.n_init, batch_size=args.batch_size,
+                           max_iter=args.max_iter, n_init=args.n_init, batch_size=args.batch_size, threads=args.threads,
                            split=args.split, text_field=args.text_field, domains=args.domains)
     fitted = fit_model_dir(args.corpus, args.out, settings, force=args.force)
     meta = json.loads((args.out / "model.json").read_text(encoding="utf-8"))
@@ -87,6 +87,7 @@ def register(subparsers):
     fit.add_argument("--n-init", type=int, default=3, help="k-means++ restarts [3]")
     fit.add_argument("--batch-size", type=int, default=65_536,
                      help="minibatch size; larger samples are fitted in minibatches [65536]")
+    fit.add_argument("--threads", type=int, default=1, help="BLAS threads during k-means [1]")
     fit.add_argument("--split", default="train", help="split to fit on [train]")
     fit.add_argument("--text-field", default="text", help="JSON field with the text [text]")
     fit.add_argument("--domains", type=_csv, default=None, help="comma-separated subdirectories (default all)")

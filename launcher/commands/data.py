@@ -14,23 +14,32 @@ def _domain_list(value: str) -> list[str]:
 
 
 def _prepare(args) -> int:
-    import logging
+    from fairseq_ext import data_prep  # imports fairseq only inside its functions
 
-    # Importing fairseq runs logging.basicConfig(level=DEBUG) (fairseq/tasks/text_to_speech.py),
-    # which would print its own notices and every filelock acquire; keep the output to ours.
-    for name in ("filelock", "fairseq.tasks.text_to_speech"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    from fairseq_ext.data_prep import prepare_data  # heavy: sentencepiece, fairseq, torch
+    data_prep.quiet_fairseq_logging()
+    prepare_data = data_prep.prepare_data
 
     manifest = prepare_data(
         args.corpus_dir, args.out_dir, domains=args.domains, train_domains=args.train_domains,
         vocab_size=args.vocab_size, text_field=args.text_field, workers=args.workers, seed=args.seed,
-        sample_chars=args.sample_chars, overwrite=args.overwrite,
+        sample_chars=args.sample_chars, character_coverage=args.character_coverage, overwrite=args.overwrite,
         progress=False if args.no_progress else None)
     print(f"prepared {args.out_dir}: {len(manifest['domains'])} domains, vocab size {manifest['vocab_size']}")
     print(f"{'domain/split':<32} {'documents':>10} {'tokens':>12}")
     for key, info in sorted(manifest["datasets"].items()):
         print(f"{key:<32} {info['documents']:>10} {info['tokens']:>12}")
+    return 0
+
+
+def _demo_corpus(args) -> int:
+    from launcher.demo_corpus import build_demo_corpus
+
+    description = build_demo_corpus(args.out_dir, size=args.size, seed=args.seed)
+    print(f"wrote the demo corpus to {args.out_dir} (Python {description['python']})")
+    print(f"{'domain':<20} {'role':<6} {'characters':>11} {'train/valid/test docs':>22}")
+    for name, info in description["domains"].items():
+        docs = "/".join(str(info["documents"][s]) for s in ("train", "valid", "test"))
+        print(f"{name:<20} {info['role']:<6} {info['characters']:>11} {docs:>22}")
     return 0
 
 
@@ -63,7 +72,22 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=1, help="seed of the tokenizer sample")
     p.add_argument("--sample-chars", type=int, default=1_000_000,
                    help="characters sampled per training domain for the tokenizer (equal for every domain)")
+    p.add_argument("--character-coverage", type=float, default=0.9995,
+                   help="share of sample characters that get their own piece (0.98-1); rarer ones, and "
+                        "any beyond half the vocabulary, are written as byte pieces")
     p.add_argument("--overwrite", action="store_true",
                    help="rebuild OUT_DIR when its tokenizer settings or training text differ")
     p.add_argument("--no-progress", action="store_true", help="never show progress bars")
     p.set_defaults(func=_prepare)
+
+    d = sub.add_parser(
+        "demo-corpus", help="write the built-in demo corpus (no download needed)",
+        description="Write a small multi-domain corpus built offline from the Python standard library "
+                    "(source code, docstrings, bytecode listings, the Unicode table, the reference "
+                    "manual) and generated text (arithmetic, word problems), in the layout "
+                    "'btm data prepare' reads. Domains and licences: docs/data.md.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d.add_argument("out_dir", help="directory to write OUT_DIR/<domain>/{train,valid,test}.jsonl into")
+    d.add_argument("--size", type=int, default=1_000_000, help="characters per domain (about bytes)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the generated domains and the splits")
+    d.set_defaults(func=_demo_corpus)

@@ -1,11 +1,165 @@
-"""btm verbs: eval average. (Being built: forest evaluation and parameter averaging.)"""
+"""btm verbs: eval (score once, then mix every method) and average (parameter averaging).
+
+Both read the forest from RUN_DIR/forest.json unless ``--experts name=path,...`` is given,
+cache per-token scores in RUN_DIR/scores/ and priors in RUN_DIR/priors/, and append rows to
+RUN_DIR/results/results.{csv,parquet}. torch and fairseq are imported inside the handlers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from fairseq_ext.evaluate import FOREST_METHODS  # numpy-only module: no torch/fairseq here
 from launcher.errors import BtmError
 
 
-def _not_ready(args):
-    raise BtmError(f"'btm {args.command}' is not implemented yet")
+def _csv(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
 
 
-def register(subparsers):
-    subparsers.add_parser("eval", help="(not implemented yet)").set_defaults(func=_not_ready)
-    subparsers.add_parser("average", help="(not implemented yet)").set_defaults(func=_not_ready)
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(s) for s in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", type=Path, help="the run directory (results go to RUN_DIR/results/)")
+    p.add_argument("--experts", metavar="NAME=PATH,...",
+                   help="the forest's experts (default: read RUN_DIR/forest.json)")
+    p.add_argument("--data", type=Path, metavar="DIR", help="prepared data dir (default: RUN_DIR/data)")
+    p.add_argument("--run-name", help="value of the results' 'run' column (default: RUN_DIR's name)")
+    g = p.add_argument_group("domain prior (EWMA of batch posteriors on held-out data)")
+    g.add_argument("--prior-split", default="valid", help="held-out split for the prior (default: valid)")
+    g.add_argument("--prior-alpha", type=float, default=0.3, help="EWMA weight of each batch (default: 0.3)")
+    g.add_argument("--prior-batches", type=int, default=None,
+                   help="number of held-out batches to use (default: all)")
+    g.add_argument("--prior-batch-docs", type=int, default=2, help="documents per batch (default: 2)")
+    g = p.add_argument_group("scoring")
+    g.add_argument("--split", default="test", help="split to report (default: test)")
+    g.add_argument("--tokens-per-sample", type=int, default=None,
+                   help="tokens per model input, context included (default: the model's positions)")
+    g.add_argument("--context-window", type=int, default=0,
+                   help="earlier tokens fed before each block, as fairseq-eval-lm (default: 0)")
+    g.add_argument("--no-doc-reset", action="store_true",
+                   help="let context cross document boundaries (fairseq-eval-lm's break mode none)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    g.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="evaluate a forest: experts, ensembles, top-k (scores once, then mixes)",
+        description="Score every expert on each eval domain once (cached in RUN_DIR/scores), "
+                    "estimate each domain's prior on held-out data (cached in RUN_DIR/priors), "
+                    "then mix for every method and k; rows go to RUN_DIR/results/. Re-running "
+                    "with other methods, k or prior settings costs only mixing.")
+    _add_common(p)
+    p.add_argument("--domains", type=_csv, metavar="D1,D2",
+                   help="eval domains (default: every domain in the data manifest)")
+    p.add_argument("--methods", type=_csv, default=list(FOREST_METHODS), metavar="M1,M2",
+                   help=f"methods (default: all): {', '.join(FOREST_METHODS)}")
+    p.add_argument("--top-k", type=_ints, default=[1], metavar="K1,K2",
+                   help="k values for topk_prior (default: 1)")
+    p.add_argument("--model", action="append", default=[], metavar="METHOD=PATH",
+                   help="also score a single model as METHOD, e.g. dense=RUN/dense/checkpoint_best.pt")
+    p.set_defaults(func=run_eval)
+
+    p = subparsers.add_parser(
+        "average", help="average the experts' parameters (uniform/argmax/posterior) and score it",
+        description="Weighted parameter average of the forest's experts, with weights from the "
+                    "target domain's cached prior (argmax: the top expert only; posterior: the "
+                    "prior itself; uniform: 1/N). Written to RUN_DIR/averages/<name>/ as a "
+                    "fairseq checkpoint + safetensors, then scored on the eval domains.")
+    _add_common(p)
+    p.add_argument("--method", required=True, choices=["uniform", "argmax", "posterior"],
+                   help="how the experts are weighted")
+    p.add_argument("--target-domain", help="domain whose prior gives the weights (argmax, posterior)")
+    p.add_argument("--eval-domains", type=_csv, metavar="D1,D2",
+                   help="domains to score the average on (default: the target domain)")
+    p.add_argument("--name", help="directory name under RUN_DIR/averages/ (default: METHOD.TARGET)")
+    p.set_defaults(func=run_average)
+
+
+def _settings(args, **extra):
+    from fairseq_ext.evaluate import EvalSettings
+    from fairseq_ext.priors import PriorSettings
+    from fairseq_ext.scoring import ContextSettings
+
+    for opt, value in (("--batch-size", args.batch_size), ("--prior-batch-docs", args.prior_batch_docs)):
+        if value < 1:
+            raise BtmError(f"{opt} must be at least 1, got {value}")
+    prior = PriorSettings(split=args.prior_split, alpha=args.prior_alpha, n_batches=args.prior_batches,
+                          batch_docs=args.prior_batch_docs)
+    context = ContextSettings(tokens_per_sample=args.tokens_per_sample, context_window=args.context_window,
+                              reset_at_doc=not args.no_doc_reset).validate()
+    return EvalSettings(prior=prior, context=context, split=args.split, device=args.device,
+                        batch_size=args.batch_size, **extra)
+
+
+def _experts(args) -> dict:
+    from fairseq_ext.evaluate import forest_experts, parse_experts
+
+    return parse_experts(args.experts) if args.experts else forest_experts(args.run_dir)
+
+
+def _data_dir(args) -> Path:
+    return args.data or args.run_dir / "data"
+
+
+def _print_rows(rows) -> None:
+    cols = ["method", "k", "eval_domain", "split", "tokens", "ppl", "expert_forward_passes"]
+    print(rows[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+
+
+def run_eval(args) -> int:
+    from fairseq_ext.evaluate import evaluate_forest, evaluate_model
+
+    settings = _settings(args, methods=tuple(args.methods), top_k=tuple(args.top_k))
+    domains = args.domains or _manifest_domains(_data_dir(args))
+    rows = evaluate_forest(args.run_dir, _experts(args), domains, data_dir=_data_dir(args),
+                           settings=settings, run_name=args.run_name)
+    _print_rows(rows)
+    for item in args.model:
+        method, sep, path = item.partition("=")
+        if not sep or not path:
+            raise BtmError(f"--model: expected METHOD=PATH, got {item!r}")
+        _print_rows(evaluate_model(args.run_dir, method, Path(path), domains, data_dir=_data_dir(args),
+                                   settings=settings, run_name=args.run_name))
+    print(f"results: {args.run_dir / 'results' / 'results.csv'}")
+    return 0
+
+
+def run_average(args) -> int:
+    from fairseq_ext.evaluate import average_forest, evaluate_model
+
+    settings = _settings(args)
+    experts = _experts(args)
+    record = average_forest(args.run_dir, experts, args.method, args.target_domain, data_dir=_data_dir(args),
+                            settings=settings, name=args.name)
+    domains = args.eval_domains or ([args.target_domain] if args.target_domain else None)
+    if not domains:
+        raise BtmError("--eval-domains is required with --method uniform and no --target-domain")
+    k = sum(1 for w in record["weights"] if w > 0)
+    rows = evaluate_model(args.run_dir, f"average_{args.method}", Path(record["checkpoint"]), domains,
+                          data_dir=_data_dir(args), settings=settings, k=k, prior=record["prior"],
+                          run_name=args.run_name)
+    print(f"average: {record['checkpoint']} (weights "
+          + ", ".join(f"{n}={w:.3f}" for n, w in zip(record["experts"], record["weights"])) + ")")
+    _print_rows(rows)
+    return 0
+
+
+def _manifest_domains(data_dir: Path) -> list[str]:
+    path = data_dir / "manifest.json"
+    try:
+        domains = json.loads(path.read_text()).get("domains")
+    except FileNotFoundError:
+        raise BtmError(f"no data manifest at {path}; give --data or --domains") from None
+    except (OSError, ValueError) as e:
+        raise BtmError(f"cannot read {path}: {e}") from None
+    if not domains:
+        raise BtmError(f"{path} lists no domains; give --domains")
+    return list(domains)

@@ -1,10 +1,97 @@
-"""btm verbs: forest. (Being built: forest manifest.)"""
-from launcher.errors import BtmError
-
-
-def _not_ready(args):
-    raise BtmError(f"'btm {args.command}' is not implemented yet")
+"""btm verbs: forest list|add|remove|verify (the forest manifest, forest.json)."""
+from __future__ import annotations
 
 
 def register(subparsers):
-    subparsers.add_parser("forest", help="(not implemented yet)").set_defaults(func=_not_ready)
+    p = subparsers.add_parser("forest", help="list, add, remove or verify the experts of a forest",
+                              description="Inspect and edit a forest manifest (RUN_DIR/forest.json).")
+    sub = p.add_subparsers(dest="forest_command", metavar="ACTION")
+    sub.required = True
+
+    ls = sub.add_parser("list", help="one line per expert", description="List the experts of a forest.")
+    ls.add_argument("forest", help="run directory or forest.json")
+    ls.set_defaults(func=cmd_list)
+
+    add = sub.add_parser("add", help="add a trained expert checkpoint",
+                         description="Add an expert (its checkpoint is hashed) without touching the others.")
+    add.add_argument("forest", help="run directory or forest.json")
+    add.add_argument("name", help="expert name")
+    add.add_argument("checkpoint", help="checkpoint file (a path inside the run directory is stored relative)")
+    add.add_argument("--domains", required=True, help="comma-separated training domains")
+    add.add_argument("--parent", action="append", default=[], metavar="NAME=WEIGHT",
+                     help="a parent and its branch weight (repeatable)")
+    add.add_argument("--updates", type=int, default=0, help="updates trained")
+    add.add_argument("--tokens", type=int, default=0, help="tokens trained")
+    add.set_defaults(func=cmd_add)
+
+    rm = sub.add_parser("remove", help="remove an expert (its files stay)",
+                        description="Remove an expert from the manifest; its checkpoint is not deleted.")
+    rm.add_argument("forest", help="run directory or forest.json")
+    rm.add_argument("name", help="expert name")
+    rm.set_defaults(func=cmd_remove)
+
+    vf = sub.add_parser("verify", help="re-hash every checkpoint and name those that changed",
+                        description="Re-hash every checkpoint; exit 1 naming experts whose checkpoint changed or vanished.")
+    vf.add_argument("forest", help="run directory or forest.json")
+    vf.set_defaults(func=cmd_verify)
+
+
+def _parse_parents(items: list[str]) -> dict[str, float]:
+    from launcher.errors import BtmError
+    from launcher.names import validate_name
+
+    out = {}
+    for item in items:
+        name, sep, weight = item.partition("=")
+        try:
+            out[validate_name(name, "parent name")] = float(weight) if sep else 1.0
+        except ValueError:
+            raise BtmError(f"--parent {item!r}: weight {weight!r} is not a number") from None
+    return out
+
+
+def cmd_list(args) -> int:
+    from launcher.forest import Forest
+    from launcher.status import format_table
+
+    forest = Forest.load(args.forest)
+    rows = [(e.id, e.name, ",".join(e.domains),
+             ",".join(f"{k}:{v:.3g}" for k, v in e.parents.items()) or "-", e.updates, e.tokens,
+             e.sha256[:12], e.checkpoint) for e in forest.experts]
+    print(format_table(("id", "name", "domains", "parents", "updates", "tokens", "sha256", "checkpoint"), rows), end="")
+    if forest.missing:
+        print(f"missing (did not finish): {', '.join(forest.missing)}")
+    return 0
+
+
+def cmd_add(args) -> int:
+    from launcher.forest import editing
+
+    with editing(args.forest) as forest:
+        e = forest.add(args.name, [d for d in args.domains.split(",") if d], args.checkpoint,
+                       parents=_parse_parents(args.parent), updates=args.updates, tokens=args.tokens)
+    print(f"added expert {e.name} (id {e.id}, sha256 {e.sha256[:12]})")
+    return 0
+
+
+def cmd_remove(args) -> int:
+    from launcher.forest import editing
+
+    with editing(args.forest) as forest:
+        e = forest.remove(args.name)
+    print(f"removed expert {e.name} (its checkpoint {e.checkpoint} is kept)")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    import sys
+
+    from launcher.forest import Forest
+
+    forest = Forest.load(args.forest)
+    bad = forest.verify()
+    if bad:
+        print(f"changed or missing checkpoints: {', '.join(bad)}", file=sys.stderr)
+        return 1
+    print(f"all {len(forest.experts)} checkpoints match forest.json")
+    return 0

@@ -1,0 +1,328 @@
+"""Forest evaluation: score every (model, domain, split) once, then every method is mixing.
+
+``evaluate_forest`` for each eval domain:
+1. scores every expert on the prior split (``valid``) and estimates the domain prior, both
+   cached (``RUN/scores/``, ``RUN/priors/``), when a method needs the prior;
+2. scores the experts the requested methods need on the eval split (``test``): all of them for
+   single-expert rows and dense ensembles, only the k experts with the highest cached prior for
+   ``topk_prior`` with k < N (the sparse ensemble; nothing else is run);
+3. mixes (``fairseq_ext/mixing.py``) for every method and k and appends one row per result to
+   the results table (``launcher/results.py``).
+So changing the methods, k or prior settings costs only mixing (and, for new prior settings,
+re-estimating the prior from cached held-out scores).
+
+Methods: ``expert`` (one row ``expert:<name>`` per expert), ``ensemble_uniform`` (weights 1/N),
+``ensemble_prior`` (the cached prior, fixed), ``ensemble_posterior`` (Bayesian posterior over
+the document prefix, starting from the cached prior), ``ensemble_prev_token`` (the reference
+implementation's previous-token rule with the cached prior) and ``topk_prior`` (the k experts
+with the highest cached prior, their prior renormalized). Parameter averages are built by
+``average_forest`` and scored like any single model (``evaluate_model``).
+
+Cost columns: ``expert_forward_passes`` is the number of sequences run through a model *in
+this call* to produce the eval-split scores the row uses (a score shared by several rows counts
+in each of them; cached scores count 0; the held-out scoring for the prior is not included);
+``seconds`` is that scoring time plus the row's mixing time.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from launcher.atomic import atomic_write_json, sha256_file
+from launcher.errors import BtmError
+from launcher.names import validate_name
+from fairseq_ext import mixing
+from fairseq_ext.priors import PriorSettings, cached_domain_prior, stack_scores
+from fairseq_ext.scoring import ContextSettings, score_split
+
+ENSEMBLE_METHODS = {"ensemble_uniform": "uniform", "ensemble_prior": "prior",
+                    "ensemble_posterior": "posterior", "ensemble_prev_token": "prev_token"}
+FOREST_METHODS = ("expert", *ENSEMBLE_METHODS, "topk_prior")
+AVERAGE_METHODS = ("uniform", "argmax", "posterior")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    methods: tuple[str, ...] = field(default=FOREST_METHODS, metadata={
+        "help": "methods to evaluate: expert, ensemble_uniform, ensemble_prior, ensemble_posterior, "
+                "ensemble_prev_token, topk_prior"})
+    top_k: tuple[int, ...] = field(default=(1,), metadata={"help": "k values for topk_prior"})
+    split: str = field(default="test", metadata={"help": "split the results are reported on"})
+    prior: PriorSettings = field(default_factory=PriorSettings, metadata={"help": "cached prior settings"})
+    context: ContextSettings = field(default_factory=ContextSettings, metadata={"help": "scoring context"})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N or auto"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per forward pass"})
+
+    def validate(self) -> "EvalSettings":
+        for m in self.methods:
+            if m not in FOREST_METHODS:
+                raise BtmError(f"unknown evaluation method {m!r}; known: {', '.join(FOREST_METHODS)}")
+        for k in self.top_k:
+            if not isinstance(k, int) or k < 1:
+                raise BtmError(f"top-k values must be integers >= 1, got {k!r}")
+        validate_name(self.split, "split")
+        validate_name(self.prior.split, "prior split")
+        return self
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ----------------------------------------------------------------------------- the forest
+
+def parse_experts(text: str) -> dict[str, Path]:
+    """``name=path,name=path`` (the ``--experts`` option) -> {name: path}."""
+    experts: dict[str, Path] = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, sep, path = item.partition("=")
+        if not sep or not path:
+            raise BtmError(f"--experts: expected name=path, got {item!r}")
+        validate_name(name, "expert name")
+        if name in experts:
+            raise BtmError(f"--experts: expert {name!r} is given twice")
+        experts[name] = Path(path)
+    if not experts:
+        raise BtmError("--experts: no experts given")
+    return experts
+
+
+def forest_experts(run_dir: str | os.PathLike) -> dict[str, Path]:
+    """{name: checkpoint} from ``RUN/forest.json``, after checking every checkpoint's sha256."""
+    from launcher.forest import Forest
+
+    forest = Forest.load(Path(run_dir))
+    if not forest.experts:
+        raise BtmError(f"{forest.path} lists no experts")
+    changed = forest.verify()
+    if changed:
+        raise BtmError(f"{forest.path}: checkpoint missing or changed since merge for expert(s) "
+                       f"{', '.join(changed)}")
+    return {e.name: forest.checkpoint_path(e) for e in forest.experts}
+
+
+def check_experts(experts: dict[str, Path]) -> None:
+    """Before any scoring: every checkpoint exists, and all share dictionary and architecture."""
+    from fairseq_ext.averaging import check_compatible
+
+    if not experts:
+        raise BtmError("no experts to evaluate")
+    for name, path in experts.items():
+        validate_name(name, "expert name")
+        if not Path(path).is_file():
+            raise BtmError(f"expert {name!r}: checkpoint {path} does not exist")
+    try:
+        check_compatible([str(p) for p in experts.values()])
+    except BtmError as e:
+        raise BtmError(f"the experts cannot form one forest: {e}") from None
+
+
+# ----------------------------------------------------------------------------- scoring
+
+class Scorer:
+    """Scores (model, domain, split) once per call and remembers the result."""
+
+    def __init__(self, run_dir: Path, data_dir: Path, settings: EvalSettings):
+        self.cache_dir = run_dir / "scores"
+        self.data_dir = data_dir
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        self._done: dict[tuple[str, str, str], object] = {}
+
+    def __call__(self, checkpoint: Path, domain: str, split: str):
+        key = (str(checkpoint), domain, split)
+        if key not in self._done:
+            self._done[key] = score_split(checkpoint, self.data_dir, domain, split,
+                                          cache_dir=self.cache_dir, context=self.settings.context,
+                                          device=self.device, batch_size=self.settings.batch_size)
+        return self._done[key]
+
+
+def _row(run: str, method: str, k: int, prior: str, domain: str, split: str, logprobs: np.ndarray,
+         scores: list, mix_seconds: float) -> dict:
+    nll = mixing.nll(logprobs)
+    return {"run": run, "method": method, "k": k, "prior": prior, "eval_domain": domain, "split": split,
+            "tokens": int(logprobs.shape[0]), "nll": nll, "ppl": float(np.exp(nll)),
+            "expert_forward_passes": int(sum(s.forward_passes for s in scores)),
+            "seconds": float(sum(s.seconds for s in scores) + mix_seconds)}
+
+
+def prescore(run_dir: str | os.PathLike, checkpoint: str | os.PathLike, domain: str, *,
+             data_dir: str | os.PathLike | None = None, settings: EvalSettings = EvalSettings()) -> list:
+    """Fill the score cache for one (model, domain): the prior split and the eval split.
+
+    The launcher's ``score`` stage (one array task per (model, eval domain)) calls this, so the
+    ``eval`` stage afterwards only mixes; both must use the same ``settings``.
+    """
+    run_dir = Path(run_dir)
+    settings = settings.validate()
+    scorer = Scorer(run_dir, Path(data_dir) if data_dir else run_dir / "data", settings)
+    splits = dict.fromkeys([settings.prior.split, settings.split])
+    return [scorer(Path(checkpoint), domain, split) for split in splits]
+
+
+def domain_prior(run_dir: Path, scorer: Scorer, experts: dict[str, Path], domain: str,
+                 settings: PriorSettings) -> np.ndarray:
+    """The cached prior of ``domain`` over ``experts`` (scoring the held-out split if needed)."""
+    heldout = [scorer(path, domain, settings.split) for path in experts.values()]
+    names = {name: s.key["checkpoint_sha256"] for name, s in zip(experts, heldout)}
+    prior, _, _ = cached_domain_prior(run_dir / "priors", domain, names, heldout, settings)
+    return prior
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def evaluate_forest(run_dir: str | os.PathLike, experts: dict[str, Path], eval_domains: list[str], *,
+                    data_dir: str | os.PathLike | None = None, settings: EvalSettings = EvalSettings(),
+                    run_name: str | None = None):
+    """Evaluate the forest on each eval domain and append the rows to RUN/results/.
+
+    Returns the new rows as a DataFrame.
+    """
+    from launcher.results import append_results, validate_rows
+
+    run_dir = Path(run_dir)
+    settings = settings.validate()
+    data_dir = Path(data_dir) if data_dir else run_dir / "data"
+    run = run_name or run_dir.resolve().name
+    for d in eval_domains:
+        validate_name(d, "eval domain")
+    check_experts(experts)
+    scorer = Scorer(run_dir, data_dir, settings)
+    names = list(experts)
+    n = len(names)
+    methods = settings.methods
+    uses_prior = any(m in methods for m in ("ensemble_prior", "ensemble_posterior", "ensemble_prev_token",
+                                            "topk_prior"))
+    prior_label = settings.prior.describe()
+    rows = []
+    for domain in eval_domains:
+        prior = domain_prior(run_dir, scorer, experts, domain, settings.prior) if uses_prior else None
+        dense = "expert" in methods or any(m in methods for m in ENSEMBLE_METHODS)
+
+        def scores_of(selected: list[str]) -> list:
+            return [scorer(experts[name], domain, settings.split) for name in selected]
+
+        if dense:
+            all_scores = scores_of(names)
+            lp, starts = stack_scores(all_scores)
+        if "expert" in methods:
+            for j, name in enumerate(names):
+                t0 = time.perf_counter()
+                out = lp[j].astype(np.float64)
+                rows.append(_row(run, f"expert:{name}", 1, "none", domain, settings.split, out,
+                                 [all_scores[j]], time.perf_counter() - t0))
+        for method, rule in ENSEMBLE_METHODS.items():
+            if method not in methods:
+                continue
+            t0 = time.perf_counter()
+            out = mixing.ensemble_logprobs(lp, starts, method=rule, prior=prior)
+            rows.append(_row(run, method, n, "none" if rule == "uniform" else prior_label, domain,
+                             settings.split, out, all_scores, time.perf_counter() - t0))
+        if "topk_prior" in methods:
+            for k in sorted(set(min(k, n) for k in settings.top_k)):
+                keep = mixing.topk_experts(prior, k)
+                selected = scores_of([names[j] for j in keep])  # only these k experts are scored
+                t0 = time.perf_counter()
+                k_lp, k_starts = stack_scores(selected)
+                out = mixing.ensemble_logprobs(k_lp, k_starts, method="prior", prior=prior[keep])
+                rows.append(_row(run, "topk_prior", k, prior_label, domain, settings.split, out, selected,
+                                 time.perf_counter() - t0))
+    new = validate_rows(rows)
+    append_results(run_dir, new)
+    return new
+
+
+def evaluate_model(run_dir: str | os.PathLike, method: str, checkpoint: str | os.PathLike,
+                   eval_domains: list[str], *, data_dir: str | os.PathLike | None = None,
+                   settings: EvalSettings = EvalSettings(), k: int = 1, prior: str = "none",
+                   run_name: str | None = None):
+    """Score one model (``dense``, ``average_*``, ...) on each eval domain; append its rows."""
+    from launcher.results import append_results, validate_rows
+
+    run_dir = Path(run_dir)
+    settings = settings.validate()
+    scorer = Scorer(run_dir, Path(data_dir) if data_dir else run_dir / "data", settings)
+    run = run_name or run_dir.resolve().name
+    rows = []
+    for domain in eval_domains:
+        validate_name(domain, "eval domain")
+        scores = scorer(Path(checkpoint), domain, settings.split)
+        rows.append(_row(run, method, k, prior, domain, settings.split, scores.logprobs.astype(np.float64),
+                         [scores], 0.0))
+    new = validate_rows(rows)
+    append_results(run_dir, new)
+    return new
+
+
+# ----------------------------------------------------------------------------- averaging
+
+def average_weights(method: str, prior: np.ndarray | None, n: int) -> np.ndarray:
+    """Parameter-averaging weights: uniform 1/N, argmax one-hot on the highest prior, posterior
+    the prior itself."""
+    if method == "uniform":
+        return np.full(n, 1.0 / n)
+    if prior is None:
+        raise BtmError(f"average method {method!r} needs the target domain's prior")
+    if method == "argmax":
+        return np.eye(n)[int(np.argmax(prior))]
+    if method == "posterior":
+        return np.asarray(prior, dtype=np.float64) / np.sum(prior)
+    raise BtmError(f"unknown average method {method!r}; known: {', '.join(AVERAGE_METHODS)}")
+
+
+def average_forest(run_dir: str | os.PathLike, experts: dict[str, Path], method: str,
+                   target_domain: str | None = None, *, data_dir: str | os.PathLike | None = None,
+                   settings: EvalSettings = EvalSettings(), name: str | None = None) -> dict:
+    """Average the experts' parameters with weights from ``method`` (the cached prior of
+    ``target_domain`` for argmax/posterior) into ``RUN/averages/<name>/`` (checkpoint.pt +
+    model.safetensors + average.json). Re-running with the same inputs reuses the average.
+
+    Returns the contents of average.json (``checkpoint``, ``weights``, ``prior`` label, ...).
+    """
+    from fairseq_ext.averaging import average_checkpoints
+
+    run_dir = Path(run_dir)
+    settings = settings.validate()
+    if method not in AVERAGE_METHODS:
+        raise BtmError(f"unknown average method {method!r}; known: {', '.join(AVERAGE_METHODS)}")
+    if method != "uniform" and not target_domain:
+        raise BtmError(f"average method {method!r} needs --target-domain (whose prior gives the weights)")
+    if target_domain:
+        validate_name(target_domain, "target domain")
+    name = validate_name(name or (method if method == "uniform" else f"{method}.{target_domain}"),
+                         "average name")
+    check_experts(experts)
+    prior = None
+    if method != "uniform":
+        scorer = Scorer(run_dir, Path(data_dir) if data_dir else run_dir / "data", settings)
+        prior = domain_prior(run_dir, scorer, experts, target_domain, settings.prior)
+    weights = average_weights(method, prior, len(experts))
+    out_dir = run_dir / "averages" / name
+    record = {"method": method, "target_domain": target_domain, "experts": list(experts),
+              "expert_sha256": {n: sha256_file(p) for n, p in experts.items()},
+              "weights": [float(w) for w in weights],
+              "prior": "none" if method == "uniform" else f"{settings.prior.describe()},target={target_domain}",
+              "prior_settings": asdict(settings.prior) if prior is not None else None,
+              "checkpoint": str(out_dir / "checkpoint.pt"), "safetensors": str(out_dir / "model.safetensors")}
+    meta = out_dir / "average.json"
+    if meta.exists() and (out_dir / "checkpoint.pt").exists():
+        old = json.loads(meta.read_text())
+        if {k: old.get(k) for k in record} == record:
+            return old
+    # Experts with weight 0 (argmax) add nothing; leave them out of the average.
+    used = [(p, w) for p, w in zip(experts.values(), weights) if w > 0]
+    result = average_checkpoints([str(p) for p, _ in used], [w for _, w in used], out_dir / "checkpoint.pt",
+                                 safetensors_path=out_dir / "model.safetensors")
+    record["sha256"] = result["sha256"]
+    atomic_write_json(meta, record)
+    return record

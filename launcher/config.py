@@ -1,0 +1,366 @@
+"""The run config: one YAML file, validated into dataclasses.
+
+Every error names the file, the key (dotted path) and, where YAML tells us, the line:
+unknown keys get a did-you-mean, wrong types say what was expected, unknown presets,
+profiles and domains list what is known. Named configs live in ``launcher/configs/*.yaml``
+and are loaded by name (``btm run tiny``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from launcher.errors import BtmError
+from launcher.names import validate_name
+from launcher.presets import PRESETS
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+# Evaluation methods a config may ask for (the `method` column of the results table, with
+# `experts` standing for every `expert:<name>` row). Baselines are asked for in `baselines`.
+EVAL_METHODS = (
+    "experts", "ensemble_uniform", "ensemble_prior", "ensemble_posterior", "ensemble_prev_token",
+    "topk_prior", "average_uniform", "average_argmax", "average_posterior", "cbtm_cluster",
+)
+BASELINES = ("dense", "random_split")
+
+
+@dataclass
+class CorpusConfig:
+    path: str | None = field(default=None, metadata={"help": "corpus directory CORPUS/<domain>/<split>.jsonl[.gz]; relative to the config file; --corpus overrides"})
+    text_field: str = field(default="text", metadata={"help": "JSON field holding the document text"})
+    vocab_size: int = field(default=8000, metadata={"help": "sentencepiece vocabulary size"})
+
+
+@dataclass
+class DomainsConfig:
+    train: list[str] = field(default_factory=list, metadata={"help": "training domains, one expert each (btm)"})
+    eval: list[str] = field(default_factory=list, metadata={"help": "evaluation domains (may overlap train)"})
+    incremental: list[str] = field(default_factory=list, metadata={"help": "domains added to an existing forest, branched by `branching`"})
+
+
+@dataclass
+class ModelConfig:
+    preset: str = field(default="tiny", metadata={"help": f"model preset: {', '.join(PRESETS)}"})
+
+
+@dataclass
+class BudgetConfig:
+    total_updates: int | None = field(default=None, metadata={"help": "updates of the compute-matched dense run (default: the preset's)"})
+    gpus: int | None = field(default=None, metadata={"help": "GPUs of the dense run; total budget = total_updates x gpus (default: the preset's)"})
+    seed_fraction: float = field(default=0.5, metadata={"help": "share of the budget spent training the seed LM (0 = experts start from random init)"})
+    save_interval_updates: int = field(default=100, metadata={"help": "checkpoint_last every this many updates"})
+
+
+@dataclass
+class BranchingConfig:
+    rule: str = field(default="posterior", metadata={"help": "how incremental experts start: seed | posterior (weighted average of the top-k experts)"})
+    top_k: int = field(default=2, metadata={"help": "experts averaged by the posterior rule"})
+    sample_docs: int = field(default=32, metadata={"help": "documents of the new domain used to estimate the posterior"})
+
+
+@dataclass
+class ClustersConfig:
+    k: int = field(default=4, metadata={"help": "number of clusters = experts (method: cbtm)"})
+
+
+@dataclass
+class EvaluationConfig:
+    split: str = field(default="test", metadata={"help": "split scored: valid | test"})
+    methods: list[str] = field(default_factory=lambda: ["experts", "ensemble_uniform", "ensemble_posterior", "average_uniform"],
+                               metadata={"help": f"evaluation methods: {', '.join(EVAL_METHODS)}"})
+    top_k: int = field(default=1, metadata={"help": "experts kept by top-k mixing"})
+
+
+@dataclass
+class Config:
+    name: str = field(default="run", metadata={"help": "run name (the `run` column of the results table)"})
+    method: str = field(default="btm", metadata={"help": "btm (one expert per domain) | cbtm (one expert per cluster)"})
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    domains: DomainsConfig = field(default_factory=DomainsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    branching: BranchingConfig = field(default_factory=BranchingConfig)
+    clusters: ClustersConfig = field(default_factory=ClustersConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    baselines: list[str] = field(default_factory=list, metadata={"help": "dense and/or random_split"})
+    executor: str = field(default="local", metadata={"help": "local | slurm"})
+    profile: str = field(default="local", metadata={"help": "cluster profile: slurm_templates/profiles/<name>.yaml or a path"})
+    max_parallel: int = field(default=8, metadata={"help": "array throttle %K; local executor worker cap (also bounded by cores)"})
+    seed: int = field(default=1, metadata={"help": "random seed"})
+    # Where the config came from (for error messages); not part of the YAML.
+    source: str = field(default="<config>", metadata={"internal": True})
+
+    # ---- derived -------------------------------------------------------------------------
+    @property
+    def preset(self):
+        return PRESETS[self.model.preset]
+
+    @property
+    def total_updates(self) -> int:
+        return self.budget.total_updates or self.preset.total_updates
+
+    @property
+    def total_gpus(self) -> int:
+        return self.budget.gpus or self.preset.gpus
+
+    @property
+    def expert_names(self) -> list[str]:
+        """The base forest's experts: one per training domain (btm) or cluster (cbtm)."""
+        if self.method == "cbtm":
+            return [f"cluster_{i}" for i in range(self.clusters.k)]  # fairseq_ext.cluster.cluster_name
+        return list(self.domains.train)
+
+    @property
+    def all_domains(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for d in [*self.domains.train, *self.domains.incremental, *self.domains.eval]:
+            seen[d] = None
+        return list(seen)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def config_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+# ---- loading -----------------------------------------------------------------------------
+
+class _Locator:
+    """Maps dotted key paths to YAML line numbers, for error messages."""
+
+    def __init__(self, text: str):
+        self.lines: dict[str, int] = {}
+        try:
+            node = yaml.compose(text)
+        except yaml.YAMLError:
+            node = None
+        if node is not None:
+            self._walk(node, "")
+
+    def _walk(self, node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = f"{prefix}.{k.value}" if prefix else str(k.value)
+                self.lines[key] = k.start_mark.line + 1
+                self._walk(v, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                self.lines[f"{prefix}[{i}]"] = v.start_mark.line + 1
+
+    def where(self, source: str, key: str) -> str:
+        line = self.lines.get(key)
+        return f"{source}:{line}" if line else source
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, key: str, err) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints accepted for floats)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key, err)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            err(key, f"expected a list of {_type_name(inner)}, got {type(value).__name__} {value!r}")
+        return [_coerce(v, inner, f"{key}[{i}]", err) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, err)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            err(key, f"expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            err(key, f"expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            err(key, f"expected a string, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            err(key, f"expected true or false, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp}")  # a bug in this module, not user input
+
+
+def _build(cls, data: Any, prefix: str, err):
+    if not isinstance(data, dict):
+        err(prefix, f"expected a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(fields)}"
+            err(path, f"unknown key {key!r}{hint}")
+        kwargs[key] = _coerce(value, hints[key], path, err)
+    return cls(**kwargs)
+
+
+def parse_config(text: str, source: str = "<config>", overrides: dict | None = None) -> Config:
+    """Parse and validate config YAML text. ``overrides``: dotted keys -> values (CLI flags)."""
+    locator = _Locator(text)
+
+    def err(key: str, message: str):
+        raise BtmError(f"{locator.where(source, key)}: {key}: {message}")
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise BtmError(f"{source}: not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise BtmError(f"{source}: expected a mapping of config keys at the top level")
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    cfg = _build(Config, data, "", err)
+    cfg.source = source
+    _validate(cfg, err)
+    return cfg
+
+
+def _validate(cfg: Config, err) -> None:
+    def name(value: str, key: str) -> None:
+        try:
+            validate_name(value, key)
+        except BtmError as e:
+            err(key, str(e))
+
+    name(cfg.name, "name")
+    if cfg.method not in ("btm", "cbtm"):
+        err("method", f"unknown method {cfg.method!r}; use btm or cbtm")
+    if cfg.model.preset not in PRESETS:
+        close = difflib.get_close_matches(cfg.model.preset, list(PRESETS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        err("model.preset", f"unknown model preset {cfg.model.preset!r}{hint}; known: {', '.join(PRESETS)}")
+    for section in ("train", "eval", "incremental"):
+        values = getattr(cfg.domains, section)
+        for i, d in enumerate(values):
+            name(d, f"domains.{section}[{i}]")
+        dup = {d for d in values if values.count(d) > 1}
+        if dup:
+            err(f"domains.{section}", f"domain listed twice: {', '.join(sorted(dup))}")
+    if not cfg.domains.train:
+        err("domains.train", "at least one training domain is needed")
+    if not cfg.domains.eval:
+        err("domains.eval", "at least one evaluation domain is needed")
+    both = set(cfg.domains.train) & set(cfg.domains.incremental)
+    if both:
+        err("domains.incremental", f"already a training domain: {', '.join(sorted(both))}")
+    if cfg.method == "cbtm":
+        if cfg.clusters.k < 1:
+            err("clusters.k", f"need at least one cluster, got {cfg.clusters.k}")
+        if cfg.domains.incremental:
+            err("domains.incremental", "incremental domains are for method: btm")
+    if not 0.0 <= cfg.budget.seed_fraction < 1.0:
+        err("budget.seed_fraction", f"must be in [0, 1), got {cfg.budget.seed_fraction}")
+    for key in ("total_updates", "gpus"):
+        v = getattr(cfg.budget, key)
+        if v is not None and v < 1:
+            err(f"budget.{key}", f"must be a positive integer, got {v}")
+    if cfg.budget.save_interval_updates < 1:
+        err("budget.save_interval_updates", "must be a positive integer")
+    if cfg.branching.rule not in ("seed", "posterior"):
+        err("branching.rule", f"unknown branching rule {cfg.branching.rule!r}; use seed or posterior")
+    if cfg.branching.top_k < 1:
+        err("branching.top_k", "must be at least 1")
+    if cfg.evaluation.split not in ("valid", "test"):
+        err("evaluation.split", f"unknown split {cfg.evaluation.split!r}; use valid or test")
+    for i, m in enumerate(cfg.evaluation.methods):
+        if m not in EVAL_METHODS:
+            close = difflib.get_close_matches(m, EVAL_METHODS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(EVAL_METHODS)}"
+            err(f"evaluation.methods[{i}]", f"unknown evaluation method {m!r}{hint}")
+    for i, b in enumerate(cfg.baselines):
+        if b not in BASELINES:
+            err(f"baselines[{i}]", f"unknown baseline {b!r}; known: {', '.join(BASELINES)}")
+    if cfg.executor not in ("local", "slurm"):
+        err("executor", f"unknown executor {cfg.executor!r}; use local or slurm")
+    if cfg.max_parallel < 1:
+        err("max_parallel", "must be at least 1")
+    if "/" not in cfg.profile and not cfg.profile.endswith(".yaml"):
+        name(cfg.profile, "profile")
+        from launcher.profiles import known_profiles  # light module
+
+        if cfg.profile not in known_profiles():
+            close = difflib.get_close_matches(cfg.profile, known_profiles(), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            err("profile", f"unknown cluster profile {cfg.profile!r}{hint}; known: {', '.join(known_profiles())}")
+
+
+def check_corpus_domains(cfg: Config) -> None:
+    """Every configured domain must exist in the corpus (when the corpus is there to look at)."""
+    if not cfg.corpus.path or not Path(cfg.corpus.path).is_dir():
+        return
+    have = sorted(p.name for p in Path(cfg.corpus.path).iterdir() if p.is_dir())
+    for section in ("train", "eval", "incremental"):
+        for i, d in enumerate(getattr(cfg.domains, section)):
+            if d not in have:
+                close = difflib.get_close_matches(d, have, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise BtmError(f"{cfg.source}: domains.{section}[{i}]: unknown domain {d!r} "
+                               f"(not a directory of corpus {cfg.corpus.path}){hint}; "
+                               f"known: {', '.join(have)}")
+
+
+def named_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_config(name_or_path: str | Path, overrides: dict | None = None,
+                corpus: str | Path | None = None) -> Config:
+    """Load a config file, or a named config from ``launcher/configs``.
+
+    A relative ``corpus.path`` is resolved against the config file's directory; ``corpus``
+    (the ``--corpus`` flag) overrides it.
+    """
+    path = Path(name_or_path)
+    if not path.is_file():
+        if str(name_or_path) in named_configs():
+            path = CONFIG_DIR / f"{name_or_path}.yaml"
+        else:
+            close = difflib.get_close_matches(str(name_or_path), named_configs(), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise BtmError(f"config {str(name_or_path)!r} is neither a file nor a named config{hint}; "
+                           f"named configs: {', '.join(named_configs())}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise BtmError(f"cannot read config {path}: {e}") from None
+    cfg = parse_config(text, str(path), overrides)
+    if corpus is not None:
+        cfg.corpus.path = str(Path(corpus).resolve())
+    elif cfg.corpus.path and not Path(cfg.corpus.path).is_absolute():
+        cfg.corpus.path = str((path.parent / cfg.corpus.path).resolve())
+    check_corpus_domains(cfg)
+    return cfg

@@ -1,0 +1,1 @@
+"""Executors: run a plan locally (subprocesses) or on SLURM (submitit)."""

@@ -1,0 +1,165 @@
+"""The SLURM executor: each job of the plan is one submitit submission (one sbatch call).
+
+An array stage is one ``map_array`` call, i.e. one ``sbatch --array=0-(N-1)%K``, however
+many experts there are. The payload is ``StageCommand``, a module-level callable whose only
+argument is an argv list (``stage RUN_DIR STAGE --unit NAME``): the unit is chosen by name at
+submit time from ``jobs/<job>.units.json``, never derived from the task id on the node.
+
+Preemption: jobs get ``--requeue --signal=B:USR2@<grace>``; the batch shell *is* submitit's
+runner (``exec python``), whose handler calls ``StageCommand.checkpoint``: it forwards SIGUSR2
+to the stage process, waits for it to save checkpoint_last and exit, and returns a resubmission;
+submitit then requeues the job and the stage resumes from its checkpoint.
+"""
+from __future__ import annotations
+
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from submitit.helpers import Checkpointable, DelayedSubmission
+
+from launcher.atomic import atomic_write_json
+from launcher.errors import PREEMPTED_EXIT, BtmError
+from launcher.plan import Job
+from launcher.profiles import Profile
+from launcher.records import now
+from launcher.sbatch import SbatchContext, python_command, slurm_parameters, stage_argv, units_file
+
+
+class StagePreempted(RuntimeError):
+    """The stage saved its state and exited with PREEMPTED_EXIT; SLURM requeues the job."""
+
+
+class StageCommand(Checkpointable):
+    """Runs ``python -m launcher <argv>`` in a child process (the submitit payload)."""
+
+    grace_s = 600  # upper bound on waiting for the child to save after SIGUSR2
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen | None = None
+
+    def __call__(self, argv: list[str]) -> int:
+        self._proc = subprocess.Popen([sys.executable, "-u", "-m", "launcher", *argv])
+        rc = self._proc.wait()
+        if rc == PREEMPTED_EXIT:
+            raise StagePreempted(f"stage {' '.join(argv)} saved its state and asked to be requeued")
+        if rc != 0:
+            raise RuntimeError(f"stage {' '.join(argv)} failed with exit status {rc}")
+        return rc
+
+    def checkpoint(self, argv: list[str]) -> DelayedSubmission:
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGUSR2)  # the trainer finishes its update and saves
+            try:
+                proc.wait(timeout=self.grace_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        return DelayedSubmission(StageCommand(), argv)
+
+    def __getstate__(self):  # never pickle a live process
+        return {}
+
+    def __setstate__(self, state):
+        self._proc = None
+
+
+def submissions_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "jobs" / "submissions.json"
+
+
+def read_submissions(run_dir: str | Path) -> list[dict]:
+    import json
+
+    try:
+        return json.loads(submissions_path(run_dir).read_text())
+    except (OSError, ValueError):
+        return []
+
+
+def submit(jobs: list[Job], profile: Profile, ctx: SbatchContext) -> list[dict]:
+    """Submit the jobs (topologically ordered) with afterok/afterany chains; return the ledger rows."""
+    import submitit
+
+    run_dir = Path(ctx.run_dir)
+    ledger = read_submissions(run_dir)
+    rows = []
+    python = python_command(profile, ctx)
+    for job in jobs:
+        names = [u.name for u in job.units]
+        atomic_write_json(units_file(run_dir, job), names)
+        ctx.dependency_ids = {**ctx.dependency_ids}
+        params = slurm_parameters(job, profile, ctx)
+        executor = submitit.SlurmExecutor(folder=run_dir / "jobs" / "submitit",
+                                          python="exec " + shlex.quote(python))
+        executor.update_parameters(**params)
+        argvs = [stage_argv(str(run_dir), job, name) for name in names]
+        try:
+            if job.array:
+                submitted = executor.map_array(StageCommand(), argvs)
+                job_id = submitted[0].job_id.split("_")[0]
+            else:
+                job_id = executor.submit(StageCommand(), argvs[0]).job_id
+        except Exception as e:  # submitit wraps sbatch failures in various types
+            raise BtmError(f"sbatch refused job {job.name!r}: {e}") from e
+        ctx.dependency_ids[job.name] = job_id
+        row = {"job": job.name, "stage": job.stage, "job_id": job_id, "array": job.array,
+               "units": names, "submitted": now(), "executor": "slurm"}
+        rows.append(row)
+        atomic_write_json(submissions_path(run_dir), ledger + rows)
+        print(f"submitted {job.name}: job {job_id}" + (f" (array of {len(names)})" if job.array else ""))
+    return rows
+
+
+def check(jobs: list[Job], profile: Profile, ctx: SbatchContext) -> list[str]:
+    """Validate each rendered script with ``sbatch --test-only``; return problems (empty: ok)."""
+    import tempfile
+
+    from launcher.sbatch import render_sbatch
+
+    problems = []
+    for job in jobs:
+        # Dependencies name jobs that do not exist yet; SLURM would reject them, so leave them out.
+        test_job = Job(**{**job.__dict__, "after_ok": [], "after_any": []})
+        text = render_sbatch(test_job, profile, ctx)
+        with tempfile.NamedTemporaryFile("w", suffix=".sbatch", delete=False) as f:
+            f.write(text)
+        try:
+            out = subprocess.run(["sbatch", "--test-only", f.name], capture_output=True, text=True, timeout=60)
+        except OSError as e:
+            raise BtmError(f"cannot run sbatch for --check: {e}") from None
+        finally:
+            Path(f.name).unlink(missing_ok=True)
+        if out.returncode != 0:
+            problems.append(f"{job.name}: {out.stderr.strip() or out.stdout.strip()}")
+        else:
+            print(f"{job.name}: ok ({(out.stderr or out.stdout).strip()})")
+    return problems
+
+
+def cancel(run_dir: str | Path) -> list[str]:
+    ids = sorted({row["job_id"] for row in read_submissions(run_dir) if row.get("job_id")})
+    if ids:
+        try:
+            subprocess.run(["scancel", *ids], check=False, timeout=60)
+        except OSError as e:
+            raise BtmError(f"cannot run scancel: {e}") from None
+    return ids
+
+
+def active_jobs(run_dir: str | Path) -> list[str]:
+    """Submitted jobs of this run still pending or running (per squeue)."""
+    from launcher.status import parse_squeue, SQUEUE_FORMAT
+
+    ids = sorted({row["job_id"] for row in read_submissions(run_dir) if row.get("job_id")})
+    if not ids:
+        return []
+    try:
+        out = subprocess.run(["squeue", "--noheader", "-j", ",".join(ids), f"--format={SQUEUE_FORMAT}"],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [r.job_id for r in parse_squeue(out.stdout)
+            if r.state in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "SUSPENDED")]

@@ -1,0 +1,157 @@
+"""The forest manifest ``RUN_DIR/forest.json``: which experts exist and where they came from.
+
+A ``Forest`` is a list of ``Expert``s: id, name, training domains, parents with branch weights,
+updates and tokens trained, checkpoint path (relative to the run directory) and its sha256,
+and metrics. Experts can be added (incremental BTM) and removed without touching the others;
+``verify`` re-hashes every checkpoint and names the ones that changed.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from launcher.atomic import atomic_write_json, sha256_file
+from launcher.errors import BtmError
+from launcher.names import validate_name
+
+FOREST_FILE = "forest.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Expert:
+    id: int
+    name: str
+    domains: list[str]
+    checkpoint: str  # relative to the run directory unless absolute
+    sha256: str
+    parents: dict[str, float] = field(default_factory=dict)  # parent name ("seed", an expert) -> branch weight
+    updates: int = 0
+    tokens: int = 0
+    metrics: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> "Expert":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        missing = {f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING} - set(d)
+        if unknown or missing:
+            raise BtmError(f"{where}: expert entry {d.get('name')!r}: "
+                           + (f"unknown keys {sorted(unknown)} " if unknown else "")
+                           + (f"missing keys {sorted(missing)}" if missing else ""))
+        return cls(**d)
+
+
+@dataclass
+class Forest:
+    run: str
+    experts: list[Expert] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # experts the config wanted that did not finish
+    path: Path | None = field(default=None, compare=False)
+
+    # ---- queries -------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return [e.name for e in self.experts]
+
+    def get(self, name: str) -> Expert:
+        for e in self.experts:
+            if e.name == name:
+                return e
+        raise BtmError(f"no expert {name!r} in {self.path or FOREST_FILE}; experts: {', '.join(self.names()) or '(none)'}")
+
+    def checkpoint_path(self, expert: Expert) -> Path:
+        p = Path(expert.checkpoint)
+        return p if p.is_absolute() or self.path is None else self.path.parent / p
+
+    # ---- edits ---------------------------------------------------------------------------
+    def add(self, name: str, domains: list[str], checkpoint: str | Path, *, parents: dict | None = None,
+            updates: int = 0, tokens: int = 0, metrics: dict | None = None, sha256: str | None = None,
+            replace: bool = False) -> Expert:
+        validate_name(name, "expert name")
+        for d in domains:
+            validate_name(d, "domain")
+        if name in self.names():
+            if not replace:
+                raise BtmError(f"expert {name!r} is already in {self.path or FOREST_FILE}; remove it first")
+            self.experts = [e for e in self.experts if e.name != name]
+        ckpt = Path(checkpoint)
+        if self.path is not None and ckpt.is_absolute():
+            try:
+                ckpt = ckpt.resolve().relative_to(self.path.parent.resolve())
+            except ValueError:
+                pass
+        full = ckpt if ckpt.is_absolute() or self.path is None else self.path.parent / ckpt
+        if not full.is_file():
+            raise BtmError(f"expert {name!r}: checkpoint {full} does not exist")
+        expert = Expert(id=max((e.id for e in self.experts), default=-1) + 1, name=name, domains=list(domains),
+                        checkpoint=str(ckpt), sha256=sha256 or sha256_file(full),
+                        parents=dict(parents or {}), updates=updates, tokens=tokens, metrics=dict(metrics or {}))
+        self.experts.append(expert)
+        self.missing = [m for m in self.missing if m != name]
+        return expert
+
+    def remove(self, name: str) -> Expert:
+        expert = self.get(name)
+        self.experts = [e for e in self.experts if e.name != name]
+        return expert
+
+    def verify(self) -> list[str]:
+        """Names of experts whose checkpoint is missing or whose sha256 changed."""
+        bad = []
+        for e in self.experts:
+            p = self.checkpoint_path(e)
+            if not p.is_file() or sha256_file(p) != e.sha256:
+                bad.append(e.name)
+        return bad
+
+    # ---- files ---------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"format": FORMAT_VERSION, "run": self.run, "missing": list(self.missing),
+                "experts": [dataclasses.asdict(e) for e in self.experts]}
+
+    def save(self, path: str | Path | None = None) -> Path:
+        path = Path(path or self.path)
+        atomic_write_json(path, self.to_dict())
+        self.path = path
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Forest":
+        path = Path(path)
+        if path.is_dir():
+            path = path / FOREST_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise BtmError(f"no forest manifest at {path} (has the merge stage run?)") from None
+        except (OSError, ValueError) as e:
+            raise BtmError(f"cannot read forest manifest {path}: {e}") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:
+            raise BtmError(f"{path}: not a btm forest manifest (format {FORMAT_VERSION})")
+        experts = [Expert.from_dict(e, str(path)) for e in data.get("experts", [])]
+        return cls(run=data.get("run", ""), experts=experts, missing=list(data.get("missing", [])), path=path)
+
+    @classmethod
+    def load_or_new(cls, path: str | Path, run: str) -> "Forest":
+        path = Path(path)
+        if path.is_dir():
+            path = path / FOREST_FILE
+        return cls.load(path) if path.exists() else cls(run=run, path=path)
+
+
+@contextlib.contextmanager
+def editing(path: str | Path, run: str = ""):
+    """Load, yield and save the forest under a file lock (incremental experts add concurrently)."""
+    from filelock import FileLock
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / FOREST_FILE
+    with FileLock(str(path) + ".lock", timeout=300):
+        forest = Forest.load_or_new(path, run)
+        yield forest
+        forest.save()

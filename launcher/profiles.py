@@ -1,0 +1,133 @@
+"""Cluster profiles: the site-specific half of a job's resources.
+
+A profile (``slurm_templates/profiles/<name>.yaml``) says where and how jobs run: partition,
+account, qos, constraint, GPUs per node, CPUs, memory, time limit, extra sbatch lines, with
+optional per-stage overrides. The planner decides how many GPUs and nodes each job needs from
+the compute budget; the profile fills in the rest.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from launcher.errors import BtmError
+
+PROFILE_DIR = Path(__file__).resolve().parents[1] / "slurm_templates" / "profiles"
+STAGE_NAMES = ("data", "cluster", "seed", "train", "dense", "merge", "grow", "score", "eval", "report")
+_EXTRA_LINE = re.compile(r"--[a-z][a-z0-9-]*(=.+)?")
+
+
+def _dirs() -> list[Path]:
+    extra = os.environ.get("BTM_PROFILE_DIR")
+    return ([Path(extra)] if extra else []) + [PROFILE_DIR]
+
+
+def known_profiles() -> list[str]:
+    names = set()
+    for d in _dirs():
+        if d.is_dir():
+            names.update(p.stem for p in d.glob("*.yaml"))
+    return sorted(names)
+
+
+@dataclass
+class StageResources:
+    """Per-stage overrides; None keeps the profile's value."""
+    cpus_per_task: int | None = None
+    mem: str | None = None
+    time: int | None = None
+    gpus_per_node: int | None = None
+
+
+@dataclass
+class Profile:
+    name: str = "local"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    gpus_per_node: int = 0  # 0: CPU-only cluster (or the local machine)
+    cpus_per_task: int = 1
+    mem: str | None = None  # e.g. "32G"
+    time: int = 60  # minutes
+    signal_grace_s: int = 120  # SIGUSR2 this long before the time limit
+    python: str | None = None  # interpreter on the compute nodes; default: the submitting one
+    extra_sbatch: list[str] = field(default_factory=list)  # e.g. ["--exclusive", "--mail-type=END"]
+    stages: dict[str, StageResources] = field(default_factory=dict)
+
+    def for_stage(self, stage: str) -> "Profile":
+        over = self.stages.get(stage)
+        if over is None:
+            return self
+        changes = {k: v for k, v in dataclasses.asdict(over).items() if v is not None}
+        return dataclasses.replace(self, **changes)
+
+
+def _check(value, tp, key: str, where: str):
+    ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str)}[tp](value)
+    if not ok:
+        raise BtmError(f"{where}: {key}: expected {tp.__name__}, got {value!r}")
+    if tp is str and (not value or any(ord(c) < 32 or ord(c) == 127 for c in value)):
+        raise BtmError(f"{where}: {key}: {value!r} is empty or has control characters (newline, tab, ...)")
+    return value
+
+
+def parse_profile(data: dict, where: str, name: str) -> Profile:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise BtmError(f"{where}: expected a mapping")
+    simple = {f.name: f for f in dataclasses.fields(Profile)} 
+    kwargs: dict = {"name": name}
+    for key, value in data.items():
+        if key not in simple or key == "name":
+            close = difflib.get_close_matches(str(key), list(simple), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise BtmError(f"{where}: unknown key {key!r}{hint}")
+        if key == "extra_sbatch":
+            if not isinstance(value, list):
+                raise BtmError(f"{where}: extra_sbatch: expected a list of '--flag=value' strings")
+            for i, line in enumerate(value):
+                if not isinstance(line, str) or not _EXTRA_LINE.fullmatch(line) or any(ord(c) < 32 for c in line):
+                    raise BtmError(f"{where}: extra_sbatch[{i}]: expected '--flag' or '--flag=value', got {line!r}")
+            kwargs[key] = list(value)
+        elif key == "stages":
+            if not isinstance(value, dict):
+                raise BtmError(f"{where}: stages: expected a mapping stage -> resources")
+            stages = {}
+            for stage, over in value.items():
+                if stage not in STAGE_NAMES:
+                    raise BtmError(f"{where}: stages.{stage}: unknown stage; known: {', '.join(STAGE_NAMES)}")
+                fields = {f.name for f in dataclasses.fields(StageResources)}
+                if not isinstance(over, dict) or set(over) - fields:
+                    raise BtmError(f"{where}: stages.{stage}: expected keys among {', '.join(sorted(fields))}")
+                for k, v in over.items():
+                    _check(v, str if k == "mem" else int, f"stages.{stage}.{k}", where)
+                stages[stage] = StageResources(**over)
+            kwargs[key] = stages
+        elif value is None:
+            kwargs[key] = None
+        else:
+            tp = int if key in ("gpus_per_node", "cpus_per_task", "time", "signal_grace_s") else str
+            kwargs[key] = _check(value, tp, key, where)
+    return Profile(**kwargs)
+
+
+def load_profile(name_or_path: str) -> Profile:
+    path = Path(name_or_path)
+    if not (name_or_path.endswith(".yaml") and path.is_file()):
+        path = next((d / f"{name_or_path}.yaml" for d in _dirs() if (d / f"{name_or_path}.yaml").is_file()), None)
+        if path is None:
+            raise BtmError(f"unknown cluster profile {name_or_path!r}; known: {', '.join(known_profiles())}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise BtmError(f"cannot read cluster profile {path}: {e}") from None
+    return parse_profile(data, str(path), path.stem)

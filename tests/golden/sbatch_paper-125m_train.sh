@@ -1,0 +1,28 @@
+#!/bin/bash
+
+# Parameters
+#SBATCH --account=my-project
+#SBATCH --array=0-15%8
+#SBATCH --constraint=volta32gb
+#SBATCH --cpus-per-task=10
+#SBATCH --dependency=afterok:1002
+#SBATCH --gpus-per-node=2
+#SBATCH --job-name=paper-125m.train
+#SBATCH --kill-on-invalid-dep=yes
+#SBATCH --mail-type=FAIL
+#SBATCH --mem=480G
+#SBATCH --nodes=1
+#SBATCH --open-mode=append
+#SBATCH --output=/scratch/runs/paper/jobs/logs/%A_%a_0_log.out
+#SBATCH --partition=learnfair
+#SBATCH --qos=normal
+#SBATCH --requeue
+#SBATCH --signal=B:USR2@180
+#SBATCH --time=4320
+#SBATCH --wckey=btm
+
+# setup
+export PYTHONPATH=/opt/btm${PYTHONPATH:+:$PYTHONPATH}
+
+# command
+exec /opt/btm/.venv/bin/python -u -m launcher stage /scratch/runs/paper train --units-file /scratch/runs/paper/jobs/train.units.json

@@ -1,0 +1,144 @@
+"""Config validation: every bad input gets one error naming the file, the key and the value."""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import yaml
+
+from launcher.config import load_config, named_configs, parse_config
+from launcher.errors import BtmError
+
+BASE = {
+    "name": "t",
+    "domains": {"train": ["bible", "legal"], "eval": ["bible"]},
+    "model": {"preset": "tiny"},
+}
+
+
+def _with(path: str, value):
+    data = yaml.safe_load(yaml.safe_dump(BASE))
+    node = data
+    *parents, last = path.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[last] = value
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def _error(text: str) -> str:
+    with pytest.raises(BtmError) as e:
+        parse_config(text, "cfg.yaml")
+    return str(e.value)
+
+
+def test_valid_config_parses_with_defaults():
+    cfg = parse_config(yaml.safe_dump(BASE), "cfg.yaml")
+    assert cfg.expert_names == ["bible", "legal"]
+    assert cfg.total_updates == 300 and cfg.total_gpus == 1  # the tiny preset's
+    assert cfg.executor == "local" and cfg.profile == "local"
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("modle", {"preset": "tiny"}, ["cfg.yaml", "modle", "did you mean 'model'"]),
+    ("budget.seed_fracton", 0.3, ["budget.seed_fracton", "did you mean 'seed_fraction'"]),
+    ("budget.seed_fraction", "half", ["budget.seed_fraction", "expected a number", "'half'"]),
+    ("budget.total_updates", 1.5, ["budget.total_updates", "expected an integer"]),
+    ("budget.total_updates", True, ["budget.total_updates", "expected an integer"]),
+    ("domains.train", "bible", ["domains.train", "expected a list"]),
+    ("budget.seed_fraction", 1.0, ["budget.seed_fraction", "[0, 1)"]),
+    ("model.preset", "125M", ["model.preset", "'125M'", "did you mean '125m'"]),
+    ("model.preset", "huge", ["model.preset", "unknown model preset", "1.3b"]),
+    ("profile", "slurm-tset", ["profile", "unknown cluster profile", "did you mean 'slurm-test'"]),
+    ("executor", "kubernetes", ["executor", "'kubernetes'"]),
+    ("method", "moe", ["method", "'moe'"]),
+    ("branching.rule", "random", ["branching.rule", "'random'"]),
+    ("evaluation.methods", ["ensemble_uniform", "ensmble_prior"], ["evaluation.methods[1]", "did you mean 'ensemble_prior'"]),
+    ("baselines", ["dense", "moe"], ["baselines[1]", "'moe'"]),
+    ("domains.train", ["bible", "bible"], ["domains.train", "twice"]),
+    ("domains.eval", [], ["domains.eval", "at least one"]),
+])
+def test_bad_values_name_the_key(key, value, expected):
+    message = _error(_with(key, value))
+    assert message.startswith("cfg.yaml")
+    for part in expected:
+        assert part in message, message
+
+
+@pytest.mark.parametrize("bad", ["a/b", "..", "../etc", "x\ny", "a b", "a;rm -rf ~", "$(id)", "`id`", "a|b",
+                                 "-rf", "a'b", ""])
+@pytest.mark.parametrize("where", ["domains.train", "domains.eval", "name", "domains.incremental"])
+def test_unsafe_names_are_rejected(bad, where):
+    if where == "name":
+        text = _with("name", bad)
+    else:
+        text = _with(where, ["bible", bad] if where != "domains.incremental" else [bad])
+    message = _error(text)
+    assert where.split(".")[0] in message
+    assert "invalid" in message
+
+
+def test_error_carries_the_line_number():
+    text = textwrap.dedent("""\
+        name: t
+        domains:
+          train: [bible]
+          eval: [bible]
+        budget:
+          seed_fraction: lots
+        """)
+    assert _error(text).startswith("cfg.yaml:6: budget.seed_fraction")
+
+
+def test_not_yaml_and_not_a_mapping():
+    assert "not valid YAML" in _error("name: [unclosed\n")
+    assert "mapping" in _error("- a\n- b\n")
+
+
+def test_unknown_corpus_domain_names_the_corpus(tmp_path):
+    corpus = tmp_path / "corpus"
+    for d in ("bible", "legal"):
+        (corpus / d).mkdir(parents=True)
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(_with("domains.eval", ["bibel"]))
+    with pytest.raises(BtmError) as e:
+        load_config(cfg_file, corpus=corpus)
+    msg = str(e.value)
+    assert "domains.eval[0]" in msg and "'bibel'" in msg and "did you mean 'bible'" in msg and str(cfg_file) in msg
+
+
+def test_relative_corpus_path_is_relative_to_the_config_file(tmp_path):
+    (tmp_path / "data" / "bible").mkdir(parents=True)
+    (tmp_path / "data" / "legal").mkdir(parents=True)
+    cfg_file = tmp_path / "sub" / "c.yaml"
+    cfg_file.parent.mkdir()
+    cfg_file.write_text(_with("corpus.path", "../data"))
+    assert load_config(cfg_file).corpus.path == str((tmp_path / "data").resolve())
+
+
+def test_unknown_named_config():
+    with pytest.raises(BtmError, match="did you mean 'tiny'"):
+        load_config("tinny")
+
+
+@pytest.mark.parametrize("name", named_configs())
+def test_named_configs_are_valid(name):
+    cfg = load_config(name)
+    assert cfg.domains.train and cfg.domains.eval
+
+
+def test_paper_configs_cover_the_presets():
+    names = named_configs()
+    for preset in ("125m", "350m", "750m", "1.3b"):
+        cfg = load_config(f"paper-{preset}")
+        assert cfg.model.preset == preset and len(cfg.domains.train) == 8
+        assert set(cfg.baselines) == {"dense", "random_split"}
+    assert {"tiny", "demo"} <= set(names)
+
+
+def test_config_hash_is_stable_and_sensitive():
+    a = parse_config(yaml.safe_dump(BASE), "a.yaml")
+    b = parse_config(yaml.safe_dump(BASE), "b.yaml")
+    c = parse_config(_with("budget.seed_fraction", 0.25), "c.yaml")
+    assert a.config_hash() == b.config_hash() != c.config_hash()
+    assert parse_config(a.to_yaml(), "x").to_dict() == a.to_dict()

@@ -1,0 +1,218 @@
+"""Forest evaluation end to end (fairseq_ext/evaluate.py, `btm eval`, `btm average`)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from conftest import run_btm
+from eval_fixtures import DOMAINS, make_expert, tiny_data, tiny_experts  # noqa: F401
+from launcher.errors import BtmError
+from launcher.results import KEY_COLUMNS, read_results
+
+pytestmark = pytest.mark.fairseq
+
+
+def settings(**over):
+    from fairseq_ext.evaluate import EvalSettings
+    from fairseq_ext.scoring import ContextSettings
+
+    base = dict(context=ContextSettings(tokens_per_sample=64), top_k=(1, 2), device="cpu")
+    base.update(over)
+    return EvalSettings(**base)
+
+
+def by_method(rows, domain):
+    sub = rows[rows.eval_domain == domain]
+    return {(m, int(k)): r for (m, k), r in zip(zip(sub.method, sub.k), sub.itertuples())}
+
+
+def test_forest_rows_are_correct_and_a_rerun_hits_the_cache(tiny_data, tiny_experts, tmp_path):
+    from fairseq_ext import mixing
+    from fairseq_ext.evaluate import evaluate_forest
+    from fairseq_ext.priors import PriorSettings
+    from fairseq_ext.scoring import score_split
+
+    run = tmp_path / "run"
+    rows = evaluate_forest(run, tiny_experts, ["legal", "bible"], data_dir=tiny_data, settings=settings())
+    assert len(rows) == 2 * (3 + 4 + 2)
+    table = read_results(run)
+    assert len(table) == len(rows) and not table.duplicated(subset=KEY_COLUMNS).any()
+    legal = by_method(rows, "legal")
+
+    # Single experts: exactly the cached per-token scores; the legal expert is best on legal.
+    s = score_split(tiny_experts["legal"], tiny_data, "legal", "test", cache_dir=run / "scores",
+                    context=settings().context)
+    assert s.forward_passes == 0  # cached by the evaluation
+    assert legal["expert:legal", 1].nll == pytest.approx(s.nll, rel=1e-12)
+    assert legal["expert:legal", 1].tokens == s.tokens and legal["expert:legal", 1].prior == "none"
+    assert legal["expert:legal", 1].expert_forward_passes == math.ceil(s.tokens / 64) or \
+        legal["expert:legal", 1].expert_forward_passes > 0
+    expert_nll = {n: legal[f"expert:{n}", 1].nll for n in DOMAINS}
+    assert min(expert_nll, key=expert_nll.get) == "legal"
+
+    # Ensembles: recomputed from the cached scores with the cached prior.
+    lp = np.stack([score_split(p, tiny_data, "legal", "test", cache_dir=run / "scores",
+                               context=settings().context).logprobs for p in tiny_experts.values()])
+    prior_files = sorted((run / "priors").glob("legal.*.json"))
+    assert len(prior_files) == 1
+    import json
+    prior = np.array(json.loads(prior_files[0].read_text())["prior"])
+    assert np.argmax(prior) == DOMAINS.index("legal")
+    for method, rule in [("ensemble_uniform", "uniform"), ("ensemble_prior", "prior"),
+                         ("ensemble_posterior", "posterior"), ("ensemble_prev_token", "prev_token")]:
+        expected = mixing.nll(mixing.ensemble_logprobs(lp, s.doc_starts, rule, prior))
+        assert legal[method, 3].nll == pytest.approx(expected, rel=1e-12)
+    assert legal["ensemble_prior", 3].prior == PriorSettings().describe()
+    assert legal["ensemble_prior", 3].nll <= float(prior @ np.array(list(expert_nll.values()))) + 1e-12
+    # The posterior ensemble beats the uniform one on an in-domain split.
+    assert legal["ensemble_posterior", 3].nll < legal["ensemble_uniform", 3].nll
+    # top-1 with the cached prior is the legal expert alone.
+    assert legal["topk_prior", 1].nll == pytest.approx(expert_nll["legal"], rel=1e-12)
+    assert legal["ensemble_prior", 3].expert_forward_passes == sum(
+        legal[f"expert:{n}", 1].expert_forward_passes for n in DOMAINS)
+
+    # Re-running the same evaluation scores nothing and replaces the rows (no duplicates).
+    again = evaluate_forest(run, tiny_experts, ["legal", "bible"], data_dir=tiny_data, settings=settings())
+    assert (again.expert_forward_passes == 0).all()
+    np.testing.assert_allclose(again.nll.to_numpy(), rows.nll.to_numpy(), rtol=1e-12)
+    assert len(read_results(run)) == len(rows)
+
+    # New prior settings and k cost only mixing (held-out and test scores are cached).
+    new = evaluate_forest(run, tiny_experts, ["legal"], data_dir=tiny_data,
+                          settings=settings(prior=PriorSettings(alpha=0.5, batch_docs=1), top_k=(3,),
+                                            methods=("ensemble_posterior", "topk_prior")))
+    assert (new.expert_forward_passes == 0).all() and len(new) == 2
+    assert len(read_results(run)) == len(rows) + 2
+    assert len(list((run / "priors").glob("legal.*.json"))) == 2
+
+
+def test_prescore_fills_the_cache_the_evaluation_reads(tiny_data, tiny_experts, tmp_path):
+    from fairseq_ext.evaluate import evaluate_forest, prescore
+
+    run = tmp_path / "run"
+    for path in tiny_experts.values():  # what the launcher's score stage does, one unit each
+        scores = prescore(run, path, "bible", data_dir=tiny_data, settings=settings())
+        assert [s.forward_passes > 0 for s in scores] == [True, True]
+    rows = evaluate_forest(run, tiny_experts, ["bible"], data_dir=tiny_data, settings=settings())
+    assert (rows.expert_forward_passes == 0).all()
+
+
+def test_sparse_top_k_scores_only_the_selected_experts(tiny_data, tiny_experts, tmp_path):
+    from fairseq_ext.evaluate import evaluate_forest
+
+    run = tmp_path / "run"
+    # Estimate and cache the prior first (held-out split only).
+    evaluate_forest(run, tiny_experts, ["legal"], data_dir=tiny_data,
+                    settings=settings(methods=("ensemble_prior",), split="valid"))
+    assert not list((run / "scores").glob("legal.test.*"))
+    rows = evaluate_forest(run, tiny_experts, ["legal"], data_dir=tiny_data,
+                           settings=settings(methods=("topk_prior",), top_k=(1,)))
+    test_files = list((run / "scores").glob("legal.test.*"))
+    assert len(test_files) == 1  # one expert scored the test split, not three
+    row = rows.iloc[0]
+    assert row.method == "topk_prior" and row.k == 1
+    n_tokens = int(row.tokens)
+    assert row.expert_forward_passes > 0
+    # k = 2 scores one more expert; its row counts the passes of both experts it mixes.
+    rows2 = evaluate_forest(run, tiny_experts, ["legal"], data_dir=tiny_data,
+                            settings=settings(methods=("topk_prior",), top_k=(2,)))
+    assert len(list((run / "scores").glob("legal.test.*"))) == 2
+    assert 0 < rows2.iloc[0].expert_forward_passes <= 2 * row.expert_forward_passes
+    assert rows2.iloc[0].tokens == n_tokens
+
+
+def test_mismatched_experts_fail_before_any_scoring(tiny_data, tiny_experts, tmp_path):
+    import torch
+    from fairseq.data import Dictionary
+
+    from fairseq_ext.checkpoint import load_checkpoint, save_checkpoint
+    from fairseq_ext.evaluate import evaluate_forest
+
+    wide = make_expert(tiny_data, tmp_path / "wide.pt", domain=None, tokens_per_sample=96)
+    run = tmp_path / "run"
+    with pytest.raises(BtmError, match="cannot form one forest.*positions"):
+        evaluate_forest(run, {"legal": tiny_experts["legal"], "wide": wide}, ["legal"], data_dir=tiny_data,
+                        settings=settings())
+    # Another dictionary: same shapes, one symbol renamed.
+    state = load_checkpoint(tiny_experts["bible"])
+    state["extra_state"]["btm"]["dictionary"]["symbols"][5] = "<renamed>"
+    save_checkpoint(state, tmp_path / "otherdict.pt")
+    with pytest.raises(BtmError, match="cannot form one forest.*different dictionaries"):
+        evaluate_forest(run, {"legal": tiny_experts["legal"], "other": tmp_path / "otherdict.pt"}, ["legal"],
+                        data_dir=tiny_data, settings=settings())
+    with pytest.raises(BtmError, match="checkpoint .*nope.pt does not exist"):
+        evaluate_forest(run, {"legal": tmp_path / "nope.pt"}, ["legal"], data_dir=tiny_data, settings=settings())
+    assert not (run / "scores").exists() and not (run / "results").exists()
+
+
+def test_btm_eval_and_average_cli(tiny_data, tiny_experts, tmp_path, capsys):
+    from launcher.cli import main
+
+    run = tmp_path / "run"
+    experts = ",".join(f"{n}={p}" for n, p in tiny_experts.items())
+    common = ["--experts", experts, "--data", str(tiny_data), "--tokens-per-sample", "64", "--device", "cpu"]
+    proc = run_btm("eval", run, *common, "--domains", "legal", "--methods", "expert,ensemble_posterior,topk_prior",
+                   "--top-k", "1,2", check=True)
+    assert "ensemble_posterior" in proc.stdout and "results.csv" in proc.stdout
+    table = read_results(run)
+    assert sorted(table.method) == sorted(["expert:bible", "expert:code_python", "expert:legal",
+                                           "ensemble_posterior", "topk_prior", "topk_prior"])
+    expert_ppl = dict(zip(table.method, table.ppl))
+
+    proc = run_btm("average", run, *common, "--method", "posterior", "--target-domain", "legal", check=True)
+    assert "average:" in proc.stdout
+    # The same verb in-process (the subprocess above proves the entry point; this is faster).
+    for method in ("uniform", "argmax"):
+        assert main(["average", str(run), *common, "--method", method, "--target-domain", "legal"]) == 0
+    table = read_results(run)
+    avg = {m: r for m, r in zip(table.method, table.itertuples()) if m.startswith("average_")}
+    assert set(avg) == {"average_uniform", "average_argmax", "average_posterior"}
+    for name in ("uniform", "argmax.legal", "posterior.legal"):
+        out = run / "averages" / name
+        assert (out / "checkpoint.pt").is_file() and (out / "model.safetensors").is_file()
+    # argmax = the legal expert's own parameters, so the same perplexity.
+    assert avg["average_argmax"].k == 1
+    assert avg["average_argmax"].ppl == pytest.approx(expert_ppl["expert:legal"], rel=1e-6)
+    assert avg["average_posterior"].k == 3 and "target=legal" in avg["average_posterior"].prior
+    # Re-running an average reuses it and its scores.
+    before = (run / "averages" / "posterior.legal" / "checkpoint.pt").stat().st_mtime_ns
+    assert main(["average", str(run), *common, "--method", "posterior", "--target-domain", "legal"]) == 0
+    assert (run / "averages" / "posterior.legal" / "checkpoint.pt").stat().st_mtime_ns == before
+    table = read_results(run)
+    assert int(table[table.method == "average_posterior"].expert_forward_passes.iloc[0]) == 0
+
+    for argv, message in [
+        (["eval", str(run), "--experts", "legal", "--data", str(tiny_data)],
+         "btm: error: --experts: expected name=path, got 'legal'"),
+        (["eval", str(run), *common, "--domains", "legal", "--methods", "magic"],
+         "btm: error: unknown evaluation method 'magic'"),
+        (["average", str(run), *common, "--method", "argmax"], "btm: error: average method 'argmax' needs"),
+    ]:
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_trained_experts_end_to_end(tiny_data, tmp_path):
+    """Two tiny experts really trained (a few dozen updates each) with the model engineer's trainer."""
+    from fairseq_ext.evaluate import evaluate_forest
+    from fairseq_ext.train import TrainSpec, train_lm
+
+    experts = {}
+    for d in ("legal", "bible"):
+        result = train_lm(TrainSpec(data_dir=str(tiny_data), domains=[d], save_dir=str(tmp_path / d),
+                                    preset="tiny", max_updates=24, save_interval_updates=24, device="cpu",
+                                    tokens_per_batch=512, valid_max_tokens=1000))
+        experts[d] = result.checkpoint_last
+    run = tmp_path / "run"
+    rows = evaluate_forest(run, experts, ["legal", "bible"], data_dir=tiny_data, settings=settings(
+        context=__import__("fairseq_ext.scoring", fromlist=["x"]).ContextSettings()))
+    for domain in ("legal", "bible"):
+        r = by_method(rows, domain)
+        assert r[f"expert:{domain}", 1].nll < r[f"expert:{'bible' if domain == 'legal' else 'legal'}", 1].nll
+        assert r["ensemble_posterior", 2].nll <= max(r["expert:legal", 1].nll, r["expert:bible", 1].nll)
+    again = evaluate_forest(run, experts, ["legal", "bible"], data_dir=tiny_data, settings=settings(
+        context=__import__("fairseq_ext.scoring", fromlist=["x"]).ContextSettings()))
+    assert (again.expert_forward_passes == 0).all()

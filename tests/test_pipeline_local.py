@@ -1,0 +1,130 @@
+"""The local executor (dependencies, failures, requeue, worker bound), the run lock, and the
+whole tiny pipeline end to end once the model/data/eval parts are on main."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from conftest import REPO, require, require_fairseq, run_btm
+from launcher.executors.local import LocalExecutor
+from launcher.plan import Job, Unit
+
+
+def _job(name, units=(None,), after_ok=(), after_any=(), array=False):
+    return Job(name=name, stage=name, units=[Unit(u) for u in units], array=array,
+               after_ok=list(after_ok), after_any=list(after_any))
+
+
+def _trivial(tmp_path, behaviour: dict):
+    """A command per unit: append "start/end <job>.<unit> <time>" to a log; exit per `behaviour`."""
+    log = tmp_path / "events.txt"
+
+    def command(job, unit):
+        key = f"{job.name}.{unit}"
+        code = behaviour.get(key, 0)
+        script = textwrap.dedent(f"""
+            import sys, time, os
+            def w(s):
+                with open({str(log)!r}, "a") as f: f.write(s + "\\n")
+            w("start {key} %f" % time.time())
+            time.sleep(0.2)
+            marker = {str(tmp_path)!r} + "/preempted.{key}"
+            code = {code}
+            if code == 3 and os.path.exists(marker):
+                code = 0  # resumed after the requeue
+            if code == 3:
+                open(marker, "w").close()
+            w("end {key} %f" % time.time())
+            sys.exit(code)
+        """)
+        return [sys.executable, "-c", script]
+
+    return command, log
+
+
+def _events(log):
+    out = []
+    for line in log.read_text().splitlines():
+        kind, key, t = line.split()
+        out.append((kind, key, float(t)))
+    return out
+
+
+def test_dependencies_failure_isolation_and_requeue(tmp_path):
+    jobs = [_job("data"), _job("train", ["a", "b", "c"], after_ok=["data"], array=True),
+            _job("merge", after_any=["train"]), _job("score", ["x"], after_ok=["merge"]),
+            _job("eval", after_ok=["train"])]
+    command, log = _trivial(tmp_path, {"train.b": 1, "train.c": 3})
+    result = LocalExecutor(tmp_path, max_workers=2, command_for=command, progress=False).run(jobs)
+    ev = _events(log)
+    t = {(k, key): ts for k, key, ts in ev}
+    # train tasks start after data ended; merge waits for every train task (afterany) despite b failing
+    for u in "abc":
+        assert t[("start", f"train.{u}")] >= t[("end", "data.None")]
+    assert t[("start", "merge.None")] >= max(t[("end", f"train.{u}")] for u in "abc")
+    assert ("start", "score.x") in t  # merge succeeded
+    assert not any(key == "eval.None" for _, key, _ in ev)  # afterok on a failed array: cancelled
+    by = {(u.job, u.unit): u for u in result.units}
+    assert by[("train", "b")].returncode == 1 and by[("train", "a")].returncode == 0
+    assert by[("train", "c")].returncode == 0 and by[("train", "c")].attempts == 2  # requeued once
+    assert by[("eval", None)].returncode is None
+    assert {(u.job, u.unit) for u in result.failed} == {("train", "b"), ("eval", None)}
+    # never more than 2 units at once
+    running, peak = 0, 0
+    for kind, _, _ in sorted(ev, key=lambda e: e[2]):
+        running += 1 if kind == "start" else -1
+        peak = max(peak, running)
+    assert peak <= 2
+
+
+def test_lock_refuses_a_second_run(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        from launcher.lock import run_lock
+        with run_lock({str(tmp_path)!r}):
+            print("locked", flush=True)
+            time.sleep(30)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        from launcher.errors import BtmError
+        from launcher.lock import run_lock
+
+        with pytest.raises(BtmError, match="another btm process is running"):
+            with run_lock(tmp_path):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    from launcher.lock import run_lock
+
+    with run_lock(tmp_path):  # released when the holder died
+        pass
+
+
+@pytest.mark.slow
+@pytest.mark.fairseq
+def test_tiny_pipeline_end_to_end(small_corpus, tmp_path):
+    require_fairseq()
+    import importlib.util
+
+    for mod in ("fairseq_ext.data_prep", "fairseq_ext.train", "fairseq_ext.branch", "fairseq_ext.scoring",
+                "fairseq_ext.evaluate", "analysis.report"):
+        require(importlib.util.find_spec(mod) is not None, f"{mod} is not on this branch yet")
+    run_dir = tmp_path / "run"
+    r = run_btm("run", "tiny", "--run-dir", run_dir, "--corpus", small_corpus, "--no-progress", timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    forest = json.loads((run_dir / "forest.json").read_text())
+    assert [e["name"] for e in forest["experts"]] == ["bible", "code_python", "legal"]
+    assert (run_dir / "results" / "results.csv").is_file()
+    for name in ("data", "seed", "train.bible", "merge", "eval", "report"):
+        assert (run_dir / "records" / f"{name}.json").is_file()
+    again = run_btm("run", "tiny", "--run-dir", run_dir, "--corpus", small_corpus, "--no-progress")
+    assert again.returncode == 0 and "jobs to submit: 0" in again.stdout
+    assert run_btm("forest", "verify", run_dir).returncode == 0

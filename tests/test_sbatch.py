@@ -1,0 +1,119 @@
+"""sbatch rendering: golden scripts, `bash -n` on every rendering, quoting of fuzzed values."""
+from __future__ import annotations
+
+import dataclasses
+import shlex
+import shutil
+import subprocess
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from golden_util import check_golden
+from launcher.config import load_config
+from launcher.errors import BtmError
+from launcher.plan import build_plan
+from launcher.profiles import Profile, load_profile, parse_profile
+from launcher.sbatch import SbatchContext, render_sbatch
+
+CTX = dict(run_dir="/scratch/runs/paper", run_name="paper-125m", array_parallelism=8,
+           dependency_ids={"data": "1001", "seed": "1002", "train": "1003", "merge": "1004", "dense": "1005",
+                           "score": "1006", "eval": "1007"},
+           python="/opt/btm/.venv/bin/python", pythonpath="/opt/btm")
+
+
+def _plan(name="paper-125m", profile="gpu-cluster-example"):
+    cfg = load_config(name)
+    return build_plan(cfg, load_profile(profile), CTX["run_dir"])
+
+
+def bash_n(text: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-n"], input=text, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("job", ["data", "seed", "train", "dense", "merge", "score", "eval", "report"])
+def test_golden_paper_125m(job):
+    plan = _plan()
+    text = render_sbatch(plan.job(job), plan.profile, SbatchContext(**CTX))
+    check_golden(f"sbatch_paper-125m_{job}.sh", text)
+    assert bash_n(text).returncode == 0
+
+
+def test_train_is_one_array_with_preemption_settings():
+    plan = _plan()
+    text = render_sbatch(plan.job("train"), plan.profile, SbatchContext(**CTX))
+    assert "#SBATCH --array=0-15%8" in text
+    assert "#SBATCH --requeue" in text and "#SBATCH --signal=B:USR2@180" in text
+    assert "#SBATCH --kill-on-invalid-dep=yes" in text
+    assert "#SBATCH --dependency=afterok:1002" in text
+    assert "--units-file /scratch/runs/paper/jobs/train.units.json" in text
+    assert text.count("exec ") == 1
+    merge = render_sbatch(plan.job("merge"), plan.profile, SbatchContext(**CTX))
+    assert "#SBATCH --dependency=afterany:1003" in merge
+
+
+def test_slurm_test_profile_renders_cpu_jobs():
+    plan = _plan("tiny", "slurm-test")
+    text = render_sbatch(plan.job("train"), plan.profile, SbatchContext(**CTX))
+    assert "gpus" not in text and "#SBATCH --array=0-2%2" not in text  # array_parallelism from ctx: 8
+    assert "#SBATCH --array=0-2%3" in text and "#SBATCH --mem=1000M" in text
+
+
+_value = st.text(st.characters(min_codepoint=32, max_codepoint=0x2FF, exclude_characters="\x7f"), min_size=1, max_size=30)
+
+
+_TINY = load_config("tiny")
+
+
+@settings(max_examples=60, deadline=None)
+@given(partition=_value, account=_value, qos=_value, constraint=_value, mem=_value, run_dir=_value, python=_value)
+def test_fuzzed_values_stay_quoted(partition, account, qos, constraint, mem, run_dir, python):
+    profile = parse_profile({"partition": partition, "account": account, "qos": qos, "constraint": constraint,
+                             "mem": mem}, "fuzz.yaml", "fuzz")
+    plan = build_plan(_TINY, profile, "/r")
+    ctx = SbatchContext(**{**CTX, "run_dir": "/x/" + run_dir, "python": python, "pythonpath": run_dir})
+    for job in ("train",):
+        text = render_sbatch(plan.job(job), profile, ctx)
+        assert bash_n(text).returncode == 0, text
+        flags = {}
+        for line in text.split("\n"):  # not splitlines(): it also splits on \x85 and friends
+            if line.startswith("#SBATCH --"):
+                key, _, value = line[len("#SBATCH --"):].partition("=")
+                flags[key] = shlex.split(value)[0] if value else True
+        assert flags["partition"] == partition and flags["account"] == account
+        assert flags["qos"] == qos and flags["constraint"] == constraint and flags["mem"] == mem
+        command = [ln for ln in text.split("\n") if ln.startswith("exec ")][0]
+        argv = shlex.split(command)
+        assert argv[1] == python and "/x/" + run_dir in argv
+
+
+@pytest.mark.parametrize("bad", [{"partition": "gpu\n#SBATCH --x"}, {"account": "a\tb"}, {"time": "1h"},
+                                 {"extra_sbatch": ["--exclusive\n--x"]}, {"extra_sbatch": ["rm -rf /"]},
+                                 {"partiton": "gpu"}, {"stages": {"train": {"gpus": 1}}}, {"stages": {"trian": {}}}])
+def test_bad_profiles_are_rejected(bad):
+    with pytest.raises(BtmError) as e:
+        parse_profile(bad, "p.yaml", "p")
+    assert "p.yaml" in str(e.value)
+
+
+def test_extra_sbatch_lines_and_stage_overrides():
+    prof = parse_profile({"gpus_per_node": 8, "extra_sbatch": ["--exclusive", "--mail-type=END"],
+                          "stages": {"merge": {"cpus_per_task": 3}}}, "p.yaml", "p")
+    plan = build_plan(load_config("tiny"), prof, "/r")
+    text = render_sbatch(plan.job("merge"), prof, SbatchContext(**CTX))
+    assert "#SBATCH --exclusive" in text and "#SBATCH --mail-type=END" in text
+    assert "#SBATCH --cpus-per-task=3" in text
+    assert dataclasses.replace(prof).for_stage("merge").cpus_per_task == 3
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
+def test_units_file_lookup_by_name(tmp_path, monkeypatch):
+    from launcher.stages import unit_from_units_file
+
+    f = tmp_path / "train.units.json"
+    f.write_text('["legal", "bible"]')
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    assert unit_from_units_file(f) == "bible"
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")
+    with pytest.raises(BtmError, match="outside"):
+        unit_from_units_file(f)
