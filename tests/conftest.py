@@ -20,7 +20,19 @@ import pytest
 pytest_plugins = ["slurm_testcluster"]
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("BTM_SHARED", REPO.parent / "shared"))
+
+
+def _find_shared() -> Path:
+    """../shared beside the checkout (CI), or beside an ancestor (a git worktree)."""
+    if os.environ.get("BTM_SHARED"):
+        return Path(os.environ["BTM_SHARED"])
+    for parent in REPO.parents:
+        if (parent / "shared" / "corpus").is_dir():
+            return parent / "shared"
+    return REPO.parent / "shared"
+
+
+SHARED = _find_shared()
 CORPUS = SHARED / "corpus"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 

@@ -65,3 +65,28 @@ def test_ci_runs_exactly_the_readme_test_command():
     ci = (REPO / ".ci" / "run").read_text()
     assert "bash scripts/run_tests.sh" in readme
     assert "bash scripts/run_tests.sh" in ci
+
+
+def test_atomic_write_follows_umask_and_leaves_no_temp_file(tmp_path):
+    import os
+    from launcher.atomic import atomic_write_text
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "out.txt", "hello")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out.txt").read_text() == "hello"
+    assert (tmp_path / "out.txt").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_atomic_write_failure_keeps_the_old_file(tmp_path):
+    from launcher.atomic import atomic_path
+    target = tmp_path / "data.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("crash mid-write")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["data.bin"]
