@@ -164,35 +164,39 @@ def _panel_axes(fig: Figure, panels: list[str]):
 
 
 def plot_ppl_vs_topk(frame: pd.DataFrame, runs: list[RunData], split: str) -> Figure:
-    """Mean perplexity of top-k ensembles (cached prior) against k, one line per run; the
-    run's full ensemble (dashed) and dense model (dotted) as reference lines."""
+    """Mean perplexity of the cached-prior ensemble against k, the experts it runs per token:
+    ``topk_prior`` rows, and the full ``ensemble_prior`` at its k (the forest size; a square
+    marker). One line per run; the run's dense model dotted for reference."""
     means = group_means(frame, runs, split)
-    topk = means[means["method"] == "topk_prior"].dropna(subset=["k"])
-    if topk.empty:
+    curve = means[means["method"].isin(["topk_prior", "ensemble_prior"])].dropna(subset=["k"])
+    if not (curve["method"] == "topk_prior").any():
         raise PlotSkipped(f"no topk_prior results on the {split} split")
-    ks = sorted(topk["k"].unique())
+    ks = sorted(curve["k"].unique())
     if len(ks) < 2:
-        raise PlotSkipped(f"top-k results exist only for k={ks[0]:g}; a curve needs two or more k")
-    panels = _panels(topk, "k", "top-k results")
+        raise PlotSkipped(f"top-k and full-ensemble results exist only for k={ks[0]:g}; a curve "
+                          "needs two or more k")
+    panels = _panels(curve, "k", "top-k results")
     fig = Figure(figsize=(5.5 * len(panels), 4.2))
     run_colors = dict(zip([r.label for r in runs], _colors(len(runs))))
     for ax, group in zip(_panel_axes(fig, panels), panels):
-        sub = topk[topk["group"] == group]
-        for (run_label, line), pts in sub.groupby(["run_label", _strip(sub, r"Top-\S+ prior")]):
+        sub = curve[curve["group"] == group]
+        line_of = _strip(sub, r"^(Top-\S+ prior|Ensemble prior)")
+        for (run_label, line), pts in sub.groupby(["run_label", line_of]):
             pts = pts.sort_values("k")
-            name = f"{run_label} {line}".strip()
-            ax.plot(pts["k"], pts["ppl"], marker="o", color=run_colors[run_label], label=name)
+            color = run_colors[run_label]
+            ax.plot(pts["k"], pts["ppl"], marker="o", color=color, label=f"{run_label} {line}".strip())
+            full = pts[pts["method"] == "ensemble_prior"]
+            ax.plot(full["k"], full["ppl"], marker="s", markersize=9, linestyle="none",
+                    color=color, label=f"{run_label} {line} full ensemble".replace("  ", " "))
         for run_label in sub["run_label"].unique():
-            ref = means[(means["run_label"] == run_label) & (means["group"] == group)]
-            for method, style, what in (("ensemble_prior", "--", "full ensemble"),
-                                        ("dense", ":", "dense")):
-                row = ref[ref["method"] == method]
-                if len(row) == 1:
-                    ax.axhline(row["ppl"].iloc[0], linestyle=style, color=run_colors[run_label],
-                               label=f"{run_label} {what}")
+            dense = means[(means["run_label"] == run_label) & (means["group"] == group)
+                          & (means["method"] == "dense")]
+            if len(dense) == 1:
+                ax.axhline(dense["ppl"].iloc[0], linestyle=":", color=run_colors[run_label],
+                           label=f"{run_label} dense")
         ax.set_xscale("log", base=2)
         ax.set_xticks(ks, [f"{k:g}" for k in ks])
-        ax.set_xlabel("k (experts used per token, top-k by cached prior)")
+        ax.set_xlabel("k (experts run per token, top-k by cached prior)")
         ax.set_ylabel(f"mean perplexity over {GROUP_TITLES[group]}")
         ax.set_title(GROUP_TITLES[group])
         ax.grid(alpha=0.3)

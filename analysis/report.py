@@ -104,7 +104,7 @@ def build_report(run_dirs: list[str | Path], out: str | Path | None = None,
     md += _plots_section(w, frame, runs, split, labels, run_groups)
 
     w.text("tables/results_all.csv",
-           frame.drop(columns=["order_key"]).to_csv(index=False))
+           frame.drop(columns=["order_key", "prior_variant"]).to_csv(index=False))
     md += ["## Notes", ""]
     md += [f"- {n}" for n in notes] if notes else ["None."]
     md += ["", "All rows of every run, as read: [tables/results_all.csv](tables/results_all.csv)", ""]

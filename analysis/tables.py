@@ -9,6 +9,7 @@ the best (lowest) value of each row marked.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,8 +26,9 @@ METHOD_NAMES = {
     "average_posterior": "Avg posterior", "cbtm_cluster": "c-BTM",
 }
 # Columns that tell variants of one method apart; shown in a label only when they vary.
-VARIANT_FIELDS = ["run", "k", "prior", "n_clusters", "routing", "seed_fraction"]
-STAGE_ORDER = ["data", "seed", "train", "merge", "cluster", "score", "eval", "report"]
+VARIANT_FIELDS = ["run", "k", "prior_variant", "n_clusters", "routing", "seed_fraction"]
+# launcher/profiles.py STAGE_NAMES, in pipeline order.
+STAGE_ORDER = ["data", "cluster", "seed", "train", "dense", "merge", "grow", "score", "eval", "report"]
 BASELINE_UNITS = ("dense", "random_split")
 MEAN_ROW = "mean"
 
@@ -66,6 +68,10 @@ def combine(runs: list[RunData]) -> tuple[pd.DataFrame, list[str]]:
     for (run, method), n in frame[off].groupby(["run_label", "method"]).size().items():
         notes.append(f"run {run}: {n} row(s) of {method} have ppl != exp(nll) (more than 1% "
                      "apart); the tables show ppl")
+    # A per-domain model (e.g. a posterior average built for its target domain) says so in its
+    # prior ("...,target=<domain>"); it is one method column, not one column per target.
+    frame["prior_variant"] = [re.sub(rf"target={re.escape(d)}(?=$|[,;) ])", "target=<domain>", p)
+                              for p, d in zip(frame["prior"], frame["eval_domain"])]
     frame["label"] = variant_labels(frame)
     frame["order_key"] = [_order_key(r) for r in frame.itertuples()]
     key = ["run_label", "label", "eval_domain", "split"]
@@ -109,9 +115,10 @@ def _label(row, varying: set[str]) -> str:
         text += f" k={_num(row.k)}"
     if "n_clusters" in varying and method != "cbtm_cluster":
         text += f" {_num(row.n_clusters)} clusters"
-    for f in ("prior", "routing"):
-        if f in varying:
-            text += f" [{f}={getattr(row, f) or '-'}]"
+    if "prior_variant" in varying:
+        text += f" [prior={row.prior_variant or '-'}]"
+    if "routing" in varying:
+        text += f" [routing={row.routing or '-'}]"
     if "seed_fraction" in varying:
         text += f" seed={_num(row.seed_fraction)}"
     if "run" in varying:
@@ -124,7 +131,7 @@ def _order_key(row) -> tuple:
     rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else (
         len(METHOD_ORDER) + 1 if is_expert_method(method) else len(METHOD_ORDER))
     num = lambda v: -1.0 if math.isnan(v) else v  # noqa: E731
-    return (rank, method, num(row.n_clusters), num(row.k), row.prior, row.routing,
+    return (rank, method, num(row.n_clusters), num(row.k), row.prior_variant, row.routing,
             num(row.seed_fraction), row.run)
 
 

@@ -62,13 +62,13 @@ def _describe(path, state) -> dict:
     }
 
 
-def check_compatible(paths) -> dict:
+def check_compatible(paths, *, trust_pickle: bool = False) -> dict:
     """Raise BtmError at the first difference between ``paths[0]`` and another checkpoint."""
     from fairseq_ext.checkpoint import load_checkpoint
 
     ref = None
     for p in paths:
-        state = load_checkpoint(p, mmap=True)
+        state = load_checkpoint(p, trust_pickle=trust_pickle, mmap=True)
         desc = _describe(p, state)
         del state
         if ref is None:
@@ -96,8 +96,12 @@ def check_compatible(paths) -> dict:
 
 
 def average_checkpoints(paths, weights, out_path, *, safetensors_path=None,
-                        btm_extra: dict | None = None) -> dict:
+                        btm_extra: dict | None = None, trust_pickle: bool = False) -> dict:
     """Write the weighted average of ``paths`` to ``out_path`` (fairseq checkpoint, update 0).
+
+    ``trust_pickle`` (the CLI's ``--trust-checkpoint``) lets parents that need pickle load; the
+    output is always a weights_only checkpoint, so this is also how a trusted legacy checkpoint
+    is converted (``btm branch --from OLD --out NEW --trust-checkpoint``).
 
     Returns ``{"out": path, "sha256": ..., "weights": [normalized], "parents": [...]}``.
     """
@@ -110,7 +114,7 @@ def average_checkpoints(paths, weights, out_path, *, safetensors_path=None,
         if not os.path.isfile(p):
             raise BtmError(f"checkpoint not found: {p}")
     norm = normalize_weights(weights, paths)
-    ref = check_compatible(paths)
+    ref = check_compatible(paths, trust_pickle=trust_pickle)
 
     acc = {k: torch.zeros(shape, dtype=torch.float32) for k, (shape, _) in ref["shapes"].items()}
     parents = []
@@ -120,13 +124,14 @@ def average_checkpoints(paths, weights, out_path, *, safetensors_path=None,
         parents.append({"path": p, "sha256": sha, "weight": w})
         if w == 0.0:
             continue
-        state = ck.load_checkpoint(p, mmap=True, verify=False)
+        state = ck.load_checkpoint(p, trust_pickle=trust_pickle, mmap=True, verify=False)
         if cfg is None:
             cfg, dictionary = state["cfg"], ck.checkpoint_dictionary(state, p)
         w32 = torch.tensor(w, dtype=torch.float32)
-        for k, x in state["model"].items():
-            acc[k] = acc[k] + w32 * x.to(torch.float32)
-        del state
+        for k in list(state["model"]):
+            # acc + (w * x): the product is rounded to fp32 before the add, as written.
+            acc[k].add_(w32 * state["model"].pop(k).to(torch.float32))
+        del state  # unmaps the file: its pages leave this process's memory
 
     out_state = {}
     for k, (shape, dtype) in ref["shapes"].items():

@@ -18,7 +18,7 @@ from launcher.errors import BtmError
 
 
 def branch_expert(parents: dict | str | os.PathLike, out_path, *, method: str = "explicit",
-                  info: dict | None = None) -> dict:
+                  info: dict | None = None, trust_pickle: bool = False) -> dict:
     """Write ``out_path`` (+ ``branch.json`` in its directory); return the branch record."""
     from fairseq_ext.averaging import average_checkpoints, normalize_weights
     from fairseq_ext.checkpoint import verify_checkpoint
@@ -40,7 +40,8 @@ def branch_expert(parents: dict | str | os.PathLike, out_path, *, method: str = 
         if old.get("parents") == wanted and old.get("sha256") == verify_checkpoint(out_path):
             return old
     result = average_checkpoints(paths, weights, out_path,
-                                 btm_extra={"branch": {"method": method, **(info or {})}})
+                                 btm_extra={"branch": {"method": method, **(info or {})}},
+                                 trust_pickle=trust_pickle)
     record = {"out": out_path.name, "sha256": result["sha256"], "method": method,
               "parents": result["parents"], **(info or {})}
     atomic_write_json(record_path, record)

@@ -33,12 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
-from launcher.atomic import atomic_write_json, sha256_file
+from launcher.atomic import atomic_write_json
 from launcher.errors import BtmError
 from launcher.names import validate_name
 from fairseq_ext import mixing
 from fairseq_ext.priors import PriorSettings, cached_domain_prior, stack_scores
-from fairseq_ext.scoring import ContextSettings, score_split
+from fairseq_ext.scoring import ContextSettings, checkpoint_sha256, score_split
 
 ENSEMBLE_METHODS = {"ensemble_uniform": "uniform", "ensemble_prior": "prior",
                     "ensemble_posterior": "posterior", "ensemble_prev_token": "prev_token"}
@@ -137,13 +137,17 @@ class Scorer:
         self.settings = settings
         self.device = resolve_device(settings.device)
         self._done: dict[tuple[str, str, str], object] = {}
+        self._sha: dict[str, str] = {}
 
     def __call__(self, checkpoint: Path, domain: str, split: str):
         key = (str(checkpoint), domain, split)
         if key not in self._done:
+            if str(checkpoint) not in self._sha:
+                self._sha[str(checkpoint)] = checkpoint_sha256(checkpoint)
             self._done[key] = score_split(checkpoint, self.data_dir, domain, split,
                                           cache_dir=self.cache_dir, context=self.settings.context,
-                                          device=self.device, batch_size=self.settings.batch_size)
+                                          device=self.device, batch_size=self.settings.batch_size,
+                                          checkpoint_sha=self._sha[str(checkpoint)])
         return self._done[key]
 
 
@@ -188,7 +192,7 @@ def evaluate_forest(run_dir: str | os.PathLike, experts: dict[str, Path], eval_d
 
     Returns the new rows as a DataFrame.
     """
-    from launcher.results import append_results, validate_rows
+    from launcher.results import append_results
 
     run_dir = Path(run_dir)
     settings = settings.validate()
@@ -237,9 +241,7 @@ def evaluate_forest(run_dir: str | os.PathLike, experts: dict[str, Path], eval_d
                 out = mixing.ensemble_logprobs(k_lp, k_starts, method="prior", prior=prior[keep])
                 rows.append(_row(run, "topk_prior", k, prior_label, domain, settings.split, out, selected,
                                  time.perf_counter() - t0))
-    new = validate_rows(rows)
-    append_results(run_dir, new)
-    return new
+    return append_results(run_dir, rows).tail(len(rows)).reset_index(drop=True)
 
 
 def evaluate_model(run_dir: str | os.PathLike, method: str, checkpoint: str | os.PathLike,
@@ -247,7 +249,7 @@ def evaluate_model(run_dir: str | os.PathLike, method: str, checkpoint: str | os
                    settings: EvalSettings = EvalSettings(), k: int = 1, prior: str = "none",
                    run_name: str | None = None):
     """Score one model (``dense``, ``average_*``, ...) on each eval domain; append its rows."""
-    from launcher.results import append_results, validate_rows
+    from launcher.results import append_results
 
     run_dir = Path(run_dir)
     settings = settings.validate()
@@ -259,9 +261,7 @@ def evaluate_model(run_dir: str | os.PathLike, method: str, checkpoint: str | os
         scores = scorer(Path(checkpoint), domain, settings.split)
         rows.append(_row(run, method, k, prior, domain, settings.split, scores.logprobs.astype(np.float64),
                          [scores], 0.0))
-    new = validate_rows(rows)
-    append_results(run_dir, new)
-    return new
+    return append_results(run_dir, rows).tail(len(rows)).reset_index(drop=True)
 
 
 # ----------------------------------------------------------------------------- averaging
@@ -309,7 +309,7 @@ def average_forest(run_dir: str | os.PathLike, experts: dict[str, Path], method:
     weights = average_weights(method, prior, len(experts))
     out_dir = run_dir / "averages" / name
     record = {"method": method, "target_domain": target_domain, "experts": list(experts),
-              "expert_sha256": {n: sha256_file(p) for n, p in experts.items()},
+              "expert_sha256": {n: checkpoint_sha256(p) for n, p in experts.items()},
               "weights": [float(w) for w in weights],
               "prior": "none" if method == "uniform" else f"{settings.prior.describe()},target={target_domain}",
               "prior_settings": asdict(settings.prior) if prior is not None else None,

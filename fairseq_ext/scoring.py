@@ -142,8 +142,24 @@ def plan_blocks(n_tokens: int, doc_starts: np.ndarray, tokens_per_sample: int, c
 
 # ----------------------------------------------------------------------------- cache
 
-def cache_key(checkpoint_sha256: str, data_hash_: str, context: ContextSettings) -> dict:
-    return {"format": SCORES_FORMAT, "checkpoint_sha256": checkpoint_sha256, "data_hash": data_hash_,
+def checkpoint_sha256(path: str | os.PathLike) -> str:
+    """The checkpoint's sha256 for cache keys: its ``.sha256`` sidecar (written with it by
+    ``fairseq_ext.checkpoint.save_checkpoint``) when that is at least as new as the file, else
+    a full hash. Hashing a multi-GB checkpoint costs seconds; a cache hit should not."""
+    path = Path(path)
+    side = Path(str(path) + ".sha256")
+    try:
+        if side.stat().st_mtime_ns >= path.stat().st_mtime_ns:
+            digest = side.read_text().split()[0] if side.read_text().strip() else ""
+            if len(digest) == 64:
+                return digest
+    except OSError:
+        pass
+    return sha256_file(path)
+
+
+def cache_key(checkpoint_digest: str, data_digest: str, context: ContextSettings) -> dict:
+    return {"format": SCORES_FORMAT, "checkpoint_sha256": checkpoint_digest, "data_hash": data_digest,
             "context": asdict(context)}
 
 
@@ -177,9 +193,10 @@ def save_scores(path: Path, scores: Scores) -> None:
 
 def score_split(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, domain: str, split: str, *,
                 cache_dir: str | os.PathLike, context: ContextSettings = ContextSettings(),
-                device: str = "cpu", batch_size: int = 8) -> Scores:
+                device: str = "cpu", batch_size: int = 8, checkpoint_sha: str | None = None) -> Scores:
     """Per-token log-probs of ``checkpoint`` on ``DATA_DIR/<domain>/<split>``, from the cache
-    when the (checkpoint sha256, data hash, context settings) were scored before."""
+    when the (checkpoint sha256, data hash, context settings) were scored before.
+    ``checkpoint_sha``: the checkpoint's sha256 if the caller already has it."""
     validate_name(domain, "domain")
     validate_name(split, "split")
     context = context.validate()
@@ -188,7 +205,7 @@ def score_split(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, doma
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise BtmError(f"checkpoint not found: {checkpoint}")
-    key = cache_key(sha256_file(checkpoint), data_hash(data_dir, domain, split), context)
+    key = cache_key(checkpoint_sha or checkpoint_sha256(checkpoint), data_hash(data_dir, domain, split), context)
     path = cache_path(cache_dir, domain, split, key)
     cached = load_cached(path, key)
     if cached is not None:

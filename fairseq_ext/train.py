@@ -175,11 +175,22 @@ def evaluate(model, data_dir: str, domains: list[str], tokens_per_sample: int, p
                 y = targets[i:i + batch_size].to(device)
                 with torch.autocast(device.type, dtype=autocast_dtype,
                                     enabled=autocast_dtype is not None):
-                    total += float(model.lm_loss(x, y))
+                    total += float(_summed_loss(model, x, y, pad))
                 count += int((y != pad).sum())
             out[d] = total / max(count, 1)
     model.train(was_training)
     return out
+
+
+def _summed_loss(model, x, y, pad: int):
+    """ELM's chunked loss, or full logits for other fairseq LMs (e.g. stock transformer_lm)."""
+    import torch.nn.functional as F
+
+    if hasattr(model, "lm_loss"):
+        return model.lm_loss(x, y)
+    logits = model(x)[0].float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
+                           ignore_index=pad, reduction="sum")
 
 
 def _resolve(spec: TrainSpec):

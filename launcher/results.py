@@ -158,7 +158,8 @@ def read_results(path: str | os.PathLike) -> pd.DataFrame:
 
 def append_results(run_dir: str | os.PathLike, rows) -> pd.DataFrame:
     """Add rows to RUN_DIR/results/results.{csv,parquet}; a row with an existing key replaces
-    the old one. Both files are rewritten atomically. Returns the whole table."""
+    the old one. Both files are rewritten atomically. Returns the whole table, whose last
+    ``len(rows)`` rows are the new ones (when the new rows have distinct keys)."""
     from filelock import FileLock
 
     new = validate_rows(rows)
@@ -168,8 +169,9 @@ def append_results(run_dir: str | os.PathLike, rows) -> pd.DataFrame:
         parquet = rdir / "results.parquet"
         old = read_results(parquet) if parquet.exists() else (
             read_results(rdir / "results.csv") if (rdir / "results.csv").exists() else None)
+        # Both parts are validated and typed; the new rows end the table (keep="last").
         table = new if old is None else pd.concat([old, new], ignore_index=True)
-        table = validate_rows(table.drop_duplicates(subset=KEY_COLUMNS, keep="last"))
+        table = table.drop_duplicates(subset=KEY_COLUMNS, keep="last").reset_index(drop=True)
         with atomic_path(rdir / "results.csv") as tmp:
             table.to_csv(tmp, index=False)
         with atomic_path(parquet) as tmp:

@@ -340,7 +340,9 @@ def merge_run(ctx: Ctx):
     if missing:
         raise BtmError(f"forest.json written without {len(missing)} expert(s) that did not finish: "
                        f"{', '.join(missing)}; run `btm run` again to train only those")
-    return [ctx.run_dir / FOREST_FILE], {"experts": ctx.params["experts"]}
+    # forest.json is not a recorded output: incremental experts and `btm forest` edit it later
+    # without making the merge stale. The eval stage takes it as an input instead.
+    return [], {"experts": ctx.params["experts"]}
 
 
 # ---- scoring, evaluation, report ------------------------------------------------------------

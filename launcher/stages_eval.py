@@ -65,10 +65,49 @@ def evaluate_run(ctx, device: str) -> None:
         rows = rows.assign(method="random_split")
         append_results(run_dir, rows)
     if "cbtm_cluster" in methods:
-        try:
-            from fairseq_ext.evaluate import evaluate_cbtm
-        except ImportError:
-            raise BtmError("evaluation method cbtm_cluster needs fairseq_ext.evaluate.evaluate_cbtm, "
-                           "which this checkout does not have yet") from None
-        evaluate_cbtm(run_dir, experts, domains, clusters_dir=run_dir / "clusters", data_dir=ctx.data_dir,
-                      settings=settings, run_name=cfg.name)
+        cbtm_rows(ctx, experts, domains, p["split"], p["top_k"], device)
+
+
+def cbtm_rows(ctx, experts: dict, domains: list[str], split: str, top_k: int, device: str,
+              temperature: float = 0.1, stride: int = 32) -> None:
+    """c-BTM: mix the cluster experts per token with weights routed from the context so far.
+
+    The routing of token t uses only the document's text before it (tf-idf -> SVD -> distance
+    to the cluster centres, ``fairseq_ext.cluster.routing``), top-k renormalised.
+    """
+    import time
+
+    import numpy as np
+
+    from fairseq_ext import mixing
+    from fairseq_ext.cluster.model_io import load_model as load_cluster_model
+    from fairseq_ext.cluster.routing import token_route_weights_from_ids
+    from fairseq_ext.data_prep import decode_ids
+    from fairseq_ext.priors import stack_scores
+    from fairseq_ext.scoring import score_split
+    from launcher.results import append_results
+
+    model = load_cluster_model(ctx.run_dir / "clusters" / "model")
+    names = [f"cluster_{i}" for i in range(model.k)]
+    missing = [n for n in names if n not in experts]
+    if missing:
+        raise BtmError(f"cbtm_cluster needs every cluster's expert; missing from forest.json: {', '.join(missing)}")
+    k = min(top_k, model.k)
+    rows = []
+    for domain in domains:
+        t0 = time.perf_counter()
+        scores = [score_split(experts[n], ctx.data_dir, domain, split, cache_dir=ctx.run_dir / "scores",
+                              device=device) for n in names]
+        lp, starts = stack_scores(scores)
+        weights = token_route_weights_from_ids(model, scores[0].targets, starts,
+                                               lambda ids: decode_ids(ctx.data_dir, ids), stride=stride,
+                                               temperature=temperature, top_k=k)
+        out = mixing.mix_with_weights(lp, weights)
+        nll = float(-np.mean(out))
+        rows.append({"run": ctx.config.name, "method": "cbtm_cluster", "k": k,
+                     "prior": f"route(T={temperature},stride={stride})", "eval_domain": domain, "split": split,
+                     "tokens": int(out.shape[0]), "nll": nll, "ppl": float(np.exp(nll)),
+                     "expert_forward_passes": int(sum(s.forward_passes for s in scores)),
+                     "seconds": time.perf_counter() - t0, "n_clusters": model.k,
+                     "routing": f"tfidf-svd top{k} T={temperature} stride={stride}"})
+    append_results(ctx.run_dir, rows)

@@ -44,6 +44,13 @@ def ppl_of(domain: str, method: str, k: int, seed_fraction: float = 0.5,
     return round(BASE[domain] * factor * seed_effect, 6)
 
 
+def _prior_column(method: str, domain: str) -> str:
+    """As fairseq_ext/evaluate.py fills it: averages built for one target domain name it."""
+    if method in ("average_posterior", "average_argmax"):
+        return f"{PRIOR},target={domain}"
+    return PRIOR if "prior" in method or "posterior" in method else "none"
+
+
 def passes_per_token(method: str, k: int) -> int:
     if method.startswith("ensemble") or method == "random_split":
         return len(TRAIN)
@@ -61,7 +68,7 @@ def result_rows(run: str, seed_fraction: float = 0.5, split: str = "test",
         for method, k in variants:
             ppl = ppl_of(domain, method, k, seed_fraction, cbtm_clusters)
             rows.append({"run": run, "method": method, "k": k,
-                         "prior": PRIOR if "prior" in method or "posterior" in method else "none",
+                         "prior": _prior_column(method, domain),
                          "eval_domain": domain, "split": split, "tokens": 1000,
                          "nll": math.log(ppl), "ppl": ppl, "expert_forward_passes": 1000 * passes_per_token(method, k),
                          "seconds": 1.5,

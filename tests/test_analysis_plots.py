@@ -2,11 +2,12 @@
 PNGs are written, and plots without data are skipped with a reason instead of faked."""
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 
 from analysis import plots, tables
 from analysis.results import load_runs
-from analysis_synth import EVAL, TRAIN, make_run, ppl_of, prior_of
+from analysis_synth import EVAL, TRAIN, make_run, ppl_of, prior_of, result_rows
 
 
 @pytest.fixture(scope="module")
@@ -92,13 +93,28 @@ def test_ppl_vs_topk_has_one_point_per_k(runs_and_frame):
     assert fig.get_suptitle() == "Perplexity vs. top-k (test split)"
     train_ax, eval_ax = fig.get_axes()
     assert train_ax.get_title() == "training domains" and eval_ax.get_title() == "evaluation domains"
-    assert train_ax.get_xlabel().startswith("k (experts used per token")
+    assert train_ax.get_xlabel().startswith("k (experts run per token")
     assert eval_ax.get_ylabel() == "mean perplexity over evaluation domains"
+    # top-1, top-2 and the full ensemble of the cached prior at k = 3 experts.
     line = next(l for l in eval_ax.get_lines() if l.get_label() == "sf50")
     expected = [sum(ppl_of(d, "topk_prior", k, 0.5) for d in EVAL) / len(EVAL) for k in (1, 2)]
-    assert list(line.get_xdata()) == [1, 2] and list(line.get_ydata()) == pytest.approx(expected)
-    refs = [l.get_label() for l in eval_ax.get_lines()]
-    assert "sf50 full ensemble" in refs and "sf50 dense" in refs
+    expected.append(sum(ppl_of(d, "ensemble_prior", 3, 0.5) for d in EVAL) / len(EVAL))
+    assert list(line.get_xdata()) == [1, 2, 3] and list(line.get_ydata()) == pytest.approx(expected)
+    full = next(l for l in eval_ax.get_lines() if l.get_label() == "sf50 full ensemble")
+    assert list(full.get_xdata()) == [3] and full.get_marker() == "s"
+    assert "sf50 dense" in [l.get_label() for l in eval_ax.get_lines()]
+
+
+def test_ppl_vs_topk_with_one_k_per_run_uses_the_full_ensemble(tmp_path):
+    """The launcher runs one top_k per config: top-1 plus the full ensemble is a curve."""
+    rows = [r for r in result_rows("r") if not (r["method"] == "topk_prior" and r["k"] == 2)]
+    run = make_run(tmp_path, "r")
+    pd.DataFrame(rows).to_csv(run / "results" / "results.csv", index=False)
+    runs = load_runs([run])
+    frame, _ = tables.combine(runs)
+    line = next(l for l in plots.plot_ppl_vs_topk(frame, runs, "test").get_axes()[0].get_lines()
+                if l.get_label() == "r")
+    assert list(line.get_xdata()) == [1, 3]
 
 
 def test_ppl_vs_seed_fraction_across_runs(runs_and_frame):

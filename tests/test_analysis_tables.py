@@ -162,6 +162,16 @@ def test_variant_fields_appear_in_labels_only_when_they_vary(tmp_path):
     assert notes == []
 
 
+def test_per_target_averages_form_one_column(two_runs):
+    """average_posterior rows carry ',target=<domain>' in prior: still one column."""
+    runs, frame, _ = two_runs
+    assert frame.loc[frame["method"] == "average_posterior", "prior"].nunique() == len(TRAIN + EVAL)
+    t = _train_table(runs, frame)
+    assert "Avg posterior" in t.columns and "Avg argmax" in t.columns
+    assert t.at["legal", "Avg posterior"] == pytest.approx(ppl_of("legal", "average_posterior", 3))
+    assert not t["Avg posterior"].isna().any()
+
+
 def test_repeated_rows_keep_the_last_and_say_so(tmp_path):
     again = [dict(r, ppl=99.0, nll=math.log(99.0)) for r in result_rows("r")
              if r["method"] == "dense" and r["eval_domain"] == "bible"]

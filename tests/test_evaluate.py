@@ -216,3 +216,32 @@ def test_two_trained_experts_end_to_end(tiny_data, tmp_path):
     again = evaluate_forest(run, experts, ["legal", "bible"], data_dir=tiny_data, settings=settings(
         context=__import__("fairseq_ext.scoring", fromlist=["x"]).ContextSettings()))
     assert (again.expert_forward_passes == 0).all()
+
+
+def test_btm_eval_reads_forest_json_and_refuses_changed_checkpoints(tiny_data, tiny_experts, tmp_path, capsys):
+    import shutil
+
+    from launcher.cli import main
+    from launcher.forest import Forest
+
+    run = tmp_path / "run"
+    run.mkdir()
+    forest = Forest(run="run", path=run / "forest.json")
+    for name, path in tiny_experts.items():
+        forest.add(name, [name], path)
+    forest.save()
+    argv = ["eval", str(run), "--data", str(tiny_data), "--domains", "legal", "--methods", "ensemble_uniform",
+            "--tokens-per-sample", "64", "--device", "cpu"]
+    assert main(argv) == 0
+    table = read_results(run)
+    assert table.method.tolist() == ["ensemble_uniform"] and table.k.tolist() == [3]
+
+    copy = run / "extra.pt"
+    shutil.copy(tiny_experts["bible"], copy)
+    forest.add("extra", ["bible"], copy)
+    forest.save()
+    copy.write_bytes(copy.read_bytes()[:-10] + b"0123456789")
+    assert main(argv) == 2
+    assert "changed since merge for expert(s) extra" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "empty"), "--data", str(tiny_data), "--domains", "legal"]) == 2
+    assert "no forest manifest" in capsys.readouterr().err

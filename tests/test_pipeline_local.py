@@ -110,21 +110,43 @@ def test_lock_refuses_a_second_run(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.fairseq
-def test_tiny_pipeline_end_to_end(small_corpus, tmp_path):
+def test_tiny_pipeline_end_to_end_then_incremental(tmp_path):
+    """tiny (3 experts) with the local executor; a second run submits nothing; adding a fourth
+    domain trains only it, branched from the posterior-weighted top-2 experts."""
     require_fairseq()
     import importlib.util
+
+    from conftest import write_small_corpus
 
     for mod in ("fairseq_ext.data_prep", "fairseq_ext.train", "fairseq_ext.branch", "fairseq_ext.scoring",
                 "fairseq_ext.evaluate", "analysis.report"):
         require(importlib.util.find_spec(mod) is not None, f"{mod} is not on this branch yet")
+    corpus = write_small_corpus(tmp_path / "corpus", ["bible", "code_python", "legal", "fiction"],
+                                {"train": 60, "valid": 8, "test": 8})
     run_dir = tmp_path / "run"
-    r = run_btm("run", "tiny", "--run-dir", run_dir, "--corpus", small_corpus, "--no-progress", timeout=900)
+    r = run_btm("run", "tiny", "--run-dir", run_dir, "--corpus", corpus, "--no-progress", timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     forest = json.loads((run_dir / "forest.json").read_text())
     assert [e["name"] for e in forest["experts"]] == ["bible", "code_python", "legal"]
-    assert (run_dir / "results" / "results.csv").is_file()
-    for name in ("data", "seed", "train.bible", "merge", "eval", "report"):
+    assert all(e["parents"] == {"seed": 1.0} and e["updates"] == 12 for e in forest["experts"])
+    assert "ensemble_posterior" in r.stdout and "report:" in r.stdout
+    for name in ("data", "seed", "train.bible", "merge", "score.legal", "eval", "report"):
         assert (run_dir / "records" / f"{name}.json").is_file()
-    again = run_btm("run", "tiny", "--run-dir", run_dir, "--corpus", small_corpus, "--no-progress")
+    again = run_btm("run", "tiny", "--run-dir", run_dir, "--corpus", corpus, "--no-progress")
     assert again.returncode == 0 and "jobs to submit: 0" in again.stdout
     assert run_btm("forest", "verify", run_dir).returncode == 0
+
+    before = {n: (run_dir / "experts" / n / "checkpoint_last.pt").stat().st_mtime_ns for n in ("bible", "legal")}
+    grown = tmp_path / "grown.yaml"
+    text = (REPO / "launcher" / "configs" / "tiny.yaml").read_text()
+    grown.write_text(text.replace("train: [bible, code_python, legal]", "train: [bible, code_python, legal, fiction]"))
+    r = run_btm("run", grown, "--run-dir", run_dir, "--corpus", corpus, "--no-progress", timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "adding fiction to the existing forest" in r.stdout and "grow units: fiction" in r.stdout
+    forest = json.loads((run_dir / "forest.json").read_text())
+    fiction = next(e for e in forest["experts"] if e["name"] == "fiction")
+    assert 1 <= len(fiction["parents"]) <= 2 and set(fiction["parents"]) <= {"bible", "code_python", "legal"}
+    assert abs(sum(fiction["parents"].values()) - 1) < 1e-6
+    assert {n: (run_dir / "experts" / n / "checkpoint_last.pt").stat().st_mtime_ns for n in before} == before
+    assert "expert:fiction" in r.stdout
+    assert "jobs to submit: 0" in run_btm("run", grown, "--run-dir", run_dir, "--corpus", corpus).stdout

@@ -82,6 +82,26 @@ def test_one_sbatch_per_stage_whatever_the_number_of_experts(tmp_path, n):
     assert len(pickles) == n
 
 
+def test_status_and_cancel_use_the_ledger(tmp_path):
+    env = fake_slurm_env(tmp_path)
+    bin_dir = Path(env["PATH"].split(os.pathsep)[0])
+    (bin_dir / "scancel").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/scancel.args\n")
+    (bin_dir / "scancel").chmod(0o755)
+    # sacct answers for the train array: task 0 done, task 1 running
+    (bin_dir / "sacct").write_text("#!/bin/sh\necho '1003_0|n2.train|COMPLETED|0:0|95|01:30.250|cpu=1|node1'\n"
+                                   "echo '1003_1|n2.train|RUNNING|0:0|30|00:10.000|cpu=1|node2'\n")
+    run_dir = tmp_path / "run"
+    run_btm("run", experts_config(tmp_path, 2), "--run-dir", run_dir, env=env, check=True)
+    out = run_btm("status", run_dir, env=env, check=True).stdout
+    rows = {tuple(line.split()[:3]): line.split() for line in out.splitlines()[1:] if line.strip()}
+    assert rows[("train", "train", "d0")][4:6] == ["COMPLETED", "1003_0"]
+    assert rows[("train", "train", "d1")][4:6] == ["RUNNING", "1003_1"]
+    assert "from sacct" in out
+    r = run_btm("cancel", run_dir, env=env, check=True)
+    assert "cancelled 8 job(s)" in r.stdout
+    assert (tmp_path / "scancel.args").read_text().split() == [str(i) for i in range(1001, 1009)]
+
+
 def test_check_uses_sbatch_test_only(tmp_path):
     env = fake_slurm_env(tmp_path)
     r = run_btm("run", experts_config(tmp_path, 2), "--run-dir", tmp_path / "run", "--check", env=env)
@@ -174,7 +194,7 @@ def _progress(run_dir: Path, expert: str) -> int:
 def test_scancel_and_requeue_resume_from_checkpoints(slurm_cluster, small_corpus, tmp_path):
     _require_pipeline_parts()
     run_dir = tmp_path / "run"
-    cfg = _tiny_config(tmp_path, small_corpus, total_updates=700, seed_fraction=0.05, save_interval_updates=10)
+    cfg = _tiny_config(tmp_path, small_corpus, total_updates=150, seed_fraction=0.2, save_interval_updates=10)
     run_btm("run", cfg, "--run-dir", run_dir, check=True)
     train = next(row for row in _ledger(run_dir) if row["job"] == "train")
     task = {u: f"{train['job_id']}_{i}" for i, u in enumerate(train["units"])}
@@ -188,7 +208,7 @@ def test_scancel_and_requeue_resume_from_checkpoints(slurm_cluster, small_corpus
     # requeued expert: finished in its second life, from its checkpoint
     legal = _record(run_dir, "train.legal")
     assert int(legal["slurm"]["slurm_restart_count"]) >= 1
-    assert legal["train"]["resumed"]["last_logged_update"] >= 20 and legal["train"]["num_updates"] == 665
+    assert legal["train"]["resumed"]["last_logged_update"] >= 20 and legal["train"]["num_updates"] == 120
     # cancelled expert: no record; merge wrote the forest without it and failed
     assert not (run_dir / "records" / "train.bible.json").exists()
     forest = json.loads((run_dir / "forest.json").read_text())
@@ -201,6 +221,6 @@ def test_scancel_and_requeue_resume_from_checkpoints(slurm_cluster, small_corpus
     assert next(row for row in new if row["job"] == "train")["units"] == ["bible"]
     _wait_done(slurm_cluster, run_dir, timeout=420)
     bible = _record(run_dir, "train.bible")
-    assert bible["train"]["resumed"]["last_logged_update"] >= 20 and bible["train"]["num_updates"] == 665
+    assert bible["train"]["resumed"]["last_logged_update"] >= 20 and bible["train"]["num_updates"] == 120
     assert _record(run_dir, "merge")
     assert "jobs to submit: 0" in run_btm("run", cfg, "--run-dir", run_dir, check=True).stdout

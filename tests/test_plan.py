@@ -136,3 +136,11 @@ def test_existing_run_refuses_a_different_training_setup(empty_corpus, tmp_path)
     grown.domains.train = [*grown.domains.train, "fiction"]
     out = reconcile(old, grown)
     assert out.domains.train == old.domains.train and out.domains.incremental == ["fiction"]
+
+
+def test_demo_dry_run_builds_the_embedded_corpus(tmp_path):
+    r = run_btm("run", "--demo", tmp_path / "demo", "--dry-run", check=True)
+    assert "building the demo corpus" in r.stdout
+    assert "train units: python_code, docstrings, bytecode, arithmetic" in r.stdout
+    assert (tmp_path / "demo" / "demo_corpus" / "word_problems" / "test.jsonl").is_file()
+    assert not (tmp_path / "demo" / "config.yaml").exists()  # a dry run starts nothing

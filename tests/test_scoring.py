@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -110,6 +112,21 @@ def test_a_changed_checkpoint_is_rescored(tiny_data, tmp_path):
     b = score_split(ck, tiny_data, "bible", "valid", cache_dir=tmp_path / "s", context=ctx)
     assert b.forward_passes > 0 and b.key["checkpoint_sha256"] != a.key["checkpoint_sha256"]
     assert len(b.doc_starts) == 2
+    # Replaced without its sidecar (the file is now newer than the sidecar): the cache is not
+    # trusted (the file is hashed) and loading refuses the mismatch.
+    import os
+    import time
+
+    other = make_expert(tiny_data, tmp_path / "other.pt", domain="legal", seed=6)
+    time.sleep(0.01)
+    ck.write_bytes(other.read_bytes())
+    os.utime(Path(str(ck) + ".sha256"), ns=(0, 0))
+    from fairseq_ext.scoring import checkpoint_sha256
+    from launcher.atomic import sha256_file
+
+    assert checkpoint_sha256(ck) == sha256_file(ck) != b.key["checkpoint_sha256"]
+    with pytest.raises(BtmError, match="does not match its sidecar"):
+        score_split(ck, tiny_data, "bible", "valid", cache_dir=tmp_path / "s", context=ctx)
 
 
 def test_bad_inputs_name_the_culprit(tiny_data, tiny_experts, tmp_path):

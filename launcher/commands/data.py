@@ -59,22 +59,23 @@ def register(subparsers) -> None:
                     "into OUT_DIR/<domain>/<split>.bin/.idx (one item per document). Re-running skips "
                     "finished domains; a changed tokenizer setting or training text is an error unless "
                     "--overwrite is given.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("corpus_dir", help="directory with one subdirectory per domain")
-    p.add_argument("out_dir", help="output data directory (e.g. RUN_DIR/data)")
-    p.add_argument("--domains", type=_domain_list, default=None,
+    )
+    p.add_argument("corpus_dir", metavar="CORPUS_DIR", help="directory with one subdirectory per domain")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="output data directory (e.g. RUN_DIR/data)")
+    p.add_argument("--domains", type=_domain_list, default=None, metavar="A,B,...",
                    help="comma-separated domains to prepare (default: every subdirectory)")
-    p.add_argument("--train-domains", type=_domain_list, default=None,
+    p.add_argument("--train-domains", type=_domain_list, default=None, metavar="A,B,...",
                    help="comma-separated domains whose train split trains the tokenizer (default: --domains)")
-    p.add_argument("--vocab-size", type=int, default=8000, help="tokenizer vocabulary size")
-    p.add_argument("--text-field", default="text", help="JSON field holding the document text (.jsonl inputs)")
-    p.add_argument("--workers", type=int, default=2, help="domains binarized in parallel")
-    p.add_argument("--seed", type=int, default=1, help="seed of the tokenizer sample")
+    p.add_argument("--vocab-size", type=int, default=8000, help="tokenizer vocabulary size (default: %(default)s)")
+    p.add_argument("--text-field", default="text", help="JSON field holding the document text in .jsonl inputs (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=2, help="domains binarized in parallel (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the tokenizer sample (default: %(default)s)")
     p.add_argument("--sample-chars", type=int, default=1_000_000,
-                   help="characters sampled per training domain for the tokenizer (equal for every domain)")
+                   help="characters sampled per training domain for the tokenizer, equal for every "
+                        "domain (default: %(default)s)")
     p.add_argument("--character-coverage", type=float, default=0.9995,
                    help="share of sample characters that get their own piece (0.98-1); rarer ones, and "
-                        "any beyond half the vocabulary, are written as byte pieces")
+                        "any beyond half the vocabulary, are written as byte pieces (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
                    help="rebuild OUT_DIR when its tokenizer settings or training text differ")
     p.add_argument("--no-progress", action="store_true", help="never show progress bars")
@@ -86,8 +87,8 @@ def register(subparsers) -> None:
                     "(source code, docstrings, bytecode listings, the Unicode table, the reference "
                     "manual) and generated text (arithmetic, word problems), in the layout "
                     "'btm data prepare' reads. Domains and licences: docs/data.md.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d.add_argument("out_dir", help="directory to write OUT_DIR/<domain>/{train,valid,test}.jsonl into")
-    d.add_argument("--size", type=int, default=1_000_000, help="characters per domain (about bytes)")
-    d.add_argument("--seed", type=int, default=0, help="seed of the generated domains and the splits")
+    )
+    d.add_argument("out_dir", metavar="OUT_DIR", help="directory to write OUT_DIR/<domain>/{train,valid,test}.jsonl into")
+    d.add_argument("--size", type=int, default=1_000_000, help="characters per domain, about bytes (default: %(default)s)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the generated domains and the splits (default: %(default)s)")
     d.set_defaults(func=_demo_corpus)

@@ -136,7 +136,7 @@ def _branch(args) -> int:
     else:
         parents = {args.from_seed or args.from_: 1.0}
         method, info = ("seed" if args.from_seed else "copy"), {}
-    record = branch_expert(parents, args.out, method=method, info=info)
+    record = branch_expert(parents, args.out, method=method, info=info, trust_pickle=args.trust_checkpoint)
     print(json.dumps(record, indent=2, sort_keys=True))
     return 0
 
@@ -169,6 +169,9 @@ def register(subparsers):
     p.add_argument("--domain", help="the new domain (for --posterior)")
     p.add_argument("--data", help="prepared data dir (for --posterior)")
     p.add_argument("--top-k", type=int, default=None, help="keep the k most likely parents")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow parent checkpoints that need pickle (only for files you trust); "
+                        "OUT is always a weights_only checkpoint, so this converts them")
     p.set_defaults(func=_branch)
 
     p = subparsers.add_parser(

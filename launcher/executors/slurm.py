@@ -13,6 +13,7 @@ submitit then requeues the job and the stage resumes from its checkpoint.
 from __future__ import annotations
 
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -83,6 +84,9 @@ def submit(jobs: list[Job], profile: Profile, ctx: SbatchContext) -> list[dict]:
     """Submit the jobs (topologically ordered) with afterok/afterany chains; return the ledger rows."""
     import submitit
 
+    if shutil.which("sbatch") is None:  # submitit would fail with a bare RuntimeError
+        raise BtmError("sbatch not found on PATH: the slurm executor needs the SLURM client "
+                       "commands (sbatch, srun, squeue); run on a login node, or use --executor local")
     run_dir = Path(ctx.run_dir)
     ledger = read_submissions(run_dir)
     rows = []
@@ -92,11 +96,11 @@ def submit(jobs: list[Job], profile: Profile, ctx: SbatchContext) -> list[dict]:
         atomic_write_json(units_file(run_dir, job), names)
         ctx.dependency_ids = {**ctx.dependency_ids}
         params = slurm_parameters(job, profile, ctx)
-        executor = submitit.SlurmExecutor(folder=run_dir / "jobs" / "submitit",
-                                          python="exec " + shlex.quote(python))
-        executor.update_parameters(**params)
         argvs = [stage_argv(str(run_dir), job, name) for name in names]
         try:
+            executor = submitit.SlurmExecutor(folder=run_dir / "jobs" / "submitit",
+                                              python="exec " + shlex.quote(python))
+            executor.update_parameters(**params)
             if job.array:
                 submitted = executor.map_array(StageCommand(), argvs)
                 job_id = submitted[0].job_id.split("_")[0]

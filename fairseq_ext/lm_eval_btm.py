@@ -1,0 +1,415 @@
+"""lm-evaluation-harness model ``btm``: a forest (or one btm model) behind lm_eval's LM API.
+
+lm_eval 0.4.x has no plugin discovery for models (no entry-point group, ``--include_path`` only
+loads tasks): a model is found when the module that applies ``@register_model`` has been
+imported. So:
+
+- Python: ``import fairseq_ext.lm_eval_btm`` and then ``lm_eval.simple_evaluate(model="btm",
+  model_args="forest=RUN,method=posterior,prior=RUN/priors/bible.<key>.json,top_k=2", ...)``;
+- command line: ``python -m fairseq_ext.lm_eval_btm run --model btm --model_args ... --tasks ...``
+  is lm_eval's own CLI (same arguments) with this module imported first.
+
+Model arguments (``BtmLMConfig``): ``forest`` (run dir, its forest.json, or a directory of
+``<name>.pt``) or ``checkpoint`` (one model: an expert, the dense model, a parameter average);
+``method`` = ``expert`` (with ``expert=NAME``), ``uniform``, ``prior`` (the cached prior, fixed),
+``posterior`` (updating Bayesian posterior, starting from the prior) or ``average`` (the
+parameter average of the experts with the prior's weights); ``prior`` = a cached prior JSON
+(``RUN/priors/*.json``) or weights ``0.2:0.3:0.5``; ``top_k``; ``data_dir`` (the tokenizer; by
+default the first checkpoint's ``cfg.task.data``).
+
+What a request is to the forest: the text ``context + continuation`` is one document with ``</s>``
+in front (as btm scores documents); mixture weights, the posterior evidence and top-k are
+``fairseq_ext.mixing`` applied to the experts' per-token log-probs of that document. Only the
+experts the method needs are loaded and run: one for ``expert``, the top k by prior for
+``prior`` + ``top_k``, one averaged model for ``average``; ``posterior`` needs all (its weights
+depend on every expert's likelihood). ``generate_until`` decodes greedily from the mixture's
+next-token distribution.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from launcher.errors import BtmError
+
+METHODS = ("expert", "uniform", "prior", "posterior", "average")
+EOS_ID, PAD_ID = 2, 1
+
+
+@dataclass
+class BtmLMConfig:
+    forest: str | None = field(default=None, metadata={"help": "run dir, forest.json or directory of <name>.pt experts"})
+    checkpoint: str | None = field(default=None, metadata={"help": "one model instead of a forest"})
+    method: str = field(default="posterior", metadata={"help": "expert | uniform | prior | posterior | average"})
+    expert: str | None = field(default=None, metadata={"help": "the expert of method=expert"})
+    prior: str | None = field(default=None, metadata={"help": "cached prior JSON, or weights a:b:c (default uniform)"})
+    top_k: int | None = field(default=None, metadata={"help": "keep the k experts with the highest weight"})
+    data_dir: str | None = field(default=None, metadata={"help": "tokenizer dir (spm.model, dict.txt)"})
+    device: str = field(default="cpu", metadata={"help": "torch device"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per forward pass"})
+    max_length: int | None = field(default=None, metadata={"help": "tokens per input (default: model positions)"})
+    max_gen_toks: int = field(default=256, metadata={"help": "default generation length"})
+
+
+# ----------------------------------------------------------------------------- the forest
+
+def read_prior(spec: str, names: list[str]) -> np.ndarray:
+    """A prior over ``names`` from a cached prior JSON (``by_expert`` or ``prior`` list, see
+    fairseq_ext/priors.py) or from ``a:b:c`` weights in expert order."""
+    path = Path(spec)
+    if path.suffix == ".json" or path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise BtmError(f"cannot read prior {path}: {e}") from None
+        by_expert = data.get("by_expert")
+        if by_expert:
+            missing = [n for n in names if n not in by_expert]
+            if missing:
+                raise BtmError(f"prior {path} has no weight for expert(s) {', '.join(missing)}")
+            values = [by_expert[n] for n in names]
+        else:
+            values = data.get("prior")
+    else:
+        try:
+            values = [float(x) for x in spec.split(":")]
+        except ValueError:
+            raise BtmError(f"prior {spec!r} is neither a prior JSON file nor weights like 0.2:0.8") from None
+    from fairseq_ext.mixing import normalize_prior
+
+    if values is None or len(values) != len(names):
+        raise BtmError(f"prior {spec} has {0 if values is None else len(values)} weights for "
+                       f"{len(names)} experts ({', '.join(names)})")
+    return normalize_prior(values, len(names))
+
+
+class Forest:
+    """The selected experts of a forest, loaded, plus how to mix them (see the module doc)."""
+
+    def __init__(self, cfg: BtmLMConfig):
+        from fairseq_ext import mixing
+        from fairseq_ext.export_hf import forest_experts
+
+        if cfg.method not in METHODS:
+            raise BtmError(f"unknown method {cfg.method!r}; choose from {', '.join(METHODS)}")
+        if (cfg.forest is None) == (cfg.checkpoint is None):
+            raise BtmError("give exactly one of forest=... or checkpoint=...")
+        if cfg.top_k is not None and int(cfg.top_k) < 1:
+            raise BtmError(f"top_k must be at least 1, got {cfg.top_k}")
+        self.top_k = None if cfg.top_k is None else int(cfg.top_k)
+        if cfg.checkpoint is not None:
+            experts = {Path(cfg.checkpoint).stem: Path(cfg.checkpoint)}
+            if cfg.method not in ("expert", "posterior"):
+                raise BtmError(f"checkpoint=... is one model; method {cfg.method!r} needs forest=...")
+            self.method, cfg = "expert", BtmLMConfig(**{**cfg.__dict__, "expert": Path(cfg.checkpoint).stem})
+        else:
+            experts, _ = forest_experts(Path(cfg.forest))
+            self.method = cfg.method
+        names = list(experts)
+        prior = read_prior(cfg.prior, names) if cfg.prior else None
+        if self.method == "uniform" and self.top_k is not None:
+            raise BtmError("top_k needs weights to rank experts by: use method=prior or posterior")
+        if self.method == "expert":
+            if cfg.expert not in experts:
+                raise BtmError(f"method=expert needs expert=NAME, one of {', '.join(names)}; got {cfg.expert!r}")
+            chosen = [cfg.expert]
+        elif self.method in ("prior", "average") and self.top_k is not None:
+            p = prior if prior is not None else np.full(len(names), 1.0 / len(names))
+            chosen = [names[i] for i in mixing.topk_experts(p, self.top_k)]
+        else:
+            chosen = names
+        self.names = chosen
+        self.prior = None if prior is None else mixing.normalize_prior(
+            [prior[names.index(n)] for n in chosen], len(chosen))
+        self.paths = [experts[n] for n in chosen]
+        self._tmp = None
+        if self.method == "average":
+            self.paths = [self._average(self.paths, self.prior)]
+        from fairseq_ext.checkpoint import load_model
+
+        loaded = [load_model(p, cfg.device) for p in self.paths]
+        self.models = [m.model for m in loaded]
+        self.dictionary = loaded[0].dictionary
+        for p, m in zip(self.paths, loaded):
+            if list(m.dictionary.symbols) != list(self.dictionary.symbols):
+                raise BtmError(f"{p} has a different dictionary than {self.paths[0]}")
+        self.device = cfg.device
+        self.batch_size = int(cfg.batch_size)
+        self.max_positions = min(int(m.max_positions()) for m in self.models)
+        from fairseq_ext.checkpoint import load_checkpoint
+        from fairseq_ext.export_hf import checkpoint_data_dir
+
+        state = load_checkpoint(self.paths[0], verify=False) if cfg.data_dir is None else {}
+        self.data_dir = checkpoint_data_dir(state, self.paths[0], cfg.data_dir)
+
+    def _average(self, paths, prior) -> Path:
+        from fairseq_ext.averaging import average_checkpoints
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="btm-average-")
+        out = Path(self._tmp.name) / "average.pt"
+        weights = None if prior is None else [float(w) for w in prior]
+        average_checkpoints(paths, weights or [1.0] * len(paths), out)
+        return out
+
+    @property
+    def forward_passes_per_sequence(self) -> int:
+        return len(self.models)
+
+    # ---- mixing ---------------------------------------------------------------------------
+    def log_weights(self, lp: np.ndarray) -> np.ndarray:
+        """[N, T] log mixture weights for one document's expert target log-probs ``lp``."""
+        from fairseq_ext import mixing
+
+        n, t = lp.shape
+        if n == 1:
+            return np.zeros((1, t))
+        method = "posterior" if self.method == "posterior" else ("prior" if self.prior is not None else "uniform")
+        return mixing.keep_top_k(mixing.log_weights(lp, np.array([0]), method, self.prior), self.top_k)
+
+    # ---- forward passes -------------------------------------------------------------------
+    def run(self, inputs: list[list[int]], targets: list[list[int]], full_from: list[int]):
+        """Every selected model on every sequence, in batches of right-padded rows.
+
+        Returns (target log-probs [N, len_i] per sequence, full log-softmax rows
+        [N, len_i - full_from_i, V] per sequence) as numpy float32/float64.
+        """
+        import torch
+
+        n = len(self.models)
+        lps = [np.zeros((n, len(t)), dtype=np.float64) for t in targets]
+        fulls = [None] * len(inputs)
+        order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start:start + self.batch_size]
+            width = max(len(inputs[i]) for i in rows)
+            src = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
+            for r, i in enumerate(rows):
+                src[r, :len(inputs[i])] = torch.tensor(inputs[i], dtype=torch.long)
+            src = src.to(self.device)
+            per_model = []
+            with torch.inference_mode():
+                for model in self.models:
+                    per_model.append(torch.log_softmax(model(src)[0].float(), dim=-1).cpu())
+            for r, i in enumerate(rows):
+                length = len(inputs[i])
+                tgt = torch.tensor(targets[i], dtype=torch.long)[:, None]
+                lps[i] = np.stack([lp[r, :length].gather(1, tgt)[:, 0].double().numpy() for lp in per_model])
+                fulls[i] = np.stack([lp[r, full_from[i]:length].numpy() for lp in per_model])
+        return lps, fulls
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+def mixture_full(log_w_rows: np.ndarray, full: np.ndarray) -> np.ndarray:
+    """[T, V] mixture log-distribution from log weights [N, T] and expert rows [N, T, V]."""
+    from fairseq_ext.mixing import logsumexp
+
+    return logsumexp(log_w_rows[:, :, None] + full.astype(np.float64), axis=0)
+
+
+# ----------------------------------------------------------------------------- lm_eval model
+
+def _lm_base():
+    from fairseq_ext.hf_compat import hide_broken_torchaudio
+
+    hide_broken_torchaudio()  # lm_eval imports transformers
+    from lm_eval.api.model import TemplateLM
+
+    return TemplateLM
+
+
+def _register(cls):
+    from lm_eval.api.registry import register_model
+
+    return register_model("btm")(cls)
+
+
+@_register
+class BtmLM(_lm_base()):
+    """lm_eval's view of a btm forest (model name ``btm``; see the module docstring)."""
+
+    backend = "causal"
+
+    def __init__(self, batch_size=8, max_batch_size=None, device=None, **model_args):
+        super().__init__()
+        known = {f.name for f in fields(BtmLMConfig)}
+        unknown = sorted(set(model_args) - known)
+        if unknown:
+            raise BtmError(f"unknown btm model_args {unknown}; known: {', '.join(sorted(known))}")
+        if str(batch_size).startswith("auto"):
+            batch_size = 8
+        model_args = {k: v for k, v in model_args.items() if v is not None}
+        for key in ("top_k", "max_length", "max_gen_toks"):
+            if key in model_args:
+                model_args[key] = int(model_args[key])
+        device = model_args.pop("device", None) or device or "cpu"
+        import torch
+
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            # lm_eval's CLI asks for cuda by default; like its hf model, run on the CPU then.
+            device = "cpu"
+        self.cfg = BtmLMConfig(**model_args, batch_size=int(batch_size), device=str(device))
+        self.forest = Forest(self.cfg)
+        self._max_length = min(self.cfg.max_length or self.forest.max_positions, self.forest.max_positions)
+        self.forward_sequences = 0  # sequences run through one model each (cost accounting)
+
+    # ---- tokenizer ----------------------------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return EOS_ID
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(self.forest.data_dir)
+
+    def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> list[int]:
+        from fairseq_ext.data_prep import encode_text
+
+        return encode_text(self.forest.data_dir, string)
+
+    def tok_decode(self, ids) -> str:
+        from fairseq_ext.data_prep import decode_ids
+
+        return decode_ids(self.forest.data_dir, ids)
+
+    # ---- scoring ------------------------------------------------------------------------
+    def _document(self, tokens: list[int]) -> tuple[list[int], list[int]]:
+        """(inputs, targets) of a token sequence read as one document with </s> in front,
+        keeping the last ``max_length`` targets."""
+        full = tokens if tokens and tokens[0] == EOS_ID else [EOS_ID] + list(tokens)
+        full = full[-(self.max_length + 1):]
+        return full[:-1], full[1:]
+
+    def score_pairs(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """(log p(continuation | context), is greedy) for token-id pairs, by the forest."""
+        docs = [self._document(list(ctx) + list(cont)) for ctx, cont in pairs]
+        n_cont = [len(cont) for _, cont in pairs]
+        for (ctx, cont), (_, targets) in zip(pairs, docs):
+            if len(cont) > len(targets):
+                raise BtmError(f"continuation of {len(cont)} tokens does not fit in {self.max_length} positions")
+        lps, fulls = self.forest.run([d[0] for d in docs], [d[1] for d in docs],
+                                     [len(d[1]) - k for d, k in zip(docs, n_cont)])
+        self.forward_sequences += len(docs) * self.forest.forward_passes_per_sequence
+        out = []
+        for (_, targets), k, lp, full in zip(docs, n_cont, lps, fulls):
+            log_w = self.forest.log_weights(lp)
+            from fairseq_ext.mixing import mix_log_weights
+
+            mixed = mix_log_weights(lp, log_w)
+            greedy = mixture_full(log_w[:, len(targets) - k:], full).argmax(-1)
+            out.append((float(mixed[len(targets) - k:].sum()),
+                        bool(np.array_equal(greedy, np.asarray(targets[len(targets) - k:])))))
+        return out
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+        results = self.score_pairs([(ctx, cont) for _, ctx, cont in requests])
+        for (key, _, _), res in zip(requests, results):
+            self.cache_hook.add_partial("loglikelihood", key, res)
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Log-likelihood of each whole string as one document (</s> in front), in blocks of
+        ``max_length`` targets like btm's scorer, batched over all requests."""
+        from fairseq_ext import mixing
+        from fairseq_ext.scoring import ContextSettings, forward_logprobs
+
+        texts = [req.args[0] for req in requests]
+        encoded = [self.tok_encode(t) for t in texts]
+        nonempty = [i for i, ids in enumerate(encoded) if ids]
+        out = [0.0] * len(texts)
+        if nonempty:
+            tokens = np.concatenate([np.asarray(encoded[i], dtype=np.int64) for i in nonempty])
+            lengths = np.array([len(encoded[i]) for i in nonempty])
+            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+            ctx = ContextSettings(tokens_per_sample=self.max_length, reset_at_doc=True)
+            lp = []
+            for model in self.forest.models:
+                scores, passes = forward_logprobs(model, tokens, starts, ctx, eos=EOS_ID, pad=PAD_ID,
+                                                  device=self.forest.device, batch_size=self.forest.batch_size)
+                self.forward_sequences += passes
+                lp.append(scores)
+            lp = np.stack(lp).astype(np.float64)
+            if len(self.forest.models) == 1:
+                mixed = lp[0]
+            else:
+                method = "posterior" if self.forest.method == "posterior" else (
+                    "prior" if self.forest.prior is not None else "uniform")
+                mixed = mixing.ensemble_logprobs(lp, starts, method, self.forest.prior, self.forest.top_k)
+            for i, total in zip(nonempty, np.add.reduceat(mixed, starts)):
+                out[i] = float(total)
+        for text, res in zip(texts, out):
+            self.cache_hook.add_partial("loglikelihood_rolling", (text,), res)
+        return out
+
+    # ---- generation ---------------------------------------------------------------------
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy decoding from the mixture's next-token distribution, batched over requests."""
+        states = []
+        for req in requests:
+            context, gen_kwargs = req.args
+            gen_kwargs = dict(gen_kwargs or {})
+            until = gen_kwargs.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(gen_kwargs.pop("max_gen_toks", self.cfg.max_gen_toks))
+            if gen_kwargs.get("do_sample") or float(gen_kwargs.get("temperature", 0.0) or 0.0) > 0:
+                raise BtmError("the btm harness model decodes greedily only (do_sample/temperature unsupported)")
+            states.append({"ids": [EOS_ID] + self.tok_encode(context), "new": [], "until": until,
+                           "max_new": max_new, "done": max_new <= 0})
+        while True:
+            live = [s for s in states if not s["done"]]
+            if not live:
+                break
+            # Inputs = the last max_length tokens; targets = the inputs shifted left plus a dummy
+            # last target, so the last row is the next-token distribution.
+            inputs = [(s["ids"] + s["new"])[-self.max_length:] for s in live]
+            targets = [x[1:] + [PAD_ID] for x in inputs]
+            lps, fulls = self.forest.run(inputs, targets, [len(t) - 1 for t in targets])
+            self.forward_sequences += len(live) * self.forest.forward_passes_per_sequence
+            for s, lp, full in zip(live, lps, fulls):
+                lp = lp.copy()
+                lp[:, -1] = 0.0  # the dummy target: its value never enters the weights used
+                log_w = self.forest.log_weights(lp)[:, -1:]
+                token = int(mixture_full(log_w, full).argmax(-1)[0])
+                if token == EOS_ID:
+                    s["done"] = True
+                    continue
+                s["new"].append(token)
+                text = self.tok_decode(s["new"])
+                if any(u and u in text for u in s["until"]) or len(s["new"]) >= s["max_new"]:
+                    s["done"] = True
+        results = []
+        for req, s in zip(requests, states):
+            text = self.tok_decode(s["new"])
+            for u in s["until"]:
+                if u:
+                    text = text.split(u)[0]
+            self.cache_hook.add_partial("generate_until", req.args, text)
+            results.append(text)
+        return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    """lm_eval's command line with the ``btm`` model registered (this module is imported)."""
+    import sys
+
+    from lm_eval.__main__ import cli_evaluate
+
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
