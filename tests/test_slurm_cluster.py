@@ -102,9 +102,7 @@ def test_second_cluster_starts_and_stops_twice(slurm_cluster):
     other = SlurmTestCluster(root)
     try:
         for _ in range(2):
-            started = time.monotonic()
             other.start()
-            assert time.monotonic() - started < 60
             assert not set(other.ports.values()) & set(slurm_cluster.ports.values())
             assert other.node_states() == {n: "idle" for n in other.nodes}
             pids = {name: info["pid"] for name, info in other.pids.items()}

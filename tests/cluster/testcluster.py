@@ -87,7 +87,7 @@ def ensure_packages(log=print) -> None:
     try:
         for argv in (["apt-get", "update", "-q"],
                      ["apt-get", "install", "-y", "-q", "-o", "DPkg::Lock::Timeout=600",
-                      "--no-install-recommends", *PACKAGES]):
+                      *PACKAGES]):
             log(f"[slurm-testcluster] {' '.join(argv)}")
             proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1200)
             if proc.returncode != 0:
@@ -177,22 +177,32 @@ def reap_orphans(directory: Path, prefix: str = "btm-slurm-") -> list[Path]:
     return reaped
 
 
-def accounting_db_template(directory: Path) -> tuple[Path, str]:
+def cache_dir() -> Path:
+    """Where the accounting DB template is kept: out of $TMPDIR, whose cleaners could delete
+    some of its files and leave a broken template."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "btm-slurm-testcluster"
+
+
+def accounting_db_template(directory: Path | None = None) -> tuple[Path, str]:
     """(datadir, slurm DB password) of a stopped MariaDB holding slurmdbd's schema and our
     registered cluster; every start copies it instead of running mariadb-install-db and
     letting slurmdbd create ~40 tables (seconds each on a busy machine).
 
-    Built once per MariaDB and SLURM version under `directory`, by a throw-away cluster
+    Built once per MariaDB and SLURM version under `directory` (default: cache_dir()), by
+    a throw-away cluster in $TMPDIR
     (munge, MariaDB, slurmdbd) that is stopped cleanly before its datadir is kept. Call with
     _machine_lock() held. The password only guards a database on 127.0.0.1 used for tests.
     """
     versions = [subprocess.run([_which(b), flag], capture_output=True, text=True).stdout.strip()
                 for b, flag in (("mariadbd", "--version"), ("slurmctld", "-V"))]
     key = hashlib.sha256("\n".join([*versions, *MARIADB_SETTINGS, CLUSTER_NAME]).encode())
-    template = Path(directory) / f"btm-slurm-db-{key.hexdigest()[:12]}"
+    directory = Path(directory) if directory else cache_dir()
+    template = directory / f"db-{key.hexdigest()[:12]}"
     if (template / "password").is_file():
         return template / "data", (template / "password").read_text()
-    builder = SlurmTestCluster(tempfile.mkdtemp(prefix="btm-slurm-", dir=directory))
+    directory.mkdir(parents=True, exist_ok=True)
+    builder = SlurmTestCluster(tempfile.mkdtemp(prefix="btm-slurm-"))
     password = secrets.token_hex(16)
     try:
         deadline = time.monotonic() + 300
@@ -229,7 +239,7 @@ class SlurmTestCluster:
         self.nodes = [f"node{i}" for i in range(1, nodes + 1)]
         self.cpus_per_node = cpus_per_node
         self.mem_mb_per_node = mem_mb_per_node
-        # partition name -> time limit in minutes (None = unlimited); the last one is the default.
+        # partition name -> time limit in minutes (None = unlimited).
         self.partitions = {"debug": 10, "batch": None}
         self.default_partition = "batch"
         self.tie_to_parent = tie_to_parent
@@ -274,15 +284,21 @@ class SlurmTestCluster:
         reap_orphans(self.root.parent)
         if self.running_daemons():
             raise ClusterError(f"a test cluster is already running under {self.root}; stop it first")
-        deadline = time.monotonic() + timeout
         self._prepare_root()
         try:
             with _machine_lock():
-                datadir, password = accounting_db_template(self.root.parent)
+                datadir, password = accounting_db_template()
+                deadline = time.monotonic() + timeout
                 self._choose_ports()
                 self._write_configs(password)
                 self._start_munge(deadline)
-                self._start_mariadb(deadline, datadir)
+                try:
+                    self._start_mariadb(deadline, datadir)
+                except ClusterError as exc:
+                    # Perhaps a damaged template: drop it, so the next start builds a new one.
+                    shutil.rmtree(datadir.parent, ignore_errors=True)
+                    raise ClusterError(f"{exc}\n(removed the accounting DB template "
+                                       f"{datadir.parent}; the next start rebuilds it)") from exc
                 self._start_slurmdbd(deadline)
                 self._start_slurmctld(deadline)
                 for node in self.nodes:
