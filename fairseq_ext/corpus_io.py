@@ -112,13 +112,18 @@ def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
 
 
 def _iter_txt(path: Path) -> Iterator[str]:
-    lines: list[str] = []
-    for _, line in _utf8_lines(path):
+    yield from txt_documents(line for _, line in _utf8_lines(path))
+
+
+def txt_documents(lines) -> Iterator[str]:
+    """Documents of a .txt corpus file: runs of non-blank lines, joined with "\n"."""
+    buf: list[str] = []
+    for line in lines:
         line = line.rstrip("\r\n")
         if line.strip():
-            lines.append(line)
-        elif lines:
-            yield "\n".join(lines)
-            lines = []
-    if lines:
-        yield "\n".join(lines)
+            buf.append(line)
+        elif buf:
+            yield "\n".join(buf)
+            buf = []
+    if buf:
+        yield "\n".join(buf)

@@ -222,16 +222,9 @@ def forest_experts(source: Path) -> tuple[dict[str, Path], Path | None]:
     """
     manifest = source if source.is_file() else source / FOREST_FILE
     if manifest.is_file():
-        from launcher.forest import Forest
+        from fairseq_ext.evaluate import forest_experts as verified_forest_experts
 
-        forest = Forest.load(manifest)
-        if not forest.experts:
-            raise BtmError(f"{manifest} lists no experts")
-        changed = forest.verify()
-        if changed:
-            raise BtmError(f"{manifest}: checkpoint missing or changed since the forest was merged "
-                           f"(sha256 differs) for expert(s) {', '.join(changed)}")
-        return {e.name: forest.checkpoint_path(e) for e in forest.experts}, manifest
+        return verified_forest_experts(manifest), manifest
     files = sorted(p for p in source.glob("*.pt") if p.is_file())
     if not files:
         raise BtmError(f"{source} is neither a checkpoint, a run dir with {FOREST_FILE}, nor a "

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from fairseq_ext.corpus_io import txt_documents
 from launcher.errors import BtmError
 from launcher.names import validate_name
 
@@ -91,7 +92,7 @@ def iter_documents(source: Source, text_field: str = "text") -> Iterator[str]:
     try:  # utf-8-sig: a byte-order mark is not part of the text (as fairseq_ext.corpus_io)
         with opener(path, "rt", encoding="utf-8-sig") as f:
             if path.name.endswith(".txt"):
-                yield from _txt_documents(f)
+                yield from txt_documents(f)
                 return
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
@@ -106,20 +107,6 @@ def iter_documents(source: Source, text_field: str = "text") -> Iterator[str]:
                 yield obj[text_field]
     except (OSError, EOFError, UnicodeDecodeError) as e:
         raise BtmError(f"could not read {path}: {e}") from e
-
-
-def _txt_documents(lines) -> Iterator[str]:
-    """Documents separated by blank lines, lines joined with "\n" (as fairseq_ext.corpus_io)."""
-    buf: list[str] = []
-    for line in lines:
-        line = line.rstrip("\r\n")
-        if line.strip():
-            buf.append(line)
-        elif buf:
-            yield "\n".join(buf)
-            buf = []
-    if buf:
-        yield "\n".join(buf)
 
 
 def is_empty(text: str) -> bool:
