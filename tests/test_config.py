@@ -142,3 +142,43 @@ def test_config_hash_is_stable_and_sensitive():
     c = parse_config(_with("budget.seed_fraction", 0.25), "c.yaml")
     assert a.config_hash() == b.config_hash() != c.config_hash()
     assert parse_config(a.to_yaml(), "x").to_dict() == a.to_dict()
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("budget.seed_fraction=0.3", ("budget.seed_fraction", 0.3)),
+    ("name=sf30", ("name", "sf30")),
+    ("domains.train=[bible, legal]", ("domains.train", ["bible", "legal"])),
+    ("clusters.k=8", ("clusters.k", 8)),
+])
+def test_set_parses_dotted_key_and_yaml_value(text, expected):
+    from launcher.commands.run import parse_setting
+    assert parse_setting(text) == expected
+
+
+@pytest.mark.parametrize("text", ["seed_fraction", "=3", "budget..x=1", "a b=1", "budget.x=[1,"])
+def test_set_rejects_malformed_settings(text):
+    from launcher.commands.run import parse_setting
+    with pytest.raises(BtmError, match="--set"):
+        parse_setting(text)
+
+
+def test_set_overrides_reach_the_config_and_its_validation(tmp_path):
+    from launcher.commands.run import parse_setting
+    cfg = parse_config(yaml.safe_dump(BASE),
+                       overrides=dict(map(parse_setting, ["budget.seed_fraction=0.3", "name=sf30"])))
+    assert (cfg.budget.seed_fraction, cfg.name) == (0.3, "sf30")
+    with pytest.raises(BtmError, match="budget.seed_fraction"):
+        parse_config(yaml.safe_dump(BASE), overrides=dict([parse_setting("budget.seed_fraction=lots")]))
+    with pytest.raises(BtmError, match="budjet"):
+        parse_config(yaml.safe_dump(BASE), overrides=dict([parse_setting("budjet.seed_fraction=0.3")]))
+
+
+def test_run_set_flag_reaches_the_plan(tmp_path):
+    from tests.conftest import run_btm, write_small_corpus
+    corpus = write_small_corpus(tmp_path / "corpus", ["bible", "code_python", "legal"], {"train": 2, "valid": 1, "test": 1})
+    proc = run_btm("run", "tiny", "--run-dir", tmp_path / "run", "--corpus", corpus, "--dry-run",
+                   "--set", "budget.seed_fraction=0.25", "--set", "name=sf25", check=True)
+    assert "run 'sf25'" in proc.stdout and "seed 6 updates" in proc.stdout  # 0.25 x 24 updates
+    bad = run_btm("run", "tiny", "--run-dir", tmp_path / "run", "--corpus", corpus, "--dry-run",
+                  "--set", "budget.seed_fraction")
+    assert bad.returncode != 0 and "--set 'budget.seed_fraction'" in bad.stderr

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
+
+import yaml
 
 from launcher.errors import BtmError
 
@@ -30,6 +33,9 @@ def register(subparsers):
     p.add_argument("--executor", choices=["local", "slurm"], help="override the config's executor")
     p.add_argument("--profile", help="override the config's cluster profile")
     p.add_argument("--max-parallel", type=int, help="override max_parallel (array %%K, local workers)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+                   help="override one config key (dotted, e.g. budget.seed_fraction=0.3 or name=sf30; "
+                        "VALUE is read as YAML); repeatable")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (local executor)")
     p.set_defaults(func=cmd_run)
 
@@ -58,8 +64,19 @@ def register(subparsers):
 
 # ---- run --------------------------------------------------------------------------------------
 
+def parse_setting(text: str) -> tuple[str, object]:
+    """``--set KEY=VALUE``: a dotted config key and its value read as a YAML scalar or list."""
+    key, sep, value = text.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_]+(\.[A-Za-z_]+)*", key):
+        raise BtmError(f"--set {text!r}: expected KEY=VALUE with a dotted config key, e.g. budget.seed_fraction=0.3")
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise BtmError(f"--set {key}: value {value!r} is not valid YAML: {e}") from None
+
+
 def _overrides(args) -> dict:
-    out = {}
+    out = dict(parse_setting(s) for s in getattr(args, "settings", []))
     if args.executor:
         out["executor"] = args.executor
     if args.profile:
