@@ -247,3 +247,60 @@ def test_local_config_runs_the_same_path_end_to_end(cbtm_run):
 
 from test_lm_eval_routing import cbtm_run  # noqa: E402,F401  (the c-BTM run fixture)
 from eval_fixtures import tiny_data  # noqa: E402,F401
+
+
+@pytest.mark.parametrize("n_seeds", [1, 3])
+def test_slurm_submission_is_one_sbatch_with_explicit_indices(tmp_path, n_seeds):
+    """With a stand-in sbatch: one sbatch call for the whole array; every element's pickled
+    payload names its manifest index, also for an array of one (which submitit submits as a
+    plain job, without SLURM_ARRAY_TASK_ID)."""
+    import pickle
+
+    from test_pipeline_slurm import fake_slurm_env
+
+    env = fake_slurm_env(tmp_path)
+    cfg = tmp_path / "fs.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "fs", "tasks": ["btm_domain_fewshot"], "seeds": list(range(n_seeds)),
+                                   "num_fewshot": 8, "include_path": str(REPO / "tests" / "lm_eval_tasks"),
+                                   "methods": {"uniform": {"method": "uniform"}},
+                                   "executor": "slurm", "profile": "slurm-test"}))
+    run = tmp_path / "run"
+    run.mkdir()
+    r = run_btm("fewshot", "run", cfg, "--run-dir", run, env=env, check=True)
+    assert f"submitted {n_seeds} elements as one array" in r.stdout
+    scripts = list((tmp_path / "sbatch").glob("*.sh"))
+    assert len(scripts) == 1
+    assert ("#SBATCH --array=0-2%3" in scripts[0].read_text()) == (n_seeds == 3)
+    out_dir = run / "fewshot" / "fs"
+    (manifest,) = out_dir.glob("manifest-*.json")
+    elements = json.loads(manifest.read_text())["elements"]
+    payloads = sorted(out_dir.glob("jobs/submitit/*_submitted.pkl"))
+    assert len(payloads) == n_seeds
+    got = {}
+    for p in payloads:
+        with p.open("rb") as f:
+            argv = pickle.load(f).args[0]
+        assert argv[:3] == ["fewshot", "element", str(manifest)] and argv[3] == "--index"
+        got[int(argv[4])] = argv
+    assert sorted(got) == list(range(n_seeds))
+    assert [e["id"] for e in elements] == [f"btm_domain_fewshot.s{s}.uniform" for s in range(n_seeds)]
+    ledger = json.loads((out_dir / "jobs" / "submissions.json").read_text())
+    assert ledger[0]["units"] == [e["id"] for e in elements] and ledger[0]["array"]
+
+
+def test_dry_run_needs_neither_torch_nor_lm_eval(tmp_path):
+    """`btm fewshot run --dry-run` on a login node: launcher imports only light packages."""
+    import sys
+
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'fairseq', 'lm_eval', 'transformers', 'sentencepiece'):\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from launcher.cli import main\n"
+        f"sys.exit(main(['fewshot', 'run', 'paper', '--run-dir', {str(tmp_path)!r}, '--dry-run']))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "#SBATCH --array=0-119%32" in proc.stdout and not (tmp_path / "fewshot").exists()
