@@ -20,7 +20,7 @@ import pytest
 
 from conftest import CORPUS, require
 from eval_fixtures import DOMAINS, make_expert, tiny_data  # noqa: F401
-from test_lm_eval_btm import PAIRS, TASKS, Req, _lm_eval, forest, hand_logprobs  # noqa: F401
+from test_lm_eval_btm import TASKS, Req, _lm_eval, forest, hand_logprobs  # noqa: F401
 from launcher.errors import BtmError
 
 pytestmark = pytest.mark.fairseq
