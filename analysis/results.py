@@ -1,9 +1,12 @@
 """Load and validate what the report reads from one run directory.
 
-A run directory gives the report four things, all optional except the results table:
+A run directory gives the report five things, all optional except that one of the two results
+tables must be there:
 
 - ``results/results.parquet`` or ``results/results.csv`` (parquet preferred: it keeps types):
-  the tidy results table of docs/architecture.md ("Results table").
+  the tidy perplexity table of docs/architecture.md ("Results table").
+- ``results/fewshot.parquet`` or ``.csv``: few-shot harness results (same section; validated by
+  ``launcher.results.FEWSHOT``).
 - ``config.yaml``: domain roles, seed fraction, c-BTM cluster count (``read_config``).
   Without it, domains have no roles and come from the table.
 - ``records/*.json``: one record per finished job unit (compute accounting, analysis/tables.py).
@@ -49,7 +52,7 @@ class RunData:
     label: str                      # the run's name in tables, plots and file names
     path: Path
     results: pd.DataFrame           # the validated results table (analysis/tables.py adds labels)
-    results_file: Path
+    results_file: Path | None       # None: the run has few-shot results only
     config: dict = field(default_factory=dict)
     train_domains: list[str] | None = None   # None: config.yaml missing or silent
     eval_domains: list[str] | None = None    # held out: evaluated, never trained on
@@ -57,6 +60,7 @@ class RunData:
     n_clusters: int | None = None
     records: list[dict] = field(default_factory=list)
     priors: list[dict] = field(default_factory=list)
+    fewshot: pd.DataFrame | None = None      # the few-shot table, when the run has one
     notes: list[str] = field(default_factory=list)   # things the reader should know
 
 
@@ -65,9 +69,14 @@ def load_run(run_dir: str | Path, label: str | None = None) -> RunData:
     path = Path(run_dir)
     if not path.is_dir():
         raise BtmError(f"run directory {path} does not exist (or is not a directory)")
-    results, results_file = load_results_table(path)
+    fewshot = load_fewshot_table(path)
+    if fewshot is not None and not any((path / "results" / f"results.{ext}").is_file()
+                                       for ext in ("parquet", "csv")):
+        results, results_file = empty_results(), None
+    else:
+        results, results_file = load_results_table(path)
     run = RunData(label=label or safe_label(path.resolve().name), path=path, results=results,
-                  results_file=results_file)
+                  results_file=results_file, fewshot=fewshot)
     config_file = path / "config.yaml"
     if config_file.is_file():
         read_config(run, config_file)
@@ -125,6 +134,27 @@ def load_results_table(run_dir: Path) -> tuple[pd.DataFrame, Path]:
         raise BtmError(f"no results table in {run_dir / 'results'} (expected results.parquet or "
                        "results.csv; run `btm eval` first)")
     return validate_results(df, source), source
+
+
+def load_fewshot_table(run_dir: Path) -> pd.DataFrame | None:
+    """RUN/results/fewshot.{parquet,csv} validated against launcher.results.FEWSHOT, or None."""
+    from launcher.results import read_fewshot
+
+    rdir = run_dir / "results"
+    if not any((rdir / f"fewshot.{ext}").is_file() for ext in ("parquet", "csv")):
+        return None
+    df = read_fewshot(rdir)
+    if "better" not in df.columns:
+        df["better"] = pd.NA
+    return df
+
+
+def empty_results() -> pd.DataFrame:
+    """A perplexity table with the contract's columns and no rows (a few-shot-only run)."""
+    df = pd.DataFrame({c: pd.Series(dtype=float if c in NUMERIC_COLUMNS or c in ("k", "seed_fraction",
+                                                                              "n_clusters") else object)
+                       for c in REQUIRED_COLUMNS + OPTIONAL_COLUMNS})
+    return df
 
 
 def validate_results(df: pd.DataFrame, source: Path | str) -> pd.DataFrame:

@@ -247,10 +247,15 @@ def _compute_row(run_label: str, name: str, records: list[dict]) -> dict:
 
 # --------------------------------------------------------------------------- rendering
 
-def best_mask(table: pd.DataFrame) -> pd.DataFrame:
-    """True where a value is the lowest of its row as displayed (two decimals; ties all)."""
-    rounded = table.round(2)
-    return rounded.eq(rounded.min(axis=1), axis=0) & table.notna()
+def best_mask(table: pd.DataFrame, higher: pd.Series | None = None, digits: int = 2) -> pd.DataFrame:
+    """True where a value is the best of its row as displayed (``digits`` decimals; ties all):
+    the lowest, or the highest for rows where ``higher`` (indexed like the table) is True."""
+    rounded = table.round(digits)
+    best = rounded.min(axis=1)
+    if higher is not None:
+        up = higher.reindex(table.index).fillna(False).astype(bool)
+        best = best.where(~up, rounded.max(axis=1))
+    return rounded.eq(best, axis=0) & table.notna()
 
 
 def _fmt(value, digits: int = 2) -> str:
@@ -263,9 +268,10 @@ def _fmt(value, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
-def to_markdown(table: pd.DataFrame, mark_best: bool = True, digits: int = 2) -> str:
+def to_markdown(table: pd.DataFrame, mark_best: bool = True, digits: int = 2,
+                higher: pd.Series | None = None) -> str:
     """A GitHub Markdown table; the row's best value in **bold**, missing values as –."""
-    best = best_mask(table.select_dtypes("number")) if mark_best else None
+    best = best_mask(table.select_dtypes("number"), higher, digits) if mark_best else None
     header = [table.index.name or ""] + [str(c) for c in table.columns]
     numeric = set(table.select_dtypes("number").columns)
     lines = ["| " + " | ".join(_md_escape(h) for h in header) + " |",
@@ -295,12 +301,12 @@ def latex_escape(text: str) -> str:
 
 
 def to_latex(table: pd.DataFrame, caption: str = "", mark_best: bool = True,
-             digits: int = 2) -> str:
+             digits: int = 2, higher: pd.Series | None = None) -> str:
     """A booktabs ``tabular`` (needs ``\\usepackage{booktabs}``); best value in \\textbf.
 
     A row named ``mean`` or ``total`` is set off by a ``\\midrule`` as in the paper's tables.
     """
-    best = best_mask(table.select_dtypes("number")) if mark_best else None
+    best = best_mask(table.select_dtypes("number"), higher, digits) if mark_best else None
     numeric = set(table.select_dtypes("number").columns)
     spec = "l" + "".join("r" if c in numeric else "l" for c in table.columns)
     lines = []
@@ -323,11 +329,12 @@ def to_latex(table: pd.DataFrame, caption: str = "", mark_best: bool = True,
     return "\n".join(lines) + "\n"
 
 
-def to_csv(table: pd.DataFrame, mark_best: bool = True) -> str:
+def to_csv(table: pd.DataFrame, mark_best: bool = True, higher: pd.Series | None = None,
+           digits: int = 2) -> str:
     """CSV of the table; with mark_best, a last column ``best`` names each row's best column(s)."""
     out = table.copy()
     if mark_best:
-        best = best_mask(table.select_dtypes("number"))
+        best = best_mask(table.select_dtypes("number"), higher, digits)
         out["best"] = [";".join(str(c) for c in best.columns if best.at[i, c]) for i in best.index]
     return out.to_csv()
 
@@ -372,3 +379,52 @@ def group_means(frame: pd.DataFrame, runs: list[RunData], split: str) -> pd.Data
                              "ppl": float(by_domain.loc[group.domains, "ppl"].mean())})
     return pd.DataFrame(rows, columns=["run_label", "label", "method", "k", "n_clusters",
                                        "seed_fraction", "group", "group_title", "ppl"])
+
+
+# --------------------------------------------------------------------------- few-shot
+
+def fewshot_frame(runs: list[RunData]) -> pd.DataFrame | None:
+    """The few-shot rows of all runs with ``run_label``, a method ``label`` (as the perplexity
+    tables label methods) and ``order_key``; None when no run has few-shot results."""
+    frames = []
+    for run in runs:
+        if run.fewshot is None or run.fewshot.empty:
+            continue
+        df = run.fewshot.copy()
+        df["run_label"] = run.label
+        frames.append(df)
+    if not frames:
+        return None
+    frame = pd.concat(frames, ignore_index=True)
+    for col in ("k", "n_clusters"):
+        frame[col] = pd.to_numeric(frame[col], errors="coerce").astype(float) if col in frame else np.nan
+    frame["seed_fraction"] = np.nan
+    frame["prior"] = frame["prior"].astype(str)
+    frame["routing"] = frame["routing"].astype(str)
+    frame["prior_variant"] = frame["prior"]
+    frame["label"] = variant_labels(frame)
+    frame["order_key"] = [_order_key(r) for r in frame.itertuples()]
+    return frame
+
+
+def fewshot_table(frame: pd.DataFrame, run_label: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.Series]:
+    """(mean over seeds, standard deviation over seeds, higher-is-better per row) for one run:
+    rows = ``task metric`` (plus ``[filter]`` and ``N-shot`` where they are not the default /
+    not the same for every row), columns = method labels in paper order."""
+    rows = frame[frame["run_label"] == run_label].copy()
+    shots_vary = rows["num_fewshot"].nunique() > 1
+    rows["row"] = [f"{r.task} {r.metric}" + (f" [{r.filter}]" if r.filter != "none" else "")
+                   + (f" {int(r.num_fewshot)}-shot" if shots_vary else "") for r in rows.itertuples()]
+    labels = ordered_labels(rows)
+    order = list(dict.fromkeys(rows.sort_values(["task", "metric", "filter", "num_fewshot"])["row"]))
+    stats = rows.groupby(["row", "label"])["value"]
+    mean = stats.mean().unstack("label").reindex(index=order, columns=labels)
+    std = stats.std(ddof=1).unstack("label").reindex(index=order, columns=labels)
+    seeds = rows.groupby(["row", "label"])["seed"].nunique().unstack("label").reindex(index=order, columns=labels)
+    std = std.where(seeds > 1)  # one seed: no spread to show
+    better = rows.drop_duplicates("row").set_index("row")["better"].reindex(order)
+    higher = better.map(lambda b: str(b) != "lower")
+    for t in (mean, std):
+        t.index.name = "task metric"
+        t.columns.name = None
+    return mean, std, higher

@@ -12,18 +12,27 @@ imported. So:
 Model arguments (``BtmLMConfig``): ``forest`` (run dir, its forest.json, or a directory of
 ``<name>.pt``) or ``checkpoint`` (one model: an expert, the dense model, a parameter average);
 ``method`` = ``expert`` (with ``expert=NAME``), ``uniform``, ``prior`` (the cached prior, fixed),
-``posterior`` (updating Bayesian posterior, starting from the prior) or ``average`` (the
-parameter average of the experts with the prior's weights); ``prior`` = a cached prior JSON
-(``RUN/priors/*.json``) or weights ``0.2:0.3:0.5``; ``top_k``; ``data_dir`` (the tokenizer; by
-default the first checkpoint's ``cfg.task.data``).
+``posterior`` (Bayesian posterior, starting from the prior), ``average`` (the parameter average
+of the experts with the prior's weights) or ``cluster`` (c-BTM: experts ``cluster_<i>`` weighted
+by ``softmax(-||h - c_i||^2 / temperature)`` of the tf-idf + SVD embedding ``h`` of the text,
+``clusters`` = the fitted model, default ``RUN/clusters/model``); ``prior`` = a cached prior JSON
+(``RUN/priors/*.json``) or weights ``0.2:0.3:0.5``; ``top_k``; ``routing``; ``data_dir`` (the
+tokenizer; by default the first checkpoint's ``cfg.task.data``).
 
-What a request is to the forest: the text ``context + continuation`` is one document with ``</s>``
-in front (as btm scores documents); mixture weights, the posterior evidence and top-k are
-``fairseq_ext.mixing`` applied to the experts' per-token log-probs of that document. Only the
-experts the method needs are loaded and run: one for ``expert``, the top k by prior for
-``prior`` + ``top_k``, one averaged model for ``average``; ``posterior`` needs all (its weights
-depend on every expert's likelihood). ``generate_until`` decodes greedily from the mixture's
-next-token distribution.
+``routing=token`` (default): the text ``context + continuation`` is one document with ``</s>``
+in front (as btm scores documents); per-token mixture weights, the posterior evidence and top-k
+are ``fairseq_ext.mixing`` applied to the experts' per-token log-probs of that document (for
+``cluster``: ``fairseq_ext.cluster.routing`` on the decoded text before each block of
+``stride`` tokens). ``routing=prompt`` (``posterior`` and ``cluster``; c-BTM's few-shot rule):
+the weights come once from the whole context (demonstrations and input): the domain posterior
+``∝ prior_j * p_j(context)`` or the cluster weights of the embedded context text; the top k
+are kept, and an option scores ``logsumexp_j(log w_j + log p_j(option | context))`` over the
+kept experts only, which alone run on the options (the posterior's context likelihood needs
+one pass of every expert per distinct context).
+
+Only the experts the method needs are loaded: one for ``expert``, the top k by prior for
+``prior`` + ``top_k``, one averaged model for ``average``. ``generate_until`` decodes greedily
+from the mixture's next-token distribution.
 """
 from __future__ import annotations
 
@@ -37,7 +46,9 @@ import numpy as np
 
 from launcher.errors import BtmError
 
-METHODS = ("expert", "uniform", "prior", "posterior", "average")
+METHODS = ("expert", "uniform", "prior", "posterior", "average", "cluster")
+ROUTINGS = ("token", "prompt")
+PROMPT_ROUTED = ("posterior", "cluster")  # the methods whose weights can come from the prompt
 EOS_ID, PAD_ID = 2, 1
 
 
@@ -45,10 +56,14 @@ EOS_ID, PAD_ID = 2, 1
 class BtmLMConfig:
     forest: str | None = field(default=None, metadata={"help": "run dir, forest.json or directory of <name>.pt experts"})
     checkpoint: str | None = field(default=None, metadata={"help": "one model instead of a forest"})
-    method: str = field(default="posterior", metadata={"help": "expert | uniform | prior | posterior | average"})
+    method: str = field(default="posterior", metadata={"help": "expert | uniform | prior | posterior | average | cluster"})
     expert: str | None = field(default=None, metadata={"help": "the expert of method=expert"})
     prior: str | None = field(default=None, metadata={"help": "cached prior JSON, or weights a:b:c (default uniform)"})
     top_k: int | None = field(default=None, metadata={"help": "keep the k experts with the highest weight"})
+    routing: str = field(default="token", metadata={"help": "token (per-token weights) | prompt (weights from the whole context)"})
+    temperature: float = field(default=0.1, metadata={"help": "method=cluster: softmax temperature T of -d^2/T"})
+    clusters: str | None = field(default=None, metadata={"help": "method=cluster: fitted cluster model dir (default RUN/clusters/model)"})
+    stride: int = field(default=32, metadata={"help": "method=cluster, routing=token: tokens per routing block"})
     data_dir: str | None = field(default=None, metadata={"help": "tokenizer dir (spm.model, dict.txt)"})
     device: str = field(default="cpu", metadata={"help": "torch device"})
     batch_size: int = field(default=8, metadata={"help": "sequences per forward pass"})
@@ -97,11 +112,16 @@ class Forest:
 
         if cfg.method not in METHODS:
             raise BtmError(f"unknown method {cfg.method!r}; choose from {', '.join(METHODS)}")
+        if cfg.routing not in ROUTINGS:
+            raise BtmError(f"unknown routing {cfg.routing!r}; choose from {', '.join(ROUTINGS)}")
         if (cfg.forest is None) == (cfg.checkpoint is None):
             raise BtmError("give exactly one of forest=... or checkpoint=...")
         if cfg.top_k is not None and int(cfg.top_k) < 1:
             raise BtmError(f"top_k must be at least 1, got {cfg.top_k}")
         self.top_k = None if cfg.top_k is None else int(cfg.top_k)
+        self.routing, self.temperature, self.stride = cfg.routing, float(cfg.temperature), int(cfg.stride)
+        self.cluster_model = None
+        self.forward_sequences = 0  # sequences run through one model each (cost accounting)
         if cfg.checkpoint is not None:
             experts = {Path(cfg.checkpoint).stem: Path(cfg.checkpoint)}
             if cfg.method not in ("expert", "posterior"):
@@ -110,6 +130,9 @@ class Forest:
         else:
             experts, _ = forest_experts(Path(cfg.forest))
             self.method = cfg.method
+        if self.routing == "prompt" and self.method not in PROMPT_ROUTED:
+            raise BtmError(f"routing=prompt takes the weights from the prompt: use method=posterior "
+                           f"(domain experts) or method=cluster (c-BTM), not {self.method!r}")
         names = list(experts)
         prior = read_prior(cfg.prior, names) if cfg.prior else None
         if self.method == "uniform" and self.top_k is not None:
@@ -121,6 +144,11 @@ class Forest:
         elif self.method in ("prior", "average") and self.top_k is not None:
             p = prior if prior is not None else np.full(len(names), 1.0 / len(names))
             chosen = [names[i] for i in mixing.topk_experts(p, self.top_k)]
+        elif self.method == "cluster":
+            if cfg.prior:
+                raise BtmError("method=cluster weights experts by distance to the cluster centres; "
+                               "prior=... does not apply")
+            self.cluster_model, chosen = self._clusters(cfg, experts)
         else:
             chosen = names
         self.names = chosen
@@ -147,6 +175,24 @@ class Forest:
         state = load_checkpoint(self.paths[0], verify=False) if cfg.data_dir is None else {}
         self.data_dir = checkpoint_data_dir(state, self.paths[0], cfg.data_dir)
 
+    @staticmethod
+    def _clusters(cfg: BtmLMConfig, experts: dict[str, Path]):
+        """(the fitted cluster model, expert names in cluster order: cluster_0, cluster_1, ...)."""
+        from fairseq_ext.cluster.model_io import load_model as load_cluster_model
+
+        if cfg.clusters:
+            where = Path(cfg.clusters)
+        else:
+            source = Path(cfg.forest)
+            where = (source.parent if source.is_file() else source) / "clusters" / "model"
+        model = load_cluster_model(where)
+        chosen = [f"cluster_{i}" for i in range(model.k)]
+        missing = [n for n in chosen if n not in experts]
+        if missing:
+            raise BtmError(f"method=cluster needs one expert per cluster of {where} (k={model.k}); "
+                           f"the forest lacks {', '.join(missing)} (experts: {', '.join(experts)})")
+        return model, chosen
+
     def _average(self, paths, prior) -> Path:
         from fairseq_ext.averaging import average_checkpoints
 
@@ -156,54 +202,74 @@ class Forest:
         average_checkpoints(paths, weights or [1.0] * len(paths), out)
         return out
 
-    @property
-    def forward_passes_per_sequence(self) -> int:
-        return len(self.models)
+    def decode(self, ids) -> str:
+        from fairseq_ext.data_prep import decode_ids
+
+        return decode_ids(self.data_dir, ids)
 
     # ---- mixing ---------------------------------------------------------------------------
-    def log_weights(self, lp: np.ndarray) -> np.ndarray:
-        """[N, T] log mixture weights for one document's expert target log-probs ``lp``."""
+    def log_weights(self, lp: np.ndarray, targets) -> np.ndarray:
+        """[N, T] per-token log mixture weights for one document's expert target log-probs
+        ``lp`` [N, T] and its target ids (routing=token)."""
         from fairseq_ext import mixing
 
         n, t = lp.shape
         if n == 1:
             return np.zeros((1, t))
+        if self.method == "cluster":
+            from fairseq_ext.cluster.routing import token_route_weights_from_ids
+
+            w = token_route_weights_from_ids(self.cluster_model, np.asarray(targets), np.array([0]), self.decode,
+                                             stride=self.stride, temperature=self.temperature, top_k=self.top_k)
+            with np.errstate(divide="ignore"):
+                return np.log(w).T
         method = "posterior" if self.method == "posterior" else ("prior" if self.prior is not None else "uniform")
         return mixing.keep_top_k(mixing.log_weights(lp, np.array([0]), method, self.prior), self.top_k)
 
-    # ---- forward passes -------------------------------------------------------------------
-    def run(self, inputs: list[list[int]], targets: list[list[int]], full_from: list[int]):
-        """Every selected model on every sequence, in batches of right-padded rows.
+    def cluster_log_weights(self, texts: list[str]) -> np.ndarray:
+        """[R, N] log weights (-inf: dropped by top-k) of the cluster experts for whole texts."""
+        from fairseq_ext.cluster.routing import route_weights
 
-        Returns (target log-probs [N, len_i] per sequence, full log-softmax rows
-        [N, len_i - full_from_i, V] per sequence) as numpy float32/float64.
+        with np.errstate(divide="ignore"):
+            return np.log(route_weights(self.cluster_model, texts, self.temperature, self.top_k))
+
+    # ---- forward passes -------------------------------------------------------------------
+    def run(self, inputs: list[list[int]], targets: list[list[int]], full_from: list[int],
+            which: list[list[int]] | None = None):
+        """The selected models on the sequences, in batches of right-padded rows.
+
+        ``which[i]``: indices of the models to run on sequence i (default: every model).
+        Returns (target log-probs [len(which[i]), len_i] per sequence, full log-softmax rows
+        [len(which[i]), len_i - full_from_i, V] per sequence) as numpy float64/float32.
         """
         import torch
 
         n = len(self.models)
-        lps = [np.zeros((n, len(t)), dtype=np.float64) for t in targets]
+        which = [list(range(n))] * len(inputs) if which is None else [list(w) for w in which]
+        lps = [np.zeros((len(w), len(t)), dtype=np.float64) for w, t in zip(which, targets)]
         fulls = [None] * len(inputs)
-        order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start:start + self.batch_size]
-            width = max(len(inputs[i]) for i in rows)
-            src = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
-            for r, i in enumerate(rows):
-                src[r, :len(inputs[i])] = torch.tensor(inputs[i], dtype=torch.long)
-            tgt = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, i in enumerate(rows):
-                tgt[r, :len(targets[i])] = torch.tensor(targets[i], dtype=torch.long)
-            src, tgt = src.to(self.device), tgt.to(self.device)
-            target_lp, full_rows = [], []
-            with torch.inference_mode():
-                for model in self.models:
+        rows_of: list[list] = [[None] * len(w) for w in which]
+        for m, model in enumerate(self.models):
+            seqs = sorted((i for i in range(len(inputs)) if m in which[i]), key=lambda i: -len(inputs[i]))
+            self.forward_sequences += len(seqs)
+            for start in range(0, len(seqs), self.batch_size):
+                rows = seqs[start:start + self.batch_size]
+                width = max(len(inputs[i]) for i in rows)
+                src = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
+                tgt = torch.zeros((len(rows), width), dtype=torch.long)
+                for r, i in enumerate(rows):
+                    src[r, :len(inputs[i])] = torch.tensor(inputs[i], dtype=torch.long)
+                    tgt[r, :len(targets[i])] = torch.tensor(targets[i], dtype=torch.long)
+                src, tgt = src.to(self.device), tgt.to(self.device)
+                with torch.inference_mode():
                     lp = torch.log_softmax(model(src)[0].float(), dim=-1)
-                    target_lp.append(lp.gather(2, tgt[:, :, None])[:, :, 0].double().cpu().numpy())
-                    full_rows.append([lp[r, full_from[i]:len(inputs[i])].cpu().numpy()
-                                      for r, i in enumerate(rows)])
-            for r, i in enumerate(rows):
-                lps[i] = np.stack([t[r, :len(inputs[i])] for t in target_lp])
-                fulls[i] = np.stack([f[r] for f in full_rows])
+                    target_lp = lp.gather(2, tgt[:, :, None])[:, :, 0].double().cpu().numpy()
+                    for r, i in enumerate(rows):
+                        slot = which[i].index(m)
+                        lps[i][slot] = target_lp[r, :len(inputs[i])]
+                        rows_of[i][slot] = lp[r, full_from[i]:len(inputs[i])].cpu().numpy()
+        for i, got in enumerate(rows_of):
+            fulls[i] = np.stack(got) if got else np.zeros((0, 0, len(self.dictionary)), dtype=np.float32)
         return lps, fulls
 
     def close(self) -> None:
@@ -251,9 +317,13 @@ class BtmLM(_lm_base()):
         if str(batch_size).startswith("auto"):
             batch_size = 8
         model_args = {k: v for k, v in model_args.items() if v is not None}
-        for key in ("top_k", "max_length", "max_gen_toks"):
+        for key, kind in (("top_k", int), ("max_length", int), ("max_gen_toks", int), ("stride", int),
+                          ("temperature", float)):
             if key in model_args:
-                model_args[key] = int(model_args[key])
+                try:
+                    model_args[key] = kind(model_args[key])
+                except ValueError:
+                    raise BtmError(f"btm model_args: {key} must be a number, got {model_args[key]!r}") from None
         device = model_args.pop("device", None) or device or "cpu"
         import torch
 
@@ -263,7 +333,11 @@ class BtmLM(_lm_base()):
         self.cfg = BtmLMConfig(**model_args, batch_size=int(batch_size), device=str(device))
         self.forest = Forest(self.cfg)
         self._max_length = min(self.cfg.max_length or self.forest.max_positions, self.forest.max_positions)
-        self.forward_sequences = 0  # sequences run through one model each (cost accounting)
+
+    @property
+    def forward_sequences(self) -> int:
+        """Sequences run through one model each so far (cost accounting)."""
+        return self.forest.forward_sequences
 
     # ---- tokenizer ----------------------------------------------------------------------
     @property
@@ -296,36 +370,82 @@ class BtmLM(_lm_base()):
         full = full[-(self.max_length + 1):]
         return full[:-1], full[1:]
 
-    def score_pairs(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        """(log p(continuation | context), is greedy) for token-id pairs, by the forest."""
+    def score_pairs(self, pairs: list[tuple[list[int], list[int]]],
+                    contexts: list[str] | None = None) -> list[tuple[float, bool]]:
+        """(log p(continuation | context), is greedy) for token-id pairs, by the forest.
+
+        ``contexts``: the context texts (routing=prompt with method=cluster embeds them;
+        default: the decoded context ids)."""
         docs = [self._document(list(ctx) + list(cont)) for ctx, cont in pairs]
         n_cont = [len(cont) for _, cont in pairs]
         for (ctx, cont), (_, targets) in zip(pairs, docs):
             if len(cont) > len(targets):
                 raise BtmError(f"continuation of {len(cont)} tokens does not fit in {self.max_length} positions")
-        lps, fulls = self.forest.run([d[0] for d in docs], [d[1] for d in docs],
-                                     [len(d[1]) - k for d, k in zip(docs, n_cont)])
-        self.forward_sequences += len(docs) * self.forest.forward_passes_per_sequence
-        from fairseq_ext.mixing import mix_log_weights
+        full_from = [len(d[1]) - k for d, k in zip(docs, n_cont)]
+        if self.forest.routing == "prompt":
+            if contexts is None:
+                contexts = [self.forest.decode(ctx) for ctx, _ in pairs]
+            log_w0 = self._prompt_log_weights([ctx for ctx, _ in pairs], contexts)
+            which = [np.flatnonzero(np.isfinite(w)).tolist() for w in log_w0]
+            lps, fulls = self.forest.run([d[0] for d in docs], [d[1] for d in docs], full_from, which)
+        else:
+            lps, fulls = self.forest.run([d[0] for d in docs], [d[1] for d in docs], full_from)
+        from fairseq_ext import mixing
 
         out = []
-        for (_, targets), k, lp, full in zip(docs, n_cont, lps, fulls):
-            log_w = self.forest.log_weights(lp)
-            mixed = mix_log_weights(lp, log_w)
-            greedy = mixture_full(log_w[:, len(targets) - k:], full).argmax(-1)
-            out.append((float(mixed[len(targets) - k:].sum()),
+        for i, ((_, targets), k, lp, full) in enumerate(zip(docs, n_cont, lps, fulls)):
+            if self.forest.routing == "prompt":
+                # the mixture of whole continuations over the kept experts (mixing.sequence_log_weights)
+                lp = lp[:, len(targets) - k:]
+                log_w = mixing.sequence_log_weights(log_w0[i][which[i]], lp)
+            else:
+                log_w = self.forest.log_weights(lp, targets)[:, len(targets) - k:]
+                lp = lp[:, len(targets) - k:]
+            greedy = mixture_full(log_w, full).argmax(-1)
+            out.append((float(mixing.mix_log_weights(lp, log_w).sum()),
                         bool(np.array_equal(greedy, np.asarray(targets[len(targets) - k:])))))
         return out
 
+    def _prompt_log_weights(self, context_ids: list[list[int]], texts: list[str]) -> np.ndarray:
+        """[R, N] log weights of the experts for each request's whole context (-inf: not kept).
+
+        ``cluster``: the embedded context text (``fairseq_ext.cluster.routing``). ``posterior``:
+        Bayes with the prior from the context's likelihood under every expert (one pass of each
+        expert per distinct context, its last ``max_length`` tokens), then top-k
+        (``mixing.prompt_log_weights``). An empty context carries no evidence: the cluster sizes
+        or the prior."""
+        from fairseq_ext import mixing
+
+        if self.forest.method == "cluster":
+            unique = list(dict.fromkeys(texts))
+            rows = dict(zip(unique, self.forest.cluster_log_weights(unique)))
+            return np.stack([rows[t] for t in texts])
+        keys = [tuple(c[1:] if c[:1] == [EOS_ID] else c) for c in context_ids]  # </s> = no text
+        unique = list(dict.fromkeys(keys))
+        loglik = np.zeros((len(self.forest.models), len(unique)))
+        scored = [j for j, key in enumerate(unique) if key]
+        if scored:
+            docs = [self._document(list(unique[j])) for j in scored]
+            lps, _ = self.forest.run([d[0] for d in docs], [d[1] for d in docs], [len(d[1]) for d in docs])
+            for j, lp in zip(scored, lps):
+                loglik[:, j] = lp.sum(axis=1)
+        log_w = mixing.prompt_log_weights(loglik, self.forest.prior, self.forest.top_k).T
+        index = {key: j for j, key in enumerate(unique)}
+        return np.stack([log_w[index[key]] for key in keys])
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
-        results = self.score_pairs([(ctx, cont) for _, ctx, cont in requests])
+        contexts = [key[0] if key else None for key, _, _ in requests]
+        if any(c is None for c in contexts):
+            contexts = None
+        results = self.score_pairs([(ctx, cont) for _, ctx, cont in requests], contexts)
         for (key, _, _), res in zip(requests, results):
             self.cache_hook.add_partial("loglikelihood", key, res)
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood of each whole string as one document (</s> in front), in blocks of
-        ``max_length`` targets like btm's scorer, batched over all requests."""
+        ``max_length`` targets like btm's scorer, batched over all requests. A string has no
+        prompt, so routing=prompt scores it with the method's token routing."""
         from fairseq_ext import mixing
         from fairseq_ext.scoring import ContextSettings, forward_logprobs
 
@@ -342,11 +462,18 @@ class BtmLM(_lm_base()):
             for model in self.forest.models:
                 scores, passes = forward_logprobs(model, tokens, starts, ctx, eos=EOS_ID, pad=PAD_ID,
                                                   device=self.forest.device, batch_size=self.forest.batch_size)
-                self.forward_sequences += passes
+                self.forest.forward_sequences += passes
                 lp.append(scores)
             lp = np.stack(lp).astype(np.float64)
             if len(self.forest.models) == 1:
                 mixed = lp[0]
+            elif self.forest.method == "cluster":
+                from fairseq_ext.cluster.routing import token_route_weights_from_ids
+
+                w = token_route_weights_from_ids(self.forest.cluster_model, tokens, starts, self.forest.decode,
+                                                 stride=self.forest.stride, temperature=self.forest.temperature,
+                                                 top_k=self.forest.top_k)
+                mixed = mixing.mix_with_weights(lp, w)
             else:
                 method = "posterior" if self.forest.method == "posterior" else (
                     "prior" if self.forest.prior is not None else "uniform")
@@ -359,7 +486,11 @@ class BtmLM(_lm_base()):
 
     # ---- generation ---------------------------------------------------------------------
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy decoding from the mixture's next-token distribution, batched over requests."""
+        """Greedy decoding from the mixture's next-token distribution, batched over requests.
+
+        routing=prompt: the kept experts and their weights come from the context; each step
+        mixes them with those weights updated by the tokens generated so far (the next-token
+        distribution of the mixture of whole continuations, as ``score_pairs`` scores them)."""
         states = []
         for req in requests:
             context, gen_kwargs = req.args
@@ -370,7 +501,13 @@ class BtmLM(_lm_base()):
             if gen_kwargs.get("do_sample") or float(gen_kwargs.get("temperature", 0.0) or 0.0) > 0:
                 raise BtmError("the btm harness model decodes greedily only (do_sample/temperature unsupported)")
             states.append({"ids": [EOS_ID] + self.tok_encode(context), "new": [], "until": until,
-                           "max_new": max_new, "done": max_new <= 0})
+                           "max_new": max_new, "done": max_new <= 0, "context": context})
+        prompt = self.forest.routing == "prompt"
+        if prompt and states:
+            log_w0 = self._prompt_log_weights([s["ids"] for s in states], [s["context"] for s in states])
+            for s, w in zip(states, log_w0):
+                s["kept"] = np.flatnonzero(np.isfinite(w)).tolist()
+                s["log_w"] = w[s["kept"]]  # log w0 + log p(generated so far), per kept expert
         while True:
             live = [s for s in states if not s["done"]]
             if not live:
@@ -379,16 +516,21 @@ class BtmLM(_lm_base()):
             # last target, so the last row is the next-token distribution.
             inputs = [(s["ids"] + s["new"])[-self.max_length:] for s in live]
             targets = [x[1:] + [PAD_ID] for x in inputs]
-            lps, fulls = self.forest.run(inputs, targets, [len(t) - 1 for t in targets])
-            self.forward_sequences += len(live) * self.forest.forward_passes_per_sequence
-            for s, lp, full in zip(live, lps, fulls):
-                lp = lp.copy()
-                lp[:, -1] = 0.0  # the dummy target: its value never enters the weights used
-                log_w = self.forest.log_weights(lp)[:, -1:]
+            lps, fulls = self.forest.run(inputs, targets, [len(t) - 1 for t in targets],
+                                         [s["kept"] for s in live] if prompt else None)
+            for s, lp, full, tgt in zip(live, lps, fulls, targets):
+                if prompt:
+                    log_w = (s["log_w"] - np.logaddexp.reduce(s["log_w"]))[:, None]
+                else:
+                    lp = lp.copy()
+                    lp[:, -1] = 0.0  # the dummy target: its value never enters the weights used
+                    log_w = self.forest.log_weights(lp, tgt)[:, -1:]
                 token = int(mixture_full(log_w, full).argmax(-1)[0])
                 if token == EOS_ID:
                     s["done"] = True
                     continue
+                if prompt:
+                    s["log_w"] = s["log_w"] + full[:, -1, token]
                 s["new"].append(token)
                 text = self.tok_decode(s["new"])
                 if any(u and u in text for u in s["until"]) or len(s["new"]) >= s["max_new"]:

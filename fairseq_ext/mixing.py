@@ -27,6 +27,10 @@ Methods (``ensemble_logprobs(method=...)``):
 ``top_k`` keeps, at each position, the k experts with the highest weight under the chosen
 method (ties go to the lower expert index) and renormalizes. For ``prior`` the selection is
 the same at every position, so only those k experts need scoring (see ``topk_experts``).
+
+Prompt routing (c-BTM's few-shot rule, used by ``fairseq_ext/lm_eval_btm.py``): weights fixed
+from a whole prompt (``prompt_log_weights``: the posterior given the prompt), an answer scored
+as the mixture of whole sequences (``sequence_log_weights`` gives its per-token form).
 """
 from __future__ import annotations
 
@@ -184,6 +188,31 @@ def mix_with_weights(expert_logprobs, weights) -> np.ndarray:
         raise BtmError(f"weights row {int(np.argmin(sums[:, 0]))} sums to 0")
     log_w = _log(w / sums).T  # [N, T] or [N, 1]
     return mix_log_weights(lp, np.broadcast_to(log_w, (n, t)))
+
+
+# ----------------------------------------------------------------------------- prompt routing
+# c-BTM's few-shot rule: weights come from the whole prompt and stay fixed; an answer option is
+# scored by the mixture of whole sequences, logsumexp_j(log w_j + log p_j(option | prompt)).
+
+def prompt_log_weights(prompt_loglik, prior=None, top_k: int | None = None) -> np.ndarray:
+    """[N, R] log posteriors P(D=j | prompt_r) ∝ P(D=j) * p_j(prompt_r) from each prompt's total
+    log-likelihood under each expert ([N, R]; a prompt with no tokens has 0: the prior), the
+    k largest kept (ties: lower index), the others -inf."""
+    ll = np.asarray(prompt_loglik, dtype=np.float64)
+    if ll.ndim != 2 or not np.all(np.isfinite(ll)):
+        raise BtmError(f"prompt_loglik must be a finite [N experts, R prompts] array, got shape {ll.shape}")
+    unnorm = _log(normalize_prior(prior, ll.shape[0]))[:, None] + ll
+    return keep_top_k(unnorm - logsumexp(unnorm, axis=0)[None, :], top_k)
+
+
+def sequence_log_weights(log_w0, expert_logprobs) -> np.ndarray:
+    """[N, T] per-token log weights of the mixture of whole sequences ``sum_j w0_j prod_t
+    p_j(x_t)``: Bayes' rule from ``w0`` on the tokens before t. So ``mix_log_weights(lp,
+    result).sum() == logsumexp_j(log w0_j + sum_t log p_j(x_t))``, and ``result[:, t]`` gives
+    the sequence mixture's next-token distribution at t."""
+    lp = np.asarray(expert_logprobs, dtype=np.float64)
+    unnorm = np.asarray(log_w0, dtype=np.float64)[:, None] + prefix_loglik(lp, np.array([0]))
+    return unnorm - logsumexp(unnorm, axis=0)[None, :]
 
 
 def nll(mixture_logprobs) -> float:

@@ -233,7 +233,8 @@ def find_unit(cfg: Config, stage: str, name: str | None) -> Unit:
 
 # ---- the plan -----------------------------------------------------------------------------
 
-def _resources(profile: Profile, stage: str, gpus: int) -> dict:
+def job_resources(profile: Profile, stage: str, gpus: int) -> dict:
+    """nodes, GPUs per node, CPUs, memory and time of a job of ``stage`` that needs ``gpus``."""
     p = profile.for_stage(stage)
     if p.gpus_per_node <= 0 or gpus <= 0:
         return {"nodes": 1, "gpus_per_node": 0, "cpus_per_task": p.cpus_per_task, "mem": p.mem, "time": p.time}
@@ -260,7 +261,7 @@ def build_plan(cfg: Config, profile: Profile, run_dir: str,
         units = stage_units(cfg, stage)
         jobs.append(Job(name=name, stage=stage, units=units, array=array, after_ok=list(after_ok),
                         after_any=list(after_any), budget=budget,
-                        **_resources(profile, stage, gpus)))
+                        **job_resources(profile, stage, gpus)))
 
     add("data", "data")
     upstream = ["data"]

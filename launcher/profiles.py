@@ -19,7 +19,8 @@ import yaml
 from launcher.errors import BtmError
 
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "slurm_templates" / "profiles"
-STAGE_NAMES = ("data", "cluster", "seed", "train", "dense", "merge", "grow", "score", "eval", "report")
+STAGE_NAMES = ("data", "cluster", "seed", "train", "dense", "merge", "grow", "score", "eval", "report",
+               "fewshot")  # fewshot: `btm fewshot run` (launcher/fewshot.py), outside the pipeline
 _EXTRA_LINE = re.compile(r"--[a-z][a-z0-9-]*(=.+)?")
 
 

@@ -101,12 +101,13 @@ def python_command(profile: Profile, ctx: SbatchContext) -> str:
     return ctx.python or profile.python or sys.executable
 
 
-def render_sbatch(job: Job, profile: Profile, ctx: SbatchContext) -> str:
-    """The sbatch script of one job (an array job for array stages)."""
+def render_sbatch(job: Job, profile: Profile, ctx: SbatchContext, argv: list[str] | None = None) -> str:
+    """The sbatch script of one job (an array job for array stages). ``argv``: what follows
+    ``python -m launcher`` (default: the stage command, ``stage_argv``)."""
     from submitit.slurm.slurm import _make_sbatch_string
 
     params = slurm_parameters(job, profile, ctx)
-    argv = [python_command(profile, ctx), "-u", "-m", "launcher", *stage_argv(ctx.run_dir, job)]
+    argv = [python_command(profile, ctx), "-u", "-m", "launcher", *(argv or stage_argv(ctx.run_dir, job))]
     command = "exec " + " ".join(shlex.quote(a) for a in argv)
     folder = Path(ctx.run_dir) / "jobs" / "logs"
     map_count = len(job.units) if job.array else None

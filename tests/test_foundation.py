@@ -19,7 +19,7 @@ BLOCK_HEAVY = textwrap.dedent("""
 
 @pytest.mark.parametrize("module", [
     "launcher", "launcher.cli", "launcher.commands", "launcher.presets", "launcher.atomic",
-    "analysis", "fairseq_ext",
+    "launcher.fewshot", "launcher.results", "analysis", "analysis.report", "fairseq_ext",
 ])
 def test_light_modules_import_without_fairseq_or_torch(module):
     code = BLOCK_HEAVY + f"import {module}\nimport launcher.cli; launcher.cli.build_parser()\n"
@@ -30,7 +30,7 @@ def test_light_modules_import_without_fairseq_or_torch(module):
 def test_cli_help_lists_every_verb():
     proc = run_btm("--help", check=True)
     for verb in ["run", "status", "cancel", "data", "seed", "branch", "train", "eval",
-                 "average", "cluster", "forest", "report", "export"]:
+                 "average", "cluster", "forest", "report", "export", "fewshot"]:
         assert verb in proc.stdout
 
 

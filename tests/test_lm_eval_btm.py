@@ -233,7 +233,7 @@ def test_rolling_and_generation_equal_hand_computation(tiny_data, forest):  # no
 
 def test_bad_model_args_are_clear_errors(tiny_data, forest):  # noqa: F811
     with pytest.raises(BtmError, match="unknown btm model_args"):
-        make_lm(forest, tiny_data, temperature=1)
+        make_lm(forest, tiny_data, mystery_arg=1)
     with pytest.raises(BtmError, match="expert=NAME"):
         make_lm(forest, tiny_data, method="expert", expert="nope")
     with pytest.raises(BtmError, match="top_k needs weights"):

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 from submitit.helpers import Checkpointable, DelayedSubmission
 
@@ -80,8 +81,12 @@ def read_submissions(run_dir: str | Path) -> list[dict]:
         return []
 
 
-def submit(jobs: list[Job], profile: Profile, ctx: SbatchContext) -> list[dict]:
-    """Submit the jobs (topologically ordered) with afterok/afterany chains; return the ledger rows."""
+def submit(jobs: list[Job], profile: Profile, ctx: SbatchContext,
+           argv_for: Callable[[Job, str | None], list[str]] | None = None) -> list[dict]:
+    """Submit the jobs (topologically ordered) with afterok/afterany chains; return the ledger rows.
+
+    ``argv_for(job, unit)``: what unit ``unit`` runs after ``python -m launcher`` (default:
+    ``stage RUN_DIR STAGE --unit NAME``; ``btm fewshot`` passes its element commands)."""
     import submitit
 
     if shutil.which("sbatch") is None:  # submitit would fail with a bare RuntimeError
@@ -96,7 +101,7 @@ def submit(jobs: list[Job], profile: Profile, ctx: SbatchContext) -> list[dict]:
         atomic_write_json(units_file(run_dir, job), names)
         ctx.dependency_ids = {**ctx.dependency_ids}
         params = slurm_parameters(job, profile, ctx)
-        argvs = [stage_argv(str(run_dir), job, name) for name in names]
+        argvs = [argv_for(job, name) if argv_for else stage_argv(str(run_dir), job, name) for name in names]
         try:
             executor = submitit.SlurmExecutor(folder=run_dir / "jobs" / "submitit",
                                               python="exec " + shlex.quote(python))
@@ -117,8 +122,10 @@ def submit(jobs: list[Job], profile: Profile, ctx: SbatchContext) -> list[dict]:
     return rows
 
 
-def check(jobs: list[Job], profile: Profile, ctx: SbatchContext) -> list[str]:
-    """Validate each rendered script with ``sbatch --test-only``; return problems (empty: ok)."""
+def check(jobs: list[Job], profile: Profile, ctx: SbatchContext,
+          argv_for_job: Callable[[Job], list[str]] | None = None) -> list[str]:
+    """Validate each rendered script with ``sbatch --test-only``; return problems (empty: ok).
+    ``argv_for_job``: the rendered command after ``python -m launcher`` (default: the stage's)."""
     import tempfile
 
     from launcher.sbatch import render_sbatch
@@ -127,7 +134,7 @@ def check(jobs: list[Job], profile: Profile, ctx: SbatchContext) -> list[str]:
     for job in jobs:
         # Dependencies name jobs that do not exist yet; SLURM would reject them, so leave them out.
         test_job = Job(**{**job.__dict__, "after_ok": [], "after_any": []})
-        text = render_sbatch(test_job, profile, ctx)
+        text = render_sbatch(test_job, profile, ctx, argv_for_job(job) if argv_for_job else None)
         with tempfile.NamedTemporaryFile("w", suffix=".sbatch", delete=False) as f:
             f.write(text)
         try:

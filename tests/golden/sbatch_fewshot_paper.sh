@@ -1,0 +1,27 @@
+#!/bin/bash
+
+# Parameters
+#SBATCH --account=my-project
+#SBATCH --array=0-119%32
+#SBATCH --constraint=volta32gb
+#SBATCH --cpus-per-task=10
+#SBATCH --gpus-per-node=1
+#SBATCH --job-name=paper-fewshot.fewshot
+#SBATCH --kill-on-invalid-dep=yes
+#SBATCH --mail-type=FAIL
+#SBATCH --mem=64G
+#SBATCH --nodes=1
+#SBATCH --open-mode=append
+#SBATCH --output=/scratch/runs/paper/fewshot/paper-fewshot/jobs/logs/%A_%a_0_log.out
+#SBATCH --partition=learnfair
+#SBATCH --qos=normal
+#SBATCH --requeue
+#SBATCH --signal=B:USR2@180
+#SBATCH --time=240
+#SBATCH --wckey=btm
+
+# setup
+export PYTHONPATH=/opt/btm${PYTHONPATH:+:$PYTHONPATH}
+
+# command
+exec /opt/btm/.venv/bin/python -u -m launcher fewshot element /scratch/runs/paper/fewshot/paper-fewshot/manifest-HASH.json --array-task
