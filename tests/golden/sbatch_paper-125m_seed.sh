@@ -24,4 +24,4 @@
 export PYTHONPATH=/opt/btm${PYTHONPATH:+:$PYTHONPATH}
 
 # command
-exec /opt/btm/.venv/bin/python -u -m launcher stage /scratch/runs/paper seed
+exec /opt/btm/.venv/bin/python -u -m launcher stage /scratch/runs/paper seed --nproc-per-node 8
