@@ -2,7 +2,8 @@
 
 The GPU version is the same code with nccl and one GPU per rank; what only a GPU can show
 (nccl, torch.compile around DDP, bf16) is listed in docs/training.md. Each test here starts
-real torchrun process groups, so each takes a few tens of seconds.
+real torchrun process groups (a launch: torchrun's and two workers' imports of torch and
+fairseq, ~15 s on an idle 2-core machine, 25-30 s on a loaded one), hence ``slow``.
 """
 import json
 import os
@@ -83,6 +84,7 @@ def _assert_one_checkpoint_set(save_dir):
         "checkpoint_last.pt.sha256", "train_log.jsonl"]  # no temporary or per-rank files
 
 
+@pytest.mark.slow
 def test_two_processes_stop_together_resume_and_match_one(data_dir, tmp_path):
     import torch
     from fairseq_ext.checkpoint import load_checkpoint
