@@ -23,6 +23,7 @@ outcome from RESULT.json: preempted is returned like ``train_lm``'s, so callers 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -54,13 +55,13 @@ def train_lm_torchrun(spec, nproc: int):
     with tempfile.TemporaryDirectory(prefix="btm-torchrun-") as tmp:
         spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         atomic_write_json(spec_path, asdict(spec))
-        proc = subprocess.Popen(torchrun_argv(nproc, str(spec_path), str(result_path)),
-                                preexec_fn=_ignore_sigusr2)
-        rc = _wait_forwarding_stops(proc)
+        with _stop_requests() as stop:  # before the start: no window where SIGUSR2 kills us
+            proc = subprocess.Popen(torchrun_argv(nproc, str(spec_path), str(result_path)),
+                                    preexec_fn=_ignore_sigusr2)
+            rc = _wait_forwarding(proc, stop)
         if not result_path.exists():
-            raise BtmError(f"training on {nproc} processes failed: torchrun exited {rc} without a "
-                           f"result (the workers' errors are above); checkpoints in {spec.save_dir} "
-                           "are intact, running again resumes from checkpoint_last.pt")
+            raise BtmError(f"training on {nproc} processes in {spec.save_dir} failed: torchrun "
+                           f"exited {rc} without a result (the workers' errors are above)")
         return TrainResult(**json.loads(result_path.read_text(encoding="utf-8")))
 
 
@@ -68,31 +69,36 @@ def _ignore_sigusr2() -> None:  # runs in the child before exec; SIG_IGN survive
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
-def _wait_forwarding_stops(proc: subprocess.Popen) -> int:
-    """Wait for torchrun; once a stop signal came, pass SIGUSR2 to its workers every second."""
-    stop = []
-    old = {}
+@contextlib.contextmanager
+def _stop_requests():
+    """A list that SIGUSR2/SIGTERM append to while the block runs (main thread only)."""
+    stop, old = [], {}
     for sig in STOP_SIGNALS:
         try:
             old[sig] = signal.signal(sig, lambda signum, frame: stop.append(signum))
         except ValueError:  # not the main thread: signals stay with the caller
             pass
-    have_proc = os.path.isdir("/proc")
     try:
-        while True:
-            try:
-                return proc.wait(timeout=1.0)
-            except subprocess.TimeoutExpired:
-                pass
-            if stop and have_proc:
-                for pid in children(proc.pid):
-                    _kill(pid, signal.SIGUSR2)
-            elif stop:  # no /proc to find the workers: torchrun passes SIGTERM on (30 s grace)
-                proc.send_signal(signal.SIGTERM)
-                stop.clear()
+        yield stop
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+
+
+def _wait_forwarding(proc: subprocess.Popen, stop: list) -> int:
+    """Wait for torchrun; once a stop was requested, pass SIGUSR2 to its workers every second."""
+    have_proc = os.path.isdir("/proc")
+    while True:
+        try:
+            return proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            pass
+        if stop and have_proc:
+            for pid in children(proc.pid):
+                _kill(pid, signal.SIGUSR2)
+        elif stop:  # no /proc to find the workers: torchrun passes SIGTERM on (30 s grace)
+            proc.send_signal(signal.SIGTERM)
+            stop.clear()
 
 
 def children(pid: int) -> list[int]:

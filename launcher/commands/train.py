@@ -79,6 +79,8 @@ def _run_training(spec, nproc: int = 1) -> int:
 
     from fairseq_ext.train import end_process_group, train_lm
 
+    if nproc < 1:
+        raise BtmError(f"--nproc-per-node must be >= 1, got {nproc}")
     if nproc > 1:
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:
             raise BtmError("--nproc-per-node starts torchrun itself; do not run it under torchrun")
