@@ -203,9 +203,9 @@ def cluster_run(ctx: Ctx):
 def accumulation_steps(tokens_per_batch: int, preset_name: str, nproc: int) -> int:
     """Micro-batches per update so that no process holds more than the preset's per-GPU batch.
 
-    The batch is the budget's (all of the run's nominal GPUs); a task with fewer GPUs, or a
-    seed/dense job that runs on one node of its allocation, accumulates instead of growing
-    each GPU's share. The result does not depend on it (fairseq_ext/train.py).
+    The batch is the budget's (all of the run's nominal GPUs); a job with fewer GPUs (a seed
+    or dense run whose budget names more GPUs than one node has) accumulates instead of
+    growing each GPU's share. The result does not depend on it (fairseq_ext/train.py).
     """
     from launcher.presets import get_preset
 
