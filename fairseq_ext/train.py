@@ -14,13 +14,19 @@ decay 0.1 on every parameter (as fairseq's ``--optimizer adam --weight-decay`` d
 clipping at 0.1, linear warmup over 8% of the updates then linear ("polynomial", power 1)
 decay to 0.
 
-Multi-GPU: when started by ``torchrun --standalone --nproc-per-node N`` (one node, one
-expert), the GPUs of that one task form a DDP group; every rank reads the same global batch
-order and takes its slice, so the data position is one set of integers. No process group ever
-spans experts or nodes.
+Several processes (``torchrun --standalone --nproc-per-node N``, or ``fairseq_ext.multiproc``
+which wraps it): the GPUs of one task form one DDP group (gloo on CPU), never spanning experts
+or nodes. Every rank reads the same global batch and takes its slice, so the data position is
+one set of integers; each rank scales its summed loss by ``world / (targets of the whole
+batch)``, so DDP's gradient average is the single-process gradient of the same batch. Only
+rank 0 writes checkpoints and the log; a stop signal seen by any rank stops every rank at the
+same update. Dropout is seeded per (seed, update, micro-batch of the global batch): ranks draw
+different masks, resume needs no per-rank RNG state, and N processes compute what one process
+with ``update_freq`` x N does.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -106,12 +112,13 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def _pick_device(spec: TrainSpec):
+def _pick_device(spec: TrainSpec, world: int = 1):
+    """The device of this process; with several processes, rank r of the node takes GPU r."""
     import torch
 
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if spec.device == "auto":
         if torch.cuda.is_available():
-            local_rank = int(os.environ.get("LOCAL_RANK", 0))
             return torch.device("cuda", local_rank)
         return torch.device("cpu")
     try:
@@ -120,6 +127,11 @@ def _pick_device(spec: TrainSpec):
         raise BtmError(f"bad device {spec.device!r}: {e}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BtmError(f"device {spec.device!r} requested but no CUDA GPU is available")
+    if dev.type == "cuda" and dev.index is None:
+        return torch.device("cuda", local_rank)
+    if dev.type == "cuda" and world > 1:
+        raise BtmError(f"device {spec.device!r} names one GPU, but {world} processes share this "
+                       "run: use --device cuda (or auto) so that each takes its own GPU")
     return dev
 
 
@@ -233,19 +245,23 @@ def train_lm(spec: TrainSpec) -> TrainResult:
     parse_domains(spec.data_dir, spec.domains)
     save_dir = Path(spec.save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
-    for stale in save_dir.glob(".checkpoint_*.pt.*.tmp"):  # a killed save's leftover, checkpoint-sized
-        stale.unlink(missing_ok=True)
     last_path, best_path = save_dir / "checkpoint_last.pt", save_dir / "checkpoint_best.pt"
     log_path = save_dir / "train_log.jsonl"
 
     # One task's GPUs only: torchrun --standalone sets these for a single-node group.
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
-    device = _pick_device(spec)
-    if world > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    device = _pick_device(spec, world)
+    flags = None  # the group that agrees on "stop now" (gloo: no GPU sync per update)
+    if world > 1:
+        if not dist.is_initialized():
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        flags = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
+    if rank == 0:  # only rank 0 writes here; another rank could delete its save in progress
+        for stale in save_dir.glob(".checkpoint_*.pt.*.tmp"):  # a killed save's leftover
+            stale.unlink(missing_ok=True)
     precision = _pick_precision(spec, device)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
@@ -310,7 +326,8 @@ def train_lm(spec: TrainSpec) -> TrainResult:
         if bstate.get("torch_rng") is not None:
             torch.set_rng_state(bstate["torch_rng"])
         best = bstate.get("best_valid_loss")
-        _truncate_log(log_path, update)
+        if rank == 0:
+            _truncate_log(log_path, update)
 
     loss_module = _make_loss_module(model, pad)
     step_module = loss_module
@@ -361,6 +378,8 @@ def train_lm(spec: TrainSpec) -> TrainResult:
             log({"update": 0, "valid_loss": best, "valid": valid})
         elif resume is not None:
             valid = bstate.get("valid_losses") or {}
+        if world > 1:
+            dist.barrier()  # the other ranks wait for rank 0's checkpoint
         return TrainResult(update, False, best, valid, str(last_path),
                            str(best_path) if best_path.exists() else None)
 
@@ -374,19 +393,25 @@ def train_lm(spec: TrainSpec) -> TrainResult:
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(update, lr_peak, schedule, preset.warmup_fraction)
             inputs, targets = stream.batch(update, sequences)
-            lo = rank * micro * spec.update_freq
             optimizer.zero_grad(set_to_none=True)
-            n_target = int((targets[lo:lo + micro * spec.update_freq] != pad).sum())
+            # Every rank holds the whole batch, so each knows its target count without a
+            # collective; DDP averages over ranks, hence the factor world.
+            n_target = max(int((targets != pad).sum()), 1)
             for k in range(spec.update_freq):
-                x = inputs[lo + k * micro: lo + (k + 1) * micro].to(device, non_blocking=True)
-                y = targets[lo + k * micro: lo + (k + 1) * micro].to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=autocast_dtype,
-                                    enabled=autocast_dtype is not None):
-                    loss_sum, ntok = _run(compiled, step_module, x, y)
-                    if compiled is not None and loss_sum is None:  # compile failed: eager
-                        compiled = None
-                        loss_sum, ntok = step_module(x, y)
-                scaler.scale(loss_sum / max(n_target, 1)).backward()
+                index = rank * spec.update_freq + k  # this micro-batch's place in the batch
+                x = inputs[index * micro:(index + 1) * micro].to(device, non_blocking=True)
+                y = targets[index * micro:(index + 1) * micro].to(device, non_blocking=True)
+                torch.manual_seed(_micro_seed(spec.seed, update, index))
+                # Accumulating micro-batches need no gradient all-reduce but the last.
+                no_sync = world > 1 and k < spec.update_freq - 1
+                with step_module.no_sync() if no_sync else contextlib.nullcontext():
+                    with torch.autocast(device.type, dtype=autocast_dtype,
+                                        enabled=autocast_dtype is not None):
+                        loss_sum, ntok = _run(compiled, step_module, x, y)
+                        if compiled is not None and loss_sum is None:  # compile failed: eager
+                            compiled = None
+                            loss_sum, ntok = step_module(x, y)
+                    scaler.scale(loss_sum * world / n_target).backward()
                 window_loss += loss_sum.detach().float()
                 window_tokens += ntok
             scaler.unscale_(optimizer)
@@ -399,13 +424,18 @@ def train_lm(spec: TrainSpec) -> TrainResult:
                 elapsed = time.perf_counter() - window_start
                 total_time += elapsed
                 total_tokens += window_ntok
+                if world > 1:  # the loss of the whole batch, not of rank 0's slice
+                    both = torch.stack([window_loss.double(), window_tokens.double()])
+                    dist.all_reduce(both)
+                    window_loss.copy_(both[0])
+                    window_tokens.copy_(both[1].long())
                 log({"update": update, "loss": float(window_loss) / max(int(window_tokens), 1),
                      "lr": optimizer.param_groups[0]["lr"],
                      "tokens_per_s": window_ntok / max(elapsed, 1e-9)})
                 window_loss.zero_()
                 window_tokens.zero_()
                 window_start, window_ntok = time.perf_counter(), 0
-            stopping = stop.signum is not None
+            stopping = _agree(stop.signum is not None, flags)
             if update % spec.save_interval_updates == 0 or update == max_updates or stopping:
                 t0 = time.perf_counter()
                 valid, mean_valid = validate()
@@ -429,6 +459,34 @@ def train_lm(spec: TrainSpec) -> TrainResult:
     result.checkpoint_best = str(best_path) if best_path.exists() else None
     result.tokens_per_second = total_tokens / total_time if total_time > 0 else None
     return result
+
+
+def end_process_group() -> None:
+    """After a distributed ``train_lm``: wait for every rank, then leave the group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _micro_seed(seed: int, update: int, index: int) -> int:
+    """The torch seed of micro-batch ``index`` of update ``update`` (dropout masks)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, update, index]).generate_state(1)[0])
+
+
+def _agree(flag: bool, group) -> bool:
+    """True on every rank if it is true on any (a signal may reach the ranks an update apart)."""
+    if group is None:
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
 
 
 def _run(compiled, module, x, y):

@@ -11,11 +11,12 @@ domain)) -> eval -> report; the dense baseline is its own job beside seed and tr
 Compute budget (BTM paper): the dense run is ``U`` updates on ``G`` GPUs. The seed LM spends
 ``seed_fraction * U`` updates on all ``G`` GPUs; each of the ``N`` experts then trains for the
 remaining updates on ``G / N`` of the GPUs (batch ``1/N`` of the dense batch), so the forest's
-GPU-updates, seed included, equal the dense baseline's.
+GPU-updates, seed included, equal the dense baseline's. A job never spans nodes: where the
+budget names more GPUs than a node has, the job takes one node's GPUs and accumulates
+gradients to keep the batch (same updates and tokens, longer wall time).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -234,12 +235,16 @@ def find_unit(cfg: Config, stage: str, name: str | None) -> Unit:
 # ---- the plan -----------------------------------------------------------------------------
 
 def job_resources(profile: Profile, stage: str, gpus: int) -> dict:
-    """nodes, GPUs per node, CPUs, memory and time of a job of ``stage`` that needs ``gpus``."""
+    """nodes (always 1), GPUs per node, CPUs, memory and time of a job of ``stage``.
+
+    One node, at most its GPUs: no process group spans nodes (the trainer runs torchrun
+    --standalone over one node's GPUs). A seed or dense run whose budget names more GPUs than a
+    node has keeps the budget's batch by accumulating gradients (stages.accumulation_steps):
+    the same updates, on fewer GPUs, for proportionally longer."""
     p = profile.for_stage(stage)
     if p.gpus_per_node <= 0 or gpus <= 0:
         return {"nodes": 1, "gpus_per_node": 0, "cpus_per_task": p.cpus_per_task, "mem": p.mem, "time": p.time}
-    nodes = math.ceil(gpus / p.gpus_per_node)
-    return {"nodes": nodes, "gpus_per_node": min(gpus, p.gpus_per_node),
+    return {"nodes": 1, "gpus_per_node": min(gpus, p.gpus_per_node),
             "cpus_per_task": p.cpus_per_task, "mem": p.mem, "time": p.time}
 
 

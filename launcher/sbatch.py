@@ -9,6 +9,10 @@ and people who want to submit by hand. Every value that reaches the shell goes t
 Preemption: ``--requeue`` and ``--signal=B:USR2@<grace>``. The ``B:`` sends the signal to the
 batch shell only, so the command is ``exec``-ed to *be* that shell; the stage saves
 checkpoint_last on SIGUSR2 and exits with PREEMPTED_EXIT, and the job is requeued.
+
+Several GPUs in one task: a training stage's command carries ``--nproc-per-node N`` (N = the
+job's GPUs per node), and the stage runs the trainer under ``torchrun --standalone`` on that
+node (fairseq_ext/multiproc.py). A job never runs one process group across nodes.
 """
 from __future__ import annotations
 
@@ -85,6 +89,9 @@ def slurm_parameters(job: Job, profile: Profile, ctx: SbatchContext) -> dict:
     return params
 
 
+TRAINING_STAGES = ("seed", "train", "dense", "grow")  # the stages that run fairseq_ext.train
+
+
 def stage_argv(run_dir: str, job: Job, unit: str | None = None) -> list[str]:
     """``stage RUN_DIR STAGE ...`` (after ``python -m launcher``) for one unit or an array task."""
     argv = ["stage", str(run_dir), job.stage]
@@ -94,6 +101,8 @@ def stage_argv(run_dir: str, job: Job, unit: str | None = None) -> list[str]:
         argv += ["--units-file", str(units_file(run_dir, job))]  # index from SLURM_ARRAY_TASK_ID
     elif job.units and job.units[0].name is not None:
         argv += ["--unit", job.units[0].name]
+    if job.stage in TRAINING_STAGES and job.gpus_per_node > 1:
+        argv += ["--nproc-per-node", str(job.gpus_per_node)]  # torchrun over this node's GPUs
     return argv
 
 

@@ -8,6 +8,7 @@ Python APIs and writes the record atomically. Heavy imports happen inside the st
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import sys
@@ -32,6 +33,7 @@ class Ctx:
     run_dir: Path
     config: Config
     unit: Unit
+    nproc: int = 1  # training processes on this node (one per GPU of the task)
 
     @property
     def params(self) -> dict:
@@ -198,6 +200,24 @@ def cluster_run(ctx: Ctx):
 
 # ---- training (seed, experts, dense, incremental experts) -----------------------------------
 
+def accumulation_steps(tokens_per_batch: int, preset_name: str, nproc: int) -> int:
+    """Micro-batches per update so that no process holds more than the preset's per-GPU batch.
+
+    The batch is the budget's (all of the run's nominal GPUs); a job with fewer GPUs (a seed
+    or dense run whose budget names more GPUs than one node has) accumulates instead of
+    growing each GPU's share. The result does not depend on it (fairseq_ext/train.py).
+    """
+    from launcher.presets import get_preset
+
+    preset = get_preset(preset_name)
+    sequences = tokens_per_batch // preset.tokens_per_sample
+    least = max(1, math.ceil(sequences / (nproc * preset.sequences_per_gpu)))
+    for steps in range(least, max(sequences // nproc, least) + 1):
+        if sequences % (nproc * steps) == 0:
+            return steps
+    return least  # no even split: the trainer names the numbers
+
+
 def _train(ctx: Ctx, save_dir: Path, init: Path | None):
     TrainSpec = _need("fairseq_ext.train", "TrainSpec")
     train_lm = _need("fairseq_ext.train", "train_lm")
@@ -205,9 +225,13 @@ def _train(ctx: Ctx, save_dir: Path, init: Path | None):
     spec = TrainSpec(data_dir=str(ctx.data_dir), domains=list(p["domains"]), save_dir=str(save_dir),
                      preset=p["preset"], init=str(init) if init else None, max_updates=p["max_updates"],
                      save_interval_updates=p["save_interval_updates"], tokens_per_batch=p["tokens_per_batch"],
+                     update_freq=accumulation_steps(p["tokens_per_batch"], p["preset"], ctx.nproc),
                      seed=p["seed"], device=os.environ.get("BTM_DEVICE", "auto"))
     resumed = _resume_point(save_dir)
-    result = train_lm(spec)
+    if ctx.nproc > 1:
+        result = _need("fairseq_ext.multiproc", "train_lm_torchrun")(spec, ctx.nproc)
+    else:
+        result = train_lm(spec)
     if result.preempted:
         raise Preempted()
     outs = [save_dir / "checkpoint_last.pt", save_dir / "checkpoint_best.pt"]
@@ -429,13 +453,19 @@ def unit_from_units_file(units_file: str | Path) -> str | None:
     return names[index]
 
 
-def run_stage(run_dir: str | Path, stage: str, unit_name: str | None, force: bool = False) -> int:
-    """Run one unit; 0 = done (now or before), PREEMPTED_EXIT = saved, requeue me."""
+def run_stage(run_dir: str | Path, stage: str, unit_name: str | None, force: bool = False,
+              nproc: int = 1) -> int:
+    """Run one unit; 0 = done (now or before), PREEMPTED_EXIT = saved, requeue me.
+
+    ``nproc`` > 1: a training stage trains on that many processes of this node (torchrun).
+    """
     run_dir = Path(run_dir).resolve()
     cfg = load_run_config(run_dir)
     unit = find_unit(cfg, stage, unit_name)
     impl = STAGES[stage]
-    ctx = Ctx(run_dir, cfg, unit)
+    if nproc < 1:
+        raise BtmError(f"--nproc-per-node must be >= 1, got {nproc}")
+    ctx = Ctx(run_dir, cfg, unit, nproc)
     cache = HashCache(run_dir)
     label = f"{stage}" + (f" {unit_name}" if unit_name else "")
     if not force and record_is_current(read_record(run_dir, stage, unit_name), unit.params, cache):

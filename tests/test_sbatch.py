@@ -117,3 +117,47 @@ def test_units_file_lookup_by_name(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")
     with pytest.raises(BtmError, match="outside"):
         unit_from_units_file(f)
+
+
+def _exec_argv(text: str) -> list[str]:
+    return shlex.split([ln for ln in text.split("\n") if ln.startswith("exec ")][0])[1:]
+
+
+def test_multi_gpu_training_tasks_run_torchrun_inside_one_node():
+    """A training job with N > 1 GPUs per task: one node, and the stage trains on N processes
+    (the stage's command carries --nproc-per-node N; the stage runs torchrun --standalone)."""
+    plan = _plan()  # paper-125m on 8-GPU nodes: experts 2 GPUs, seed and dense 16 -> 8
+    ctx = SbatchContext(**CTX)
+    for job, n in (("train", 2), ("seed", 8), ("dense", 8)):
+        text = render_sbatch(plan.job(job), plan.profile, ctx)
+        assert "#SBATCH --nodes=1" in text and f"#SBATCH --gpus-per-node={n}" in text
+        assert _exec_argv(text)[-2:] == ["--nproc-per-node", str(n)], job
+    for job in ("score", "eval", "data", "merge"):  # one GPU or none: one process
+        assert "--nproc-per-node" not in render_sbatch(plan.job(job), plan.profile, ctx)
+    cpu = _plan("tiny", "slurm-test")
+    assert "--nproc-per-node" not in render_sbatch(cpu.job("train"), cpu.profile, ctx)
+    # 1.3b: an expert's share (128 / 8 = 16 GPUs) is more than a node; it takes one node's 8.
+    big = _plan("paper-1.3b")
+    text = render_sbatch(big.job("train"), big.profile, ctx)
+    assert "#SBATCH --nodes=1" in text and _exec_argv(text)[-2:] == ["--nproc-per-node", "8"]
+    # Quoted like every other value: a run directory with a space stays one argument.
+    spaced = render_sbatch(plan.job("train"), plan.profile, SbatchContext(**{**CTX, "run_dir": "/s/my run"}))
+    assert bash_n(spaced).returncode == 0
+    assert _exec_argv(spaced)[4:7] == ["stage", "/s/my run", "train"]
+
+
+def test_the_stage_starts_torchrun_standalone_and_keeps_the_per_gpu_batch():
+    from fairseq_ext.multiproc import torchrun_argv
+    from launcher.stages import accumulation_steps
+
+    assert torchrun_argv(2, "/t/spec.json", "/t/result.json", python="/opt/py") == [
+        "/opt/py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "fairseq_ext.multiproc", "/t/spec.json", "/t/result.json"]
+    # 125m: 16 sequences of 1024 tokens per GPU. An expert's batch on its 2 GPUs: no accumulation;
+    # the seed's 16-GPU batch on one node's 8: two micro-batches per update.
+    per_gpu = 16 * 1024
+    assert accumulation_steps(2 * per_gpu, "125m", 2) == 1
+    assert accumulation_steps(16 * per_gpu, "125m", 8) == 2
+    assert accumulation_steps(16 * per_gpu, "125m", 1) == 16
+    assert accumulation_steps(1024, "tiny", 1) == 1
+    assert accumulation_steps(3 * 128, "tiny", 2) == 1  # 3 sequences on 2 ranks: the trainer says so

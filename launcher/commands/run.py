@@ -59,6 +59,8 @@ def register(subparsers):
     g.add_argument("--unit", help="unit name (an expert, a model.domain score unit)")
     g.add_argument("--units-file", help="array task: take the unit at index $SLURM_ARRAY_TASK_ID of this JSON list")
     st.add_argument("--force", action="store_true", help="run even if the record is current")
+    st.add_argument("--nproc-per-node", type=int, default=1,
+                    help="training stages: train on N processes of this node, one per GPU (torchrun)")
     st.set_defaults(func=cmd_stage)
 
 
@@ -272,4 +274,4 @@ def cmd_stage(args) -> int:
     from launcher.stages import run_stage, unit_from_units_file
 
     unit = unit_from_units_file(args.units_file) if args.units_file else args.unit
-    return run_stage(args.run_dir, args.stage, unit, force=args.force)
+    return run_stage(args.run_dir, args.stage, unit, force=args.force, nproc=args.nproc_per_node)

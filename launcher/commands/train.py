@@ -6,12 +6,16 @@
 
 Each prints a JSON summary on stdout. ``seed`` and ``train`` resume from
 ``SAVE_DIR/checkpoint_last.pt``; on SIGUSR2/SIGTERM they save and exit with status 3
-(``PREEMPTED_EXIT``) so the executor requeues them. fairseq and torch are imported inside the
-handlers, so ``btm --help`` works without them.
+(``PREEMPTED_EXIT``) so the executor requeues them. ``--nproc-per-node N`` trains on N
+processes of this node (torchrun, one per GPU) and keeps that contract
+(fairseq_ext/multiproc.py); started by torchrun directly, each rank runs the trainer and
+only rank 0 prints. fairseq and torch are imported inside the handlers, so ``btm --help``
+works without them.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from launcher.errors import PREEMPTED_EXIT, BtmError
@@ -53,6 +57,8 @@ def _add_training_flags(p, *, default_interval: int = 100) -> None:
     p.add_argument("--valid-max-tokens", type=int, default=None,
                    help="validate on at most this many tokens per domain")
     p.add_argument("--log-interval", type=int, default=10, help="updates between train_log rows")
+    p.add_argument("--nproc-per-node", type=int, default=1,
+                   help="train on N processes of this node, one per GPU (torchrun; gloo on CPU)")
 
 
 def _spec_from_args(args, domains, weights, temperature, init, updates):
@@ -68,13 +74,25 @@ def _spec_from_args(args, domains, weights, temperature, init, updates):
         trust_init=getattr(args, "trust_checkpoint", False))
 
 
-def _run_training(spec) -> int:
+def _run_training(spec, nproc: int = 1) -> int:
     from dataclasses import asdict
 
-    from fairseq_ext.train import train_lm
+    from fairseq_ext.train import end_process_group, train_lm
 
-    result = train_lm(spec)
-    print(json.dumps(asdict(result), indent=2, sort_keys=True))
+    if nproc < 1:
+        raise BtmError(f"--nproc-per-node must be >= 1, got {nproc}")
+    if nproc > 1:
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise BtmError("--nproc-per-node starts torchrun itself; do not run it under torchrun")
+        from fairseq_ext.multiproc import train_lm_torchrun
+
+        result = train_lm_torchrun(spec, nproc)
+    else:
+        result = train_lm(spec)  # one rank of a group when started by torchrun
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(asdict(result), indent=2, sort_keys=True), flush=True)
+    if nproc == 1:  # after rank 0's print: a rank that exits 3 gets torchrun to kill the rest
+        end_process_group()
     if result.preempted:
         print("btm: preempted; checkpoint_last saved, run again to resume", file=sys.stderr)
         return PREEMPTED_EXIT
@@ -96,14 +114,14 @@ def _seed(args) -> int:
     domains = _domains(args.domains, "--domains")
     # Balanced mix: every training domain gets the same share of the seed's batches.
     spec = _spec_from_args(args, domains, [1.0] * len(domains), 1.0, None, updates)
-    return _run_training(spec)
+    return _run_training(spec, args.nproc_per_node)
 
 
 def _train(args) -> int:
     domains = _domains(args.domain, "--domain")
     weights = _floats(args.weights, "--weights")
     spec = _spec_from_args(args, domains, weights, args.temperature, args.init, args.updates)
-    return _run_training(spec)
+    return _run_training(spec, args.nproc_per_node)
 
 
 def _parse_parents(text: str) -> dict[str, float]:

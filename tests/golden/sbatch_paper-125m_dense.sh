@@ -10,7 +10,7 @@
 #SBATCH --kill-on-invalid-dep=yes
 #SBATCH --mail-type=FAIL
 #SBATCH --mem=480G
-#SBATCH --nodes=2
+#SBATCH --nodes=1
 #SBATCH --open-mode=append
 #SBATCH --output=/scratch/runs/paper/jobs/logs/%j_0_log.out
 #SBATCH --partition=learnfair
@@ -24,4 +24,4 @@
 export PYTHONPATH=/opt/btm${PYTHONPATH:+:$PYTHONPATH}
 
 # command
-exec /opt/btm/.venv/bin/python -u -m launcher stage /scratch/runs/paper dense
+exec /opt/btm/.venv/bin/python -u -m launcher stage /scratch/runs/paper dense --nproc-per-node 8

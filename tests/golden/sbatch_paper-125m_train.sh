@@ -25,4 +25,4 @@
 export PYTHONPATH=/opt/btm${PYTHONPATH:+:$PYTHONPATH}
 
 # command
-exec /opt/btm/.venv/bin/python -u -m launcher stage /scratch/runs/paper train --units-file /scratch/runs/paper/jobs/train.units.json
+exec /opt/btm/.venv/bin/python -u -m launcher stage /scratch/runs/paper train --units-file /scratch/runs/paper/jobs/train.units.json --nproc-per-node 2

@@ -1,0 +1,145 @@
+"""One model on several GPUs of one node: torchrun around the lean trainer, with btm's contract.
+
+``train_lm_torchrun(spec, nproc)`` is what ``btm train/seed --nproc-per-node N`` and the
+training stages of a job with N > 1 GPUs per task call. It runs
+
+    python -m torch.distributed.run --standalone --nproc-per-node N \\
+        -m fairseq_ext.multiproc SPEC.json RESULT.json
+
+(``torchrun`` by another name, so no PATH lookup): N workers, one DDP group on this node
+(nccl on GPUs, gloo on CPU), each calling ``train_lm`` (fairseq_ext/train.py says how the ranks
+split a batch, agree to stop and leave checkpoints to rank 0). Rank 0 writes the
+``TrainResult`` to RESULT.json; every worker exits 0 when training returned, preempted or not.
+
+Why a parent around torchrun rather than ``exec torchrun``: torchrun alone cannot keep the
+"SIGUSR2 -> save -> exit 3" contract. SIGUSR2 is not among the signals it handles by default
+(it would kill the agent and orphan the workers), the signals it does handle reach the
+workers with a SIGKILL 30 s later (too short to validate and save a large model), and a
+worker's exit status 3 comes out of torchrun as a failure (1). So this process starts torchrun
+with SIGUSR2 ignored, forwards SIGUSR2/SIGTERM as SIGUSR2 straight to the workers (torchrun
+starts each in its own session, so they are found as its children in /proc), repeats the
+forward until they are gone (a worker still importing torch ignores it), and reads the
+outcome from RESULT.json: preempted is returned like ``train_lm``'s, so callers exit 3.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from launcher.atomic import atomic_write_json
+from launcher.errors import BtmError
+
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+
+def torchrun_argv(nproc: int, spec_path: str, result_path: str,
+                  python: str = sys.executable) -> list[str]:
+    """The command that starts the workers (pure; the launcher's tests read it)."""
+    return [python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+            "-m", "fairseq_ext.multiproc", str(spec_path), str(result_path)]
+
+
+def train_lm_torchrun(spec, nproc: int):
+    """Train ``spec`` on ``nproc`` processes of this node; returns rank 0's ``TrainResult``."""
+    from fairseq_ext.train import TrainResult
+
+    if nproc < 1:
+        raise BtmError(f"--nproc-per-node must be >= 1, got {nproc}")
+    with tempfile.TemporaryDirectory(prefix="btm-torchrun-") as tmp:
+        spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        atomic_write_json(spec_path, asdict(spec))
+        with _stop_requests() as stop:  # before the start: no window where SIGUSR2 kills us
+            proc = subprocess.Popen(torchrun_argv(nproc, str(spec_path), str(result_path)),
+                                    preexec_fn=_ignore_sigusr2)
+            rc = _wait_forwarding(proc, stop)
+        if not result_path.exists():
+            raise BtmError(f"training on {nproc} processes in {spec.save_dir} failed: torchrun "
+                           f"exited {rc} without a result (the workers' errors are above)")
+        return TrainResult(**json.loads(result_path.read_text(encoding="utf-8")))
+
+
+def _ignore_sigusr2() -> None:  # runs in the child before exec; SIG_IGN survives exec
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def _stop_requests():
+    """A list that SIGUSR2/SIGTERM append to while the block runs (main thread only)."""
+    stop, old = [], {}
+    for sig in STOP_SIGNALS:
+        try:
+            old[sig] = signal.signal(sig, lambda signum, frame: stop.append(signum))
+        except ValueError:  # not the main thread: signals stay with the caller
+            pass
+    try:
+        yield stop
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _wait_forwarding(proc: subprocess.Popen, stop: list) -> int:
+    """Wait for torchrun; once a stop was requested, pass SIGUSR2 to its workers every second."""
+    have_proc = os.path.isdir("/proc")
+    while True:
+        try:
+            return proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            pass
+        if stop and have_proc:
+            for pid in children(proc.pid):
+                _kill(pid, signal.SIGUSR2)
+        elif stop:  # no /proc to find the workers: torchrun passes SIGTERM on (30 s grace)
+            proc.send_signal(signal.SIGTERM)
+            stop.clear()
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (from Linux's /proc)."""
+    out = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", encoding="utf-8", errors="replace") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # the name in () may hold spaces
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if len(fields) > 1 and int(fields[1]) == pid:
+            out.append(int(entry.name))
+    return out
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def worker_main(argv: list[str]) -> int:
+    """One torchrun worker: ``python -m fairseq_ext.multiproc SPEC.json RESULT.json``."""
+    from fairseq_ext.train import TrainSpec, end_process_group, train_lm
+
+    spec_path, result_path = argv
+    spec = TrainSpec.from_dict(json.loads(Path(spec_path).read_text(encoding="utf-8")))
+    try:
+        result = train_lm(spec)
+        if int(os.environ.get("RANK", 0)) == 0:
+            atomic_write_json(result_path, asdict(result))
+    except BtmError as e:
+        print(f"btm: error (rank {os.environ.get('RANK', 0)}): {e}", file=sys.stderr)
+        return 2
+    end_process_group()  # after rank 0's write: no rank exits (and gets torchrun to kill) early
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main(sys.argv[1:]))
