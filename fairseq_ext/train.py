@@ -436,7 +436,14 @@ def train_lm(spec: TrainSpec) -> TrainResult:
                 window_tokens.zero_()
                 window_start, window_ntok = time.perf_counter(), 0
             stopping = _agree(stop.signum is not None, flags)
-            if update % spec.save_interval_updates == 0 or update == max_updates or stopping:
+            scheduled = update % spec.save_interval_updates == 0 or update == max_updates
+            if stopping and not scheduled:
+                # Preempted between save points: save at once. A full validation first could
+                # outlast the scheduler's grace period (USR2@grace) and lose the whole interval.
+                if rank == 0:
+                    save(last_path, valid)
+                log({"update": update, "preempted_save": True})
+            elif scheduled:
                 t0 = time.perf_counter()
                 valid, mean_valid = validate()
                 if best is None or mean_valid < best:
