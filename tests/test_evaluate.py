@@ -252,3 +252,16 @@ def test_btm_eval_reads_forest_json_and_refuses_changed_checkpoints(tiny_data, t
     assert "changed since merge for expert(s) extra" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "empty"), "--data", str(tiny_data), "--domains", "legal"]) == 2
     assert "no forest manifest" in capsys.readouterr().err
+
+
+def test_btm_eval_defaults_to_the_run_configs_eval_domains(tmp_path):
+    """Not the data manifest's domains: a run with a random-split baseline lists its training
+    shards (random0, ...) there, and scoring every expert on them costs a full pass each."""
+    from launcher.commands.eval import _config_eval_domains
+    from launcher.errors import BtmError
+    assert _config_eval_domains(tmp_path) is None
+    (tmp_path / "config.yaml").write_text("domains:\n  train: [legal, bible]\n  eval: [legal, quotes]\n")
+    assert _config_eval_domains(tmp_path) == ["legal", "quotes"]
+    (tmp_path / "config.yaml").write_text("domains: [unclosed\n")
+    with pytest.raises(BtmError, match="config.yaml"):
+        _config_eval_domains(tmp_path)

@@ -58,7 +58,8 @@ def register(subparsers) -> None:
                     "with other methods, k or prior settings costs only mixing.")
     _add_common(p)
     p.add_argument("--domains", type=_csv, metavar="D1,D2",
-                   help="eval domains (default: every domain in the data manifest)")
+                   help="eval domains (default: the run config's domains.eval, else every domain "
+                        "in the data manifest)")
     p.add_argument("--methods", type=_csv, default=list(FOREST_METHODS), metavar="M1,M2",
                    help=f"methods (default: all): {', '.join(FOREST_METHODS)}")
     p.add_argument("--top-k", type=_ints, default=[1], metavar="K1,K2",
@@ -118,7 +119,7 @@ def run_eval(args) -> int:
     from fairseq_ext.evaluate import evaluate_forest, evaluate_model
 
     settings = _settings(args, methods=tuple(args.methods), top_k=tuple(args.top_k))
-    domains = args.domains or _manifest_domains(_data_dir(args))
+    domains = args.domains or _config_eval_domains(args.run_dir) or _manifest_domains(_data_dir(args))
     rows = evaluate_forest(args.run_dir, _experts(args), domains, data_dir=_data_dir(args),
                            settings=settings, run_name=args.run_name)
     _print_rows(rows)
@@ -150,6 +151,21 @@ def run_average(args) -> int:
           + ", ".join(f"{n}={w:.3f}" for n, w in zip(record["experts"], record["weights"])) + ")")
     _print_rows(rows)
     return 0
+
+
+def _config_eval_domains(run_dir: Path) -> list[str] | None:
+    """A pipeline run's eval domains. Its data manifest also lists the random-split baseline's
+    pseudo-domains (random0, ...), which are training shards, not evaluation data."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        domains = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("domains", {}).get("eval")
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError) as e:
+        raise BtmError(f"cannot read the eval domains of {path}: {e}; give --domains") from None
+    return list(domains) if domains else None
 
 
 def _manifest_domains(data_dir: Path) -> list[str]:
