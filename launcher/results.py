@@ -5,6 +5,12 @@ atomically on every append (under a file lock, so parallel eval jobs of one run 
 other's rows). A row whose key (``KEY_COLUMNS``) is already present replaces the old row, so
 re-running an evaluation updates the table instead of duplicating it. ``analysis/`` reads only
 this table (and ``records/``). pandas only: no torch, no fairseq.
+
+An append validates only the new rows: the existing table was validated when it was written,
+so it is only checked to be ours (known columns, the required ones present, our dtypes) before
+the new rows join it; anything else gets the full validation, whose errors name the file.
+Re-mixing a forest appends a few rows to a table that grows with every setting tried, and
+re-validating the whole table each time was most of a re-mix's cost.
 """
 from __future__ import annotations
 
@@ -56,8 +62,12 @@ def results_dir(run_dir: str | os.PathLike) -> Path:
 
 def validate_rows(rows) -> pd.DataFrame:
     """Rows (list of dicts or a DataFrame) as a typed DataFrame in column order, or BtmError
-    naming the row and column at fault."""
-    df = pd.DataFrame(list(rows)) if not isinstance(rows, pd.DataFrame) else rows.copy()
+    naming the row and column at fault.
+
+    The checks run on numpy arrays, one column at a time, and the typed table is built once at
+    the end: every pandas operation has a fixed cost of tens of microseconds, and an append of a
+    few rows should cost about a millisecond, not one per check."""
+    df = pd.DataFrame(list(rows)) if not isinstance(rows, pd.DataFrame) else rows  # only read
     if df.empty:
         raise BtmError("no result rows to write")
     unknown = [c for c in df.columns if c not in COLUMNS]
@@ -66,60 +76,60 @@ def validate_rows(rows) -> pd.DataFrame:
     for col in REQUIRED_COLUMNS:
         if col not in df.columns:
             raise BtmError(f"results: missing required column {col!r} ({REQUIRED_COLUMNS[col][1]})")
-        missing = df[col].isna()
-        if missing.any():
-            raise BtmError(f"results: column {col!r} is empty in row {_first(missing)}")
-    out = pd.DataFrame(index=df.index)
-    for col in COLUMNS:
-        if col not in df.columns:
-            continue
-        kind = COLUMNS[col][0]
-        out[col] = _typed(df[col], col, kind)
-    _check_values(out)
-    return out.reset_index(drop=True)
+    missing = df[list(REQUIRED_COLUMNS)].isna().to_numpy()
+    if missing.any():
+        i, j = np.argwhere(missing)[0]
+        raise BtmError(f"results: column {list(REQUIRED_COLUMNS)[j]!r} is empty in row {i}")
+    values = {col: _typed(df[col], col, kind) for col, (kind, _) in COLUMNS.items() if col in df.columns}
+    _check_values(values)
+    return pd.DataFrame({col: pd.array(v, dtype=_DTYPES[COLUMNS[col][0]]) for col, v in values.items()})
 
 
-def _typed(series: pd.Series, col: str, kind: str) -> pd.Series:
+def _typed(series: pd.Series, col: str, kind: str) -> np.ndarray:
+    """The column as an object array of str or None (text) or a float64 array with NaN for
+    missing values (numbers; whole numbers checked for ``int``)."""
     if kind == "str":
-        bad = series.map(lambda v: not (isinstance(v, str) or pd.isna(v)), na_action=None)
-        if bad.any():
-            i = int(bad.to_numpy().argmax())
-            raise BtmError(f"results: column {col!r} must be text; row {i} has {series.iloc[i]!r}")
-        return series.astype("string")
-    numeric = pd.to_numeric(series, errors="coerce")
-    bad = numeric.isna() & series.notna()
+        values = series.to_numpy(dtype=object, copy=True)  # NA becomes None below
+        for i, v in enumerate(values):
+            if isinstance(v, str):
+                continue
+            if not pd.isna(v):
+                raise BtmError(f"results: column {col!r} must be text; row {i} has {v!r}")
+            values[i] = None
+        return values
+    given = series.notna().to_numpy()
+    numeric = pd.to_numeric(series, errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
+    bad = np.isnan(numeric) & given
     if bad.any():
-        i = int(bad.to_numpy().argmax())
+        i = _first(bad)
         raise BtmError(f"results: column {col!r} must be a number; row {i} has {series.iloc[i]!r}")
     if kind == "int":
-        frac = numeric.notna() & (numeric != numeric.round())
+        frac = ~np.isnan(numeric) & (numeric != np.round(numeric))
         if frac.any():
-            i = int(frac.to_numpy().argmax())
+            i = _first(frac)
             raise BtmError(f"results: column {col!r} must be a whole number; row {i} has {series.iloc[i]!r}")
-        return numeric.round().astype("Int64")
-    return numeric.astype("float64")
+        return np.round(numeric)
+    return numeric
 
 
 def _first(mask) -> int:
     return int(np.asarray(mask).argmax())
 
 
-def _check_values(df: pd.DataFrame) -> None:
-    methods = df["method"].astype(str)
-    bad = ~(methods.isin(METHODS) | methods.str.fullmatch(_EXPERT_METHOD.pattern))
-    if bad.any():
-        i = _first(bad)
-        raise BtmError(f"results: column 'method' row {i} has unknown method {methods.iloc[i]!r}; "
-                       f"use expert:<name> or one of {', '.join(sorted(METHODS))}")
+def _check_values(cols: dict[str, np.ndarray]) -> None:
+    for i, method in enumerate(cols["method"]):
+        if method not in METHODS and not _EXPERT_METHOD.fullmatch(method):
+            raise BtmError(f"results: column 'method' row {i} has unknown method {method!r}; "
+                           f"use expert:<name> or one of {', '.join(sorted(METHODS))}")
     for col in ("k", "tokens", "expert_forward_passes", "seconds"):
-        neg = (df[col] < 0).to_numpy(dtype=bool)
+        neg = cols[col] < 0
         if neg.any():
             raise BtmError(f"results: column {col!r} must be >= 0; row {_first(neg)} is negative")
     for col in ("k", "tokens"):
-        zero = (df[col] < 1).to_numpy(dtype=bool)
+        zero = cols[col] < 1
         if zero.any():
             raise BtmError(f"results: column {col!r} must be >= 1; row {_first(zero)} is 0")
-    nll, ppl = df["nll"].to_numpy(), df["ppl"].to_numpy()
+    nll, ppl = cols["nll"], cols["ppl"]
     bad = ~np.isfinite(nll) | (nll < 0)
     if bad.any():
         i = _first(bad)
@@ -166,14 +176,46 @@ def append_results(run_dir: str | os.PathLike, rows) -> pd.DataFrame:
     rdir = results_dir(run_dir)
     rdir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(rdir / ".results.lock")):
-        parquet = rdir / "results.parquet"
-        old = read_results(parquet) if parquet.exists() else (
-            read_results(rdir / "results.csv") if (rdir / "results.csv").exists() else None)
+        parquet, csv = rdir / "results.parquet", rdir / "results.csv"
+        old = _read_own_table(parquet) if parquet.exists() else (
+            read_results(csv) if csv.exists() else None)
         # Both parts are validated and typed; the new rows end the table (keep="last").
-        table = new if old is None else pd.concat([old, new], ignore_index=True)
+        table = new if old is None else _typed_columns(pd.concat([old, new], ignore_index=True))
         table = table.drop_duplicates(subset=KEY_COLUMNS, keep="last").reset_index(drop=True)
-        with atomic_path(rdir / "results.csv") as tmp:
-            table.to_csv(tmp, index=False)
+        # Parquet first: it is what readers and the next append prefer, so a crash between the
+        # two renames leaves a stale csv (rewritten by the next append), never lost rows.
         with atomic_path(parquet) as tmp:
             table.to_parquet(tmp, index=False)
+        with atomic_path(csv) as tmp:
+            table.to_csv(tmp, index=False)
     return table
+
+
+def _read_own_table(path: Path) -> pd.DataFrame:
+    """The existing table at ``path`` (parquet). One that append_results wrote (known columns,
+    required ones present, our dtypes) is returned as read: it was validated when written.
+    Anything else is validated in full, so a foreign or hand-edited file gets an error naming
+    it and the column at fault (or is accepted and typed, if its values are valid)."""
+    import pyarrow.parquet as pq
+
+    try:  # one file: ParquetFile skips pd.read_parquet's dataset discovery (a third of the read)
+        df = pq.ParquetFile(path).read().to_pandas()
+    except (OSError, ValueError) as e:
+        raise BtmError(f"could not read results table {path}: {e}") from e
+    ours = (set(REQUIRED_COLUMNS) <= set(df.columns) <= set(COLUMNS)
+            and all(df[c].dtype == _DTYPES[COLUMNS[c][0]] for c in df.columns))
+    if ours:
+        return df
+    try:
+        return validate_rows(df)
+    except BtmError as e:
+        raise BtmError(f"{path}: {e}") from None
+
+
+def _typed_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """Columns in schema order with our dtypes (a concat of tables with different optional
+    columns fills the gaps with missing values that may not keep the dtype)."""
+    recast = {c: _DTYPES[COLUMNS[c][0]] for c in df.columns if df[c].dtype != _DTYPES[COLUMNS[c][0]]}
+    order = [c for c in COLUMNS if c in df.columns]
+    df = df.astype(recast) if recast else df
+    return df if list(df.columns) == order else df[order]
