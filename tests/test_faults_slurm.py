@@ -362,23 +362,42 @@ def _squeue(cluster, job: str) -> dict:
     return {line.split("|")[0]: line.split("|")[1:] for line in out}
 
 
-@pytest.mark.slurm
-def test_node_crash_and_controller_restart_mid_pipeline(slurm_cluster, small_corpus, tmp_path):
-    require_fairseq()
-    run_dir = tmp_path / "run"
-    cfg = tmp_path / "faults.yaml"
-    cfg.write_text(textwrap.dedent(f"""\
+def _pipeline_config(path: Path, corpus: Path, executor: str) -> Path:
+    path.write_text(textwrap.dedent(f"""\
         name: faults
-        corpus: {{path: {small_corpus}, vocab_size: 400}}
+        corpus: {{path: {corpus}, vocab_size: 400}}
         domains: {{train: [bible, legal], eval: [bible]}}
         model: {{preset: tiny}}
         budget: {{total_updates: 160, gpus: 1, seed_fraction: 0.05, save_interval_updates: 10}}
         evaluation: {{methods: [experts, ensemble_uniform]}}
-        executor: slurm
-        profile: slurm-test
-        max_parallel: 2
-        """))
-    run_btm("run", cfg, "--run-dir", run_dir, check=True)
+        """) + executor + "max_parallel: 2\n")
+    return path
+
+
+# One torch thread per stage in both runs: the cluster's nodes share this machine's cores (no
+# affinity), the local executor would give each of 2 parallel units one core, and the same
+# thread count is what makes the two runs' float arithmetic identical. sbatch exports it.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="session")
+def fault_free_pipeline(small_corpus, tmp_path_factory):
+    """The cluster test's config run to the end without faults, by the local executor (the
+    same stage commands as the sbatch tasks, without the scheduling waits). Session-scoped and
+    requested before ``slurm_cluster``, so it runs before the shared cluster is started."""
+    require_fairseq()
+    tmp = tmp_path_factory.mktemp("fault_free_pipeline")
+    cfg = _pipeline_config(tmp / "faults.yaml", small_corpus, "executor: local\n")
+    run_btm("run", cfg, "--run-dir", tmp / "run", check=True, env=ONE_THREAD)
+    return tmp / "run"
+
+
+@pytest.mark.slurm
+def test_node_crash_and_controller_restart_mid_pipeline(fault_free_pipeline, slurm_cluster, small_corpus, tmp_path):
+    require_fairseq()
+    run_dir = tmp_path / "run"
+    cfg = _pipeline_config(tmp_path / "faults.yaml", small_corpus, "executor: slurm\nprofile: slurm-test\n")
+    run_btm("run", cfg, "--run-dir", run_dir, check=True, env=ONE_THREAD)
     train = next(row for row in _ledger(run_dir) if row["job"] == "train")
     task = f"{train['job_id']}_{train['units'].index('bible')}"
     deadline = time.time() + 300
@@ -435,3 +454,6 @@ def test_node_crash_and_controller_restart_mid_pipeline(slurm_cluster, small_cor
         torch.load(pt, weights_only=True)
     _no_temp_files(run_dir)
     assert "jobs to submit: 0" in run_btm("run", cfg, "--run-dir", run_dir, check=True).stdout
+    # the final forest is the fault-free run's: bit-identical experts, the same results
+    assert _assert_same_forest(run_dir, fault_free_pipeline) == ["bible", "legal"]
+    assert _assert_same_results(run_dir, fault_free_pipeline) == 3  # 2 experts + the ensemble on bible
