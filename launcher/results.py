@@ -64,50 +64,60 @@ def validate_rows(rows) -> pd.DataFrame:
     """Rows (list of dicts or a DataFrame) as a typed DataFrame in column order, or BtmError
     naming the row and column at fault.
 
-    The checks run on numpy arrays, one column at a time, and the typed table is built once at
-    the end: every pandas operation has a fixed cost of tens of microseconds, and an append of a
-    few rows should cost about a millisecond, not one per check."""
-    df = pd.DataFrame(list(rows)) if not isinstance(rows, pd.DataFrame) else rows  # only read
-    if df.empty:
+    The checks run on plain numpy arrays, one column at a time, and the typed table is built
+    once at the end: every pandas operation has a fixed cost of tens of microseconds, and
+    appending a few rows (a re-mix) should not pay it once per check."""
+    columns = _columns(rows)
+    if not columns or not len(next(iter(columns.values()))):
         raise BtmError("no result rows to write")
-    unknown = [c for c in df.columns if c not in COLUMNS]
+    unknown = [c for c in columns if c not in COLUMNS]
     if unknown:
         raise BtmError(f"results: unknown column {unknown[0]!r}; known columns: {', '.join(COLUMNS)}")
     for col in REQUIRED_COLUMNS:
-        if col not in df.columns:
+        if col not in columns:
             raise BtmError(f"results: missing required column {col!r} ({REQUIRED_COLUMNS[col][1]})")
-    missing = df[list(REQUIRED_COLUMNS)].isna().to_numpy()
-    if missing.any():
-        i, j = np.argwhere(missing)[0]
-        raise BtmError(f"results: column {list(REQUIRED_COLUMNS)[j]!r} is empty in row {i}")
-    values = {col: _typed(df[col], col, kind) for col, (kind, _) in COLUMNS.items() if col in df.columns}
+        missing = pd.isna(columns[col])
+        if missing.any():
+            raise BtmError(f"results: column {col!r} is empty in row {_first(missing)}")
+    values = {col: _typed(columns[col], col, kind) for col, (kind, _) in COLUMNS.items() if col in columns}
     _check_values(values)
     return pd.DataFrame({col: pd.array(v, dtype=_DTYPES[COLUMNS[col][0]]) for col, v in values.items()})
 
 
-def _typed(series: pd.Series, col: str, kind: str) -> np.ndarray:
+def _columns(rows) -> dict[str, np.ndarray]:
+    """{column: object array of its values} (a key missing from a row dict: None)."""
+    if isinstance(rows, pd.DataFrame):
+        return {c: rows[c].to_numpy(dtype=object, copy=True) for c in rows.columns}
+    rows = list(rows)
+    out = {}
+    for col in dict.fromkeys(k for r in rows for k in r):
+        out[col] = np.empty(len(rows), dtype=object)  # filled in place: list values stay items
+        out[col][:] = [r.get(col) for r in rows]
+    return out
+
+
+def _typed(values: np.ndarray, col: str, kind: str) -> np.ndarray:
     """The column as an object array of str or None (text) or a float64 array with NaN for
     missing values (numbers; whole numbers checked for ``int``)."""
     if kind == "str":
-        values = series.to_numpy(dtype=object, copy=True)  # NA becomes None below
         for i, v in enumerate(values):
             if isinstance(v, str):
                 continue
             if not pd.isna(v):
                 raise BtmError(f"results: column {col!r} must be text; row {i} has {v!r}")
-            values[i] = None
+            values[i] = None  # values is our own copy (_columns)
         return values
-    given = series.notna().to_numpy()
-    numeric = pd.to_numeric(series, errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
+    given = ~pd.isna(values)
+    numeric = np.asarray(pd.to_numeric(values, errors="coerce"), dtype="float64")
     bad = np.isnan(numeric) & given
     if bad.any():
         i = _first(bad)
-        raise BtmError(f"results: column {col!r} must be a number; row {i} has {series.iloc[i]!r}")
+        raise BtmError(f"results: column {col!r} must be a number; row {i} has {values[i]!r}")
     if kind == "int":
         frac = ~np.isnan(numeric) & (numeric != np.round(numeric))
         if frac.any():
             i = _first(frac)
-            raise BtmError(f"results: column {col!r} must be a whole number; row {i} has {series.iloc[i]!r}")
+            raise BtmError(f"results: column {col!r} must be a whole number; row {i} has {values[i]!r}")
         return np.round(numeric)
     return numeric
 
