@@ -124,8 +124,9 @@ def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False, *,
             raise BtmError(
                 f"checkpoint {path} needs pickle to load (it holds Python objects, not just "
                 "tensors and plain data); pickle can run arbitrary code, so btm refuses it. "
-                "If you trust this file, pass --trust-checkpoint (btm branch, train, export), or "
-                "convert it once into a safe checkpoint with "
+                "If you trust this file, pass --trust-checkpoint (btm branch, train, eval, "
+                "average, export; trust_checkpoint=true in the lm_eval btm model's model_args), "
+                "or convert it once into a safe checkpoint with "
                 f"`btm branch --from {path} --trust-checkpoint --out NEW.pt`") from e
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except (RuntimeError, EOFError, OSError) as e:

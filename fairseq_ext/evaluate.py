@@ -58,6 +58,9 @@ class EvalSettings:
     context: ContextSettings = field(default_factory=ContextSettings, metadata={"help": "scoring context"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N or auto"})
     batch_size: int = field(default=8, metadata={"help": "sequences per forward pass"})
+    trust_checkpoint: bool = field(default=False, metadata={
+        "help": "let checkpoints that need pickle load (the CLI's --trust-checkpoint; only for files "
+                "you trust); without it they are refused, naming the file and the flag"})
 
     def validate(self) -> "EvalSettings":
         for m in self.methods:
@@ -112,7 +115,7 @@ def forest_experts(run_dir: str | os.PathLike) -> dict[str, Path]:
 
 
 def check_experts(experts: dict[str, Path], scorer: "Scorer | None" = None,
-                  needed: list[tuple[str, str]] = ()) -> None:
+                  needed: list[tuple[str, str]] = (), *, trust_pickle: bool = False) -> None:
     """Before any scoring: every checkpoint exists, and all share dictionary and architecture.
 
     The compatibility check loads (and hashes) every checkpoint; it is skipped when ``scorer``
@@ -130,7 +133,7 @@ def check_experts(experts: dict[str, Path], scorer: "Scorer | None" = None,
                                              for d, s in needed):
         return
     try:
-        check_compatible([str(p) for p in experts.values()])
+        check_compatible([str(p) for p in experts.values()], trust_pickle=trust_pickle)
     except BtmError as e:
         raise BtmError(f"the experts cannot form one forest: {e}") from None
 
@@ -165,7 +168,8 @@ class Scorer:
             self._done[key] = score_split(checkpoint, self.data_dir, domain, split,
                                           cache_dir=self.cache_dir, context=self.settings.context,
                                           device=self.device, batch_size=self.settings.batch_size,
-                                          checkpoint_sha=self._sha[str(checkpoint)])
+                                          checkpoint_sha=self._sha[str(checkpoint)],
+                                          trust_pickle=self.settings.trust_checkpoint)
         return self._done[key]
 
 
@@ -220,7 +224,8 @@ def evaluate_forest(run_dir: str | os.PathLike, experts: dict[str, Path], eval_d
         validate_name(d, "eval domain")
     scorer = Scorer(run_dir, data_dir, settings)
     splits = dict.fromkeys([settings.prior.split, settings.split])
-    check_experts(experts, scorer, [(d, s) for d in eval_domains for s in splits])
+    check_experts(experts, scorer, [(d, s) for d in eval_domains for s in splits],
+                  trust_pickle=settings.trust_checkpoint)
     names = list(experts)
     n = len(names)
     methods = settings.methods
@@ -320,7 +325,7 @@ def average_forest(run_dir: str | os.PathLike, experts: dict[str, Path], method:
         validate_name(target_domain, "target domain")
     name = validate_name(name or (method if method == "uniform" else f"{method}.{target_domain}"),
                          "average name")
-    check_experts(experts)
+    check_experts(experts, trust_pickle=settings.trust_checkpoint)
     prior = None
     if method != "uniform":
         scorer = Scorer(run_dir, Path(data_dir) if data_dir else run_dir / "data", settings)
@@ -341,7 +346,8 @@ def average_forest(run_dir: str | os.PathLike, experts: dict[str, Path], method:
     # Experts with weight 0 (argmax) add nothing; leave them out of the average.
     used = [(p, w) for p, w in zip(experts.values(), weights) if w > 0]
     result = average_checkpoints([str(p) for p, _ in used], [w for _, w in used], out_dir / "checkpoint.pt",
-                                 safetensors_path=out_dir / "model.safetensors")
+                                 safetensors_path=out_dir / "model.safetensors",
+                                 trust_pickle=settings.trust_checkpoint)
     record["sha256"] = result["sha256"]
     atomic_write_json(meta, record)
     return record

@@ -33,6 +33,9 @@ one pass of every expert per distinct context).
 Only the experts the method needs are loaded: one for ``expert``, the top k by prior for
 ``prior`` + ``top_k``, one averaged model for ``average``. ``generate_until`` decodes greedily
 from the mixture's next-token distribution.
+
+Checkpoints load with ``weights_only``; one that needs pickle (an old fairseq checkpoint) is
+refused unless ``trust_checkpoint=true`` (btm's ``--trust-checkpoint``; only for files you trust).
 """
 from __future__ import annotations
 
@@ -69,6 +72,8 @@ class BtmLMConfig:
     batch_size: int = field(default=8, metadata={"help": "sequences per forward pass"})
     max_length: int | None = field(default=None, metadata={"help": "tokens per input (default: model positions)"})
     max_gen_toks: int = field(default=256, metadata={"help": "default generation length"})
+    trust_checkpoint: bool = field(default=False, metadata={
+        "help": "let checkpoints that need pickle load (only for files you trust)"})
 
 
 # ----------------------------------------------------------------------------- the forest
@@ -157,10 +162,10 @@ class Forest:
         self.paths = [experts[n] for n in chosen]
         self._tmp = None
         if self.method == "average":
-            self.paths = [self._average(self.paths, self.prior)]
+            self.paths = [self._average(self.paths, self.prior, cfg.trust_checkpoint)]
         from fairseq_ext.checkpoint import load_model
 
-        loaded = [load_model(p, cfg.device) for p in self.paths]
+        loaded = [load_model(p, cfg.device, trust_pickle=cfg.trust_checkpoint) for p in self.paths]
         self.models = [m.model for m in loaded]
         self.dictionary = loaded[0].dictionary
         for p, m in zip(self.paths, loaded):
@@ -172,7 +177,8 @@ class Forest:
         from fairseq_ext.checkpoint import load_checkpoint
         from fairseq_ext.export_hf import checkpoint_data_dir
 
-        state = load_checkpoint(self.paths[0], verify=False) if cfg.data_dir is None else {}
+        state = (load_checkpoint(self.paths[0], verify=False, trust_pickle=cfg.trust_checkpoint)
+                 if cfg.data_dir is None else {})
         self.data_dir = checkpoint_data_dir(state, self.paths[0], cfg.data_dir)
 
     @staticmethod
@@ -193,13 +199,13 @@ class Forest:
                            f"the forest lacks {', '.join(missing)} (experts: {', '.join(experts)})")
         return model, chosen
 
-    def _average(self, paths, prior) -> Path:
+    def _average(self, paths, prior, trust_pickle: bool) -> Path:
         from fairseq_ext.averaging import average_checkpoints
 
         self._tmp = tempfile.TemporaryDirectory(prefix="btm-average-")
         out = Path(self._tmp.name) / "average.pt"
         weights = None if prior is None else [float(w) for w in prior]
-        average_checkpoints(paths, weights or [1.0] * len(paths), out)
+        average_checkpoints(paths, weights or [1.0] * len(paths), out, trust_pickle=trust_pickle)
         return out
 
     def decode(self, ids) -> str:
@@ -302,6 +308,18 @@ def _register(cls):
     return register_model("btm")(cls)
 
 
+def _flag(name: str, value) -> bool:
+    """A yes/no model arg: lm_eval passes True/False parsed, or the text as given."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise BtmError(f"model_args {name}={value!r}: expected true or false")
+
+
 @_register
 class BtmLM(_lm_base()):
     """lm_eval's view of a btm forest (model name ``btm``; see the module docstring)."""
@@ -324,6 +342,8 @@ class BtmLM(_lm_base()):
                     model_args[key] = kind(model_args[key])
                 except ValueError:
                     raise BtmError(f"btm model_args: {key} must be a number, got {model_args[key]!r}") from None
+        if "trust_checkpoint" in model_args:
+            model_args["trust_checkpoint"] = _flag("trust_checkpoint", model_args["trust_checkpoint"])
         device = model_args.pop("device", None) or device or "cpu"
         import torch
 

@@ -193,10 +193,13 @@ def save_scores(path: Path, scores: Scores) -> None:
 
 def score_split(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, domain: str, split: str, *,
                 cache_dir: str | os.PathLike, context: ContextSettings = ContextSettings(),
-                device: str = "cpu", batch_size: int = 8, checkpoint_sha: str | None = None) -> Scores:
+                device: str = "cpu", batch_size: int = 8, checkpoint_sha: str | None = None,
+                trust_pickle: bool = False) -> Scores:
     """Per-token log-probs of ``checkpoint`` on ``DATA_DIR/<domain>/<split>``, from the cache
     when the (checkpoint sha256, data hash, context settings) were scored before.
-    ``checkpoint_sha``: the checkpoint's sha256 if the caller already has it."""
+    ``checkpoint_sha``: the checkpoint's sha256 if the caller already has it. ``trust_pickle``
+    lets a checkpoint that needs pickle load (``--trust-checkpoint``); it does not change the
+    scores, so it is not part of the cache key."""
     validate_name(domain, "domain")
     validate_name(split, "split")
     context = context.validate()
@@ -215,7 +218,7 @@ def score_split(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, doma
     tokens, doc_starts = read_split(data_dir, domain, split, context.max_docs)
     from fairseq_ext.checkpoint import load_model
 
-    loaded = load_model(checkpoint, device)
+    loaded = load_model(checkpoint, device, trust_pickle=trust_pickle)
     check_dictionary(loaded.dictionary, data_dir, checkpoint)
     logprobs, passes = forward_logprobs(loaded.model, tokens, doc_starts, context,
                                         eos=loaded.dictionary.eos(), pad=loaded.dictionary.pad(),

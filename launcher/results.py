@@ -13,6 +13,12 @@ one file lock per results dir, so parallel jobs of one run do not lose each othe
 whose key is already present replaces the old row, so re-running an evaluation updates the
 table instead of duplicating it. ``analysis/`` reads only these tables (and ``records/``).
 pandas only: no torch, no fairseq, no lm_eval.
+
+An append validates only the new rows: the existing table was validated when it was written,
+so it is only checked to be ours (known columns, the required ones present, our dtypes) before
+the new rows join it; anything else gets the full validation, whose errors name the file.
+Re-mixing a forest appends a few rows to a table that grows with every setting tried, and
+re-validating the whole table each time was most of a re-mix's cost.
 """
 from __future__ import annotations
 
@@ -95,7 +101,7 @@ class TableSpec:
     required: dict
     optional: dict
     key: list
-    check: Callable[[pd.DataFrame], None]
+    check: Callable[[dict], None]  # {column: numpy array of typed values} -> raises BtmError
 
     @property
     def columns(self) -> dict:
@@ -104,75 +110,91 @@ class TableSpec:
 
 def validate_rows(rows, spec: "TableSpec | None" = None) -> pd.DataFrame:
     """Rows (list of dicts or a DataFrame) as a typed DataFrame in column order, or BtmError
-    naming the row and column at fault. ``spec``: the table (default: RESULTS)."""
+    naming the table, row and column at fault. ``spec``: the table (default: RESULTS).
+
+    The checks run on plain numpy arrays, one column at a time, and the typed table is built
+    once at the end: every pandas operation has a fixed cost of tens of microseconds, and
+    appending a few rows (a re-mix) should not pay it once per check."""
     spec = spec or RESULTS
-    columns = spec.columns
-    df = pd.DataFrame(list(rows)) if not isinstance(rows, pd.DataFrame) else rows.copy()
-    if df.empty:
+    known = spec.columns
+    columns = _columns(rows)
+    if not columns or not len(next(iter(columns.values()))):
         raise BtmError(f"no {spec.name} rows to write")
-    unknown = [c for c in df.columns if c not in columns]
+    unknown = [c for c in columns if c not in known]
     if unknown:
-        raise BtmError(f"{spec.name}: unknown column {unknown[0]!r}; known columns: {', '.join(columns)}")
+        raise BtmError(f"{spec.name}: unknown column {unknown[0]!r}; known columns: {', '.join(known)}")
     for col in spec.required:
-        if col not in df.columns:
+        if col not in columns:
             raise BtmError(f"{spec.name}: missing required column {col!r} ({spec.required[col][1]})")
-        missing = df[col].isna()
+        missing = pd.isna(columns[col])
         if missing.any():
             raise BtmError(f"{spec.name}: column {col!r} is empty in row {_first(missing)}")
-    out = pd.DataFrame(index=df.index)
-    for col in columns:
-        if col not in df.columns:
-            continue
-        out[col] = _typed(df[col], col, columns[col][0], spec.name)
-    spec.check(out)
-    return out.reset_index(drop=True)
+    values = {col: _typed(columns[col], col, kind, spec.name)
+              for col, (kind, _) in known.items() if col in columns}
+    spec.check(values)
+    return pd.DataFrame({col: pd.array(v, dtype=_DTYPES[known[col][0]]) for col, v in values.items()})
 
 
-def _typed(series: pd.Series, col: str, kind: str, table: str = "results") -> pd.Series:
+def _columns(rows) -> dict[str, np.ndarray]:
+    """{column: object array of its values} (a key missing from a row dict: None)."""
+    if isinstance(rows, pd.DataFrame):
+        return {c: rows[c].to_numpy(dtype=object, copy=True) for c in rows.columns}
+    rows = list(rows)
+    out = {}
+    for col in dict.fromkeys(k for r in rows for k in r):
+        out[col] = np.empty(len(rows), dtype=object)  # filled in place: list values stay items
+        out[col][:] = [r.get(col) for r in rows]
+    return out
+
+
+def _typed(values: np.ndarray, col: str, kind: str, table: str = "results") -> np.ndarray:
+    """The column as an object array of str or None (text) or a float64 array with NaN for
+    missing values (numbers; whole numbers checked for ``int``)."""
     if kind == "str":
-        bad = series.map(lambda v: not (isinstance(v, str) or pd.isna(v)), na_action=None)
-        if bad.any():
-            i = int(bad.to_numpy().argmax())
-            raise BtmError(f"{table}: column {col!r} must be text; row {i} has {series.iloc[i]!r}")
-        return series.astype("string")
-    numeric = pd.to_numeric(series, errors="coerce")
-    bad = numeric.isna() & series.notna()
+        for i, v in enumerate(values):
+            if isinstance(v, str):
+                continue
+            if not pd.isna(v):
+                raise BtmError(f"{table}: column {col!r} must be text; row {i} has {v!r}")
+            values[i] = None  # values is our own copy (_columns)
+        return values
+    given = ~pd.isna(values)
+    numeric = np.asarray(pd.to_numeric(values, errors="coerce"), dtype="float64")
+    bad = np.isnan(numeric) & given
     if bad.any():
-        i = int(bad.to_numpy().argmax())
-        raise BtmError(f"{table}: column {col!r} must be a number; row {i} has {series.iloc[i]!r}")
+        i = _first(bad)
+        raise BtmError(f"{table}: column {col!r} must be a number; row {i} has {values[i]!r}")
     if kind == "int":
-        frac = numeric.notna() & (numeric != numeric.round())
+        frac = ~np.isnan(numeric) & (numeric != np.round(numeric))
         if frac.any():
-            i = int(frac.to_numpy().argmax())
-            raise BtmError(f"{table}: column {col!r} must be a whole number; row {i} has {series.iloc[i]!r}")
-        return numeric.round().astype("Int64")
-    return numeric.astype("float64")
+            i = _first(frac)
+            raise BtmError(f"{table}: column {col!r} must be a whole number; row {i} has {values[i]!r}")
+        return np.round(numeric)
+    return numeric
 
 
 def _first(mask) -> int:
     return int(np.asarray(mask).argmax())
 
 
-def _check_common(df: pd.DataFrame, table: str, nonneg: tuple, positive: tuple) -> None:
-    methods = df["method"].astype(str)
-    bad = ~(methods.isin(METHODS) | methods.str.fullmatch(_EXPERT_METHOD.pattern))
-    if bad.any():
-        i = _first(bad)
-        raise BtmError(f"{table}: column 'method' row {i} has unknown method {methods.iloc[i]!r}; "
-                       f"use expert:<name> or one of {', '.join(sorted(METHODS))}")
+def _check_common(cols: dict[str, np.ndarray], table: str, nonneg: tuple, positive: tuple) -> None:
+    for i, method in enumerate(cols["method"]):
+        if method not in METHODS and not _EXPERT_METHOD.fullmatch(method):
+            raise BtmError(f"{table}: column 'method' row {i} has unknown method {method!r}; "
+                           f"use expert:<name> or one of {', '.join(sorted(METHODS))}")
     for col in nonneg:
-        neg = (df[col] < 0).to_numpy(dtype=bool)
+        neg = cols[col] < 0
         if neg.any():
             raise BtmError(f"{table}: column {col!r} must be >= 0; row {_first(neg)} is negative")
     for col in positive:
-        zero = (df[col] < 1).to_numpy(dtype=bool)
+        zero = cols[col] < 1
         if zero.any():
             raise BtmError(f"{table}: column {col!r} must be >= 1; row {_first(zero)} is 0")
 
 
-def _check_values(df: pd.DataFrame) -> None:
-    _check_common(df, "results", ("k", "tokens", "expert_forward_passes", "seconds"), ("k", "tokens"))
-    nll, ppl = df["nll"].to_numpy(), df["ppl"].to_numpy()
+def _check_values(cols: dict[str, np.ndarray]) -> None:
+    _check_common(cols, "results", ("k", "tokens", "expert_forward_passes", "seconds"), ("k", "tokens"))
+    nll, ppl = cols["nll"], cols["ppl"]
     bad = ~np.isfinite(nll) | (nll < 0)
     if bad.any():
         i = _first(bad)
@@ -184,19 +206,16 @@ def _check_values(df: pd.DataFrame) -> None:
         raise BtmError(f"results: column 'ppl' row {i} is {ppl[i]} but exp(nll) = {math.exp(nll[i])}")
 
 
-def _check_fewshot(df: pd.DataFrame) -> None:
-    _check_common(df, "fewshot", ("k", "num_fewshot", "samples", "expert_forward_passes", "seconds"),
+def _check_fewshot(cols: dict[str, np.ndarray]) -> None:
+    _check_common(cols, "fewshot", ("k", "num_fewshot", "samples", "expert_forward_passes", "seconds"),
                   ("k", "samples"))
-    value = df["value"].to_numpy()
+    value = cols["value"]
     bad = ~np.isfinite(value)
     if bad.any():
         raise BtmError(f"fewshot: column 'value' row {_first(bad)} must be finite, got {value[_first(bad)]}")
-    if "better" in df.columns:
-        better = df["better"].astype(object)
-        bad = ~(better.isna() | better.isin(["higher", "lower"])).to_numpy(dtype=bool)
-        if bad.any():
-            raise BtmError(f"fewshot: column 'better' row {_first(bad)} must be 'higher' or 'lower', "
-                           f"got {better.iloc[_first(bad)]!r}")
+    for i, better in enumerate(cols.get("better", ())):
+        if better is not None and better not in ("higher", "lower"):
+            raise BtmError(f"fewshot: column 'better' row {i} must be 'higher' or 'lower', got {better!r}")
 
 
 RESULTS = TableSpec("results", REQUIRED_COLUMNS, OPTIONAL_COLUMNS, KEY_COLUMNS, _check_values)
@@ -247,18 +266,52 @@ def append_results(run_dir: str | os.PathLike, rows, spec: TableSpec | None = No
     rdir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(rdir / ".results.lock")):
         parquet, csv = rdir / f"{spec.name}.parquet", rdir / f"{spec.name}.csv"
-        old = read_results(parquet, spec) if parquet.exists() else (
+        old = _read_own_table(parquet, spec) if parquet.exists() else (
             read_results(csv, spec) if csv.exists() else None)
         # Both parts are validated and typed; the new rows end the table (keep="last").
-        table = new if old is None else pd.concat([old, new], ignore_index=True)
+        table = new if old is None else _typed_columns(pd.concat([old, new], ignore_index=True), spec)
         table = table.drop_duplicates(subset=spec.key, keep="last").reset_index(drop=True)
-        with atomic_path(csv) as tmp:
-            table.to_csv(tmp, index=False)
+        # Parquet first: it is what readers and the next append prefer, so a crash between the
+        # two renames leaves a stale csv (rewritten by the next append), never lost rows.
         with atomic_path(parquet) as tmp:
             table.to_parquet(tmp, index=False)
+        with atomic_path(csv) as tmp:
+            table.to_csv(tmp, index=False)
     return table
 
 
 def append_fewshot(run_dir: str | os.PathLike, rows) -> pd.DataFrame:
     """``append_results`` for the few-shot table (``RUN_DIR/results/fewshot.*``)."""
     return append_results(run_dir, rows, FEWSHOT)
+
+
+def _read_own_table(path: Path, spec: TableSpec) -> pd.DataFrame:
+    """The existing table at ``path`` (parquet). One that append_results wrote (known columns,
+    required ones present, our dtypes) is returned as read: it was validated when written.
+    Anything else is validated in full, so a foreign or hand-edited file gets an error naming
+    it and the column at fault (or is accepted and typed, if its values are valid)."""
+    import pyarrow.parquet as pq
+
+    try:  # one file: ParquetFile skips pd.read_parquet's dataset discovery (a third of the read)
+        df = pq.ParquetFile(path).read().to_pandas()
+    except (OSError, ValueError) as e:
+        raise BtmError(f"could not read results table {path}: {e}") from e
+    columns = spec.columns
+    ours = (set(spec.required) <= set(df.columns) <= set(columns)
+            and all(df[c].dtype == _DTYPES[columns[c][0]] for c in df.columns))
+    if ours:
+        return df
+    try:
+        return validate_rows(df, spec)
+    except BtmError as e:
+        raise BtmError(f"{path}: {e}") from None
+
+
+def _typed_columns(df: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
+    """Columns in schema order with our dtypes (a concat of tables with different optional
+    columns fills the gaps with missing values that may not keep the dtype)."""
+    columns = spec.columns
+    recast = {c: _DTYPES[columns[c][0]] for c in df.columns if df[c].dtype != _DTYPES[columns[c][0]]}
+    order = [c for c in columns if c in df.columns]
+    df = df.astype(recast) if recast else df
+    return df if list(df.columns) == order else df[order]

@@ -71,6 +71,30 @@ def test_fewshot_table_is_tidy_typed_and_replaces_by_key(tmp_path):
     assert not (tmp_path / "results" / "results.csv").exists()
 
 
+def test_fewshot_append_validates_only_the_new_rows(tmp_path, monkeypatch):
+    """The few-shot table takes the same cheap append as results (a spy on the real validator):
+    an existing fewshot.parquet that append_fewshot wrote is not validated again."""
+    import launcher.results as results
+
+    append_fewshot(tmp_path, fewshot_rows("r"))
+    seen = []
+    real = results.validate_rows
+    monkeypatch.setattr(results, "validate_rows", lambda rows, spec=None: seen.append(len(rows)) or real(rows, spec))
+    table = append_fewshot(tmp_path, fewshot_rows("r2")[:1])
+    assert seen == [1] and len(table) == 28 and table["run"].iloc[-1] == "r2"
+
+
+def test_appending_to_a_foreign_fewshot_table_names_the_file_and_the_column(tmp_path):
+    """A fewshot.parquet append_fewshot did not write (plain pandas dtypes) is validated in full."""
+    (tmp_path / "results").mkdir()
+    parquet = tmp_path / "results" / "fewshot.parquet"
+    pd.DataFrame([{**fewshot_rows("r")[0], "better": "sideways"}]).to_parquet(parquet, index=False)
+    before = parquet.read_bytes()
+    with pytest.raises(BtmError, match=r"fewshot\.parquet: fewshot: column 'better' row 0 must be"):
+        append_fewshot(tmp_path, fewshot_rows("r")[1:2])
+    assert parquet.read_bytes() == before and not (tmp_path / "results" / "fewshot.csv").exists()
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(method="cbtm_magic"), "fewshot: column 'method' row 0 has unknown method"),
     (dict(k=0), "fewshot: column 'k' must be >= 1"),

@@ -85,6 +85,68 @@ def test_reading_a_corrupt_table_names_the_file(tmp_path):
         read_results(tmp_path / "elsewhere")
 
 
+def test_append_validates_only_the_new_rows(tmp_path, monkeypatch):
+    """The existing table was validated when append_results wrote it; an append re-checks only
+    its schema, so its cost does not grow with the table (a spy on the real validator)."""
+    import launcher.results as results
+
+    append_results(tmp_path, [row(prior=f"p{i}") for i in range(50)])
+    seen = []
+    real = results.validate_rows
+    monkeypatch.setattr(results, "validate_rows", lambda rows, spec=None: seen.append(len(rows)) or real(rows, spec))
+    table = append_results(tmp_path, [row(prior="new")])
+    assert seen == [1] and len(table) == 51 and table["prior"].iloc[-1] == "new"
+
+
+def _table_files(tmp_path):
+    return {p.name: p.read_bytes() for p in (tmp_path / "results").iterdir() if not p.name.startswith(".")}
+
+
+def test_appending_to_a_corrupt_parquet_names_the_file_and_changes_nothing(tmp_path):
+    append_results(tmp_path, [row()])
+    parquet = tmp_path / "results" / "results.parquet"
+    parquet.write_bytes(b"PAR1 this is not a parquet file")
+    before = _table_files(tmp_path)
+    with pytest.raises(BtmError, match=r"could not read results table .*results\.parquet"):
+        append_results(tmp_path, [row(eval_domain="bible")])
+    assert _table_files(tmp_path) == before
+
+
+@pytest.mark.parametrize("frame, match", [
+    (pd.DataFrame({"run": ["x"], "score": [1.0]}), "unknown column 'score'"),
+    (pd.DataFrame([row()]).drop(columns="tokens"), "missing required column 'tokens'"),
+    (pd.DataFrame([row(nll=-1.0, ppl=math.exp(-1.0))]), "column 'nll' row 0 must be a finite non-negative loss"),
+])
+def test_appending_to_a_foreign_table_names_the_file_and_the_column(tmp_path, frame, match):
+    """A results.parquet that append_results did not write (other columns or plain pandas
+    dtypes) gets the full validation, whose error names the file."""
+    (tmp_path / "results").mkdir()
+    frame.to_parquet(tmp_path / "results" / "results.parquet", index=False)
+    before = _table_files(tmp_path)
+    with pytest.raises(BtmError, match=r"results\.parquet: results: " + match):
+        append_results(tmp_path, [row(eval_domain="bible")])
+    assert _table_files(tmp_path) == before
+
+
+def test_a_foreign_but_valid_table_is_typed_and_kept(tmp_path):
+    """Plain pandas dtypes (object text, int64, float k) are not ours, so the old rows are
+    validated in full; being valid, they are typed and kept."""
+    (tmp_path / "results").mkdir()
+    pd.DataFrame([row(k=3.0, eval_domain="code")]).to_parquet(tmp_path / "results" / "results.parquet", index=False)
+    table = append_results(tmp_path, [row(eval_domain="bible")])
+    assert table["eval_domain"].tolist() == ["code", "bible"]
+    assert table["k"].dtype == "Int64" and table["method"].dtype == "string"
+    pd.testing.assert_frame_equal(read_results(tmp_path), table)
+
+
+def test_a_csv_only_table_is_validated_and_named(tmp_path):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "results.csv").write_text("run,method\ndemo,dense\n")
+    with pytest.raises(BtmError, match=r"results\.csv: results: missing required column 'k'"):
+        append_results(tmp_path, [row()])
+    assert not (tmp_path / "results" / "results.parquet").exists()
+
+
 def test_results_imports_neither_fairseq_nor_torch():
     code = ("import sys; import launcher.results; "
             "assert 'torch' not in sys.modules and 'fairseq' not in sys.modules")

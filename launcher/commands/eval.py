@@ -47,6 +47,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="let context cross document boundaries (fairseq-eval-lm's break mode none)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     g.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow expert/model checkpoints that need pickle to load (only for files you "
+                        "trust); without it they are refused")
 
 
 def register(subparsers) -> None:
@@ -97,7 +100,7 @@ def _settings(args, **extra):
     context = ContextSettings(tokens_per_sample=args.tokens_per_sample, context_window=args.context_window,
                               reset_at_doc=not args.no_doc_reset).validate()
     return EvalSettings(prior=prior, context=context, split=args.split, device=args.device,
-                        batch_size=args.batch_size, **extra)
+                        batch_size=args.batch_size, trust_checkpoint=args.trust_checkpoint, **extra)
 
 
 def _experts(args) -> dict:
