@@ -90,7 +90,7 @@ def main() -> int:
     parser.add_argument("--corpus", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "corpus")
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--docs", type=int, default=12, help="documents per split and domain")
-    parser.add_argument("--max-chars", type=int, default=6000)
+    parser.add_argument("--max-chars", type=int, default=20000, help="characters kept per document (the documented runs: 20000)")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--tokens-per-sample", type=int, default=256)

@@ -18,6 +18,9 @@ forest() {
     "$btm" run "$here/grow.yaml" --run-dir "$runs/grow-posterior" --no-progress
     "$btm" run "$here/grow.yaml" --run-dir "$runs/grow-seed" --no-progress \
         --set branching.rule=seed --set name=grow-seed
+    # F7: the new expert's starting point itself (init.pt, before training) on its domain.
+    "$btm" eval "$runs/f7-init" --data "$runs/grow-posterior/data" --domains fiction --methods expert \
+        --experts "posterior=$runs/grow-posterior/experts/fiction/init.pt,seed=$runs/grow-seed/experts/fiction/init.pt"
 }
 
 sweeps() {
