@@ -175,13 +175,10 @@ def load_dictionary(data_dir: str | os.PathLike):
 
 
 def quiet_fairseq_logging() -> None:
-    """Call before importing fairseq: its import runs ``logging.basicConfig(level=DEBUG)``
-    (fairseq/tasks/text_to_speech.py), which prints an INFO notice and then every filelock
-    acquire; those loggers are set to WARNING so the output stays ours."""
-    import logging
+    """Call before importing fairseq in a process that did not start in the btm CLI (a worker)."""
+    from launcher.cli import quiet_third_party_logging
 
-    for name in ("filelock", "fairseq.tasks.text_to_speech"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_third_party_logging()
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ on a login node without them.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from launcher.commands import COMMAND_MODULES
@@ -26,7 +27,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_third_party_logging() -> None:
+    """fairseq's import runs ``logging.basicConfig(level=DEBUG)`` (fairseq/tasks/text_to_speech.py),
+    after which every filelock acquire/release and an INFO notice reach the user's terminal;
+    those loggers are set to WARNING so a verb's output stays ours. No import of fairseq here."""
+    for name in ("filelock", "fairseq.tasks.text_to_speech"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_third_party_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
