@@ -89,6 +89,10 @@ def variant_labels(frame: pd.DataFrame) -> list[str]:
     varying: dict[str, set[str]] = {}
     for (_, method), group in frame.groupby(["run_label", "method"], sort=False):
         fields = {f for f in VARIANT_FIELDS if group[f].astype(str).nunique(dropna=False) > 1}
+        if group["prior_variant"].str.contains("target=<domain>", regex=False, na=False).all():
+            # A per-target model's k counts the experts its target's prior keeps (one on a
+            # training domain, several on an unseen one): it follows the domain, not a setting.
+            fields.discard("k")
         varying.setdefault(method, set()).update(fields)
     return [_label(row, varying.get(row.method, set())) for row in frame.itertuples()]
 

@@ -172,6 +172,22 @@ def test_per_target_averages_form_one_column(two_runs):
     assert not t["Avg posterior"].isna().any()
 
 
+def test_per_target_averages_with_varying_k_form_one_column(tmp_path):
+    """A posterior average's k is how many experts its target's prior keeps (one-hot on a
+    training domain, several on an unseen one): a consequence of the target, not a variant."""
+    run = make_run(tmp_path, "r")
+    table = run / "results" / "results.csv"
+    df = pd.read_csv(table)
+    avg = df["method"] == "average_posterior"
+    df.loc[avg, "k"] = [1 if d in TRAIN else 3 for d in df.loc[avg, "eval_domain"]]
+    df.to_csv(table, index=False)
+    runs = load_runs([run])
+    frame, _ = tables.combine(runs)
+    t = _train_table(runs, frame)
+    assert "Avg posterior" in t.columns and not any(c.startswith("Avg posterior k=") for c in t.columns)
+    assert not t["Avg posterior"].isna().any()  # the mean row covers every domain
+
+
 def test_repeated_rows_keep_the_last_and_say_so(tmp_path):
     again = [dict(r, ppl=99.0, nll=math.log(99.0)) for r in result_rows("r")
              if r["method"] == "dense" and r["eval_domain"] == "bible"]
