@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from launcher.commands.run import add_executor_overrides
 from launcher.errors import BtmError
 
 
@@ -29,9 +30,7 @@ def register(subparsers) -> None:
     mode = r.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="print the elements and the sbatch script; write nothing")
     mode.add_argument("--check", action="store_true", help="validate the array script with `sbatch --test-only`")
-    r.add_argument("--executor", choices=["local", "slurm"], help="override the config's executor")
-    r.add_argument("--profile", help="override the config's cluster profile")
-    r.add_argument("--max-parallel", type=int, help="override max_parallel (array %%K, local workers)")
+    add_executor_overrides(r)
     r.add_argument("--limit", type=float, help="override limit: documents per task (< 1: a fraction)")
     r.add_argument("--metadata", help="JSON merged into the config's lm-eval task metadata, e.g. "
                                       "'{\"corpus\": \"/data/corpus\"}' for the local tasks")

@@ -15,6 +15,13 @@ DEMO_CORPUS_CHARS = 300_000  # per domain: enough for tiny experts, quick to bui
 FIXED_KEYS = ("name", "method", "corpus", "model", "budget", "clusters", "seed")
 
 
+def add_executor_overrides(p: argparse.ArgumentParser) -> None:
+    """--executor, --profile, --max-parallel: the flags every verb that submits jobs shares."""
+    p.add_argument("--executor", choices=["local", "slurm"], help="override the config's executor")
+    p.add_argument("--profile", help="override the config's cluster profile")
+    p.add_argument("--max-parallel", type=int, help="override max_parallel (array %%K, local workers)")
+
+
 def register(subparsers):
     p = subparsers.add_parser(
         "run", help="plan and run (or submit) the whole pipeline of a config",
@@ -30,9 +37,7 @@ def register(subparsers):
     mode.add_argument("--check", action="store_true", help="validate every job script with `sbatch --test-only` and stop")
     p.add_argument("--demo", action="store_true", help="build the embedded demo corpus and run the `demo` config locally")
     p.add_argument("--corpus", help="corpus directory (overrides corpus.path)")
-    p.add_argument("--executor", choices=["local", "slurm"], help="override the config's executor")
-    p.add_argument("--profile", help="override the config's cluster profile")
-    p.add_argument("--max-parallel", type=int, help="override max_parallel (array %%K, local workers)")
+    add_executor_overrides(p)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
                    help="override one config key (dotted, e.g. budget.seed_fraction=0.3 or name=sf30; "
                         "VALUE is read as YAML); repeatable")
