@@ -42,7 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launcher.atomic import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
+from launcher.atomic import (atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text,
+                             read_versioned_json, sha256_file)
 from launcher.errors import BtmError
 from launcher.names import validate_name
 
@@ -143,15 +144,8 @@ def prepare_data(corpus_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
 def load_manifest(data_dir: str | os.PathLike) -> dict:
     """The manifest of a prepared data directory (BtmError if there is none or it is unreadable)."""
     path = Path(data_dir) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BtmError(f"{path} not found: run 'btm data prepare CORPUS {data_dir}' first") from None
-    except (OSError, ValueError) as e:
-        raise BtmError(f"could not read {path}: {e}") from e
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        raise BtmError(f"{path} is not a btm data manifest (format_version {FORMAT_VERSION})")
-    return manifest
+    return read_versioned_json(path, what="data manifest", key="format_version", version=FORMAT_VERSION,
+                               missing=f"{path} not found: run 'btm data prepare CORPUS {data_dir}' first")
 
 
 def encode_text(data_dir: str | os.PathLike, text: str) -> list[int]:

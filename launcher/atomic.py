@@ -55,6 +55,22 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def read_versioned_json(path: str | os.PathLike, *, what: str, key: str, version: Any,
+                        missing: str) -> dict:
+    """A JSON manifest btm wrote: a dict whose ``key`` is ``version``; BtmError naming the file
+    (``missing`` when there is none, else why it cannot be read or is not ours)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BtmError(missing) from None
+    except (OSError, ValueError) as e:
+        raise BtmError(f"cannot read {what} {path}: {e}") from None
+    if not isinstance(data, dict) or data.get(key) != version:
+        raise BtmError(f"{path}: not a btm {what} ({key} {version})")
+    return data
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 

@@ -31,7 +31,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launcher.atomic import atomic_write_json
+from launcher.atomic import atomic_write_json, read_versioned_json
 from launcher.errors import BtmError
 from launcher.names import validate_name
 
@@ -228,14 +228,8 @@ def write_manifest(out_dir: Path, pending: list[dict], *, write: bool = True) ->
 
 
 def read_element(manifest_path: Path, index: int) -> tuple[dict, dict]:
-    try:
-        manifest = json.loads(Path(manifest_path).read_text())
-    except FileNotFoundError:
-        raise BtmError(f"no few-shot manifest at {manifest_path}") from None
-    except (OSError, ValueError) as e:
-        raise BtmError(f"cannot read few-shot manifest {manifest_path}: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise BtmError(f"{manifest_path}: not a btm few-shot manifest (format {MANIFEST_FORMAT})")
+    manifest = read_versioned_json(manifest_path, what="few-shot manifest", key="format", version=MANIFEST_FORMAT,
+                                   missing=f"no few-shot manifest at {manifest_path}")
     items = manifest.get("elements") or []
     if not 0 <= index < len(items):
         raise BtmError(f"element index {index} is outside {manifest_path} ({len(items)} elements)")

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launcher.atomic import atomic_write_json, sha256_file
+from launcher.atomic import atomic_write_json, read_versioned_json, sha256_file
 from launcher.errors import BtmError
 from launcher.names import validate_name
 
@@ -124,14 +124,8 @@ class Forest:
         path = Path(path)
         if path.is_dir():
             path = path / FOREST_FILE
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise BtmError(f"no forest manifest at {path} (has the merge stage run?)") from None
-        except (OSError, ValueError) as e:
-            raise BtmError(f"cannot read forest manifest {path}: {e}") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:
-            raise BtmError(f"{path}: not a btm forest manifest (format {FORMAT_VERSION})")
+        data = read_versioned_json(path, what="forest manifest", key="format", version=FORMAT_VERSION,
+                                   missing=f"no forest manifest at {path} (has the merge stage run?)")
         experts = [Expert.from_dict(e, str(path)) for e in data.get("experts", [])]
         return cls(run=data.get("run", ""), experts=experts, missing=list(data.get("missing", [])), path=path)
 
