@@ -33,7 +33,6 @@ import dataclasses
 import functools
 import hashlib
 import io
-import json
 import os
 import random
 import sys
