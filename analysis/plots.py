@@ -20,7 +20,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: 
 
 from analysis.results import METHOD_ORDER, RunData, is_expert_method  # noqa: E402
 from analysis.tables import DomainGroup, group_means  # noqa: E402
-from launcher.atomic import atomic_path  # noqa: E402
+from launcher.contract.atomic import atomic_path  # noqa: E402
 
 GROUP_TITLES = {"train": "training domains", "eval": "evaluation domains",
                 "other": "other domains", "all": "all domains"}

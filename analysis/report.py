@@ -24,7 +24,7 @@ import pandas as pd
 
 from analysis import plots, tables
 from analysis.results import RunData, load_runs
-from launcher.atomic import atomic_write_text
+from launcher.contract.atomic import atomic_write_text
 
 
 class _Out:

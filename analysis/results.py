@@ -6,7 +6,7 @@ tables must be there:
 - ``results/results.parquet`` or ``results/results.csv`` (parquet preferred: it keeps types):
   the tidy perplexity table of docs/architecture.md ("Results table").
 - ``results/fewshot.parquet`` or ``.csv``: few-shot harness results (same section; validated by
-  ``launcher.results.FEWSHOT``).
+  ``launcher.contract.results.FEWSHOT``).
 - ``config.yaml``: domain roles, seed fraction, c-BTM cluster count (``read_config``).
   Without it, domains have no roles and come from the table.
 - ``records/*.json``: one record per finished job unit (compute accounting, analysis/tables.py).
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from launcher.errors import BtmError
+from launcher.contract.errors import BtmError
 
 REQUIRED_COLUMNS = ["run", "method", "k", "prior", "eval_domain", "split", "tokens", "nll", "ppl",
                     "expert_forward_passes", "seconds"]
@@ -137,8 +137,8 @@ def load_results_table(run_dir: Path) -> tuple[pd.DataFrame, Path]:
 
 
 def load_fewshot_table(run_dir: Path) -> pd.DataFrame | None:
-    """RUN/results/fewshot.{parquet,csv} validated against launcher.results.FEWSHOT, or None."""
-    from launcher.results import read_fewshot
+    """RUN/results/fewshot.{parquet,csv} validated against launcher.contract.results.FEWSHOT, or None."""
+    from launcher.contract.results import read_fewshot
 
     rdir = run_dir / "results"
     if not any((rdir / f"fewshot.{ext}").is_file() for ext in ("parquet", "csv")):

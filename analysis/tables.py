@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.results import EXPERT_PREFIX, METHOD_ORDER, RunData, is_expert_method
-from launcher.errors import BtmError
+from launcher.contract.errors import BtmError
 
 METHOD_NAMES = {
     "dense": "Dense", "random_split": "Random split", "ensemble_uniform": "Ensemble uniform",

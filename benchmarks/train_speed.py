@@ -52,7 +52,7 @@ def run_plain(a) -> dict:
     from fairseq_ext.checkpoint import build_model_from_cfg
     from fairseq_ext.models.elm import elm_config_for_preset
     from fairseq_ext.streams import read_tokens
-    from launcher.presets import get_preset
+    from launcher.contract.presets import get_preset
 
     p = get_preset(a.preset)
     torch.manual_seed(1)
@@ -90,7 +90,7 @@ def run_plain(a) -> dict:
 
 def run_btm(a) -> dict:
     from fairseq_ext.train import TrainSpec, read_train_log, train_lm
-    from launcher.presets import get_preset
+    from launcher.contract.presets import get_preset
 
     p = get_preset(a.preset)
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,7 +105,7 @@ def run_btm(a) -> dict:
 
 
 def run_fairseq(a) -> dict:
-    from launcher.presets import get_preset
+    from launcher.contract.presets import get_preset
 
     p = get_preset(a.preset)
     with tempfile.TemporaryDirectory() as tmp:
@@ -159,7 +159,7 @@ def main() -> None:
     ap.add_argument("--only", help=argparse.SUPPRESS)
     a = ap.parse_args()
     sys.path.insert(0, str(REPO))
-    from launcher.presets import get_preset
+    from launcher.contract.presets import get_preset
 
     p = get_preset(a.preset)
     a.sequences = a.sequences or p.sequences_per_gpu

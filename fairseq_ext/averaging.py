@@ -20,7 +20,7 @@ import os
 import re
 from pathlib import Path
 
-from launcher.errors import BtmError
+from launcher.contract.errors import BtmError
 
 # Model cfg settings that change the parameters' meaning (not just training behaviour).
 _ARCH_KEY = re.compile(r"^_name$|layers|embed_dim|heads|ffn|positions|share_|tie_|activation_fn|normalize_before")
@@ -155,7 +155,7 @@ def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
     """Atomic safetensors file; the tied output embedding stays one tensor."""
     from safetensors.torch import save_file
 
-    from launcher.atomic import atomic_path
+    from launcher.contract.atomic import atomic_path
 
     with atomic_path(Path(path)) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),

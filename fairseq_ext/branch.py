@@ -13,8 +13,8 @@ import json
 import os
 from pathlib import Path
 
-from launcher.atomic import atomic_write_json
-from launcher.errors import BtmError
+from launcher.contract.atomic import atomic_write_json
+from launcher.contract.errors import BtmError
 
 
 def branch_expert(parents: dict | str | os.PathLike, out_path, *, method: str = "explicit",

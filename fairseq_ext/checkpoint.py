@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from launcher.atomic import atomic_path, atomic_write_text, sha256_file
-from launcher.errors import BtmError
+from launcher.contract.atomic import atomic_path, atomic_write_text, sha256_file
+from launcher.contract.errors import BtmError
 
 
 @dataclass

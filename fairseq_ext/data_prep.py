@@ -41,15 +41,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launcher.atomic import (atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text,
-                             read_versioned_json, sha256_file)
-from launcher.errors import BtmError
-from launcher.names import validate_name
+from launcher.contract.atomic import (atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text,
+                             sha256_file)
+from launcher.contract.data_manifest import MANIFEST, FORMAT_VERSION, read_data_manifest, write_data_manifest
+from launcher.contract.errors import BtmError
+from launcher.contract.names import validate_name
 
-from fairseq_ext.corpus_io import SPLITS, find_split_file, iter_documents, list_domains
+from launcher.contract.corpus import SPLITS, find_split_file, iter_documents, list_domains
 
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
 # fairseq's Dictionary() reserves these ids; sentencepiece is trained to use the same ones.
 BOS_ID, PAD_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 N_SPECIAL = 4
@@ -140,11 +139,6 @@ def prepare_data(corpus_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         lock.release()
 
 
-def load_manifest(data_dir: str | os.PathLike) -> dict:
-    """The manifest of a prepared data directory (BtmError if there is none or it is unreadable)."""
-    path = Path(data_dir) / MANIFEST
-    return read_versioned_json(path, what="data manifest", key="format_version", version=FORMAT_VERSION,
-                               missing=f"{path} not found: run 'btm data prepare CORPUS {data_dir}' first")
 
 
 def encode_text(data_dir: str | os.PathLike, text: str) -> list[int]:
@@ -540,18 +534,11 @@ def _run_jobs(jobs: list[_DomainJob], workers: int, progress: bool):
 def _read_manifest_if_any(out_dir: Path) -> dict | None:
     if not (out_dir / MANIFEST).exists():
         return None
-    return load_manifest(out_dir)
+    return read_data_manifest(out_dir)
 
 
 def _write_manifest(out_dir: Path, manifest: dict) -> None:
-    manifest["domains"] = sorted({key.split("/")[0] for key in manifest["datasets"]})
-    manifest["data_hash"] = {k: v["data_hash"] for k, v in sorted(manifest["datasets"].items())}
-    rows = ["domain,split,documents,tokens"]
-    for key, info in sorted(manifest["datasets"].items()):
-        domain, split = key.split("/")
-        rows.append(f"{domain},{split},{info['documents']},{info['tokens']}")
-    atomic_write_text(out_dir / "tokens.csv", "\n".join(rows) + "\n")
-    atomic_write_json(out_dir / MANIFEST, manifest)
+    write_data_manifest(out_dir, manifest)
 
 
 def _record_domain(out_dir: Path, manifest: dict, result: dict) -> None:

@@ -7,7 +7,7 @@
    single-expert rows and dense ensembles, only the k experts with the highest cached prior for
    ``topk_prior`` with k < N (the sparse ensemble; nothing else is run);
 3. mixes (``fairseq_ext/mixing.py``) for every method and k and appends one row per result to
-   the results table (``launcher/results.py``).
+   the results table (``launcher/contract/results.py``).
 So changing the methods, k or prior settings costs only mixing (and, for new prior settings,
 re-estimating the prior from cached held-out scores).
 
@@ -33,9 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from launcher.atomic import atomic_write_json
-from launcher.errors import BtmError
-from launcher.names import validate_name
+from launcher.contract.atomic import atomic_write_json
+from launcher.contract.errors import BtmError
+from launcher.contract.names import validate_name
 from fairseq_ext import mixing
 from fairseq_ext.priors import PriorSettings, cached_domain_prior, stack_scores
 from fairseq_ext.scoring import (ContextSettings, cache_key, cache_path, checkpoint_sha256, data_hash,
@@ -102,7 +102,7 @@ def parse_experts(text: str) -> dict[str, Path]:
 
 def forest_experts(run_dir: str | os.PathLike) -> dict[str, Path]:
     """{name: checkpoint} from ``RUN/forest.json``, after checking every checkpoint's sha256."""
-    from launcher.forest import Forest
+    from launcher.contract.forest import Forest
 
     forest = Forest.load(Path(run_dir))
     if not forest.experts:
@@ -214,7 +214,7 @@ def evaluate_forest(run_dir: str | os.PathLike, experts: dict[str, Path], eval_d
 
     Returns the new rows as a DataFrame.
     """
-    from launcher.results import append_results
+    from launcher.contract.results import append_results
 
     run_dir = Path(run_dir)
     settings = settings.validate()
@@ -273,7 +273,7 @@ def evaluate_model(run_dir: str | os.PathLike, method: str, checkpoint: str | os
                    settings: EvalSettings = EvalSettings(), k: int = 1, prior: str = "none",
                    run_name: str | None = None):
     """Score one model (``dense``, ``average_*``, ...) on each eval domain; append its rows."""
-    from launcher.results import append_results
+    from launcher.contract.results import append_results
 
     run_dir = Path(run_dir)
     settings = settings.validate()

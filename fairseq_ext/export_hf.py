@@ -33,9 +33,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from launcher.atomic import atomic_write_bytes, atomic_write_json, sha256_file
-from launcher.errors import BtmError
-from launcher.names import validate_name
+from launcher.contract.atomic import atomic_write_bytes, atomic_write_json, sha256_file
+from launcher.contract.errors import BtmError
+from launcher.contract.names import validate_name
 
 EXPORT_FORMAT = 1
 EXPORT_RECORD = "btm_export.json"

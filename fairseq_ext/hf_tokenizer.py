@@ -32,7 +32,7 @@ import json
 import os
 from pathlib import Path
 
-from launcher.errors import BtmError
+from launcher.contract.errors import BtmError
 
 SPACE_MARK = "\u2581"
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")  # fairseq ids 0, 1, 2, 3

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from launcher.errors import BtmError
+from launcher.contract.errors import BtmError
 
 METHODS = ("expert", "uniform", "prior", "posterior", "average", "cluster")
 ROUTINGS = ("token", "prompt")

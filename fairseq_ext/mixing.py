@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from launcher.errors import BtmError
+from launcher.contract.errors import BtmError
 
 METHODS = ("uniform", "prior", "posterior", "prev_token")
 

@@ -33,8 +33,8 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from launcher.atomic import atomic_write_json
-from launcher.errors import BtmError
+from launcher.contract.atomic import atomic_write_json
+from launcher.contract.errors import BtmError
 
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from launcher.atomic import atomic_write_json, sha256_bytes
-from launcher.errors import BtmError
-from launcher.names import validate_name
+from launcher.contract.atomic import atomic_write_json, sha256_bytes
+from launcher.contract.errors import BtmError
+from launcher.contract.names import validate_name
 from fairseq_ext.mixing import estimate_prior  # noqa: F401  (re-exported: the one definition)
 
 PRIOR_FORMAT = 1

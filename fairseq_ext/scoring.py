@@ -30,9 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from launcher.atomic import atomic_path, sha256_bytes, sha256_file
-from launcher.errors import BtmError
-from launcher.names import validate_name
+from launcher.contract.atomic import atomic_path, sha256_bytes, sha256_file
+from launcher.contract.data_manifest import dataset_hash, read_data_manifest
+from launcher.contract.errors import BtmError
+from launcher.contract.names import validate_name
 
 SCORES_FORMAT = 1
 
@@ -92,19 +93,7 @@ class Scores:
 
 def data_hash(data_dir: str | os.PathLike, domain: str, split: str) -> str:
     """The ``data_hash`` of ``<domain>/<split>`` from ``DATA_DIR/manifest.json``."""
-    manifest_path = Path(data_dir) / "manifest.json"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except FileNotFoundError:
-        raise BtmError(f"no data manifest at {manifest_path} (run 'btm data prepare')") from None
-    except (OSError, ValueError) as e:
-        raise BtmError(f"could not read data manifest {manifest_path}: {e}") from e
-    key = f"{domain}/{split}"
-    value = (manifest.get("data_hash") or {}).get(key)
-    if not value:
-        known = ", ".join(sorted(manifest.get("data_hash") or {})) or "none"
-        raise BtmError(f"{manifest_path}: no data_hash for {key!r} (known: {known})")
-    return value
+    return dataset_hash(data_dir, read_data_manifest(data_dir), domain, split)
 
 
 def read_split(data_dir: str | os.PathLike, domain: str, split: str,

@@ -18,7 +18,7 @@ import struct
 import numpy as np
 import torch
 
-from launcher.errors import BtmError
+from launcher.contract.errors import BtmError
 
 # fairseq's MMapIndexedDataset header: magic, version, dtype code (see fairseq/data/indexed_dataset.py).
 _MAGIC = b"MMIDIDX\x00\x00"

@@ -9,7 +9,7 @@ registered ``elm`` model, fairseq-format checkpoints that ``fairseq-eval-lm`` re
 what BTM needs: deterministic resume from plain integers, chunked cross-entropy, fused AdamW,
 bf16 autocast, ``torch.compile`` on GPU, and preemption handling.
 
-Settings are the BTM paper's (from ``launcher.presets``): AdamW betas (0.9, 0.95), lr, weight
+Settings are the BTM paper's (from ``launcher.contract.presets``): AdamW betas (0.9, 0.95), lr, weight
 decay 0.1 on every parameter (as fairseq's ``--optimizer adam --weight-decay`` does), gradient
 clipping at 0.1, linear warmup over 8% of the updates then linear ("polynomial", power 1)
 decay to 0.
@@ -35,8 +35,8 @@ import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from launcher.atomic import atomic_write_text
-from launcher.errors import BtmError
+from launcher.contract.atomic import atomic_write_text
+from launcher.contract.errors import BtmError
 
 
 @dataclass
@@ -206,8 +206,8 @@ def _summed_loss(model, x, y, pad: int):
 
 
 def _resolve(spec: TrainSpec):
-    from launcher.names import validate_name
-    from launcher.presets import get_preset
+    from launcher.contract.names import validate_name
+    from launcher.contract.presets import get_preset
 
     preset = get_preset(spec.preset)
     if not spec.domains:

@@ -12,7 +12,7 @@ import logging
 import sys
 
 from launcher.commands import COMMAND_MODULES
-from launcher.errors import BtmError
+from launcher.contract.errors import BtmError
 
 
 def build_parser() -> argparse.ArgumentParser:

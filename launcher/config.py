@@ -18,19 +18,15 @@ from typing import Any
 
 import yaml
 
-from launcher.errors import BtmError
-from launcher.names import validate_name
-from launcher.presets import PRESETS
+from launcher.contract.errors import BtmError
+from launcher.contract.methods import BASELINES, CONFIG_METHODS
+from launcher.contract.names import validate_name
+from launcher.contract.presets import PRESETS
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
-# Evaluation methods a config may ask for (the `method` column of the results table, with
-# `experts` standing for every `expert:<name>` row). Baselines are asked for in `baselines`.
-EVAL_METHODS = (
-    "experts", "ensemble_uniform", "ensemble_prior", "ensemble_posterior", "ensemble_prev_token",
-    "topk_prior", "average_uniform", "average_argmax", "average_posterior", "cbtm_cluster",
-)
-BASELINES = ("dense", "random_split")
+# Evaluation methods and baselines a config may ask for: launcher.contract.methods.
+EVAL_METHODS = CONFIG_METHODS
 
 
 @dataclass

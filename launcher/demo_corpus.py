@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from launcher.atomic import atomic_write_json, atomic_write_text
-from launcher.errors import BtmError
+from launcher.contract.atomic import atomic_write_json, atomic_write_text
+from launcher.contract.errors import BtmError
 
 DEFAULT_SIZE = 1_000_000  # characters per domain
 DOC_CHARS = 4000  # longer sources are cut into documents of at most this many characters

@@ -16,7 +16,7 @@ instead: the index is SLURM_ARRAY_TASK_ID, as the pipeline's ``--units-file``.
 
 An element runs ``lm_eval.simple_evaluate`` on its task (``num_fewshot``, the seed as
 ``fewshot_random_seed``, ``limit``), appends one row per metric to the few-shot results table
-``RUN/results/fewshot.{csv,parquet}`` (launcher/results.py ``FEWSHOT``) and then writes
+``RUN/results/fewshot.{csv,parquet}`` (launcher/contract/results.py ``FEWSHOT``) and then writes
 ``RUN/fewshot/<name>/elements/<id>.json``. An element whose file holds the same spec is done:
 running the command again runs only what is missing or changed.
 
@@ -31,9 +31,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launcher.atomic import atomic_write_json, read_versioned_json
-from launcher.errors import BtmError
-from launcher.names import validate_name
+from launcher.contract.atomic import atomic_write_json, read_versioned_json
+from launcher.contract.errors import BtmError
+from launcher.contract.names import validate_name
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO_ROOT / "examples" / "fewshot"
@@ -345,7 +345,7 @@ def run_element(manifest_path: str | Path, index: int) -> int:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from launcher.results import append_fewshot
+    from launcher.contract.results import append_fewshot
 
     t0 = time.perf_counter()
     lm = lm_eval_btm.BtmLM(batch_size=element["batch_size"], device=element["device"], **element["model_args"])

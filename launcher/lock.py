@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from launcher.errors import BtmError
+from launcher.contract.errors import BtmError
 
 
 @contextlib.contextmanager

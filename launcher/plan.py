@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from launcher.config import Config
+from launcher.contract import methods
 from launcher.profiles import Profile
 
 
@@ -183,15 +184,13 @@ def scored_models(cfg: Config) -> list[str]:
     return models
 
 
-PRIOR_METHODS = ("ensemble_prior", "ensemble_posterior", "ensemble_prev_token", "topk_prior",
-                 "average_argmax", "average_posterior")
 PRIOR_SPLIT = "valid"  # the cached domain prior is estimated on held-out data (fairseq_ext.priors)
 
 
 def score_units(cfg: Config) -> list[Unit]:
     """One unit per model (loaded once): every eval domain on the eval split, plus the prior
     split for the forest's experts when a method needs the domain prior."""
-    needs_prior = any(m in PRIOR_METHODS for m in cfg.evaluation.methods) and cfg.evaluation.split != PRIOR_SPLIT
+    needs_prior = methods.needs_prior(cfg.evaluation.methods) and cfg.evaluation.split != PRIOR_SPLIT
     experts = {*cfg.expert_names, *cfg.domains.incremental}
     return [Unit(m, {"model": m, "domains": list(cfg.domains.eval),
                      "splits": [cfg.evaluation.split, *([PRIOR_SPLIT] if needs_prior and m in experts else [])]})
@@ -220,7 +219,7 @@ def stage_units(cfg: Config, stage: str) -> list[Unit]:
 
 
 def find_unit(cfg: Config, stage: str, name: str | None) -> Unit:
-    from launcher.errors import BtmError
+    from launcher.contract.errors import BtmError
 
     if stage not in STAGE_UNITS:
         raise BtmError(f"unknown stage {stage!r}; known: {', '.join(STAGE_UNITS)}")

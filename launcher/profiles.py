@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from launcher.errors import BtmError
+from launcher.contract.errors import BtmError
 
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "slurm_templates" / "profiles"
 STAGE_NAMES = ("data", "cluster", "seed", "train", "dense", "merge", "grow", "score", "eval", "report",

@@ -18,7 +18,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from launcher.atomic import atomic_write_json, sha256_file
+from launcher.contract.atomic import atomic_write_json, sha256_file
 
 VERSIONED_PACKAGES = ("btm", "torch", "fairseq-fixed", "numpy", "sentencepiece", "submitit", "pandas")
 

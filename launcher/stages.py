@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from launcher.atomic import atomic_write_json, atomic_write_text
+from launcher.contract.atomic import atomic_write_json, atomic_write_text
 from launcher.config import Config, load_config
-from launcher.errors import PREEMPTED_EXIT, BtmError
-from launcher.forest import FOREST_FILE, editing
+from launcher.contract.errors import PREEMPTED_EXIT, BtmError
+from launcher.contract.forest import FOREST_FILE, editing
 from launcher.plan import Unit, find_unit
 from launcher.records import HashCache, hash_files, now, read_record, record_is_current, write_record
 
@@ -207,7 +207,7 @@ def accumulation_steps(tokens_per_batch: int, preset_name: str, nproc: int) -> i
     or dense run whose budget names more GPUs than one node has) accumulates instead of
     growing each GPU's share. The result does not depend on it (fairseq_ext/train.py).
     """
-    from launcher.presets import get_preset
+    from launcher.contract.presets import get_preset
 
     preset = get_preset(preset_name)
     sequences = tokens_per_batch // preset.tokens_per_sample

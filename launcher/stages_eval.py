@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from launcher.errors import BtmError
-from launcher.forest import Forest
+from launcher.contract.errors import BtmError
+from launcher.contract.forest import Forest
 
 FOREST_METHODS = {"experts": "expert", "ensemble_uniform": "ensemble_uniform", "ensemble_prior": "ensemble_prior",
                   "ensemble_posterior": "ensemble_posterior", "ensemble_prev_token": "ensemble_prev_token",
@@ -24,7 +24,7 @@ def evaluate_run(ctx, device: str) -> None:
         from fairseq_ext.evaluate import EvalSettings, average_forest, evaluate_forest, evaluate_model
     except ImportError as e:
         raise BtmError(f"the eval stage needs fairseq_ext.evaluate, which is not available: {e}") from None
-    from launcher.results import append_results
+    from launcher.contract.results import append_results
 
     p, cfg, run_dir = ctx.params, ctx.config, ctx.run_dir
     forest = Forest.load(run_dir)
@@ -87,7 +87,7 @@ def cbtm_rows(ctx, experts: dict, domains: list[str], split: str, top_k: int, de
     from fairseq_ext.data_prep import decode_ids
     from fairseq_ext.priors import stack_scores
     from fairseq_ext.scoring import score_split
-    from launcher.results import append_results
+    from launcher.contract.results import append_results
 
     model = load_cluster_model(ctx.run_dir / "clusters" / "model")
     names = [f"cluster_{i}" for i in range(model.k)]

@@ -19,7 +19,7 @@ BASE = {"bible": 20.0, "code_python": 8.0, "legal": 12.0, "quotes": 60.0, "encyc
 FACTORS = {"dense": 1.00, "random_split": 1.05, "ensemble_uniform": 0.97, "ensemble_prior": 0.90,
            "average_uniform": 1.20, "average_argmax": 1.10, "average_posterior": 0.98}
 TOPK = {1: 0.95, 2: 0.92}
-# k as launcher/results.py defines it: the number of experts whose scores the method used.
+# k as launcher/contract/results.py defines it: the number of experts whose scores the method used.
 K_OF = {"dense": 1, "random_split": 3, "ensemble_uniform": 3, "ensemble_prior": 3,
         "average_uniform": 3, "average_argmax": 1, "average_posterior": 3}
 PRIOR = "ewma(alpha=0.3,batches=all,batch_docs=2,split=valid)"
@@ -86,7 +86,7 @@ def make_run(root: Path, name: str, *, seed_fraction: float = 0.5, fmt: str = "c
     df = pd.DataFrame(rows)
     if fmt == "csv":
         df.to_csv(run / "results" / "results.csv", index=False)
-    else:  # typed like launcher/results.py writes it: nullable ints, string columns
+    else:  # typed like launcher/contract/results.py writes it: nullable ints, string columns
         df = df.astype({"k": "Int64", "tokens": "Int64", "expert_forward_passes": "Int64",
                         "n_clusters": "Int64", "run": "string", "method": "string",
                         "prior": "string", "eval_domain": "string", "split": "string"})

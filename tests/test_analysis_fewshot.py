@@ -1,6 +1,6 @@
-"""Few-shot results in the tidy tables and in ``btm report`` (launcher/results.py FEWSHOT,
+"""Few-shot results in the tidy tables and in ``btm report`` (launcher/contract/results.py FEWSHOT,
 analysis/tables.py fewshot_table, analysis/report.py). Synthetic values with known means and
-spreads; the tables are written by the real ``launcher.results.append_fewshot``."""
+spreads; the tables are written by the real ``launcher.contract.results.append_fewshot``."""
 from __future__ import annotations
 
 import statistics
@@ -10,8 +10,8 @@ import pytest
 
 from analysis.report import build_report
 from analysis_synth import make_run
-from launcher.errors import BtmError
-from launcher.results import FEWSHOT_KEY, append_fewshot, read_fewshot
+from launcher.contract.errors import BtmError
+from launcher.contract.results import FEWSHOT_KEY, append_fewshot, read_fewshot
 
 SEEDS = [1, 2, 3]
 # (task, metric, better) -> method label -> per-seed values
@@ -74,7 +74,7 @@ def test_fewshot_table_is_tidy_typed_and_replaces_by_key(tmp_path):
 def test_fewshot_append_validates_only_the_new_rows(tmp_path, monkeypatch):
     """The few-shot table takes the same cheap append as results (a spy on the real validator):
     an existing fewshot.parquet that append_fewshot wrote is not validated again."""
-    import launcher.results as results
+    import launcher.contract.results as results
 
     append_fewshot(tmp_path, fewshot_rows("r"))
     seen = []

@@ -10,7 +10,7 @@ import pytest
 from analysis.report import build_report
 from analysis_synth import make_run
 from conftest import run_btm
-from launcher.errors import BtmError
+from launcher.contract.errors import BtmError
 
 
 @pytest.fixture(scope="module")
@@ -134,15 +134,15 @@ def test_report_runs_without_torch_or_fairseq(tmp_path):
 
 
 def test_report_reads_tables_written_by_launcher_results(tmp_path):
-    """Integration with the evaluation part: tables written by launcher.results.append_results
+    """Integration with the evaluation part: tables written by launcher.contract.results.append_results
     (nullable-typed parquet + csv, priors as fairseq_ext/priors.py writes them)."""
     import importlib.util
 
     from analysis_synth import result_rows, write_priors, write_records
     from conftest import require
-    require(importlib.util.find_spec("launcher.results") is not None,
-            "launcher/results.py (the evaluation part) is not merged into this checkout yet")
-    from launcher.results import append_results
+    require(importlib.util.find_spec("launcher.contract.results") is not None,
+            "launcher/contract/results.py (the evaluation part) is not merged into this checkout yet")
+    from launcher.contract.results import append_results
 
     runs = []
     for fraction in (0.3, 0.6):

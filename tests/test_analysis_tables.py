@@ -13,7 +13,7 @@ from analysis import tables
 from analysis.results import load_run, load_runs
 from analysis_synth import (BASE, EVAL, PRIOR, SACCT_RECORDS, TRAIN, make_run, ppl_of,
                             result_rows)
-from launcher.errors import BtmError
+from launcher.contract.errors import BtmError
 
 
 @pytest.fixture

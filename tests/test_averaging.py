@@ -71,7 +71,7 @@ def test_single_parent_is_an_exact_copy(data_dir, tmp_path):
 
 def test_refuses_bad_inputs(data_dir, tmp_path):
     from fairseq.data import Dictionary
-    from launcher.errors import BtmError
+    from launcher.contract.errors import BtmError
     from fairseq_ext.averaging import average_checkpoints
     a, b = tmp_path / "a.pt", tmp_path / "b.pt"
     _expert(data_dir, a, 0)

@@ -376,7 +376,7 @@ def test_branch_refuses_experts_with_different_vocabularies(tmp_path):
 @pytest.mark.slow
 def test_branch_refuses_experts_with_different_architectures(tmp_path):
     require_fairseq()
-    from launcher.presets import PRESETS
+    from launcher.contract.presets import PRESETS
     case = _branch_case(tmp_path, decoder_layers=PRESETS["tiny"].layers + 1)
     case.expected = ["b.pt"]
     r = check_case(case, tmp_path)
@@ -429,7 +429,7 @@ def test_config_parsing_raises_only_btm_errors(data):
     """Any YAML mapping: a Config or a BtmError that names the source; never another exception."""
     import yaml
     from launcher.config import parse_config
-    from launcher.errors import BtmError
+    from launcher.contract.errors import BtmError
 
     text = yaml.safe_dump(data)
     try:
@@ -442,7 +442,7 @@ def test_config_parsing_raises_only_btm_errors(data):
 @given(text=st.text(max_size=200))
 def test_config_parsing_of_arbitrary_text(text):
     from launcher.config import parse_config
-    from launcher.errors import BtmError
+    from launcher.contract.errors import BtmError
 
     try:
         parse_config(text, "fuzz.yaml")

@@ -56,7 +56,7 @@ def test_sidecar_mismatch_is_still_refused(tmp_path):
     require_fairseq()
     import torch
 
-    from launcher.errors import BtmError
+    from launcher.contract.errors import BtmError
     from fairseq_ext.checkpoint import save_checkpoint, verify_checkpoint
 
     path = tmp_path / "c.pt"

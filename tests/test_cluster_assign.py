@@ -10,7 +10,7 @@ from conftest import run_btm
 from fairseq_ext.cluster import (AssignSettings, FitSettings, assign_corpus, assign_shard,
                                  build_cluster_domains, merge_shards)
 from fairseq_ext.cluster.pipeline import fit_model_dir
-from launcher.errors import BtmError
+from launcher.contract.errors import BtmError
 
 def _lines(path: Path) -> list[str]:
     return path.read_text(encoding="utf-8").splitlines()

@@ -8,7 +8,7 @@ import pytest
 from fairseq_ext.cluster import FitSettings, fit_clusters, load_model, save_model
 from fairseq_ext.cluster.routing import route_weights, token_route_weights
 from fairseq_ext.cluster.tfidf import NUMBER_TOKEN, normalize_text
-from launcher.errors import BtmError
+from launcher.contract.errors import BtmError
 
 TOPICS = {
     "python": "def function return import class self lambda yield module package",

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from launcher.config import load_config, named_configs, parse_config
-from launcher.errors import BtmError
+from launcher.contract.errors import BtmError
 
 BASE = {
     "name": "t",

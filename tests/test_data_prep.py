@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, require_fairseq, run_btm
-from launcher.atomic import sha256_file
-from launcher.errors import BtmError
+from launcher.contract.atomic import sha256_file
+from launcher.contract.data_manifest import read_data_manifest
+from launcher.contract.errors import BtmError
 
 pytestmark = pytest.mark.fairseq
 
@@ -38,7 +39,7 @@ def prepared(dp, small_corpus, tmp_path_factory):
 
 
 def corpus_docs(corpus: Path, domain: str, split: str) -> list[str]:
-    from fairseq_ext.corpus_io import find_split_file, read_documents
+    from launcher.contract.corpus import find_split_file, read_documents
 
     return read_documents(find_split_file(corpus, domain, split))
 
@@ -263,7 +264,7 @@ def test_failed_run_leaves_no_partial_outputs(scratch, dp, monkeypatch):
         dp.prepare_data(corpus, out, vocab_size=VOCAB, workers=1, progress=False)
     leftovers = [p.name for p in (out / "legal").iterdir()] if (out / "legal").exists() else []
     assert not [n for n in leftovers if n.endswith((".bin", ".idx", ".tmp"))], leftovers
-    manifest = dp.load_manifest(out)
+    manifest = read_data_manifest(out)
     assert "legal" not in manifest["domains"] and "legal/train" not in manifest["data_hash"]
     monkeypatch.setattr(dp, "_encode", real_encode)
     manifest = dp.prepare_data(corpus, out, vocab_size=VOCAB, workers=1, progress=False)
@@ -287,7 +288,7 @@ def test_killed_run_leaves_no_partial_outputs_and_resumes(scratch, dp):
     assert proc.returncode == -9, proc.stderr
     visible = [p.name for p in (out / "legal").iterdir() if not p.name.startswith(".")]
     assert not [n for n in visible if n.endswith((".bin", ".idx"))], visible
-    assert "legal" not in dp.load_manifest(out)["domains"]
+    assert "legal" not in read_data_manifest(out)["domains"]
     manifest = dp.prepare_data(corpus, out, vocab_size=VOCAB, workers=1, progress=False)
     assert "legal" in manifest["domains"]
     assert not list(out.rglob(".*.tmp")), "the re-run cleans up the killed run's temp files"
@@ -476,7 +477,7 @@ def test_error_in_a_worker_process_reaches_the_caller(dp, tmp_path):
     _bad_utf8(corpus)
     with pytest.raises(BtmError, match=r"beta/valid\.jsonl:2: not valid UTF-8"):
         dp.prepare_data(corpus, tmp_path / "data", vocab_size=300, workers=2, progress=False)
-    manifest = dp.load_manifest(tmp_path / "data")
+    manifest = read_data_manifest(tmp_path / "data")
     assert not any(k.startswith("beta/") for k in manifest["datasets"])
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO, require_fairseq, run_btm
 from launcher.demo_corpus import DEMO_EVAL_DOMAINS, DEMO_TRAIN_DOMAINS, DOMAINS, build_demo_corpus
-from launcher.errors import BtmError
+from launcher.contract.errors import BtmError
 
 SMALL = 60_000
 

@@ -41,7 +41,7 @@ def test_gpt2_layout_and_tied_embeddings(data_dir):
             assert f"decoder.layers.{i}.{k}.weight" in keys and f"decoder.layers.{i}.{k}.bias" in keys
     assert not any("output_projection" in k for k in keys)  # tied: no separate output matrix
     n = sum(p.numel() for p in model.parameters())
-    from launcher.presets import PRESETS
+    from launcher.contract.presets import PRESETS
     assert n == PRESETS["tiny"].approx_params(len(d))
     # Causality: changing a later token never changes earlier logits.
     x = torch.randint(4, len(d), (2, 20))
@@ -102,7 +102,7 @@ def test_checkpoint_loads_weights_only_and_roundtrips(data_dir, tmp_path):
 def test_checkpoint_bad_inputs(data_dir, tmp_path):
     import argparse
     import torch
-    from launcher.errors import BtmError
+    from launcher.contract.errors import BtmError
     from fairseq_ext import checkpoint as ck
     with pytest.raises(BtmError, match="not found"):
         ck.load_checkpoint(tmp_path / "missing.pt")
@@ -135,7 +135,7 @@ def test_fairseq_eval_lm_reads_elm_checkpoint(data_dir, tmp_path):
 
 def test_task_mixture_probs_and_splits(data_dir):
     import numpy as np
-    from launcher.errors import BtmError
+    from launcher.contract.errors import BtmError
     from fairseq_ext.tasks.multidomain_lm import mixture_probs, parse_domains
     assert np.allclose(mixture_probs([100, 300], temperature=1.0), [0.25, 0.75])
     assert np.allclose(mixture_probs([100, 300], temperature=1e9), [0.5, 0.5], atol=1e-6)

@@ -8,8 +8,8 @@ import pytest
 
 from conftest import run_btm
 from eval_fixtures import DOMAINS, make_expert, tiny_data, tiny_experts  # noqa: F401
-from launcher.errors import BtmError
-from launcher.results import KEY_COLUMNS, read_results
+from launcher.contract.errors import BtmError
+from launcher.contract.results import KEY_COLUMNS, read_results
 
 pytestmark = pytest.mark.fairseq
 
@@ -229,7 +229,7 @@ def test_btm_eval_reads_forest_json_and_refuses_changed_checkpoints(tiny_data, t
     import shutil
 
     from launcher.cli import main
-    from launcher.forest import Forest
+    from launcher.contract.forest import Forest
 
     run = tmp_path / "run"
     run.mkdir()
@@ -258,7 +258,7 @@ def test_btm_eval_defaults_to_the_run_configs_eval_domains(tmp_path):
     """Not the data manifest's domains: a run with a random-split baseline lists its training
     shards (random0, ...) there, and scoring every expert on them costs a full pass each."""
     from launcher.commands.eval import _config_eval_domains
-    from launcher.errors import BtmError
+    from launcher.contract.errors import BtmError
     assert _config_eval_domains(tmp_path) is None
     (tmp_path / "config.yaml").write_text("domains:\n  train: [legal, bible]\n  eval: [legal, quotes]\n")
     assert _config_eval_domains(tmp_path) == ["legal", "quotes"]

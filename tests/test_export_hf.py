@@ -17,7 +17,7 @@ import pytest
 
 from conftest import require
 from eval_fixtures import DOMAINS, tiny_data  # noqa: F401
-from launcher.errors import BtmError
+from launcher.contract.errors import BtmError
 
 pytestmark = pytest.mark.fairseq
 
@@ -244,7 +244,7 @@ def test_export_forest_dir_and_run_dir(tiny_data, experts, tmp_path):  # noqa: F
     from fairseq_ext.export_hf import export_hf
 
     transformers = _transformers()
-    from launcher.forest import Forest
+    from launcher.contract.forest import Forest
 
     run = tmp_path / "run"
     (run / "experts").mkdir(parents=True)

@@ -154,7 +154,7 @@ RESULTS_RTOL = 1e-6
 def _assert_same_results(run_dir: Path, ref_dir: Path) -> int:
     """Every (method, k, prior, eval domain, split) row of the fault-free run's results table is
     in RUN's, over the same tokens, with nll and ppl within RESULTS_RTOL. Returns the row count."""
-    from launcher.results import read_results
+    from launcher.contract.results import read_results
     key = ["method", "k", "prior", "eval_domain", "split"]
     got, ref = (read_results(d).set_index(key).sort_index() for d in (run_dir, ref_dir))
     assert list(got.index) == list(ref.index), (list(got.index), list(ref.index))

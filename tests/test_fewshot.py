@@ -22,7 +22,7 @@ from hypothesis import given, settings, strategies as st
 from conftest import CORPUS, REPO, require, run_btm
 from golden_util import check_golden
 from launcher import fewshot
-from launcher.errors import BtmError
+from launcher.contract.errors import BtmError
 from launcher.profiles import load_profile
 from launcher.sbatch import SbatchContext, render_sbatch
 
@@ -179,7 +179,7 @@ def test_describe_method(args, n, want):
 
 
 def test_rows_from_lm_eval_results_dict(tmp_path):
-    from launcher.results import append_fewshot, read_fewshot
+    from launcher.contract.results import append_fewshot, read_fewshot
 
     results = {"results": {"t": {"alias": "t", "acc,none": 0.75, "acc_stderr,none": 0.1,
                                  "acc_norm,none": 0.5, "acc_norm_stderr,none": "N/A",
@@ -208,7 +208,7 @@ def test_local_config_runs_the_same_path_end_to_end(cbtm_run):
 
     require(CORPUS.is_dir(), f"development corpus not found at {CORPUS}")
     require(importlib.util.find_spec("lm_eval") is not None, "lm-eval is not installed")
-    from launcher.results import read_fewshot
+    from launcher.contract.results import read_fewshot
 
     meta = json.dumps({"corpus": str(CORPUS)})
     proc = run_btm("fewshot", "run", "local", "--run-dir", cbtm_run, "--metadata", meta, "--no-progress",

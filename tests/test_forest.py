@@ -6,8 +6,8 @@ import json
 import pytest
 
 from conftest import run_btm
-from launcher.errors import BtmError
-from launcher.forest import Forest, editing
+from launcher.contract.errors import BtmError
+from launcher.contract.forest import Forest, editing
 
 
 def _ckpt(path, data=b"weights"):

@@ -18,8 +18,8 @@ BLOCK_HEAVY = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("module", [
-    "launcher", "launcher.cli", "launcher.commands", "launcher.presets", "launcher.atomic",
-    "launcher.fewshot", "launcher.results", "analysis", "analysis.report", "fairseq_ext",
+    "launcher", "launcher.cli", "launcher.commands", "launcher.contract.presets", "launcher.contract.atomic",
+    "launcher.fewshot", "launcher.contract.results", "analysis", "analysis.report", "fairseq_ext",
 ])
 def test_light_modules_import_without_fairseq_or_torch(module):
     code = BLOCK_HEAVY + f"import {module}\nimport launcher.cli; launcher.cli.build_parser()\n"
@@ -69,7 +69,7 @@ def test_ci_runs_exactly_the_readme_test_command():
 
 def test_atomic_write_follows_umask_and_leaves_no_temp_file(tmp_path):
     import os
-    from launcher.atomic import atomic_write_text
+    from launcher.contract.atomic import atomic_write_text
     old = os.umask(0o022)
     try:
         atomic_write_text(tmp_path / "out.txt", "hello")
@@ -81,7 +81,7 @@ def test_atomic_write_follows_umask_and_leaves_no_temp_file(tmp_path):
 
 
 def test_atomic_write_failure_keeps_the_old_file(tmp_path):
-    from launcher.atomic import atomic_path
+    from launcher.contract.atomic import atomic_path
     target = tmp_path / "data.bin"
     target.write_bytes(b"old")
     with pytest.raises(RuntimeError):

@@ -19,7 +19,7 @@ import pytest
 
 from conftest import CORPUS, REPO, require
 from eval_fixtures import DOMAINS, make_expert, tiny_data  # noqa: F401
-from launcher.errors import BtmError
+from launcher.contract.errors import BtmError
 
 pytestmark = pytest.mark.fairseq
 TASKS = REPO / "tests" / "lm_eval_tasks"

@@ -21,7 +21,7 @@ import pytest
 from conftest import CORPUS, require
 from eval_fixtures import DOMAINS, make_expert, tiny_data  # noqa: F401
 from test_lm_eval_btm import TASKS, Req, _lm_eval, forest, hand_logprobs  # noqa: F401
-from launcher.errors import BtmError
+from launcher.contract.errors import BtmError
 
 pytestmark = pytest.mark.fairseq
 CONTEXTS = ["In the beginning God created the heaven and the earth. And the earth was without form",
@@ -40,7 +40,7 @@ def cbtm_run(tiny_data, small_corpus, tmp_path_factory) -> Path:  # noqa: F811
         return run
     from fairseq_ext.cluster import FitSettings, fit_corpus, save_model
     from fairseq_ext.cluster.corpus import find_sources, iter_documents
-    from launcher.forest import editing
+    from launcher.contract.forest import editing
 
     model = fit_corpus(small_corpus, FitSettings(k=3, seed=0, dims=20))
     save_model(model, run / "clusters" / "model")

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from fairseq_ext import mixing
-from launcher.errors import BtmError
+from launcher.contract.errors import BtmError
 
 
 @st.composite

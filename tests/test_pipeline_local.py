@@ -93,7 +93,7 @@ def test_lock_refuses_a_second_run(tmp_path):
     """)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        from launcher.errors import BtmError
+        from launcher.contract.errors import BtmError
         from launcher.lock import run_lock
 
         with pytest.raises(BtmError, match="another btm process is running"):

@@ -133,7 +133,7 @@ def test_existing_run_refuses_a_different_training_setup(empty_corpus, tmp_path)
     old = load_config("tiny", corpus=empty_corpus)
     new = load_config("tiny", corpus=empty_corpus, overrides={"budget": {"total_updates": 99, "gpus": 1,
                                                                          "seed_fraction": 0.5, "save_interval_updates": 4}})
-    from launcher.errors import BtmError
+    from launcher.contract.errors import BtmError
 
     with pytest.raises(BtmError, match="budget differs"):
         reconcile(old, new)

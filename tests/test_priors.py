@@ -11,7 +11,7 @@ import pytest
 from eval_fixtures import tiny_data, tiny_experts  # noqa: F401
 from fairseq_ext import mixing
 from fairseq_ext.priors import PriorSettings, cached_domain_prior, estimate_prior, top_k_weights
-from launcher.errors import BtmError
+from launcher.contract.errors import BtmError
 
 
 @dataclass

@@ -118,7 +118,7 @@ def test_stage_runner_records_and_skips(tmp_path, monkeypatch):
 
 def test_stage_rejects_unknown_stage_and_unit(tmp_path):
     from launcher.config import load_config
-    from launcher.errors import BtmError
+    from launcher.contract.errors import BtmError
     from launcher.stages import run_stage
 
     (tmp_path / "config.yaml").write_text(load_config("tiny").to_yaml())

@@ -1,4 +1,4 @@
-"""The tidy results table (launcher/results.py): schema, atomic append, replace-by-key."""
+"""The tidy results table (launcher/contract/results.py): schema, atomic append, replace-by-key."""
 from __future__ import annotations
 
 import math
@@ -8,8 +8,8 @@ import sys
 import pandas as pd
 import pytest
 
-from launcher.errors import BtmError
-from launcher.results import KEY_COLUMNS, REQUIRED_COLUMNS, append_results, read_results, validate_rows
+from launcher.contract.errors import BtmError
+from launcher.contract.results import KEY_COLUMNS, REQUIRED_COLUMNS, append_results, read_results, validate_rows
 
 
 def row(**over):
@@ -88,7 +88,7 @@ def test_reading_a_corrupt_table_names_the_file(tmp_path):
 def test_append_validates_only_the_new_rows(tmp_path, monkeypatch):
     """The existing table was validated when append_results wrote it; an append re-checks only
     its schema, so its cost does not grow with the table (a spy on the real validator)."""
-    import launcher.results as results
+    import launcher.contract.results as results
 
     append_results(tmp_path, [row(prior=f"p{i}") for i in range(50)])
     seen = []
@@ -148,6 +148,6 @@ def test_a_csv_only_table_is_validated_and_named(tmp_path):
 
 
 def test_results_imports_neither_fairseq_nor_torch():
-    code = ("import sys; import launcher.results; "
+    code = ("import sys; import launcher.contract.results; "
             "assert 'torch' not in sys.modules and 'fairseq' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)

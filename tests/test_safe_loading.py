@@ -96,7 +96,7 @@ def test_trust_flag_converts_a_legacy_checkpoint_to_weights_only(crafted):
 def test_our_outputs_load_weights_only(crafted, tmp_path):
     """branch and average outputs (+ the sidecars' hashes), and export's safetensors."""
     import torch
-    from launcher.atomic import sha256_file
+    from launcher.contract.atomic import sha256_file
     from safetensors.torch import load_file
     out = tmp_path / "b" / "init.pt"
     run_btm("branch", "--out", out, "--parents", f"{crafted['good']}=1,{crafted['good']}=1", check=True)
@@ -165,7 +165,7 @@ def test_eval_and_average_use_a_trusted_legacy_checkpoint_like_the_safe_one(tiny
                                                                           legacy_expert, tmp_path):
     import torch
     from launcher.cli import main
-    from launcher.results import read_results
+    from launcher.contract.results import read_results
     trusted, safe = tmp_path / "trusted", tmp_path / "safe"
     for run, legal in ((trusted, legacy_expert["legacy"]), (safe, tiny_experts["legal"])):
         common = _eval_args(tiny_data, {"bible": tiny_experts["bible"], "legal": legal})
@@ -182,7 +182,7 @@ def test_eval_and_average_use_a_trusted_legacy_checkpoint_like_the_safe_one(tiny
 def test_lm_eval_model_refuses_pickle_checkpoints_unless_trusted(tiny_data, legacy_expert):  # noqa: F811
     import importlib.util
     from conftest import require
-    from launcher.errors import BtmError
+    from launcher.contract.errors import BtmError
     require(importlib.util.find_spec("lm_eval") is not None, "lm-eval is not installed")
     from fairseq_ext.lm_eval_btm import BtmLM
     for which in ("legacy", "evil"):

@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 from golden_util import check_golden
 from launcher.config import load_config
-from launcher.errors import BtmError
+from launcher.contract.errors import BtmError
 from launcher.plan import build_plan
 from launcher.profiles import Profile, load_profile, parse_profile
 from launcher.sbatch import SbatchContext, render_sbatch

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO
 from eval_fixtures import make_expert, tiny_data, tiny_experts  # noqa: F401
-from launcher.errors import BtmError
+from launcher.contract.errors import BtmError
 
 pytestmark = pytest.mark.fairseq
 
@@ -122,7 +122,7 @@ def test_a_changed_checkpoint_is_rescored(tiny_data, tmp_path):
     ck.write_bytes(other.read_bytes())
     os.utime(Path(str(ck) + ".sha256"), ns=(0, 0))
     from fairseq_ext.scoring import checkpoint_sha256
-    from launcher.atomic import sha256_file
+    from launcher.contract.atomic import sha256_file
 
     assert checkpoint_sha256(ck) == sha256_file(ck) != b.key["checkpoint_sha256"]
     with pytest.raises(BtmError, match="does not match its sidecar"):

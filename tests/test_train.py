@@ -105,7 +105,7 @@ def _wait_for_update(save_dir, at_least, proc, timeout=120):
 
 
 def test_sigusr2_saves_and_exits_preempted(data_dir, tmp_path):
-    from launcher.errors import PREEMPTED_EXIT
+    from launcher.contract.errors import PREEMPTED_EXIT
     from fairseq_ext.checkpoint import load_checkpoint
     save = tmp_path / "p"
     proc = _start_train(data_dir, save, 10_000)
@@ -146,7 +146,7 @@ def test_sigkill_then_resume_at_last_saved_update(data_dir, tmp_path):
 
 
 def test_bad_inputs(data_dir, tmp_path):
-    from launcher.errors import BtmError
+    from launcher.contract.errors import BtmError
     from fairseq_ext.train import train_lm
     with pytest.raises(BtmError, match="nope"):
         train_lm(_spec(data_dir, tmp_path / "x", domains=["nope"], max_updates=1))

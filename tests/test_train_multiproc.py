@@ -99,7 +99,7 @@ def test_two_processes_stop_together_resume_and_match_one(data_dir, tmp_path):
     import torch
     from fairseq_ext.checkpoint import load_checkpoint
     from fairseq_ext.train import TrainSpec, train_lm
-    from launcher.errors import PREEMPTED_EXIT
+    from launcher.contract.errors import PREEMPTED_EXIT
 
     save = tmp_path / "two"
     # 1. `btm train --nproc-per-node 2` (what a multi-GPU stage runs); SIGUSR2 reaches rank 1
@@ -160,7 +160,7 @@ def test_sigusr2_to_the_group_while_workers_start(data_dir, tmp_path):
     """The stop arrives before the workers have a handler (they ignore it, not die from it);
     `btm` passes it on until it lands, and torchrun, in the signalled group too, survives."""
     from fairseq_ext.checkpoint import load_checkpoint
-    from launcher.errors import PREEMPTED_EXIT
+    from launcher.contract.errors import PREEMPTED_EXIT
 
     save = tmp_path / "early"
     proc = _btm(data_dir, save, "--nproc-per-node", "2", start_new_session=True)

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from launcher.atomic import atomic_path, atomic_write_json
-from launcher.errors import BtmError
+from launcher.contract.atomic import atomic_path, atomic_write_json
+from launcher.contract.errors import BtmError
 
 from fairseq_ext.cluster.corpus import SPLITS, count_documents, find_sources, is_empty, iter_documents
 from fairseq_ext.cluster.kmeans import nearest_centre, squared_distances

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from fairseq_ext.corpus_io import txt_documents
-from launcher.errors import BtmError
-from launcher.names import validate_name
+from launcher.contract.corpus import txt_documents
+from launcher.contract.errors import BtmError
+from launcher.contract.names import validate_name
 
 SPLITS = ("train", "valid", "test")
 EXTENSIONS = (".jsonl", ".jsonl.gz", ".txt")
@@ -89,7 +89,7 @@ def iter_documents(source: Source, text_field: str = "text") -> Iterator[str]:
     """The texts of one source, in file order (empty documents included)."""
     path = source.path
     opener = gzip.open if path.name.endswith(".gz") else open
-    try:  # utf-8-sig: a byte-order mark is not part of the text (as fairseq_ext.corpus_io)
+    try:  # utf-8-sig: a byte-order mark is not part of the text (as launcher.contract.corpus)
         with opener(path, "rt", encoding="utf-8-sig") as f:
             if path.name.endswith(".txt"):
                 yield from txt_documents(f)

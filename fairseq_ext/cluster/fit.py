@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from launcher.errors import BtmError
+from launcher.contract.errors import BtmError
 
 from fairseq_ext.cluster.corpus import find_sources, is_empty, iter_documents
 from fairseq_ext.cluster.kmeans import balanced_kmeans

@@ -18,8 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
-from launcher.atomic import atomic_path, atomic_write_json, sha256_file
-from launcher.errors import BtmError
+from launcher.contract.atomic import atomic_path, atomic_write_json, sha256_file
+from launcher.contract.errors import BtmError
 
 from fairseq_ext.cluster.tfidf import TextEmbedder
 

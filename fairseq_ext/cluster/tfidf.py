@@ -18,7 +18,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from launcher.errors import BtmError
+from launcher.contract.errors import BtmError
 
 NUMBER_TOKEN = "__num__"
 TOKEN_PATTERN = r"(?u)\b\w\w+\b"

@@ -36,7 +36,7 @@ from fairseq.models import (
     register_model_architecture,
 )
 
-from launcher.presets import PRESETS
+from launcher.contract.presets import PRESETS
 
 
 @dataclass

@@ -24,7 +24,7 @@ from fairseq.data import ConcatDataset, ResamplingDataset
 from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 
-from launcher.errors import BtmError
+from launcher.contract.errors import BtmError
 
 
 @dataclass
@@ -41,7 +41,7 @@ class MultidomainLMConfig(LanguageModelingConfig):
 
 def parse_domains(data_dir: str, domains: str | list[str] | None) -> list[str]:
     """The list of domains: given (validated against DATA) or every domain dir under DATA."""
-    from launcher.names import validate_name
+    from launcher.contract.names import validate_name
 
     if isinstance(domains, str):
         domains = [d.strip() for d in domains.split(",") if d.strip()]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from launcher.errors import BtmError
+from launcher.contract.errors import BtmError
 
 
 def _csv(value: str) -> list[str]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from launcher.errors import BtmError
+from launcher.contract.errors import BtmError
 
 
 def _domain_list(value: str) -> list[str]:

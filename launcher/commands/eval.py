@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from fairseq_ext.evaluate import FOREST_METHODS  # numpy-only module: no torch/fairseq here
-from launcher.errors import BtmError
+from launcher.contract.errors import BtmError
 
 
 def _csv(text: str) -> list[str]:

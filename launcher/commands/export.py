@@ -1,7 +1,7 @@
 """btm verbs: ``btm export hf SOURCE OUT_DIR`` (Hugging Face transformers directories)."""
 from __future__ import annotations
 
-from launcher.errors import BtmError
+from launcher.contract.errors import BtmError
 
 
 def _export_hf(args) -> int:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from launcher.commands.run import add_executor_overrides
-from launcher.errors import BtmError
+from launcher.contract.errors import BtmError
 
 
 def register(subparsers) -> None:

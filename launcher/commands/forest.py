@@ -37,8 +37,8 @@ def register(subparsers):
 
 
 def _parse_parents(items: list[str]) -> dict[str, float]:
-    from launcher.errors import BtmError
-    from launcher.names import validate_name
+    from launcher.contract.errors import BtmError
+    from launcher.contract.names import validate_name
 
     out = {}
     for item in items:
@@ -51,7 +51,7 @@ def _parse_parents(items: list[str]) -> dict[str, float]:
 
 
 def cmd_list(args) -> int:
-    from launcher.forest import Forest
+    from launcher.contract.forest import Forest
     from launcher.status import format_table
 
     forest = Forest.load(args.forest)
@@ -65,7 +65,7 @@ def cmd_list(args) -> int:
 
 
 def cmd_add(args) -> int:
-    from launcher.forest import editing
+    from launcher.contract.forest import editing
 
     with editing(args.forest) as forest:
         e = forest.add(args.name, [d for d in args.domains.split(",") if d], args.checkpoint,
@@ -75,7 +75,7 @@ def cmd_add(args) -> int:
 
 
 def cmd_remove(args) -> int:
-    from launcher.forest import editing
+    from launcher.contract.forest import editing
 
     with editing(args.forest) as forest:
         e = forest.remove(args.name)
@@ -86,7 +86,7 @@ def cmd_remove(args) -> int:
 def cmd_verify(args) -> int:
     import sys
 
-    from launcher.forest import Forest
+    from launcher.contract.forest import Forest
 
     forest = Forest.load(args.forest)
     bad = forest.verify()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from launcher.errors import BtmError
+from launcher.contract.errors import BtmError
 
 # Keys that define what a run trains; a run directory refuses a config that changes them.
 DEMO_CORPUS_CHARS = 300_000  # per domain: enough for tiny experts, quick to build and tokenize
@@ -174,7 +174,7 @@ def _sbatch_context(plan):
 
 
 def cmd_run(args) -> int:
-    from launcher.atomic import atomic_write_text
+    from launcher.contract.atomic import atomic_write_text
     from launcher.lock import run_lock
     from launcher.plan import format_plan
 
@@ -225,7 +225,7 @@ def cmd_run(args) -> int:
 def _write_local_summary(run_dir: Path, result) -> None:
     from dataclasses import asdict
 
-    from launcher.atomic import atomic_write_json
+    from launcher.contract.atomic import atomic_write_json
 
     atomic_write_json(run_dir / "jobs" / "local_run.json",
                       {"wall_seconds": result.wall_seconds, "compute_seconds": result.compute_seconds,

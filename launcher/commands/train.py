@@ -18,11 +18,11 @@ import json
 import os
 import sys
 
-from launcher.errors import PREEMPTED_EXIT, BtmError
+from launcher.contract.errors import PREEMPTED_EXIT, BtmError
 
 
 def _domains(text: str, flag: str) -> list[str]:
-    from launcher.names import validate_name
+    from launcher.contract.names import validate_name
 
     names = [d.strip() for d in text.split(",") if d.strip()]
     if not names:
@@ -100,7 +100,7 @@ def _run_training(spec, nproc: int = 1) -> int:
 
 
 def _seed(args) -> int:
-    from launcher.presets import get_preset
+    from launcher.contract.presets import get_preset
 
     preset = get_preset(args.preset)
     if args.updates is not None and args.fraction is not None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from launcher.errors import PREEMPTED_EXIT
+from launcher.contract.errors import PREEMPTED_EXIT
 from launcher.plan import Job
 from launcher.sbatch import REPO_ROOT, stage_argv
 

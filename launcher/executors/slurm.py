@@ -22,8 +22,8 @@ from typing import Callable
 
 from submitit.helpers import Checkpointable, DelayedSubmission
 
-from launcher.atomic import atomic_write_json
-from launcher.errors import PREEMPTED_EXIT, BtmError
+from launcher.contract.atomic import atomic_write_json
+from launcher.contract.errors import PREEMPTED_EXIT, BtmError
 from launcher.plan import Job
 from launcher.profiles import Profile
 from launcher.records import now

@@ -20,7 +20,7 @@ import zlib
 from pathlib import Path
 from typing import Iterator
 
-from launcher.errors import BtmError
+from launcher.contract.errors import BtmError
 
 SPLITS = ("train", "valid", "test")
 # Checked in this order; a split given in two formats is an error (which one would we use?).

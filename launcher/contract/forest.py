@@ -12,9 +12,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launcher.atomic import atomic_write_json, read_versioned_json, sha256_file
-from launcher.errors import BtmError
-from launcher.names import validate_name
+from launcher.contract.atomic import atomic_write_json, read_versioned_json, sha256_file
+from launcher.contract.errors import BtmError
+from launcher.contract.names import validate_name
 
 FOREST_FILE = "forest.json"
 FORMAT_VERSION = 1

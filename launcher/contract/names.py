@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 import reprlib
 
-from launcher.errors import BtmError
+from launcher.contract.errors import BtmError
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from launcher.errors import BtmError
+from launcher.contract.errors import BtmError
 
 
 @dataclass(frozen=True)

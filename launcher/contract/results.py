@@ -32,8 +32,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from launcher.atomic import atomic_path
-from launcher.errors import BtmError
+from launcher.contract.atomic import atomic_path
+from launcher.contract.errors import BtmError
 
 # column -> (kind, help). Kinds: str, int, float.
 REQUIRED_COLUMNS: dict[str, tuple[str, str]] = {

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from launcher.errors import BtmError
+from launcher.contract.errors import BtmError
 
 
 @contextlib.contextmanager

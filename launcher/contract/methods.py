@@ -1,0 +1,106 @@
+"""The evaluation methods: one registry that every layer reads.
+
+A method is a way of turning a forest (or one model of a run) into per-token log-probs. Its
+``name`` is what a config asks for in ``evaluation.methods`` and what the ``method`` column of
+the results table holds (one-expert rows are ``expert:<name>``; a config asks for them all with
+``experts``). Everything else about a method lives here too, so adding one is one new
+``EvalMethod`` line plus the code that computes it:
+
+- ``kind``: which part of the eval stage computes it (``expert``, ``ensemble``, ``topk``,
+  ``average``, ``cluster``, ``baseline``);
+- ``mixing_rule``: the rule of ``fairseq_ext.mixing.ensemble_logprobs`` (ensembles and top-k);
+- ``needs_prior``: whether it reads the cached domain prior (so the score stage also scores
+  the prior split);
+- ``label``: its name in report tables and plots;
+- ``lm_eval``: the ``btm`` lm-eval model arguments that run it few-shot (None: not available).
+
+The order of ``METHODS`` is the order of the paper's tables.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+
+from launcher.contract.errors import BtmError
+
+EXPERT_PREFIX = "expert:"
+EXPERTS = "experts"  # the config's name for "every expert:<name> row"
+_EXPERT_METHOD = re.compile(r"expert:[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
+@dataclass(frozen=True)
+class EvalMethod:
+    name: str
+    kind: str
+    label: str
+    needs_prior: bool = False
+    mixing_rule: str | None = None
+    lm_eval: dict | None = field(default=None, hash=False, compare=False)
+    in_config: bool = True  # asked for in evaluation.methods (baselines are asked for in `baselines`)
+
+
+METHODS: tuple[EvalMethod, ...] = (
+    EvalMethod("dense", "baseline", "Dense", lm_eval={}, in_config=False),
+    EvalMethod("random_split", "baseline", "Random split", mixing_rule="uniform", in_config=False),
+    EvalMethod(EXPERTS, "expert", "Expert", lm_eval={"method": "expert"}),
+    EvalMethod("ensemble_uniform", "ensemble", "Ensemble uniform", mixing_rule="uniform",
+               lm_eval={"method": "uniform"}),
+    EvalMethod("ensemble_prior", "ensemble", "Ensemble prior", needs_prior=True, mixing_rule="prior",
+               lm_eval={"method": "prior"}),
+    EvalMethod("ensemble_posterior", "ensemble", "Ensemble posterior", needs_prior=True,
+               mixing_rule="posterior", lm_eval={"method": "posterior"}),
+    EvalMethod("ensemble_prev_token", "ensemble", "Ensemble prev-token", needs_prior=True,
+               mixing_rule="prev_token"),
+    EvalMethod("topk_prior", "topk", "Top-k prior", needs_prior=True, mixing_rule="prior",
+               lm_eval={"method": "prior"}),
+    EvalMethod("average_uniform", "average", "Avg uniform", lm_eval={"method": "average"}),
+    EvalMethod("average_argmax", "average", "Avg argmax", needs_prior=True),
+    EvalMethod("average_posterior", "average", "Avg posterior", needs_prior=True,
+               lm_eval={"method": "average"}),
+    EvalMethod("cbtm_cluster", "cluster", "c-BTM", lm_eval={"method": "cluster"}),
+)
+REGISTRY: dict[str, EvalMethod] = {m.name: m for m in METHODS}
+
+# The names a config's evaluation.methods accepts, and the baselines it lists apart.
+CONFIG_METHODS: tuple[str, ...] = tuple(m.name for m in METHODS if m.in_config)
+BASELINES: tuple[str, ...] = tuple(m.name for m in METHODS if m.kind == "baseline")
+# The `method` values of results rows other than expert:<name>, in table order.
+RESULT_METHODS: tuple[str, ...] = tuple(m.name for m in METHODS if m.name != EXPERTS)
+
+
+def is_expert_method(name: str) -> bool:
+    return isinstance(name, str) and name.startswith(EXPERT_PREFIX)
+
+
+def is_result_method(name: str) -> bool:
+    """Whether ``name`` may stand in the ``method`` column of the results table."""
+    return name in RESULT_METHODS or bool(_EXPERT_METHOD.fullmatch(str(name)))
+
+
+def get_method(name: str, what: str = "evaluation method") -> EvalMethod:
+    """The registered method ``name`` (``expert:<x>`` gives the ``experts`` entry), else a
+    BtmError with a did-you-mean."""
+    if is_expert_method(name):
+        return REGISTRY[EXPERTS]
+    if name in REGISTRY:
+        return REGISTRY[name]
+    close = difflib.get_close_matches(str(name), list(REGISTRY), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise BtmError(f"unknown {what} {name!r}{hint} (known: {', '.join(REGISTRY)})")
+
+
+def of_kind(kind: str, names) -> list[str]:
+    """The names among ``names`` whose method is of ``kind``, in the order given."""
+    return [n for n in names if get_method(n).kind == kind]
+
+
+def needs_prior(names) -> bool:
+    return any(get_method(n).needs_prior for n in names)
+
+
+def table_order(name: str) -> int:
+    """Rank of a method in report tables: registry order, one-expert rows last."""
+    if is_expert_method(name):
+        return len(METHODS) + 1
+    return [m.name for m in METHODS].index(name) if name in REGISTRY else len(METHODS)
