@@ -16,15 +16,19 @@ import json
 import os
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 from launcher.contract.atomic import atomic_write_json, sha256_file
+from launcher.contract.errors import BtmError
+from launcher.contract.layout import RunLayout
+from launcher.scheduler import sacct_accounting
 
 VERSIONED_PACKAGES = ("btm", "torch", "fairseq-fixed", "numpy", "sentencepiece", "submitit", "pandas")
 
 
 def record_path(run_dir: str | Path, stage: str, unit: str | None) -> Path:
-    return Path(run_dir) / "records" / (f"{stage}.{unit}.json" if unit else f"{stage}.json")
+    return RunLayout(run_dir).record(stage, unit)
 
 
 def spec_hash(params: dict) -> str:
@@ -40,16 +44,34 @@ class HashCache:
 
     Planning checks every recorded input and output; re-hashing multi-GB checkpoints and data
     each time would dominate a re-run. A changed file changes its mtime, so the cache is safe.
+
+    The cache is derived from the files on disk, so an unreadable one costs only time: it is
+    rebuilt (every recorded file hashed again) with a warning naming it, never trusted in part.
     """
 
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / "records" / ".hashes.json"
-        try:
-            self.entries = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            self.entries = {}
+        self.path = RunLayout(run_dir).records / ".hashes.json"
         self.dirty = False
+        self.entries = self._load()
+
+    def _load(self) -> dict:
+        try:
+            entries = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            return self._rebuild(f"cannot be read ({e})")
+        well_formed = isinstance(entries, dict) and all(
+            isinstance(v, list) and len(v) == 3 and isinstance(v[0], int) and isinstance(v[1], int)
+            and isinstance(v[2], str) for v in entries.values())
+        return entries if well_formed else self._rebuild("is not a map of path -> [size, mtime_ns, sha256]")
+
+    def _rebuild(self, why: str) -> dict:
+        print(f"btm: warning: hash cache {self.path} {why}; rebuilding it (every recorded file is "
+              "hashed again)", file=sys.stderr)
+        self.dirty = True  # the next save() replaces the bad file even if nothing new is hashed
+        return {}
 
     def rel(self, path: str | Path) -> str:
         p = Path(path)
@@ -92,10 +114,20 @@ def hash_files(cache: HashCache, paths) -> dict[str, str | None]:
 
 
 def read_record(run_dir: str | Path, stage: str, unit: str | None) -> dict | None:
+    """The unit's record; None when there is none yet (not done). A record btm cannot read is an
+    error: records are written atomically, so a corrupt one was damaged after the fact, and
+    treating it as "not done" would silently redo (and overwrite) finished work."""
+    path = record_path(run_dir, stage, unit)
+    what_to_do = f"delete it to run {stage}{f' {unit}' if unit else ''} again"
     try:
-        return json.loads(record_path(run_dir, stage, unit).read_text())
-    except (OSError, ValueError):
-        return None  # missing or unreadable: not done
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise BtmError(f"completion record {path} cannot be read ({e}); {what_to_do}") from None
+    if not isinstance(record, dict) or record.get("stage") != stage:
+        raise BtmError(f"completion record {path} is not a btm record of stage {stage!r}; {what_to_do}")
+    return record
 
 
 def record_is_current(record: dict | None, params: dict, cache: HashCache) -> bool:
@@ -148,21 +180,6 @@ def slurm_environment() -> dict | None:
     keys = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NODELIST",
             "SLURM_RESTART_COUNT", "SLURM_JOB_PARTITION")
     return {k.lower(): os.environ[k] for k in keys if k in os.environ}
-
-
-def sacct_accounting(job_id: str) -> dict | None:
-    """Elapsed, CPU time and GPU time (from TRES) of a SLURM job, as sacct reports them now."""
-    from launcher.status import SACCT_FORMAT, accounting_summary, parse_sacct
-
-    try:
-        out = subprocess.run(["sacct", "-j", job_id, "--parsable2", "--noheader",
-                              f"--format={SACCT_FORMAT}"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if out.returncode != 0:
-        return None
-    rows = parse_sacct(out.stdout)
-    return accounting_summary(rows, job_id) if rows else None
 
 
 def write_record(run_dir: str | Path, stage: str, unit: str | None, *, params: dict, config_hash: str,

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from launcher.contract.errors import BtmError
 from launcher.plan import Unit
 from launcher.records import (HashCache, hash_files, is_done, read_record, record_path, spec_hash,
                               write_record)
@@ -48,12 +49,31 @@ def test_done_only_while_spec_inputs_and_outputs_match(tmp_path):
     assert not is_done(tmp_path, "train", unit)
 
 
-def test_unreadable_record_is_not_done(tmp_path):
-    path = record_path(tmp_path, "train", "bible")
-    path.parent.mkdir(parents=True)
-    path.write_text("{truncated")
+def test_missing_record_is_not_done_and_an_unreadable_one_is_an_error(tmp_path):
     assert read_record(tmp_path, "train", "bible") is None
     assert not is_done(tmp_path, "train", Unit("bible", {}))
+    path = record_path(tmp_path, "train", "bible")
+    path.parent.mkdir(parents=True)
+    for text in ("{truncated", "[1, 2]", '{"stage": "seed"}'):
+        path.write_text(text)
+        with pytest.raises(BtmError, match=rf"{path}.*delete it to run train bible again"):
+            is_done(tmp_path, "train", Unit("bible", {}))
+
+
+def test_corrupt_hash_cache_is_rebuilt_with_a_warning(tmp_path, capsys):
+    f = tmp_path / "in.bin"
+    f.write_bytes(b"in")
+    cache_file = tmp_path / "records" / ".hashes.json"
+    cache_file.parent.mkdir()
+    for text in ("{truncated", '{"in.bin": "not a triple"}'):
+        cache_file.write_text(text)
+        cache = HashCache(tmp_path)
+        assert f"hash cache {cache_file}" in capsys.readouterr().err
+        assert cache.sha256(f) == __import__("hashlib").sha256(b"in").hexdigest()
+        cache.save()
+        assert list(json.loads(cache_file.read_text())) == ["in.bin"]
+        HashCache(tmp_path)
+        assert capsys.readouterr().err == ""  # rebuilt: read without a warning
 
 
 def test_hash_cache_reuses_and_invalidates(tmp_path, monkeypatch):

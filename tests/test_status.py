@@ -1,10 +1,10 @@
-"""Pure parsers of sacct and squeue output, and the status table built from them."""
+"""Pure parsers of sacct and squeue output (launcher/scheduler.py), and the status table built from them."""
 from __future__ import annotations
 
 import pytest
 
-from launcher.status import (accounting_summary, expand_array_ids, parse_duration, parse_sacct, parse_squeue,
-                             parse_tres, rows_by_task)
+from launcher.scheduler import (accounting_summary, expand_array_ids, parse_duration, parse_sacct, parse_squeue,
+                                parse_tres, rows_by_task)
 
 SACCT = """\
 2001|tiny.data|COMPLETED|0:0|12|00:10.500|billing=1,cpu=1,mem=500M,node=1|node1

@@ -249,9 +249,10 @@ def _print_results(run_dir: Path) -> None:
 # ---- status, cancel, stage ---------------------------------------------------------------------
 
 def cmd_status(args) -> int:
-    from launcher.executors.slurm import read_submissions
+    from launcher.ledger import read_submissions
+    from launcher.scheduler import query_scheduler
     from launcher.stages import load_run_config
-    from launcher.status import format_table, query_scheduler, status_rows
+    from launcher.status import format_table, status_rows
 
     run_dir = Path(args.run_dir)
     cfg = load_run_config(run_dir)

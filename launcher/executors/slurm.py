@@ -24,6 +24,7 @@ from submitit.helpers import Checkpointable, DelayedSubmission
 
 from launcher.contract.atomic import atomic_write_json
 from launcher.contract.errors import PREEMPTED_EXIT, BtmError
+from launcher.ledger import read_submissions, submitted_job_ids, write_submissions
 from launcher.plan import Job
 from launcher.profiles import Profile
 from launcher.records import now
@@ -68,19 +69,6 @@ class StageCommand(Checkpointable):
         self._proc = None
 
 
-def submissions_path(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "jobs" / "submissions.json"
-
-
-def read_submissions(run_dir: str | Path) -> list[dict]:
-    import json
-
-    try:
-        return json.loads(submissions_path(run_dir).read_text())
-    except (OSError, ValueError):
-        return []
-
-
 def submit(jobs: list[Job], profile: Profile, ctx: SbatchContext,
            argv_for: Callable[[Job, str | None], list[str]] | None = None) -> list[dict]:
     """Submit the jobs (topologically ordered) with afterok/afterany chains; return the ledger rows.
@@ -117,7 +105,7 @@ def submit(jobs: list[Job], profile: Profile, ctx: SbatchContext,
         row = {"job": job.name, "stage": job.stage, "job_id": job_id, "array": job.array,
                "units": names, "submitted": now(), "executor": "slurm"}
         rows.append(row)
-        atomic_write_json(submissions_path(run_dir), ledger + rows)
+        write_submissions(run_dir, ledger + rows)
         print(f"submitted {job.name}: job {job_id}" + (f" (array of {len(names)})" if job.array else ""))
     return rows
 
@@ -151,7 +139,7 @@ def check(jobs: list[Job], profile: Profile, ctx: SbatchContext,
 
 
 def cancel(run_dir: str | Path) -> list[str]:
-    ids = sorted({row["job_id"] for row in read_submissions(run_dir) if row.get("job_id")})
+    ids = submitted_job_ids(run_dir)
     if ids:
         try:
             subprocess.run(["scancel", *ids], check=False, timeout=60)
@@ -162,15 +150,6 @@ def cancel(run_dir: str | Path) -> list[str]:
 
 def active_jobs(run_dir: str | Path) -> list[str]:
     """Submitted jobs of this run still pending or running (per squeue)."""
-    from launcher.status import parse_squeue, SQUEUE_FORMAT
+    from launcher.scheduler import active_job_ids
 
-    ids = sorted({row["job_id"] for row in read_submissions(run_dir) if row.get("job_id")})
-    if not ids:
-        return []
-    try:
-        out = subprocess.run(["squeue", "--noheader", "-j", ",".join(ids), f"--format={SQUEUE_FORMAT}"],
-                             capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    return [r.job_id for r in parse_squeue(out.stdout)
-            if r.state in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "SUSPENDED")]
+    return active_job_ids(submitted_job_ids(run_dir))
