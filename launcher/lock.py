@@ -5,6 +5,7 @@ import contextlib
 from pathlib import Path
 
 from launcher.contract.errors import BtmError
+from launcher.contract.layout import RunLayout
 
 
 @contextlib.contextmanager
@@ -12,13 +13,13 @@ def run_lock(run_dir: str | Path):
     """Hold the run directory's lock, or raise BtmError at once if another process holds it."""
     from filelock import FileLock, Timeout
 
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(run_dir / "run.lock"), timeout=0)
+    layout = RunLayout(run_dir)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(layout.lock), timeout=0)
     try:
         lock.acquire()
     except Timeout:
-        raise BtmError(f"another btm process is running {run_dir} (it holds {run_dir / 'run.lock'}); "
+        raise BtmError(f"another btm process is running {run_dir} (it holds {layout.lock}); "
                        "wait for it, or check with `btm status`") from None
     try:
         yield

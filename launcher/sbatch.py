@@ -1,14 +1,18 @@
-"""sbatch parameters and scripts for one job of the plan.
+"""What the SLURM executor submits for one job of the plan, as one pure function.
 
-``slurm_parameters`` is the single source of a job's SLURM settings: the SLURM executor hands it
-to submitit, and ``render_sbatch`` (pure: job + profile -> script text) renders the same
-settings with our own stage command, for ``--dry-run``, ``--check`` (``sbatch --test-only``)
-and people who want to submit by hand. Every value that reaches the shell goes through
-``shlex.quote`` (submitit quotes ``#SBATCH`` values the same way).
+``submission(job, profile, ctx)`` gives everything one sbatch call is made of: the submitit
+parameters (``slurm_parameters``), the argv each task's pickled ``StageCommand`` runs after
+``python -m launcher`` (``stage RUN_DIR STAGE --unit NAME``, one per array task), and the exact
+script text submitit writes and hands to sbatch. The executor submits from it
+(launcher/executors/slurm.py), ``--check`` (``sbatch --test-only``) and ``btm fewshot run
+--dry-run`` show its script, and the golden files in tests/golden/ are its output; a test on
+the real test cluster checks that the script submitit wrote is this text. Every value that
+reaches the shell goes through ``shlex.quote`` (submitit quotes ``#SBATCH`` values the same way).
 
 Preemption: ``--requeue`` and ``--signal=B:USR2@<grace>``. The ``B:`` sends the signal to the
-batch shell only, so the command is ``exec``-ed to *be* that shell; the stage saves
-checkpoint_last on SIGUSR2 and exits with PREEMPTED_EXIT, and the job is requeued.
+batch shell only, so submitit's runner is ``exec``-ed to *be* that shell; its handler asks the
+``StageCommand`` to forward SIGUSR2 to the stage, which saves checkpoint_last and exits with
+PREEMPTED_EXIT, and the job is requeued.
 
 Several GPUs in one task: a training stage's command carries ``--nproc-per-node N`` (N = the
 job's GPUs per node), and the stage runs the trainer under ``torchrun --standalone`` on that
@@ -20,7 +24,9 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
+from launcher.contract.layout import RunLayout
 from launcher.plan import Job
 from launcher.profiles import Profile
 
@@ -38,10 +44,6 @@ class SbatchContext:
     pythonpath: str | None = None  # default: this checkout (so the nodes run the same code)
 
 
-def units_file(run_dir: str | Path, job: Job) -> Path:
-    return Path(run_dir) / "jobs" / f"{job.name}.units.json"
-
-
 def dependency_string(job: Job, ids: dict[str, str]) -> str | None:
     parts = []
     for kind, names in (("afterok", job.after_ok), ("afterany", job.after_any)):
@@ -52,7 +54,7 @@ def dependency_string(job: Job, ids: dict[str, str]) -> str | None:
 
 
 def slurm_parameters(job: Job, profile: Profile, ctx: SbatchContext) -> dict:
-    """submitit SlurmExecutor parameters (also the input of ``render_sbatch``)."""
+    """submitit SlurmExecutor parameters of the job (``Submission.parameters``)."""
     params: dict = {
         "job_name": f"{ctx.run_name}.{job.name}",
         "nodes": job.nodes,
@@ -92,15 +94,12 @@ def slurm_parameters(job: Job, profile: Profile, ctx: SbatchContext) -> dict:
 TRAINING_STAGES = ("seed", "train", "dense", "grow")  # the stages that run fairseq_ext.train
 
 
-def stage_argv(run_dir: str, job: Job, unit: str | None = None) -> list[str]:
-    """``stage RUN_DIR STAGE ...`` (after ``python -m launcher``) for one unit or an array task."""
+def stage_argv(run_dir: str, job: Job, unit: str | None) -> list[str]:
+    """``stage RUN_DIR STAGE [--unit NAME]`` (after ``python -m launcher``): what one unit runs,
+    locally and in its SLURM task alike."""
     argv = ["stage", str(run_dir), job.stage]
     if unit is not None:
         argv += ["--unit", unit]
-    elif job.array:
-        argv += ["--units-file", str(units_file(run_dir, job))]  # index from SLURM_ARRAY_TASK_ID
-    elif job.units and job.units[0].name is not None:
-        argv += ["--unit", job.units[0].name]
     if job.stage in TRAINING_STAGES and job.gpus_per_node > 1:
         argv += ["--nproc-per-node", str(job.gpus_per_node)]  # torchrun over this node's GPUs
     return argv
@@ -110,16 +109,48 @@ def python_command(profile: Profile, ctx: SbatchContext) -> str:
     return ctx.python or profile.python or sys.executable
 
 
-def render_sbatch(job: Job, profile: Profile, ctx: SbatchContext, argv: list[str] | None = None) -> str:
-    """The sbatch script of one job (an array job for array stages). ``argv``: what follows
-    ``python -m launcher`` (default: the stage command, ``stage_argv``)."""
+ArgvFor = Callable[[Job, "str | None"], "list[str]"]  # (job, unit) -> argv after `python -m launcher`
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One sbatch call of the slurm executor."""
+    folder: Path  # submitit's folder: the script, each task's pickled StageCommand, the job log
+    python: str  # submitit's ``python``: the start of the batch shell's one command
+    parameters: dict  # SlurmExecutor.update_parameters(**parameters)
+    units: list  # unit names, in array-index order
+    task_argvs: list  # per unit: the argv its pickled StageCommand runs after `python -m launcher`
+    array: bool  # submitted with --array (map_array); one unit is a plain job, even of an array stage
+    script: str  # the exact text submitit writes and sbatch reads
+
+
+def submission(job: Job, profile: Profile, ctx: SbatchContext, argv_for: ArgvFor | None = None) -> Submission:
+    """The submission of ``job`` (``argv_for``: each unit's command; default ``stage_argv``).
+
+    The script is built the way submitit 1.5 builds it: ``SlurmExecutor._submitit_command_str``
+    (``<python> -u -m submitit.core._submit <folder>``) as the command of
+    ``_make_sbatch_string(folder=<folder>, map_count=<tasks if an array>, **parameters)``; and
+    ``map_array`` of a single task submits a plain job (no ``--array``)."""
     from submitit.slurm.slurm import _make_sbatch_string
 
-    params = slurm_parameters(job, profile, ctx)
-    argv = [python_command(profile, ctx), "-u", "-m", "launcher", *(argv or stage_argv(ctx.run_dir, job))]
-    command = "exec " + " ".join(shlex.quote(a) for a in argv)
-    folder = Path(ctx.run_dir) / "jobs" / "logs"
-    map_count = len(job.units) if job.array else None
-    text = _make_sbatch_string(command=command, folder=folder, map_count=map_count, **params)
-    # submitit marks its own jobs; ours run `python -m launcher stage`, not submitit's runner.
-    return text.replace("export SUBMITIT_EXECUTOR=slurm\n", "")
+    folder = RunLayout(ctx.run_dir).submitit.expanduser().absolute()
+    python = "exec " + shlex.quote(python_command(profile, ctx))
+    parameters = slurm_parameters(job, profile, ctx)
+    units = [u.name for u in job.units]
+    task_argvs = [argv_for(job, u) if argv_for else stage_argv(ctx.run_dir, job, u) for u in units]
+    array = job.array and len(units) > 1
+    runner = " ".join([python, "-u -m submitit.core._submit", shlex.quote(str(folder))])
+    script = _make_sbatch_string(command=runner, folder=folder, map_count=len(units) if array else None,
+                                 **parameters)
+    return Submission(folder=folder, python=python, parameters=parameters, units=units,
+                      task_argvs=task_argvs, array=array, script=script)
+
+
+def format_tasks(sub: Submission) -> str:
+    """One line per task: its array index (0 for a plain job) and the argv it runs."""
+    return "".join(f"{i} {shlex.join(argv)}\n" for i, argv in enumerate(sub.task_argvs))
+
+
+def render_sbatch(job: Job, profile: Profile, ctx: SbatchContext, argv_for: ArgvFor | None = None) -> str:
+    """The script the slurm executor submits for ``job``: ``submission(...).script``."""
+    return submission(job, profile, ctx, argv_for).script

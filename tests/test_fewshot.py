@@ -24,7 +24,7 @@ from golden_util import check_golden
 from launcher import fewshot
 from launcher.contract.errors import BtmError
 from launcher.profiles import load_profile
-from launcher.sbatch import SbatchContext, render_sbatch
+from launcher.sbatch import SbatchContext, format_tasks, submission
 
 PAPER_TASKS = {"btm_fs_ag_news": 4, "btm_fs_amazon_polarity": 2, "btm_fs_dbpedia_14": 14,
                "btm_fs_financial_phrasebank": 3, "btm_fs_sst2": 2, "btm_fs_tweet_eval_offensive": 2}
@@ -40,8 +40,9 @@ def paper_job(run_dir: Path = RUN, python="/opt/btm/.venv/bin/python", pythonpat
     job = fewshot.fewshot_job([e["id"] for e in pending], profile)
     ctx = SbatchContext(run_dir=str(out_dir), run_name=cfg.name, array_parallelism=cfg.max_parallel,
                         python=python, pythonpath=pythonpath)
-    text = render_sbatch(job, profile, ctx, fewshot.element_argv(manifest, None))
-    return cfg, pending, manifest, content, text
+    index = {e["id"]: i for i, e in enumerate(pending)}
+    sub = submission(job, profile, ctx, lambda job, unit: fewshot.element_argv(manifest, index[unit]))
+    return cfg, pending, manifest, content, sub
 
 
 def bash_n(text: str) -> subprocess.CompletedProcess:
@@ -51,7 +52,8 @@ def bash_n(text: str) -> subprocess.CompletedProcess:
 # ----------------------------------------------------------------------------- the config
 
 def test_paper_config_is_six_tasks_eight_shots_five_seeds_in_one_array():
-    cfg, pending, manifest, content, text = paper_job()
+    cfg, pending, manifest, content, sub = paper_job()
+    text = sub.script
     assert set(cfg.tasks) == set(PAPER_TASKS) and cfg.num_fewshot == 8 and len(set(cfg.seeds)) == 5
     assert len(pending) == 6 * 5 * len(cfg.methods) and len({e["id"] for e in pending}) == len(pending)
     assert {(e["task"], e["seed"], e["method"]) for e in pending} == {
@@ -105,11 +107,13 @@ def test_bad_configs_name_file_key_and_value(tmp_path, bad, match):
 # ----------------------------------------------------------------------------- rendering
 
 def test_golden_fewshot_array_script():
-    _, _, manifest, _, text = paper_job()
-    assert bash_n(text).returncode == 0
+    """The script sbatch receives, and the element command each task's pickled payload runs."""
+    _, pending, manifest, _, sub = paper_job()
+    assert bash_n(sub.script).returncode == 0
+    check_golden("sbatch_fewshot_paper.sh", sub.script)
+    assert sub.task_argvs == [["fewshot", "element", str(manifest), "--index", str(i)] for i in range(len(pending))]
     # the manifest's name hashes absolute paths of this checkout (include_path): not golden
-    assert re.search(r"manifest-[0-9a-f]{12}\.json --array-task\n$", text)
-    check_golden("sbatch_fewshot_paper.sh", re.sub(r"manifest-[0-9a-f]{12}", "manifest-HASH", text))
+    check_golden("sbatch_fewshot_paper.tasks", re.sub(r"manifest-[0-9a-f]{12}", "manifest-HASH", format_tasks(sub)))
 
 
 _value = st.text(st.characters(min_codepoint=32, max_codepoint=0x2FF, exclude_characters="\x7f"), min_size=1,
@@ -119,11 +123,12 @@ _value = st.text(st.characters(min_codepoint=32, max_codepoint=0x2FF, exclude_ch
 @settings(max_examples=40, deadline=None)
 @given(run_dir=_value, python=_value)
 def test_fuzzed_paths_stay_quoted(run_dir, python):
-    _, _, manifest, _, text = paper_job(Path("/x") / run_dir, python=python, pythonpath=run_dir)
-    assert bash_n(text).returncode == 0, text
-    command = [ln for ln in text.split("\n") if ln.startswith("exec ")][0]
+    _, _, manifest, _, sub = paper_job(Path("/x") / run_dir, python=python, pythonpath=run_dir)
+    assert bash_n(sub.script).returncode == 0, sub.script
+    command = [ln for ln in sub.script.split("\n") if ln.startswith("exec ")][0]
     argv = shlex.split(command)
-    assert argv[1] == python and argv[-4:] == ["fewshot", "element", str(manifest), "--array-task"]
+    assert argv[1] == python and argv[-1] == str(Path("/x") / run_dir / "fewshot" / "paper-fewshot" / "jobs" / "submitit")
+    assert sub.task_argvs[0] == ["fewshot", "element", str(manifest), "--index", "0"]
 
 
 def test_submitted_elements_carry_explicit_indices_even_for_an_array_of_one(tmp_path):

@@ -1,4 +1,5 @@
-"""sbatch rendering: golden scripts, `bash -n` on every rendering, quoting of fuzzed values."""
+"""What the slurm executor submits: golden scripts and per-task commands, the executor writing
+exactly that script through submitit, `bash -n` on every script, quoting of fuzzed values."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +15,7 @@ from launcher.config import load_config
 from launcher.contract.errors import BtmError
 from launcher.plan import build_plan
 from launcher.profiles import Profile, load_profile, parse_profile
-from launcher.sbatch import SbatchContext, render_sbatch
+from launcher.sbatch import SbatchContext, format_tasks, render_sbatch, submission
 
 CTX = dict(run_dir="/scratch/runs/paper", run_name="paper-125m", array_parallelism=8,
            dependency_ids={"data": "1001", "seed": "1002", "train": "1003", "merge": "1004", "dense": "1005",
@@ -27,27 +28,40 @@ def _plan(name="paper-125m", profile="gpu-cluster-example"):
     return build_plan(cfg, load_profile(profile), CTX["run_dir"])
 
 
+def _exec_argv(text: str) -> list[str]:
+    """The batch shell's one command, after ``exec``."""
+    return shlex.split([ln for ln in text.split("\n") if ln.startswith("exec ")][0])[1:]
+
+
 def bash_n(text: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", "-n"], input=text, capture_output=True, text=True)
 
 
 @pytest.mark.parametrize("job", ["data", "seed", "train", "dense", "merge", "score", "eval", "report"])
 def test_golden_paper_125m(job):
+    """The script sbatch receives and, beside it, the argv each task's pickled payload runs."""
     plan = _plan()
-    text = render_sbatch(plan.job(job), plan.profile, SbatchContext(**CTX))
-    check_golden(f"sbatch_paper-125m_{job}.sh", text)
-    assert bash_n(text).returncode == 0
+    sub = submission(plan.job(job), plan.profile, SbatchContext(**CTX))
+    check_golden(f"sbatch_paper-125m_{job}.sh", sub.script)
+    check_golden(f"sbatch_paper-125m_{job}.tasks", format_tasks(sub))
+    assert bash_n(sub.script).returncode == 0
 
 
 def test_train_is_one_array_with_preemption_settings():
     plan = _plan()
-    text = render_sbatch(plan.job("train"), plan.profile, SbatchContext(**CTX))
-    assert "#SBATCH --array=0-15%8" in text
+    sub = submission(plan.job("train"), plan.profile, SbatchContext(**CTX))
+    text = sub.script
+    assert sub.array and "#SBATCH --array=0-15%8" in text
     assert "#SBATCH --requeue" in text and "#SBATCH --signal=B:USR2@180" in text
     assert "#SBATCH --kill-on-invalid-dep=yes" in text
     assert "#SBATCH --dependency=afterok:1002" in text
-    assert "--units-file /scratch/runs/paper/jobs/train.units.json" in text
     assert text.count("exec ") == 1
+    # the batch shell becomes submitit's runner; each task's unit travels in its pickled argv
+    assert _exec_argv(text) == ["/opt/btm/.venv/bin/python", "-u", "-m", "submitit.core._submit",
+                                "/scratch/runs/paper/jobs/submitit"]
+    assert len(sub.task_argvs) == 16 and sub.units == [u.name for u in plan.job("train").units]
+    for unit, argv in zip(sub.units, sub.task_argvs):
+        assert argv == ["stage", "/scratch/runs/paper", "train", "--unit", unit, "--nproc-per-node", "2"]
     merge = render_sbatch(plan.job("merge"), plan.profile, SbatchContext(**CTX))
     assert "#SBATCH --dependency=afterany:1003" in merge
 
@@ -82,9 +96,8 @@ def test_fuzzed_values_stay_quoted(partition, account, qos, constraint, mem, run
                 flags[key] = shlex.split(value)[0] if value else True
         assert flags["partition"] == partition and flags["account"] == account
         assert flags["qos"] == qos and flags["constraint"] == constraint and flags["mem"] == mem
-        command = [ln for ln in text.split("\n") if ln.startswith("exec ")][0]
-        argv = shlex.split(command)
-        assert argv[1] == python and "/x/" + run_dir in argv
+        argv = _exec_argv(text)
+        assert argv[0] == python and argv[-1] == f"/x/{run_dir}/jobs/submitit"
 
 
 @pytest.mark.parametrize("bad", [{"partition": "gpu\n#SBATCH --x"}, {"account": "a\tb"}, {"time": "1h"},
@@ -119,31 +132,27 @@ def test_units_file_lookup_by_name(tmp_path, monkeypatch):
         unit_from_units_file(f)
 
 
-def _exec_argv(text: str) -> list[str]:
-    return shlex.split([ln for ln in text.split("\n") if ln.startswith("exec ")][0])[1:]
-
-
 def test_multi_gpu_training_tasks_run_torchrun_inside_one_node():
     """A training job with N > 1 GPUs per task: one node, and the stage trains on N processes
     (the stage's command carries --nproc-per-node N; the stage runs torchrun --standalone)."""
     plan = _plan()  # paper-125m on 8-GPU nodes: experts 2 GPUs, seed and dense 16 -> 8
     ctx = SbatchContext(**CTX)
     for job, n in (("train", 2), ("seed", 8), ("dense", 8)):
-        text = render_sbatch(plan.job(job), plan.profile, ctx)
-        assert "#SBATCH --nodes=1" in text and f"#SBATCH --gpus-per-node={n}" in text
-        assert _exec_argv(text)[-2:] == ["--nproc-per-node", str(n)], job
+        sub = submission(plan.job(job), plan.profile, ctx)
+        assert "#SBATCH --nodes=1" in sub.script and f"#SBATCH --gpus-per-node={n}" in sub.script
+        assert all(argv[-2:] == ["--nproc-per-node", str(n)] for argv in sub.task_argvs), job
     for job in ("score", "eval", "data", "merge"):  # one GPU or none: one process
-        assert "--nproc-per-node" not in render_sbatch(plan.job(job), plan.profile, ctx)
+        assert not any("--nproc-per-node" in argv for argv in submission(plan.job(job), plan.profile, ctx).task_argvs)
     cpu = _plan("tiny", "slurm-test")
-    assert "--nproc-per-node" not in render_sbatch(cpu.job("train"), cpu.profile, ctx)
+    assert not any("--nproc-per-node" in argv for argv in submission(cpu.job("train"), cpu.profile, ctx).task_argvs)
     # 1.3b: an expert's share (128 / 8 = 16 GPUs) is more than a node; it takes one node's 8.
-    big = _plan("paper-1.3b")
-    text = render_sbatch(big.job("train"), big.profile, ctx)
-    assert "#SBATCH --nodes=1" in text and _exec_argv(text)[-2:] == ["--nproc-per-node", "8"]
+    big = submission(_plan("paper-1.3b").job("train"), load_profile("gpu-cluster-example"), ctx)
+    assert "#SBATCH --nodes=1" in big.script and big.task_argvs[0][-2:] == ["--nproc-per-node", "8"]
     # Quoted like every other value: a run directory with a space stays one argument.
-    spaced = render_sbatch(plan.job("train"), plan.profile, SbatchContext(**{**CTX, "run_dir": "/s/my run"}))
-    assert bash_n(spaced).returncode == 0
-    assert _exec_argv(spaced)[4:7] == ["stage", "/s/my run", "train"]
+    spaced = submission(plan.job("train"), plan.profile, SbatchContext(**{**CTX, "run_dir": "/s/my run"}))
+    assert bash_n(spaced.script).returncode == 0
+    assert _exec_argv(spaced.script)[-1] == "/s/my run/jobs/submitit"
+    assert spaced.task_argvs[0][:3] == ["stage", "/s/my run", "train"]
 
 
 def test_the_stage_starts_torchrun_standalone_and_keeps_the_per_gpu_batch():
@@ -161,3 +170,61 @@ def test_the_stage_starts_torchrun_standalone_and_keeps_the_per_gpu_batch():
     assert accumulation_steps(16 * per_gpu, "125m", 1) == 16
     assert accumulation_steps(1024, "tiny", 1) == 1
     assert accumulation_steps(3 * 128, "tiny", 2) == 1  # 3 sequences on 2 ranks: the trainer says so
+
+
+FAKE_SBATCH = """#!/bin/sh
+# Stands in for sbatch: answers like sbatch with the next job id.
+n=$(( $(cat "$FAKE_SLURM_COUNTER" 2>/dev/null || echo 1000) + 1 ))
+echo "$n" > "$FAKE_SLURM_COUNTER"
+echo "Submitted batch job $n"
+"""
+
+
+def fake_slurm(tmp_path, monkeypatch) -> None:
+    """sbatch (answers with job ids 1001, 1002, ...) and srun (submitit looks for it) on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(FAKE_SBATCH)
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
+    for tool in ("sbatch", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
+    monkeypatch.setenv("FAKE_SLURM_COUNTER", str(tmp_path / "counter"))
+
+
+def _pickled_argv(path) -> list[str]:
+    import pickle
+
+    with open(path, "rb") as f:
+        return pickle.load(f).args[0]
+
+
+@pytest.mark.parametrize("train_domains", [["bible", "code_python", "legal"], ["bible"]])
+def test_the_executor_submits_exactly_the_rendered_script_and_task_argvs(tmp_path, monkeypatch, train_domains):
+    """Through submitit's own code path (sbatch faked): the file submitit wrote for each job is
+    ``submission(...).script`` and each task's pickled argv is its ``task_argvs`` entry. An array
+    stage with one unit is submitted by submitit as a plain job; the ledger says so."""
+    import json
+
+    from launcher.executors.slurm import submit
+
+    fake_slurm(tmp_path, monkeypatch)
+    run_dir = tmp_path / "run"
+    plan = build_plan(load_config("tiny", {"domains.train": train_domains}), load_profile("slurm-test"), str(run_dir))
+    ctx = SbatchContext(run_dir=str(run_dir), run_name="tiny", array_parallelism=2, python="/opt/py")
+    rows = submit(plan.jobs, plan.profile, ctx)
+    folder = run_dir / "jobs" / "submitit"
+    assert json.loads((run_dir / "jobs" / "submissions.json").read_text()) == rows
+    for row, job in zip(rows, plan.jobs):
+        sub = submission(job, plan.profile, ctx)  # ctx now holds every upstream id, as at submit time
+        assert row["array"] == sub.array == (len(job.units) > 1)
+        assert (folder / f"{row['job_id']}_submission.sh").read_text() == sub.script, job.name
+        assert json.loads((run_dir / "jobs" / f"{job.name}.units.json").read_text()) == sub.units
+        if sub.array:
+            pickles = [folder / f"{row['job_id']}_{i}_submitted.pkl" for i in range(len(sub.units))]
+        else:
+            pickles = [folder / f"{row['job_id']}_submitted.pkl"]
+        assert [_pickled_argv(p) for p in pickles] == sub.task_argvs, job.name
+    train = submission(plan.job("train"), plan.profile, ctx)
+    assert ("#SBATCH --array=0-2%2" in train.script) == (len(train_domains) == 3)
+    assert f"#SBATCH --dependency=afterok:{ctx.dependency_ids['seed']}" in train.script

@@ -1,8 +1,10 @@
 """The real SLURM test cluster: it comes up, runs a submitit array across its three nodes with
 states read from sacct, survives slurmctld restarts and slurmd crashes, and a second instance
-starts and stops cleanly twice without disturbing the session's cluster."""
+starts and stops cleanly twice without disturbing the session's cluster. btm's slurm executor
+submits exactly the script that launcher.sbatch renders (and the golden files pin)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -219,3 +221,46 @@ def test_without_cluster_tests_skip_locally_and_fail_under_ci(ci, outcome):
     assert outcome in proc.stdout, proc.stdout + proc.stderr
     assert "switched off (BTM_SLURM_CLUSTER=off)" in proc.stdout
     assert proc.returncode == (0 if not ci else 1)
+
+
+def test_btm_submits_exactly_the_rendered_script(slurm_cluster, tmp_path):
+    """btm's slurm executor on the real cluster: the script submitit wrote and the one slurmctld
+    holds are ``launcher.sbatch.submission(...).script`` (what the golden files pin), for an array
+    and for a plain job depending on it; each task's pickled argv is its ``task_argvs`` entry.
+    The jobs are held, so nothing runs; ``btm cancel``'s path then removes them."""
+    import pickle
+
+    from launcher.config import load_config
+    from launcher.executors.slurm import cancel, submit
+    from launcher.plan import build_plan
+    from launcher.profiles import load_profile
+    from launcher.sbatch import SbatchContext, submission
+
+    held = dataclasses.replace(load_profile("slurm-test"), extra_sbatch=["--hold"])
+    run_dir = tmp_path / "run"
+    plan = build_plan(load_config("tiny"), held, str(run_dir))
+    train, merge = plan.job("train"), plan.job("merge")  # an array of 3, and a job after it
+    train = dataclasses.replace(train, after_ok=[], after_any=[])
+    ctx = SbatchContext(run_dir=str(run_dir), run_name="tiny", array_parallelism=2)
+    rows = submit([train, merge], held, ctx)
+    try:
+        folder = run_dir / "jobs" / "submitit"
+        for row, job in zip(rows, (train, merge)):
+            sub = submission(job, held, ctx)
+            assert row["array"] == sub.array == (job is train)
+            written = (folder / f"{row['job_id']}_submission.sh").read_text()
+            assert written == sub.script, job.name
+            held_by_slurm = slurm_cluster.run(["scontrol", "write", "batch_script", row["job_id"], "-"]).stdout
+            assert held_by_slurm.rstrip("\n") == sub.script.rstrip("\n"), job.name
+            pickles = ([folder / f"{row['job_id']}_{i}_submitted.pkl" for i in range(len(sub.units))]
+                       if sub.array else [folder / f"{row['job_id']}_submitted.pkl"])
+            for path, argv in zip(pickles, sub.task_argvs, strict=True):
+                with path.open("rb") as f:
+                    assert pickle.load(f).args[0] == argv
+        assert f"#SBATCH --dependency=afterany:{rows[0]['job_id']}" in submission(merge, held, ctx).script
+        states = slurm_cluster.run(["squeue", "-h", "-j", ",".join(r["job_id"] for r in rows), "-o", "%T"]).stdout
+        assert set(states.split()) == {"PENDING"}, states
+    finally:
+        assert cancel(run_dir) == sorted(r["job_id"] for r in rows)
+    slurm_cluster.wait_for("the held jobs to leave the queue", lambda: not slurm_cluster.run(
+        ["squeue", "-h", "-j", ",".join(r["job_id"] for r in rows)], check=False).stdout.strip(), 30)

@@ -74,7 +74,7 @@ def _config(args):
 def cmd_run(args) -> int:
     from launcher import fewshot
     from launcher.profiles import load_profile
-    from launcher.sbatch import SbatchContext, render_sbatch
+    from launcher.sbatch import SbatchContext, format_tasks, submission
 
     cfg = _config(args)
     run_dir = Path(args.run_dir).resolve()
@@ -92,20 +92,26 @@ def cmd_run(args) -> int:
     manifest, _ = fewshot.write_manifest(out_dir, pending, write=not (args.dry_run or args.check))
     job = fewshot.fewshot_job([e["id"] for e in pending], profile)
     ctx = SbatchContext(run_dir=str(out_dir), run_name=cfg.name, array_parallelism=cfg.max_parallel)
+    index = {e["id"]: i for i, e in enumerate(pending)}
+
+    def element_argv(job, unit: str) -> list[str]:  # the command each array task's payload runs
+        return fewshot.element_argv(manifest, index[unit])
+
     if args.dry_run:
         for i, e in enumerate(pending):
             print(f"  {i:>4}  {e['id']}")
         print(f"manifest: {manifest} (not written: --dry-run)\n")
-        print(render_sbatch(job, profile, ctx, fewshot.element_argv(manifest, None)), end="")
+        sub = submission(job, profile, ctx, element_argv)
+        print(sub.script, end="")
+        print("\n# each array task runs `python -u -m launcher` with:\n" + format_tasks(sub), end="")
         return 0
     if args.check:
         from launcher.executors.slurm import check
 
-        problems = check([job], profile, ctx, lambda job: fewshot.element_argv(manifest, None))
+        problems = check([job], profile, ctx, element_argv)
         for p in problems:
             print(f"btm: sbatch --test-only: {p}", file=sys.stderr)
         return 1 if problems else 0
-    index = {e["id"]: i for i, e in enumerate(pending)}
     if cfg.executor == "slurm":
         from launcher.executors.slurm import active_jobs, submit
 
@@ -113,14 +119,14 @@ def cmd_run(args) -> int:
         if active:
             raise BtmError(f"few-shot {cfg.name!r} still has queued or running jobs ({', '.join(active[:5])}); "
                            f"wait for them or `btm cancel {out_dir}` first")
-        submit([job], profile, ctx, lambda job, unit: fewshot.element_argv(manifest, index[unit]))
+        submit([job], profile, ctx, element_argv)
         print(f"submitted {len(pending)} elements as one array; results join {run_dir / 'results' / 'fewshot.csv'}")
         return 0
     from launcher.executors.local import LocalExecutor
 
     executor = LocalExecutor(out_dir, cfg.max_parallel, progress=not args.no_progress,
                              command_for=lambda job, unit: [sys.executable, "-m", "launcher",
-                                                            *fewshot.element_argv(manifest, index[unit])])
+                                                            *element_argv(job, unit)])
     result = executor.run([job])
     if result.failed:
         names = [u.unit for u in result.failed]

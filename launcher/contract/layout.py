@@ -89,6 +89,11 @@ class RunLayout:
     def logs(self) -> Path:
         return self.jobs / "logs"
 
+    @property
+    def submitit(self) -> Path:
+        """The slurm executor's submitit folder: submitted scripts, task pickles, job logs."""
+        return self.jobs / "submitit"
+
     # ---- models --------------------------------------------------------------------------
     def model_dir(self, name: str) -> Path:
         """seed/, dense/ or experts/<name>/ (random-split experts included)."""

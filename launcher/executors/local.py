@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from launcher.contract.errors import PREEMPTED_EXIT
+from launcher.contract.layout import RunLayout
 from launcher.plan import Job
 from launcher.sbatch import REPO_ROOT, stage_argv
 
@@ -74,7 +75,7 @@ class LocalExecutor:
     def run(self, jobs: list[Job]) -> LocalResult:
         """Run the jobs (topologically ordered) to the end; failures do not stop independent work."""
         start = time.perf_counter()
-        self.log_dir = self.run_dir / "jobs" / "logs"
+        self.log_dir = RunLayout(self.run_dir).logs
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.env = self._env()
         self.jobs = {j.name: j for j in jobs}

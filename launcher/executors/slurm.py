@@ -2,8 +2,10 @@
 
 An array stage is one ``map_array`` call, i.e. one ``sbatch --array=0-(N-1)%K``, however
 many experts there are. The payload is ``StageCommand``, a module-level callable whose only
-argument is an argv list (``stage RUN_DIR STAGE --unit NAME``): the unit is chosen by name at
-submit time from ``jobs/<job>.units.json``, never derived from the task id on the node.
+argument is an argv list (``stage RUN_DIR STAGE --unit NAME``): each task's unit is chosen by
+name at submit time and pickled with it, never derived from the task id on the node
+(``jobs/<job>.units.json`` lists them in array-index order for people). What is submitted, the
+script included, is ``launcher.sbatch.submission``; job ids go to the ledger (launcher/ledger.py).
 
 Preemption: jobs get ``--requeue --signal=B:USR2@<grace>``; the batch shell *is* submitit's
 runner (``exec python``), whose handler calls ``StageCommand.checkpoint``: it forwards SIGUSR2
@@ -12,23 +14,22 @@ submitit then requeues the job and the stage resumes from its checkpoint.
 """
 from __future__ import annotations
 
-import shlex
 import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable
 
 from submitit.helpers import Checkpointable, DelayedSubmission
 
 from launcher.contract.atomic import atomic_write_json
 from launcher.contract.errors import PREEMPTED_EXIT, BtmError
+from launcher.contract.layout import RunLayout
 from launcher.ledger import read_submissions, submitted_job_ids, write_submissions
 from launcher.plan import Job
 from launcher.profiles import Profile
 from launcher.records import now
-from launcher.sbatch import SbatchContext, python_command, slurm_parameters, stage_argv, units_file
+from launcher.sbatch import ArgvFor, SbatchContext, submission
 
 
 class StagePreempted(RuntimeError):
@@ -69,8 +70,7 @@ class StageCommand(Checkpointable):
         self._proc = None
 
 
-def submit(jobs: list[Job], profile: Profile, ctx: SbatchContext,
-           argv_for: Callable[[Job, str | None], list[str]] | None = None) -> list[dict]:
+def submit(jobs: list[Job], profile: Profile, ctx: SbatchContext, argv_for: ArgvFor | None = None) -> list[dict]:
     """Submit the jobs (topologically ordered) with afterok/afterany chains; return the ledger rows.
 
     ``argv_for(job, unit)``: what unit ``unit`` runs after ``python -m launcher`` (default:
@@ -83,46 +83,36 @@ def submit(jobs: list[Job], profile: Profile, ctx: SbatchContext,
     run_dir = Path(ctx.run_dir)
     ledger = read_submissions(run_dir)
     rows = []
-    python = python_command(profile, ctx)
     for job in jobs:
-        names = [u.name for u in job.units]
-        atomic_write_json(units_file(run_dir, job), names)
-        ctx.dependency_ids = {**ctx.dependency_ids}
-        params = slurm_parameters(job, profile, ctx)
-        argvs = [argv_for(job, name) if argv_for else stage_argv(str(run_dir), job, name) for name in names]
+        sub = submission(job, profile, ctx, argv_for)
+        atomic_write_json(RunLayout(run_dir).units_file(job.name), sub.units)
         try:
-            executor = submitit.SlurmExecutor(folder=run_dir / "jobs" / "submitit",
-                                              python="exec " + shlex.quote(python))
-            executor.update_parameters(**params)
-            if job.array:
-                submitted = executor.map_array(StageCommand(), argvs)
-                job_id = submitted[0].job_id.split("_")[0]
+            executor = submitit.SlurmExecutor(folder=sub.folder, python=sub.python)
+            executor.update_parameters(**sub.parameters)
+            if sub.array:
+                job_id = executor.map_array(StageCommand(), sub.task_argvs)[0].job_id.split("_")[0]
             else:
-                job_id = executor.submit(StageCommand(), argvs[0]).job_id
+                job_id = executor.submit(StageCommand(), sub.task_argvs[0]).job_id
         except Exception as e:  # submitit wraps sbatch failures in various types
             raise BtmError(f"sbatch refused job {job.name!r}: {e}") from e
-        ctx.dependency_ids[job.name] = job_id
-        row = {"job": job.name, "stage": job.stage, "job_id": job_id, "array": job.array,
-               "units": names, "submitted": now(), "executor": "slurm"}
+        ctx.dependency_ids = {**ctx.dependency_ids, job.name: job_id}
+        row = {"job": job.name, "stage": job.stage, "job_id": job_id, "array": sub.array,
+               "units": sub.units, "submitted": now(), "executor": "slurm"}
         rows.append(row)
         write_submissions(run_dir, ledger + rows)
-        print(f"submitted {job.name}: job {job_id}" + (f" (array of {len(names)})" if job.array else ""))
+        print(f"submitted {job.name}: job {job_id}" + (f" (array of {len(sub.units)})" if sub.array else ""))
     return rows
 
 
-def check(jobs: list[Job], profile: Profile, ctx: SbatchContext,
-          argv_for_job: Callable[[Job], list[str]] | None = None) -> list[str]:
-    """Validate each rendered script with ``sbatch --test-only``; return problems (empty: ok).
-    ``argv_for_job``: the rendered command after ``python -m launcher`` (default: the stage's)."""
+def check(jobs: list[Job], profile: Profile, ctx: SbatchContext, argv_for: ArgvFor | None = None) -> list[str]:
+    """Validate each job's script with ``sbatch --test-only``; return problems (empty: ok)."""
     import tempfile
-
-    from launcher.sbatch import render_sbatch
 
     problems = []
     for job in jobs:
         # Dependencies name jobs that do not exist yet; SLURM would reject them, so leave them out.
         test_job = Job(**{**job.__dict__, "after_ok": [], "after_any": []})
-        text = render_sbatch(test_job, profile, ctx, argv_for_job(job) if argv_for_job else None)
+        text = submission(test_job, profile, ctx, argv_for).script
         with tempfile.NamedTemporaryFile("w", suffix=".sbatch", delete=False) as f:
             f.write(text)
         try:

@@ -12,7 +12,7 @@
 #SBATCH --mem=64G
 #SBATCH --nodes=1
 #SBATCH --open-mode=append
-#SBATCH --output=/scratch/runs/paper/fewshot/paper-fewshot/jobs/logs/%A_%a_0_log.out
+#SBATCH --output=/scratch/runs/paper/fewshot/paper-fewshot/jobs/submitit/%A_%a_0_log.out
 #SBATCH --partition=learnfair
 #SBATCH --qos=normal
 #SBATCH --requeue
@@ -24,4 +24,5 @@
 export PYTHONPATH=/opt/btm${PYTHONPATH:+:$PYTHONPATH}
 
 # command
-exec /opt/btm/.venv/bin/python -u -m launcher fewshot element /scratch/runs/paper/fewshot/paper-fewshot/manifest-HASH.json --array-task
+export SUBMITIT_EXECUTOR=slurm
+exec /opt/btm/.venv/bin/python -u -m submitit.core._submit /scratch/runs/paper/fewshot/paper-fewshot/jobs/submitit

@@ -12,7 +12,7 @@
 #SBATCH --mem=480G
 #SBATCH --nodes=1
 #SBATCH --open-mode=append
-#SBATCH --output=/scratch/runs/paper/jobs/logs/%j_0_log.out
+#SBATCH --output=/scratch/runs/paper/jobs/submitit/%j_0_log.out
 #SBATCH --partition=learnfair
 #SBATCH --qos=normal
 #SBATCH --requeue
@@ -24,4 +24,5 @@
 export PYTHONPATH=/opt/btm${PYTHONPATH:+:$PYTHONPATH}
 
 # command
-exec /opt/btm/.venv/bin/python -u -m launcher stage /scratch/runs/paper seed --nproc-per-node 8
+export SUBMITIT_EXECUTOR=slurm
+exec /opt/btm/.venv/bin/python -u -m submitit.core._submit /scratch/runs/paper/jobs/submitit

@@ -13,7 +13,7 @@
 #SBATCH --mem=480G
 #SBATCH --nodes=1
 #SBATCH --open-mode=append
-#SBATCH --output=/scratch/runs/paper/jobs/logs/%A_%a_0_log.out
+#SBATCH --output=/scratch/runs/paper/jobs/submitit/%A_%a_0_log.out
 #SBATCH --partition=learnfair
 #SBATCH --qos=normal
 #SBATCH --requeue
@@ -25,4 +25,5 @@
 export PYTHONPATH=/opt/btm${PYTHONPATH:+:$PYTHONPATH}
 
 # command
-exec /opt/btm/.venv/bin/python -u -m launcher stage /scratch/runs/paper train --units-file /scratch/runs/paper/jobs/train.units.json --nproc-per-node 2
+export SUBMITIT_EXECUTOR=slurm
+exec /opt/btm/.venv/bin/python -u -m submitit.core._submit /scratch/runs/paper/jobs/submitit
