@@ -45,6 +45,7 @@ from launcher.contract.atomic import (atomic_path, atomic_write_bytes, atomic_wr
                              sha256_file)
 from launcher.contract.data_manifest import MANIFEST, FORMAT_VERSION, read_data_manifest, write_data_manifest
 from launcher.contract.errors import BtmError
+from launcher.contract.logging_setup import quiet_third_party_logging
 from launcher.contract.names import validate_name
 
 from launcher.contract.corpus import SPLITS, find_split_file, iter_documents, list_domains
@@ -159,13 +160,6 @@ def decode_ids(data_dir: str | os.PathLike, ids) -> str:
 def load_dictionary(data_dir: str | os.PathLike):
     """The shared fairseq ``Dictionary`` of a prepared data directory."""
     return _load_tokenizer(data_dir).dictionary
-
-
-def quiet_fairseq_logging() -> None:
-    """Call before importing fairseq in a process that did not start in the btm CLI (a worker)."""
-    from launcher.cli import quiet_third_party_logging
-
-    quiet_third_party_logging()
 
 
 # --------------------------------------------------------------------------------------------
@@ -444,7 +438,7 @@ def _binarize_domain(job: _DomainJob) -> dict:
     """
     import sentencepiece as spm
 
-    quiet_fairseq_logging()  # a fresh worker process imports fairseq below
+    quiet_third_party_logging()  # a fresh worker process imports fairseq below
     out_dir = Path(job.out_dir)
     sp = spm.SentencePieceProcessor(model_file=str(out_dir / "spm.model"))
     prefixes = {s: out_dir / job.domain / s for s in SPLITS}
