@@ -11,8 +11,9 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
+from launcher.contract.corpus import find_sources
+
 from fairseq_ext.cluster.assign import AssignSettings, assign_corpus, cluster_name
-from fairseq_ext.cluster.corpus import find_sources
 from fairseq_ext.cluster.fit import FitSettings, fit_corpus
 from fairseq_ext.cluster.model_io import save_model
 
