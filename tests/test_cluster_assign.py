@@ -175,3 +175,7 @@ def test_fit_refits_when_the_corpus_changes(tmp_path):
     _write(corpus / "a" / "train.jsonl", ["lord god israel", "def return self", "license copyright", "unto thee"])
     assert fit_model_dir(corpus, tmp_path / "m", settings) is True
     assert fit_model_dir(corpus, tmp_path / "m", FitSettings(k=3, dims=2)) is True  # new settings
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    meta["settings"]["document_numbering"] = 1  # fitted when c-BTM numbered empty texts too
+    (tmp_path / "m" / "model.json").write_text(json.dumps(meta))
+    assert fit_model_dir(corpus, tmp_path / "m", FitSettings(k=3, dims=2)) is True

@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from launcher.contract.corpus import count_documents, find_sources, iter_corpus
+from launcher.contract.corpus import DOCUMENT_NUMBERING, count_documents, find_sources, iter_corpus
 from launcher.contract.errors import BtmError
 
 from fairseq_ext.cluster.kmeans import balanced_kmeans
@@ -92,7 +92,7 @@ def fit_corpus(corpus_dir: str | Path, settings: FitSettings) -> ClusterModel:
     model.sample_index = arr[:, 1].astype(np.int64)
     model.sample_hash = arr[:, 2].astype(np.uint64)
     model.sample_cluster = labels.astype(np.int32)
-    model.settings["documents"] = int(n)
+    model.settings.update(documents=int(n), document_numbering=DOCUMENT_NUMBERING)
     return model
 
 

@@ -37,6 +37,10 @@ from launcher.contract.errors import BtmError
 from launcher.contract.names import validate_name
 
 SPLITS = ("train", "valid", "test")
+# Version of the document index defined above. c-BTM records it in a fitted model, whose
+# fitting sample names documents by (source, index); 1 was c-BTM's own reader, which also
+# numbered empty texts. A model numbered differently is refitted, not matched.
+DOCUMENT_NUMBERING = 2
 # Checked in this order; a split given in two formats is an error (which one would we use?).
 FORMATS = (".jsonl", ".jsonl.gz", ".txt")
 
