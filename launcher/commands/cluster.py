@@ -108,6 +108,8 @@ def register(subparsers):
     assign.add_argument("--merge", action="store_true", help="combine finished shards into OUT")
     assign.add_argument("--splits", type=_csv, default=["train", "valid", "test"],
                         help="comma-separated splits [train,valid,test]")
-    assign.add_argument("--text-field", default="text", help="JSON field with the text [text]")
+    assign.add_argument("--text-field", default="text",
+                        help="JSON field with the text, in CORPUS and in the cluster files written "
+                             "(prepare OUT with the same --text-field) [text]")
     assign.add_argument("--domains", type=_csv, default=None, help="comma-separated subdirectories (default all)")
     assign.set_defaults(func=_assign)

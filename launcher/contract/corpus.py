@@ -37,12 +37,12 @@ from launcher.contract.errors import BtmError
 from launcher.contract.names import validate_name
 
 SPLITS = ("train", "valid", "test")
+# Checked in this order; a split given in two formats is an error (which one would we use?).
+FORMATS = (".jsonl", ".jsonl.gz", ".txt")
 # Version of the document index defined above. c-BTM records it in a fitted model, whose
 # fitting sample names documents by (source, index); 1 was c-BTM's own reader, which also
 # numbered empty texts. A model numbered differently is refitted, not matched.
 DOCUMENT_NUMBERING = 2
-# Checked in this order; a split given in two formats is an error (which one would we use?).
-FORMATS = (".jsonl", ".jsonl.gz", ".txt")
 
 
 def list_domains(corpus_dir: str | os.PathLike) -> list[str]:
