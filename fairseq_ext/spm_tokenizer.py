@@ -36,7 +36,7 @@ N_SPECIAL = 4
 # sentencepiece skips training sentences longer than max_sentence_length bytes; we cut lines
 # into chunks of this many characters instead (4 bytes per character at most).
 _MAX_LINE_CHARS = 4096
-_SPACE_MARK = "\u2581"  # sentencepiece's whitespace symbol "▁"
+SPACE_MARK = "\u2581"  # sentencepiece's whitespace symbol "▁"
 
 
 @dataclass(frozen=True)
@@ -108,12 +108,12 @@ def _load_tokenizer_cached(data_dir: str, _model_mtime: int, _dict_mtime: int) -
 
 def encode_with(sp, text: str) -> list[int]:
     """Token ids of ``text`` with a loaded SentencePieceProcessor (see the module docstring)."""
-    if _SPACE_MARK not in text:
+    if SPACE_MARK not in text:
         return sp.encode(text)
     # sentencepiece would decode a literal "▁" as a space; carry it as its UTF-8 byte pieces.
-    mark = [sp.piece_to_id(f"<0x{b:02X}>") for b in _SPACE_MARK.encode("utf-8")]
+    mark = [sp.piece_to_id(f"<0x{b:02X}>") for b in SPACE_MARK.encode("utf-8")]
     ids: list[int] = []
-    for i, part in enumerate(text.split(_SPACE_MARK)):
+    for i, part in enumerate(text.split(SPACE_MARK)):
         if i:
             ids.extend(mark)
         if part:
