@@ -37,10 +37,10 @@ def synthetic(n: int, d: int, k_true: int, seed: int) -> np.ndarray:
 
 
 def corpus_embeddings(corpus: str, seed: int) -> np.ndarray:
-    from fairseq_ext.cluster.corpus import find_sources, is_empty, iter_documents
     from fairseq_ext.cluster.tfidf import fit_embedder
+    from launcher.contract.corpus import find_sources, iter_corpus
 
-    texts = (t for s in find_sources(corpus, splits=["train"]) for t in iter_documents(s) if not is_empty(t))
+    texts = (doc.text for doc in iter_corpus(find_sources(corpus, splits=["train"])))
     return fit_embedder(texts, dims=100, seed=seed)[1]
 
 

@@ -2,7 +2,7 @@
 
 btm tokenizes with one sentencepiece BPE model per data dir (``spm.model``: byte fallback,
 identity normalization, no dummy prefix, spaces kept) whose piece ids *are* the fairseq
-dictionary ids (``fairseq_ext/data_prep.py``). The equivalent ``tokenizers`` pipeline:
+dictionary ids (``fairseq_ext/spm_tokenizer.py``). The equivalent ``tokenizers`` pipeline:
 
 - normalizer: ``" "`` -> ``"▁"`` (sentencepiece's only normalization with the identity rule and
   ``remove_extra_whitespaces=False``; tabs, newlines and other spaces are left alone);
@@ -34,7 +34,7 @@ from pathlib import Path
 
 from launcher.contract.errors import BtmError
 
-SPACE_MARK = "\u2581"
+from fairseq_ext.spm_tokenizer import SPACE_MARK
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")  # fairseq ids 0, 1, 2, 3
 
 

@@ -8,11 +8,11 @@ on a login node without them.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from launcher.commands import COMMAND_MODULES
 from launcher.contract.errors import BtmError
+from launcher.contract.logging_setup import quiet_third_party_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,14 +25,6 @@ def build_parser() -> argparse.ArgumentParser:
     for module in COMMAND_MODULES:
         module.register(subparsers)
     return parser
-
-
-def quiet_third_party_logging() -> None:
-    """fairseq's import runs ``logging.basicConfig(level=DEBUG)`` (fairseq/tasks/text_to_speech.py),
-    after which every filelock acquire/release and an INFO notice reach the user's terminal;
-    those loggers are set to WARNING so a verb's output stays ours. No import of fairseq here."""
-    for name in ("filelock", "fairseq.tasks.text_to_speech"):
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:

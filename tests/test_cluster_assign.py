@@ -80,7 +80,7 @@ def test_cli_fit_assign_shards_merge_and_rerun(small_corpus, tmp_path):
 def test_cli_errors_are_clear(small_corpus, tmp_path):
     proc = run_btm("cluster", "fit", "--corpus", small_corpus, "--k", "500", "--out", tmp_path / "m")
     assert proc.returncode == 2
-    assert "btm: error: cannot make k=500 clusters from 180 non-empty document(s)" in proc.stderr
+    assert "btm: error: cannot make k=500 clusters from 180 document(s)" in proc.stderr
     proc = run_btm("cluster", "assign", "--model", tmp_path / "m", "--corpus", small_corpus,
                    "--out", tmp_path / "o")
     assert proc.returncode == 2 and "not a fitted cluster model" in proc.stderr
@@ -103,13 +103,15 @@ def test_empty_documents_duplicates_and_single_unlabelled_domain(tmp_path):
     (corpus / "valid.txt").write_text("lord god\nunto thee\n\n\n\ndef return self\n", encoding="utf-8")
     result = build_cluster_domains(corpus, tmp_path / "out", 2, seed=0, dims=4)
     report = result["report"]
-    assert report["empty_documents_skipped"] == 2 and report["documents"] == 11 + 2
+    # As data prep reads it: "" is no document, "   " is one (it is written to a cluster too).
+    assert report["documents"] == 12 + 2
     assert report["purity"] is None and report["labels"] is None
-    assert sorted(s["train"] for s in report["sizes"].values()) == [5, 6]  # balanced, dups split OK
+    assert sorted(s["train"] for s in report["sizes"].values()) == [6, 6]  # balanced, dups split OK
     domains = Path(result["corpus_dir"])
     trains = {c: _lines(domains / c / "train.jsonl") for c in result["domains"]}
     god = [c for c, rows in trains.items() if json.dumps({"text": "lord god israel unto thee"}) in rows]
-    assert len(god) == 1  # five exact duplicates land together (5 <= ceil(11/2))
+    assert len(god) == 1  # five exact duplicates land together (5 <= ceil(12/2))
+    assert sum(rows.count(json.dumps({"text": "   "})) for rows in trains.values()) == 1
     valid = sum(len(_lines(domains / c / "valid.jsonl")) for c in result["domains"])
     assert valid == 2  # txt documents: separated by blank lines
 
@@ -128,7 +130,7 @@ def test_k_equals_one_is_the_whole_corpus(small_corpus, tmp_path):
 
 def test_k_larger_than_documents_via_pipeline(tmp_path):
     _write(tmp_path / "c" / "a" / "train.jsonl", ["lord god", "def return"])
-    with pytest.raises(BtmError, match="k=3 clusters from 2 non-empty"):
+    with pytest.raises(BtmError, match="k=3 clusters from 2 document"):
         build_cluster_domains(tmp_path / "c", tmp_path / "o", 3)
 
 
@@ -141,8 +143,10 @@ def test_stale_clusters_from_another_k_are_refused(small_corpus, tmp_path):
 
 def test_every_cluster_gets_valid_and_test_documents(tmp_path):
     """Nearest-centre assignment would leave cluster 'law' without valid documents here (all
-    valid documents are bible-like); one is moved so `btm data prepare` accepts the cluster."""
-    bible = ["lord god israel unto thee thou shalt", "king jerusalem lord said unto"]
+    valid documents are bible-like); one is moved so `btm data prepare` accepts the cluster.
+    The donor's file is rewritten: a line break json.dumps leaves unescaped (U+2028, U+0085)
+    inside a document must not split its line."""
+    bible = ["lord god israel unto thee thou shalt", "king jerusalem\u2028lord said\x85unto"]
     law = ["license copyright warranty liability", "permission distribute software license"]
     _write(tmp_path / "c" / "bible" / "train.jsonl", bible * 3)
     _write(tmp_path / "c" / "law" / "train.jsonl", law * 3)
@@ -155,7 +159,9 @@ def test_every_cluster_gets_valid_and_test_documents(tmp_path):
     move = report["moved_to_fill_empty_splits"][0]
     assert move["split"] == "valid"
     domains = Path(result["corpus_dir"])
-    assert sum(len(_lines(domains / c / "valid.jsonl")) for c in result["domains"]) == 4
+    valid = [json.loads(line)["text"] for c in result["domains"]
+             for line in (domains / c / "valid.jsonl").read_text(encoding="utf-8").split("\n")[:-1]]
+    assert sorted(valid) == sorted(bible + ["lord god unto israel", "lord unto thee king"])
     with np.load(domains / "assignments.npz", allow_pickle=False) as z:
         assert np.bincount(z["cluster"], minlength=2).sum() == 12 + 4
 
@@ -169,3 +175,7 @@ def test_fit_refits_when_the_corpus_changes(tmp_path):
     _write(corpus / "a" / "train.jsonl", ["lord god israel", "def return self", "license copyright", "unto thee"])
     assert fit_model_dir(corpus, tmp_path / "m", settings) is True
     assert fit_model_dir(corpus, tmp_path / "m", FitSettings(k=3, dims=2)) is True  # new settings
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    meta["settings"]["document_numbering"] = 1  # fitted when c-BTM numbered empty texts too
+    (tmp_path / "m" / "model.json").write_text(json.dumps(meta))
+    assert fit_model_dir(corpus, tmp_path / "m", FitSettings(k=3, dims=2)) is True

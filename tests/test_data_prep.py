@@ -1,4 +1,5 @@
-"""`btm data prepare` (fairseq_ext/data_prep.py) with real sentencepiece and fairseq."""
+"""`btm data prepare` (fairseq_ext/data_prep.py, spm_tokenizer.py, binarize.py) with real
+sentencepiece and fairseq."""
 from __future__ import annotations
 
 import csv
@@ -164,8 +165,11 @@ def test_rerun_skips_finished_domains(prepared, small_corpus, dp, monkeypatch):
         raise AssertionError("a no-op re-run trained or binarized something")
 
     # fast because it does no work: no tokenizer training, no encoding, no worker processes
-    for name in ("_train_spm", "_tokenizer_sample", "_binarize_domain", "ProcessPoolExecutor"):
-        monkeypatch.setattr(dp, name, must_not_run)
+    from fairseq_ext import binarize, spm_tokenizer
+
+    for module, name in ((spm_tokenizer, "_train_spm"), (spm_tokenizer, "_tokenizer_sample"),
+                         (binarize, "binarize_domain"), (binarize, "ProcessPoolExecutor")):
+        monkeypatch.setattr(module, name, must_not_run)
     t0 = time.perf_counter()
     again = dp.prepare_data(small_corpus, out, vocab_size=VOCAB, workers=2, progress=False)
     elapsed = time.perf_counter() - t0
@@ -248,10 +252,12 @@ def test_tampered_output_is_rebuilt(scratch, dp):
 
 
 def test_failed_run_leaves_no_partial_outputs(scratch, dp, monkeypatch):
+    from fairseq_ext import binarize
+
     corpus, out = scratch
     shutil.rmtree(out / "legal")
     calls = {"n": 0}
-    real_encode = dp._encode
+    real_encode = binarize.encode_with
 
     def failing_encode(sp, text):
         calls["n"] += 1
@@ -259,14 +265,14 @@ def test_failed_run_leaves_no_partial_outputs(scratch, dp, monkeypatch):
             raise RuntimeError("disk on fire")
         return real_encode(sp, text)
 
-    monkeypatch.setattr(dp, "_encode", failing_encode)
+    monkeypatch.setattr(binarize, "encode_with", failing_encode)
     with pytest.raises(RuntimeError, match="disk on fire"):
         dp.prepare_data(corpus, out, vocab_size=VOCAB, workers=1, progress=False)
     leftovers = [p.name for p in (out / "legal").iterdir()] if (out / "legal").exists() else []
     assert not [n for n in leftovers if n.endswith((".bin", ".idx", ".tmp"))], leftovers
     manifest = read_data_manifest(out)
     assert "legal" not in manifest["domains"] and "legal/train" not in manifest["data_hash"]
-    monkeypatch.setattr(dp, "_encode", real_encode)
+    monkeypatch.setattr(binarize, "encode_with", real_encode)
     manifest = dp.prepare_data(corpus, out, vocab_size=VOCAB, workers=1, progress=False)
     assert "legal" in manifest["domains"]
 
@@ -495,13 +501,15 @@ def test_many_rare_characters_fit_a_small_vocabulary(dp, tmp_path):
 def test_tokenizer_sample_is_a_seeded_random_subset_read_in_one_pass(dp, tmp_path):
     import random
 
+    from fairseq_ext.spm_tokenizer import _choose_documents
+
     path = tmp_path / "train.jsonl"
     docs = [f"document {i:04d} " + "x" * 86 for i in range(1000)]  # 100 characters each
     write_jsonl(path, docs)
-    pick = dp._choose_documents(path, "text", random.Random("1:a"), 5000)
+    pick = _choose_documents(path, "text", random.Random("1:a"), 5000)
     assert len(pick) == 50 and set(pick) <= set(docs) and len(set(pick)) == 50
-    assert pick == dp._choose_documents(path, "text", random.Random("1:a"), 5000)
-    assert pick != dp._choose_documents(path, "text", random.Random("2:a"), 5000)
+    assert pick == _choose_documents(path, "text", random.Random("1:a"), 5000)
+    assert pick != _choose_documents(path, "text", random.Random("2:a"), 5000)
     first_half = sum(int(d.split()[1]) < 500 for d in pick)
     assert 10 <= first_half <= 40  # spread over the file, not its head
-    assert sorted(dp._choose_documents(path, "text", random.Random("1:a"), 10**9)) == docs
+    assert sorted(_choose_documents(path, "text", random.Random("1:a"), 10**9)) == docs

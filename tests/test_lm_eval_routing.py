@@ -39,12 +39,12 @@ def cbtm_run(tiny_data, small_corpus, tmp_path_factory) -> Path:  # noqa: F811
     if (run / "forest.json").exists():
         return run
     from fairseq_ext.cluster import FitSettings, fit_corpus, save_model
-    from fairseq_ext.cluster.corpus import find_sources, iter_documents
+    from launcher.contract.corpus import find_sources, iter_documents
     from launcher.contract.forest import editing
 
     model = fit_corpus(small_corpus, FitSettings(k=3, seed=0, dims=20))
     save_model(model, run / "clusters" / "model")
-    first = {s.domain: next(iter_documents(s)) for s in find_sources(small_corpus, splits=["train"])}
+    first = {s.domain: next(iter_documents(s.path)) for s in find_sources(small_corpus, splits=["train"])}
     free = list(range(model.k))
     domain_of = {}
     for d in DOMAINS:

@@ -1,10 +1,11 @@
 """c-BTM: unsupervised domains by balanced k-means over tf-idf + SVD document embeddings.
 
-numpy and scikit-learn only (no fairseq, no torch). Modules, in data-flow order:
-``corpus`` (stream a corpus dir) -> ``tfidf`` (embedding) -> ``kmeans`` (balanced k-means) ->
-``fit`` (sample + fit) -> ``model_io`` (json/npz model) -> ``assign`` (sharded assignment,
-per-cluster domains, report) -> ``routing`` (test-time expert weights); ``pipeline`` ties fit
-and assign together for the launcher.
+numpy and scikit-learn only (no fairseq, no torch). Documents are read with
+``launcher.contract.corpus``, the reader ``btm data prepare`` uses. Modules, in data-flow
+order: ``tfidf`` (embedding) -> ``kmeans`` (balanced k-means) -> ``fit`` (sample + fit) ->
+``model_io`` (json/npz model) -> ``assign`` (sharded assignment, per-cluster domains,
+report) -> ``routing`` (test-time expert weights); ``pipeline`` ties fit and assign together
+for the launcher.
 """
 from fairseq_ext.cluster.assign import AssignSettings, assign_corpus, assign_shard, merge_shards
 from fairseq_ext.cluster.fit import FitSettings, fit_clusters, fit_corpus

@@ -2,36 +2,44 @@
 
 Output (``OUT``), the corpus layout ``btm data prepare`` reads:
 
-    OUT/cluster_<i>/{train,valid,test}.jsonl   {"text": ...} per line, corpus order
+    OUT/cluster_<i>/{train,valid,test}.jsonl   {TEXT_FIELD: ...} per line, corpus order
     OUT/assignments.npz                        source id, document index, cluster, nearest
     OUT/cluster_report.json                    sizes, purity against domain labels; written
                                                last, so it marks a finished assignment
 
+The documents are those ``launcher.contract.corpus`` reads, numbered as it numbers them, and
+every one of them is written to exactly one cluster, under the settings' text field (the field
+the clustered corpus is then prepared with): preparing the clusters binarizes the same
+documents as preparing the input corpus would.
+
 Rule: a document of the fitting sample (same source, index and text hash) keeps the balanced
 cluster it was fitted with; every other document (other splits, documents beyond the sample)
 goes to its nearest centre without the balance constraint, as the paper does for new data.
-Empty documents are skipped and counted.
 
-Work is split into ``num_shards`` contiguous slices of the global document order (one SLURM
-array task each); a shard writes ``OUT/.shards/<S>/shard_<i>/`` and a merge step
-concatenates the shards in order. Everything is written atomically, and a shard or a merge
-whose outputs exist for the same model, corpus and settings is skipped.
+Work is split into ``num_shards`` contiguous slices of the corpus order: with N documents,
+shard S holds corpus positions ``[S*N // num_shards, (S+1)*N // num_shards)`` (one SLURM
+array task each). A shard writes ``OUT/.shards/<num_shards>/shard_<S>/`` and a merge step
+concatenates the shards in order, so the result does not depend on the number of shards.
+Everything is written atomically, and a shard or a merge whose outputs exist for the same
+model, corpus and settings is skipped.
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from launcher.contract.atomic import atomic_path, atomic_write_json
+from launcher.contract.corpus import SPLITS, Document, count_documents, find_sources, iter_corpus
 from launcher.contract.errors import BtmError
 
-from fairseq_ext.cluster.corpus import SPLITS, count_documents, find_sources, is_empty, iter_documents
 from fairseq_ext.cluster.kmeans import nearest_centre, squared_distances
 from fairseq_ext.cluster.model_io import load_model, model_fingerprint, text_hash
 
@@ -93,75 +101,72 @@ def assign_shard(model_dir, corpus_dir, out_dir, shard: int = 0, num_shards: int
         return done
 
     counts = count_documents(sources, settings.text_field)
-    source_end = np.cumsum(counts).tolist()
-    total = source_end[-1]
+    total = sum(counts)
     lo, hi = shard * total // num_shards, (shard + 1) * total // num_shards
-    k = model.k
-    lookup = model.sample_lookup()
-    assigned = np.zeros((len(sources), k), dtype=np.int64)  # as written
-    nearest = np.zeros((len(sources), k), dtype=np.int64)  # nearest centre, for comparison
-    empty = np.zeros(len(sources), dtype=np.int64)
-    from_sample = 0
-    rows: list[np.ndarray] = []  # per batch: [b, 4] source id, index, cluster, nearest
+    docs = iter_corpus(sources, settings.text_field, start=lo, stop=hi, counts=counts)
+    splits = sorted({s.split for s in sources})
+    with _cluster_files(sdir, model.k, splits, settings.text_field) as write:
+        tally = _assign_documents(model, sources, docs, write, settings.batch_docs)
+    rows = np.concatenate(tally.rows) if tally.rows else np.zeros((0, 4), dtype=np.int64)
+    with atomic_path(sdir / "assignments.npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, source=rows[:, 0].astype(np.int32), index=rows[:, 1],
+                 cluster=rows[:, 2].astype(np.int32), nearest=rows[:, 3].astype(np.int32))
+    summary = {"fingerprint": fp, "shard": shard, "num_shards": num_shards, "documents": [lo, hi],
+               "assigned": tally.assigned.tolist(), "nearest": tally.nearest.tolist(),
+               "from_sample": tally.from_sample}
+    atomic_write_json(sdir / "shard.json", summary)
+    return summary
 
+
+@contextlib.contextmanager
+def _cluster_files(directory: Path, k: int, splits: list[str], text_field: str
+                   ) -> Iterator[Callable[[int, str, str], None]]:
+    """Yield ``write(cluster, split, text)``, which appends ``{text_field: text}`` to
+    ``directory/cluster_<c>/<split>.jsonl``; every file appears when the block ends without error."""
     with contextlib.ExitStack() as stack:
         handles = {}
         for c in range(k):
-            for split in {s.split for s in sources}:
-                tmp = stack.enter_context(atomic_path(sdir / cluster_name(c) / f"{split}.jsonl"))
+            for split in splits:
+                tmp = stack.enter_context(atomic_path(directory / cluster_name(c) / f"{split}.jsonl"))
                 handles[c, split] = stack.enter_context(open(tmp, "w", encoding="utf-8"))
-        batch: list[tuple[int, int, str]] = []
 
-        def flush():
-            nonlocal from_sample
-            if not batch:
-                return
-            near = nearest_centre(model.embed([t for _, _, t in batch]), model.centres)
-            block = np.empty((len(batch), 4), dtype=np.int64)
-            for row, ((sid, index, text), n_c) in enumerate(zip(batch, near)):
-                hit = lookup.get((sources[sid].key, index))
-                cluster = int(n_c)
-                if hit is not None and hit[0] == text_hash(text):
-                    cluster = hit[1]
-                    from_sample += 1
-                handles[cluster, sources[sid].split].write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-                assigned[sid, cluster] += 1
-                nearest[sid, n_c] += 1
-                block[row] = (sid, index, cluster, n_c)
-            rows.append(block)
-            batch.clear()
+        def write(cluster: int, split: str, text: str) -> None:
+            handles[cluster, split].write(json.dumps({text_field: text}, ensure_ascii=False) + "\n")
 
-        ordinal = 0
-        for sid, source in enumerate(sources):
-            if ordinal + counts[sid] <= lo or ordinal >= hi:
-                ordinal += counts[sid]
-                continue
-            for index, text in enumerate(iter_documents(source, settings.text_field)):
-                if ordinal >= hi:
-                    break
-                if ordinal >= lo:
-                    if is_empty(text):
-                        empty[sid] += 1
-                    else:
-                        batch.append((sid, index, text))
-                        if len(batch) >= settings.batch_docs:
-                            flush()
-                ordinal += 1
-            ordinal = source_end[sid]  # also when the shard ended inside this source
-        flush()
-        for h in handles.values():
-            h.close()
+        yield write
 
-    arr = np.concatenate(rows) if rows else np.zeros((0, 4), dtype=np.int64)
-    with atomic_path(sdir / "assignments.npz") as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, source=arr[:, 0].astype(np.int32), index=arr[:, 1],
-                     cluster=arr[:, 2].astype(np.int32), nearest=arr[:, 3].astype(np.int32))
-    summary = {"fingerprint": fp, "shard": shard, "num_shards": num_shards, "documents": [lo, hi],
-               "assigned": assigned.tolist(), "nearest": nearest.tolist(),
-               "empty": empty.tolist(), "from_sample": from_sample}
-    atomic_write_json(sdir / "shard.json", summary)
-    return summary
+
+@dataclass
+class _Tally:
+    """What a shard assigned, per source (row) and cluster (column)."""
+
+    assigned: np.ndarray  # as written
+    nearest: np.ndarray  # by nearest centre alone, for comparison
+    from_sample: int = 0  # documents that kept their fitting-sample cluster
+    rows: list[np.ndarray] = field(default_factory=list)  # per batch: [b, 4] source, index, cluster, nearest
+
+
+def _assign_documents(model, sources, docs: Iterable[Document], write, batch_docs: int) -> _Tally:
+    """Embed ``docs`` in batches, pick each one's cluster (see the module's rule) and write it."""
+    lookup = model.sample_lookup()
+    tally = _Tally(assigned=np.zeros((len(sources), model.k), dtype=np.int64),
+                   nearest=np.zeros((len(sources), model.k), dtype=np.int64))
+    docs = iter(docs)
+    while batch := list(itertools.islice(docs, batch_docs)):
+        near = nearest_centre(model.embed([d.text for d in batch]), model.centres)
+        block = np.empty((len(batch), 4), dtype=np.int64)
+        for row, (doc, n_c) in enumerate(zip(batch, near)):
+            cluster = int(n_c)
+            hit = lookup.get((sources[doc.source].key, doc.index))
+            if hit is not None and hit[0] == text_hash(doc.text):
+                cluster = hit[1]
+                tally.from_sample += 1
+            write(cluster, sources[doc.source].split, doc.text)
+            tally.assigned[doc.source, cluster] += 1
+            tally.nearest[doc.source, n_c] += 1
+            block[row] = (doc.source, doc.index, cluster, n_c)
+        tally.rows.append(block)
+    return tally
 
 
 def merge_shards(model_dir, corpus_dir, out_dir, num_shards: int = 1,
@@ -203,15 +208,14 @@ def merge_shards(model_dir, corpus_dir, out_dir, num_shards: int = 1,
         with np.load(_shard_dir(out, shard, num_shards) / "assignments.npz", allow_pickle=False) as z:
             parts.append({name: z[name] for name in z.files})
     rows = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
-    moves = _fill_empty_splits(out, model, sources, rows)
+    moves = _fill_empty_splits(out, model, sources, rows, settings.text_field)
     with atomic_path(out / "assignments.npz") as tmp, open(tmp, "wb") as f:
         np.savez(f, **rows)
 
     assigned = np.zeros((len(sources), k), dtype=np.int64)
     np.add.at(assigned, (rows["source"], rows["cluster"]), 1)
     nearest = sum(np.array(s["nearest"], dtype=np.int64).reshape(len(sources), k) for s in summaries)
-    empty = sum(np.array(s["empty"], dtype=np.int64) for s in summaries)
-    report = build_report(model, sources, assigned, nearest, empty,
+    report = build_report(model, sources, assigned, nearest,
                           from_sample=sum(s["from_sample"] for s in summaries))
     report.update(fingerprint=fp, model_dir=str(model_dir), corpus_dir=str(corpus_dir),
                   settings=asdict(settings), moved_to_fill_empty_splits=moves)
@@ -222,7 +226,7 @@ def merge_shards(model_dir, corpus_dir, out_dir, num_shards: int = 1,
     return report
 
 
-def _fill_empty_splits(out: Path, model, sources, rows: dict) -> list[dict]:
+def _fill_empty_splits(out: Path, model, sources, rows: dict, text_field: str) -> list[dict]:
     """Give every cluster at least one document of every split that has >= k documents, so
     ``btm data prepare`` accepts each cluster as a domain (it needs every split non-empty).
 
@@ -240,13 +244,13 @@ def _fill_empty_splits(out: Path, model, sources, rows: dict) -> list[dict]:
         if counts.min() > 0 or in_split.sum() < k:
             continue
         files = {c: out / cluster_name(c) / f"{split}.jsonl" for c in range(k)}
-        lines = {c: files[c].read_text(encoding="utf-8").splitlines(keepends=True) for c in range(k)}
+        lines = {c: _jsonl_lines(files[c]) for c in range(k)}
         embedded = {}
         for c in np.flatnonzero(counts == 0):
             best = None  # (cost increase, donor, line number)
             for donor in np.flatnonzero(counts >= 2):
                 if donor not in embedded:
-                    embedded[donor] = model.embed([json.loads(x)["text"] for x in lines[donor]])
+                    embedded[donor] = model.embed([json.loads(x)[text_field] for x in lines[donor]])
                 d = squared_distances(embedded[donor], model.centres[[c, donor]])
                 j = int(np.argmin(d[:, 0] - d[:, 1]))
                 cost = float(d[j, 0] - d[j, 1])
@@ -267,6 +271,12 @@ def _fill_empty_splits(out: Path, model, sources, rows: dict) -> list[dict]:
     return moves
 
 
+def _jsonl_lines(path: Path) -> list[str]:
+    """The lines of a jsonl file we wrote, each with its "\\n". Split at "\\n" only: json.dumps
+    leaves U+2028, U+0085 and the like unescaped, and str.splitlines would cut a line there."""
+    return [line + "\n" for line in path.read_text(encoding="utf-8").split("\n")[:-1]]
+
+
 def assign_corpus(model_dir, corpus_dir, out_dir, settings: AssignSettings | None = None,
                   num_shards: int = 1) -> dict:
     """All shards one after the other, then the merge (the local, single-process path)."""
@@ -281,7 +291,7 @@ def purity(confusion: np.ndarray) -> float | None:
     return float(confusion.max(axis=0).sum() / total) if total else None
 
 
-def build_report(model, sources, assigned, nearest, empty, from_sample: int) -> dict:
+def build_report(model, sources, assigned, nearest, from_sample: int) -> dict:
     k = model.k
     splits = sorted({s.split for s in sources}, key=SPLITS.index)
     sizes = {cluster_name(c): {split: int(sum(assigned[i, c] for i, s in enumerate(sources)
@@ -289,7 +299,7 @@ def build_report(model, sources, assigned, nearest, empty, from_sample: int) -> 
              for c in range(k)}
     report = {
         "k": k, "clusters": [cluster_name(c) for c in range(k)], "sizes": sizes,
-        "documents": int(assigned.sum()), "empty_documents_skipped": int(empty.sum()),
+        "documents": int(assigned.sum()),
         "documents_from_fitting_sample": int(from_sample),
         "rule": "fitting-sample documents keep their balanced cluster; all others go to the "
                 "nearest centre (no balance constraint)",

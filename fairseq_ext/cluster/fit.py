@@ -3,6 +3,8 @@
 ``fit_corpus`` streams a corpus directory twice (count, then read only the sampled documents)
 so the corpus never has to fit in memory; the sample's sparse tf-idf matrix and its dense
 [sample_size, dims] float32 embeddings do. ``fit_clusters`` is the same on an in-memory list.
+The documents are those ``launcher.contract.corpus`` reads (the ones ``btm data prepare``
+binarizes), numbered as it numbers them: the sample is a seeded choice of corpus positions.
 """
 from __future__ import annotations
 
@@ -12,9 +14,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from launcher.contract.corpus import DOCUMENT_NUMBERING, count_documents, find_sources, iter_corpus
 from launcher.contract.errors import BtmError
 
-from fairseq_ext.cluster.corpus import find_sources, is_empty, iter_documents
 from fairseq_ext.cluster.kmeans import balanced_kmeans
 from fairseq_ext.cluster.model_io import ClusterModel, text_hash
 from fairseq_ext.cluster.tfidf import fit_embedder
@@ -44,14 +46,14 @@ class FitSettings:
 
 
 def _too_few(n: int, k: int, where: str) -> BtmError:
-    return BtmError(f"cannot make k={k} clusters from {n} non-empty document(s) in {where}: "
+    return BtmError(f"cannot make k={k} clusters from {n} document(s) in {where}: "
                     f"k must be at most the number of documents")
 
 
 def fit_clusters(texts: Sequence[str], settings: FitSettings) -> ClusterModel:
-    """Fit on in-memory texts (empty ones are ignored). No sample bookkeeping."""
+    """Fit on in-memory texts, one document each. No sample bookkeeping."""
     settings.validate()
-    texts = [t for t in texts if not is_empty(t)]
+    texts = list(texts)
     if len(texts) < settings.k:
         raise _too_few(len(texts), settings.k, "the given texts")
     rng = np.random.default_rng(settings.seed)
@@ -65,9 +67,7 @@ def fit_corpus(corpus_dir: str | Path, settings: FitSettings) -> ClusterModel:
     """Fit on the ``settings.split`` documents of a corpus directory, streamed."""
     settings.validate()
     sources = find_sources(corpus_dir, splits=[settings.split], domains=settings.domains)
-    # Pass 1: which documents are non-empty (global ordinal over non-empty documents).
-    nonempty = [sum(1 for t in iter_documents(s, settings.text_field) if not is_empty(t)) for s in sources]
-    n = sum(nonempty)
+    n = sum(count_documents(sources, settings.text_field))  # pass 1
     if n < settings.k:
         raise _too_few(n, settings.k, f"the {settings.split} split of {corpus_dir}")
     rng = np.random.default_rng(settings.seed)
@@ -75,17 +75,15 @@ def fit_corpus(corpus_dir: str | Path, settings: FitSettings) -> ClusterModel:
               else np.sort(rng.choice(n, settings.sample_size, replace=False)))
     ids: list[tuple[int, int, int]] = []  # (source id, document index, text hash)
 
-    def sampled_texts() -> Iterable[str]:
-        ordinal, pos = 0, 0
-        for sid, source in enumerate(sources):
-            for index, text in enumerate(iter_documents(source, settings.text_field)):
-                if is_empty(text):
-                    continue
-                if pos < len(chosen) and chosen[pos] == ordinal:
-                    ids.append((sid, index, text_hash(text)))
-                    pos += 1
-                    yield text
-                ordinal += 1
+    def sampled_texts() -> Iterable[str]:  # pass 2: the chosen corpus positions, in order
+        pos = 0
+        for position, doc in enumerate(iter_corpus(sources, settings.text_field)):
+            if pos == len(chosen):
+                return
+            if chosen[pos] == position:
+                ids.append((doc.source, doc.index, text_hash(doc.text)))
+                pos += 1
+                yield doc.text
 
     model, labels = _fit(sampled_texts(), settings)
     model.sample_sources = [s.key for s in sources]
@@ -94,7 +92,7 @@ def fit_corpus(corpus_dir: str | Path, settings: FitSettings) -> ClusterModel:
     model.sample_index = arr[:, 1].astype(np.int64)
     model.sample_hash = arr[:, 2].astype(np.uint64)
     model.sample_cluster = labels.astype(np.int32)
-    model.settings["documents"] = int(n)
+    model.settings.update(documents=int(n), document_numbering=DOCUMENT_NUMBERING)
     return model
 
 

@@ -81,7 +81,9 @@ def save_model(model: ClusterModel, out_dir: str | Path) -> None:
     })
 
 
-def load_model(model_dir: str | Path) -> ClusterModel:
+def read_model_meta(model_dir: str | Path) -> dict:
+    """``model.json`` of a fitted model; BtmError naming the file if it is missing (or its npz
+    is), unreadable or not ours."""
     d = Path(model_dir)
     meta_path, npz_path = d / "model.json", d / "model.npz"
     if not meta_path.is_file() or not npz_path.is_file():
@@ -91,8 +93,15 @@ def load_model(model_dir: str | Path) -> ClusterModel:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise BtmError(f"{meta_path}: not valid JSON ({e.msg})") from None
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise BtmError(f"{meta_path}: not a {FORMAT} v{VERSION} file")
+    return meta
+
+
+def load_model(model_dir: str | Path) -> ClusterModel:
+    d = Path(model_dir)
+    meta_path, npz_path = d / "model.json", d / "model.npz"
+    meta = read_model_meta(d)
     if sha256_file(npz_path) != meta.get("npz_sha256"):
         raise BtmError(f"{npz_path} does not match the sha256 recorded in {meta_path}; refit")
     try:

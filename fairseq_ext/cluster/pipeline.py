@@ -6,29 +6,31 @@
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict
 from pathlib import Path
 
+from launcher.contract.corpus import DOCUMENT_NUMBERING, find_sources
+from launcher.contract.errors import BtmError
+
 from fairseq_ext.cluster.assign import AssignSettings, assign_corpus, cluster_name
-from fairseq_ext.cluster.corpus import find_sources
 from fairseq_ext.cluster.fit import FitSettings, fit_corpus
-from fairseq_ext.cluster.model_io import save_model
+from fairseq_ext.cluster.model_io import read_model_meta, save_model
 
 
 def fit_model_dir(corpus_dir, model_dir, settings: FitSettings, force: bool = False) -> bool:
     """Fit and save unless ``model_dir`` already holds a model fitted with the same settings
-    on the same corpus (path, and size and mtime of its files). Returns True when it fitted."""
+    on the same corpus (path, and size and mtime of its files) numbered as
+    ``launcher.contract.corpus`` numbers documents now. Returns True when it fitted."""
     model_dir = Path(model_dir)
     files = find_sources(corpus_dir, splits=[settings.split], domains=settings.domains)
     wanted = dict(asdict(settings), corpus=str(Path(corpus_dir).resolve()),
-                  corpus_files=[[s.key, os.path.getsize(s.path), os.stat(s.path).st_mtime_ns] for s in files])
-    meta = model_dir / "model.json"
-    if not force and meta.is_file() and (model_dir / "model.npz").is_file():
+                  corpus_files=[[s.key, os.path.getsize(s.path), os.stat(s.path).st_mtime_ns] for s in files],
+                  document_numbering=DOCUMENT_NUMBERING)
+    if not force and (model_dir / "model.json").exists():
         try:
-            saved = json.loads(meta.read_text(encoding="utf-8")).get("settings", {})
-        except json.JSONDecodeError:
+            saved = read_model_meta(model_dir)["settings"]
+        except BtmError:  # a broken or foreign model where ours belongs: fit a new one over it
             saved = {}
         if {key: saved.get(key) for key in wanted} == wanted:
             return False

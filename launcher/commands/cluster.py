@@ -8,7 +8,6 @@ numpy/scikit-learn are imported inside the handlers (fairseq_ext.cluster never i
 from __future__ import annotations
 
 import argparse
-import json
 
 from launcher.contract.errors import BtmError
 
@@ -22,6 +21,7 @@ def _csv(value: str) -> list[str]:
 
 def _fit(args) -> int:
     from fairseq_ext.cluster.fit import FitSettings
+    from fairseq_ext.cluster.model_io import read_model_meta
     from fairseq_ext.cluster.pipeline import fit_model_dir
 
     settings = FitSettings(k=args.k, seed=args.seed, sample_size=args.sample_size, dims=args.dims,
@@ -29,7 +29,7 @@ def _fit(args) -> int:
                            max_iter=args.max_iter, n_init=args.n_init, batch_size=args.batch_size, threads=args.threads,
                            split=args.split, text_field=args.text_field, domains=args.domains)
     fitted = fit_model_dir(args.corpus, args.out, settings, force=args.force)
-    meta = json.loads((args.out / "model.json").read_text(encoding="utf-8"))
+    meta = read_model_meta(args.out)
     state = "fitted" if fitted else "already fitted (same settings and corpus; --force refits)"
     print(f"{args.out}: {state}: k={meta['k']} dims={meta['dims']} vocabulary={len(meta['vocabulary'])} "
           f"sample={meta['settings']['sample_documents']} sizes={meta['sizes']}")
@@ -108,6 +108,8 @@ def register(subparsers):
     assign.add_argument("--merge", action="store_true", help="combine finished shards into OUT")
     assign.add_argument("--splits", type=_csv, default=["train", "valid", "test"],
                         help="comma-separated splits [train,valid,test]")
-    assign.add_argument("--text-field", default="text", help="JSON field with the text [text]")
+    assign.add_argument("--text-field", default="text",
+                        help="JSON field with the text, in CORPUS and in the cluster files written "
+                             "(prepare OUT with the same --text-field) [text]")
     assign.add_argument("--domains", type=_csv, default=None, help="comma-separated subdirectories (default all)")
     assign.set_defaults(func=_assign)

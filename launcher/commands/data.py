@@ -14,10 +14,8 @@ def _domain_list(value: str) -> list[str]:
 
 
 def _prepare(args) -> int:
-    from fairseq_ext import data_prep  # imports fairseq only inside its functions
-
-    data_prep.quiet_fairseq_logging()
-    prepare_data = data_prep.prepare_data
+    # imports fairseq only inside its functions; main() has already quieted fairseq's logging
+    from fairseq_ext.data_prep import prepare_data
 
     manifest = prepare_data(
         args.corpus_dir, args.out_dir, domains=args.domains, train_domains=args.train_domains,

@@ -10,6 +10,18 @@ Formats:
 - ``.txt``: documents separated by one or more blank (empty or whitespace-only) lines; a
   document is its lines joined with ``"\\n"`` (so a .txt document cannot contain a blank line:
   use jsonl for that).
+
+Every format is read as bytes split at ``\\n`` only: a UTF-8 byte-order mark at the start of
+the file is dropped, a ``\\r`` before the ``\\n`` of a .txt line is dropped (CRLF files), and
+no other character (``\\r`` alone, U+2028, ...) ends a line.
+
+This is the one definition of a document: ``btm data prepare`` and c-BTM's clustering
+(``fairseq_ext.cluster``) both read through it, so they see the same documents in the same
+order. c-BTM also needs the corpus as a whole (``find_sources``: every split file, or a flat
+``CORPUS/<split>.*`` with no domains) and stable document numbers (``iter_corpus``): a
+document's *index* is its position among the documents of its file (blank lines and empty
+texts take no number), and the *corpus order* is the sources in ``find_sources`` order
+(domains sorted by name, then splits in the order asked for), each in file order.
 """
 from __future__ import annotations
 
@@ -17,14 +29,20 @@ import gzip
 import json
 import os
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple, Sequence
 
 from launcher.contract.errors import BtmError
+from launcher.contract.names import validate_name
 
 SPLITS = ("train", "valid", "test")
 # Checked in this order; a split given in two formats is an error (which one would we use?).
 FORMATS = (".jsonl", ".jsonl.gz", ".txt")
+# Version of the document index defined above. c-BTM records it in a fitted model, whose
+# fitting sample names documents by (source, index); 1 was c-BTM's own reader, which also
+# numbered empty texts. A model numbered differently is refitted, not matched.
+DOCUMENT_NUMBERING = 2
 
 
 def list_domains(corpus_dir: str | os.PathLike) -> list[str]:
@@ -42,16 +60,72 @@ def list_domains(corpus_dir: str | os.PathLike) -> list[str]:
 def find_split_file(corpus_dir: str | os.PathLike, domain: str, split: str) -> Path:
     """The one input file of ``domain``/``split``; errors if it is missing, doubled or empty."""
     domain_dir = Path(corpus_dir) / domain
-    found = [domain_dir / f"{split}{ext}" for ext in FORMATS if (domain_dir / f"{split}{ext}").is_file()]
-    if not found:
+    found = _split_file_if_any(domain_dir, split, f"domain {domain!r}")
+    if found is None:
         names = ", ".join(f"{split}{ext}" for ext in FORMATS)
         raise BtmError(f"domain {domain!r} has no {split} split: expected one of {names} in {domain_dir}")
+    if found.stat().st_size == 0:
+        raise BtmError(f"{found} is empty: domain {domain!r} split {split!r} needs at least one document")
+    return found
+
+
+def _split_file_if_any(directory: Path, split: str, owner: str) -> Path | None:
+    """``directory/<split>.<format>`` if there is one; BtmError if there are several."""
+    found = [directory / f"{split}{ext}" for ext in FORMATS if (directory / f"{split}{ext}").is_file()]
     if len(found) > 1:
-        raise BtmError(f"domain {domain!r} has its {split} split in several files "
+        raise BtmError(f"{owner} has its {split} split in several files "
                        f"({', '.join(str(p) for p in found)}): keep exactly one")
-    if found[0].stat().st_size == 0:
-        raise BtmError(f"{found[0]} is empty: domain {domain!r} split {split!r} needs at least one document")
-    return found[0]
+    return found[0] if found else None
+
+
+@dataclass(frozen=True)
+class Source:
+    """One split file of a corpus: the documents of one split of one domain."""
+
+    domain: str | None  # None in a flat corpus (no domain labels)
+    split: str
+    path: Path
+
+    @property
+    def key(self) -> str:
+        """Stable name of the source, independent of where the corpus lives."""
+        return f"{self.domain}/{self.split}" if self.domain is not None else self.split
+
+
+def find_sources(corpus_dir: str | os.PathLike, splits: Sequence[str] = SPLITS,
+                 domains: Sequence[str] | None = None) -> list[Source]:
+    """Every split file of a corpus, in corpus order (see the module docstring).
+
+    ``CORPUS/<domain>/<split>.*`` (``domains`` selects some; default all, as ``list_domains``),
+    or a flat ``CORPUS/<split>.*`` whose sources have no domain. A split missing from a domain
+    is left out (data prep, which needs all three, checks with ``find_split_file``)."""
+    corpus = Path(corpus_dir)
+    if not corpus.is_dir():
+        raise BtmError(f"corpus directory {corpus} does not exist or is not a directory")
+    for split in splits:
+        if split not in SPLITS:
+            raise BtmError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    flat = {s: _split_file_if_any(corpus, s, f"corpus {corpus}") for s in SPLITS}
+    if any(flat.values()):
+        if domains:
+            raise BtmError(f"{corpus} is a flat corpus (split files at its top level); it has "
+                           f"no domains to select with {list(domains)}")
+        return [Source(None, s, flat[s]) for s in splits if flat[s] is not None]
+    available = list_domains(corpus)
+    missing = [d for d in domains or () if d not in available]
+    if missing:
+        raise BtmError(f"domain(s) {missing} not found in {corpus} (it has {available})")
+    sources = []
+    for domain in sorted(set(domains)) if domains else available:
+        validate_name(domain, f"domain directory name in {corpus}")
+        for split in splits:
+            path = _split_file_if_any(corpus / domain, split, f"domain {domain!r}")
+            if path is not None:
+                sources.append(Source(domain, split, path))
+    if not sources:
+        raise BtmError(f"no {'/'.join(splits)} files ({', '.join(FORMATS)}) found in {corpus} "
+                       "or its domain subdirectories")
+    return sources
 
 
 def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -87,6 +161,40 @@ def iter_documents(path: str | os.PathLike, text_field: str = "text") -> Iterato
 def read_documents(path: str | os.PathLike, text_field: str = "text") -> list[str]:
     """All documents of one split file, in file order, validated."""
     return list(iter_documents(path, text_field))
+
+
+class Document(NamedTuple):
+    source: int  # position of its source in the list given to iter_corpus
+    index: int  # position among the documents of its source
+    text: str
+
+
+def count_documents(sources: Sequence[Source], text_field: str = "text") -> list[int]:
+    """The number of documents of each source (one streaming pass)."""
+    return [sum(1 for _ in iter_documents(s.path, text_field)) for s in sources]
+
+
+def iter_corpus(sources: Sequence[Source], text_field: str = "text", *, start: int = 0,
+                stop: int | None = None, counts: Sequence[int] | None = None) -> Iterator[Document]:
+    """The documents of ``sources`` in corpus order, numbered within their source, streamed.
+
+    ``start``/``stop`` keep the documents whose position in the whole sequence is in
+    ``[start, stop)``; with ``counts`` (from ``count_documents``) a source wholly outside that
+    range is not read at all, which is what lets a shard of a large corpus skip to its slice."""
+    first = 0  # corpus position of the current source's first document
+    for sid, source in enumerate(sources):
+        if stop is not None and first >= stop:
+            return
+        if counts is not None and first + counts[sid] <= start:
+            first += counts[sid]
+            continue
+        index = -1
+        for index, text in enumerate(iter_documents(source.path, text_field)):
+            if stop is not None and first + index >= stop:
+                return
+            if first + index >= start:
+                yield Document(sid, index, text)
+        first += index + 1
 
 
 def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
