@@ -43,6 +43,14 @@ class DomainsConfig:
     incremental: list[str] = field(default_factory=list, metadata={"help": "domains added to an existing forest, branched by `branching`"})
 
 
+MIXTURES = ("balanced", "proportional")  # or a mapping {temperature: T}
+
+
+@dataclass
+class DataConfig:
+    mixture: Any = field(default="balanced", metadata={"help": "how the seed LM and the dense baseline sample training domains: balanced (equal shares, the BTM paper's) | proportional (to tokens) | {temperature: T} (p_i ∝ tokens_i^(1/T))"})
+
+
 @dataclass
 class ModelConfig:
     preset: str = field(default="tiny", metadata={"help": f"model preset: {', '.join(PRESETS)}"})
@@ -82,6 +90,7 @@ class Config:
     method: str = field(default="btm", metadata={"help": "btm (one expert per domain) | cbtm (one expert per cluster)"})
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     domains: DomainsConfig = field(default_factory=DomainsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     branching: BranchingConfig = field(default_factory=BranchingConfig)
@@ -169,6 +178,8 @@ def _type_name(tp) -> str:
 
 def _coerce(value: Any, tp, key: str, err) -> Any:
     """Check ``value`` against the annotation ``tp``; return it (ints accepted for floats)."""
+    if tp is Any:
+        return value  # checked by _validate (a key that takes several shapes)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         args = typing.get_args(tp)
@@ -278,6 +289,7 @@ def _validate(cfg: Config, err) -> None:
             err("clusters.k", f"need at least one cluster, got {cfg.clusters.k}")
         if cfg.domains.incremental:
             err("domains.incremental", "incremental domains are for method: btm")
+    _validate_mixture(cfg.data.mixture, err)
     if not 0.0 <= cfg.budget.seed_fraction < 1.0:
         err("budget.seed_fraction", f"must be in [0, 1), got {cfg.budget.seed_fraction}")
     for key in ("total_updates", "gpus"):
@@ -312,6 +324,26 @@ def _validate(cfg: Config, err) -> None:
             close = difflib.get_close_matches(cfg.profile, known_profiles(), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             err("profile", f"unknown cluster profile {cfg.profile!r}{hint}; known: {', '.join(known_profiles())}")
+
+
+def _validate_mixture(mixture: Any, err) -> None:
+    key = "data.mixture"
+    if isinstance(mixture, str):
+        if mixture not in MIXTURES:
+            close = difflib.get_close_matches(mixture, MIXTURES, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            err(key, f"unknown mixture {mixture!r}{hint}; use balanced, proportional or {{temperature: T}}")
+        return
+    if not isinstance(mixture, dict) or set(mixture) != {"temperature"}:
+        err(key, f"expected balanced, proportional or a mapping {{temperature: T}}, got {mixture!r}")
+    t = mixture["temperature"]
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+        err(f"{key}.temperature", f"must be a number > 0, got {t!r}")
+
+
+def mixture_label(mixture: Any) -> str:
+    """The mixture as the --dry-run header shows it: balanced, proportional or temperature T."""
+    return mixture if isinstance(mixture, str) else f"temperature {mixture['temperature']}"
 
 
 def check_corpus_domains(cfg: Config) -> None:

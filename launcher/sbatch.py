@@ -29,6 +29,7 @@ from typing import Callable
 from launcher.contract.layout import RunLayout
 from launcher.plan import Job
 from launcher.profiles import Profile
+from launcher.stages import TRAINING_STAGES  # the stages that run fairseq_ext.train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout whose `launcher` runs on the nodes
 
@@ -89,9 +90,6 @@ def slurm_parameters(job: Job, profile: Profile, ctx: SbatchContext) -> dict:
         extra[key.replace("-", "_")] = value if value else True
     params["additional_parameters"] = extra
     return params
-
-
-TRAINING_STAGES = ("seed", "train", "dense", "grow")  # the stages that run fairseq_ext.train
 
 
 def stage_argv(run_dir: str, job: Job, unit: str | None) -> list[str]:

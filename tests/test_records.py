@@ -1,6 +1,7 @@
 """Completion records, the hash cache and the `stage` runner's resume logic."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -118,7 +119,12 @@ def test_stage_runner_records_and_skips(tmp_path, monkeypatch):
         out.write_text("{}")
         return [out], {"note": "fake"}
 
-    monkeypatch.setitem(stages.STAGES, "data", stages.StageImpl(stages.data_inputs, fake_run))
+    data, registry = stages.get_stage("data"), list(stages.STAGES)
+
+    def with_data_run(run):
+        return [dataclasses.replace(data, run=run) if s is data else s for s in registry]
+
+    monkeypatch.setattr(stages, "STAGES", with_data_run(fake_run))
     assert stages.run_stage(run_dir, "data", None) == 0
     assert stages.run_stage(run_dir, "data", None) == 0  # record current: skipped
     assert calls == [None]
@@ -132,7 +138,7 @@ def test_stage_runner_records_and_skips(tmp_path, monkeypatch):
     def preempted(ctx):
         raise stages.Preempted()
 
-    monkeypatch.setitem(stages.STAGES, "data", stages.StageImpl(stages.data_inputs, preempted))
+    monkeypatch.setattr(stages, "STAGES", with_data_run(preempted))
     assert stages.run_stage(run_dir, "data", None, force=True) == 3
 
 

@@ -55,11 +55,13 @@ def register(subparsers):
     c.add_argument("run_dir", help="run directory")
     c.set_defaults(func=cmd_cancel)
 
+    from launcher.stages import STAGES  # the registry (no torch/fairseq at import)
+
     st = subparsers.add_parser("stage", help="run one unit of one stage (what every job runs)",
                                description="Run one unit of one stage of a run: checks its record, does the work, "
                                            "writes the record. Exit 3 means 'saved my state, requeue me'.")
     st.add_argument("run_dir", help="run directory")
-    st.add_argument("stage", help="data, cluster, seed, train, dense, merge, grow, score, eval, report")
+    st.add_argument("stage", help=", ".join(stage.name for stage in STAGES))
     g = st.add_mutually_exclusive_group()
     g.add_argument("--unit", help="unit name (an expert, a model.domain score unit)")
     g.add_argument("--units-file", help="array task: take the unit at index $SLURM_ARRAY_TASK_ID of this JSON list")

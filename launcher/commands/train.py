@@ -75,20 +75,13 @@ def _spec_from_args(args, domains, weights, temperature, init, updates):
 
 
 def _run_training(spec, nproc: int = 1) -> int:
+    """Train through the stages' one trainer call; print the result; 3 when preempted."""
     from dataclasses import asdict
 
-    from fairseq_ext.train import end_process_group, train_lm
+    from fairseq_ext.train import end_process_group
+    from launcher.stages.training import train_model
 
-    if nproc < 1:
-        raise BtmError(f"--nproc-per-node must be >= 1, got {nproc}")
-    if nproc > 1:
-        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-            raise BtmError("--nproc-per-node starts torchrun itself; do not run it under torchrun")
-        from fairseq_ext.multiproc import train_lm_torchrun
-
-        result = train_lm_torchrun(spec, nproc)
-    else:
-        result = train_lm(spec)  # one rank of a group when started by torchrun
+    result = train_model(spec, nproc)
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(asdict(result), indent=2, sort_keys=True), flush=True)
     if nproc == 1:  # after rank 0's print: a rank that exits 3 gets torchrun to kill the rest
@@ -101,6 +94,7 @@ def _run_training(spec, nproc: int = 1) -> int:
 
 def _seed(args) -> int:
     from launcher.contract.presets import get_preset
+    from launcher.stages.training import domain_mixture
 
     preset = get_preset(args.preset)
     if args.updates is not None and args.fraction is not None:
@@ -112,8 +106,10 @@ def _seed(args) -> int:
     else:
         updates = preset.seed_updates if args.updates is None else args.updates
     domains = _domains(args.domains, "--domains")
-    # Balanced mix: every training domain gets the same share of the seed's batches.
-    spec = _spec_from_args(args, domains, [1.0] * len(domains), 1.0, None, updates)
+    # Balanced mix: every training domain gets the same share of the seed's batches (the
+    # pipeline's seed stage with its default data.mixture).
+    weights, temperature = domain_mixture("balanced", len(domains))
+    spec = _spec_from_args(args, domains, weights, temperature, None, updates)
     return _run_training(spec, args.nproc_per_node)
 
 

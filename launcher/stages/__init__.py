@@ -1,0 +1,49 @@
+"""The pipeline's stages: one module each, and THE registry of them (``STAGES``, in pipeline
+order). ``launcher.plan`` builds the jobs from it; ``run_stage`` (``python -m launcher stage``)
+runs one unit of one of them.
+
+Order: data -> [cluster] -> [seed] -> train (array) -> [dense] -> merge -> [data_incremental
+-> grow (array)] -> score (array) -> eval -> report; a stage's ``enabled(cfg)`` says whether
+the config's pipeline has it, its ``after_ok``/``after_any`` which jobs it waits for.
+"""
+from __future__ import annotations
+
+import difflib
+
+from launcher.config import Config
+from launcher.contract.errors import BtmError
+from launcher.stages import cluster, data, dense, eval, grow, merge, report, score, seed, train
+from launcher.stages.base import Stage, Unit
+
+STAGES: list[Stage] = [data.STAGE, cluster.STAGE, seed.STAGE, train.STAGE, dense.STAGE, merge.STAGE,
+                       data.INCREMENTAL_STAGE, grow.STAGE, score.STAGE, eval.STAGE, report.STAGE]
+
+# The stages that run fairseq_ext.train (a job with several GPUs runs them under torchrun).
+TRAINING_STAGES = tuple(s.name for s in STAGES if s.trains)
+
+
+def get_stage(name: str) -> Stage:
+    for stage in STAGES:
+        if stage.name == name:
+            return stage
+    names = [s.name for s in STAGES]
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise BtmError(f"unknown stage {name!r}{hint}; known: {', '.join(names)}")
+
+
+def find_unit(cfg: Config, stage: str, name: str | None) -> Unit:
+    units = get_stage(stage).units(cfg)
+    for u in units:
+        if u.name == name:
+            return u
+    known = ", ".join(str(u.name) for u in units)
+    raise BtmError(f"stage {stage!r} has no unit {name!r}; its units: {known}")
+
+
+# The runner reads the registry above, so it is imported after it.
+from launcher.stages.runner import load_run_config, run_stage, unit_from_units_file  # noqa: E402
+from launcher.stages.training import Preempted, accumulation_steps  # noqa: E402
+
+__all__ = ["STAGES", "TRAINING_STAGES", "Preempted", "Stage", "Unit", "accumulation_steps", "find_unit",
+           "get_stage", "load_run_config", "run_stage", "unit_from_units_file"]

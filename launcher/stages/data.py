@@ -1,0 +1,148 @@
+"""The data stages: ``data`` binarizes the configured domains (and builds the random-split
+baseline's domains); ``data_incremental`` binarizes the incremental domains with the run's
+tokenizer. Both link the corpus domains into ``RUN_DIR/corpus`` first."""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from launcher.config import Config
+from launcher.contract.atomic import atomic_write_text
+from launcher.contract.corpus import FORMATS, SPLITS, find_split_file, iter_documents
+from launcher.contract.data_manifest import prepared_domains, read_data_manifest
+from launcher.contract.errors import BtmError
+from launcher.contract.layout import random_split_name
+from launcher.stages.base import Ctx, Params, Stage, need, units_of, workers
+
+
+# ---- shared with the cluster stage ----------------------------------------------------------
+
+def corpus_files(corpus: Path, domains) -> list[Path]:
+    """The split files of each domain (the stage's inputs: an edited corpus file reruns it)."""
+    out = []
+    for d in domains:
+        if not (corpus / d).is_dir():
+            raise BtmError(f"corpus {corpus} has no domain directory {d!r}")
+        out += sorted(p for s in SPLITS for ext in FORMATS if (p := corpus / d / f"{s}{ext}").is_file())
+    return out
+
+
+def link_domain(ctx: Ctx, name: str, target: Path) -> None:
+    """``RUN_DIR/corpus/<name>`` -> ``target`` (a corpus domain directory)."""
+    link = ctx.layout.corpus / name
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() and link.resolve() != target.resolve():
+        link.unlink()
+    if not link.exists():
+        link.symlink_to(target.resolve(), target_is_directory=True)
+
+
+def prepare(ctx: Ctx, domains: list[str]) -> dict:
+    """Binarize ``domains`` of ``RUN_DIR/corpus`` into ``RUN_DIR/data`` (finished ones are skipped)."""
+    prepare_data = need("fairseq_ext.data_prep", "prepare_data")
+    cfg = ctx.config
+    return prepare_data(str(ctx.layout.corpus), str(ctx.data_dir), domains=domains,
+                        train_domains=list(cfg.domains.train), vocab_size=cfg.corpus.vocab_size,
+                        text_field=cfg.corpus.text_field, workers=workers(), seed=cfg.seed, progress=False)
+
+
+def prepare_more(ctx: Ctx, new: list[str]) -> None:
+    """Binarize ``new`` domains beside the prepared ones, with the run's tokenizer."""
+    have = prepared_domains(read_data_manifest(ctx.data_dir))
+    prepare(ctx, [*have, *[d for d in new if d not in have]])
+
+
+def data_outputs(ctx: Ctx, domains) -> list[Path]:
+    return [ctx.data_dir / "spm.model", ctx.data_dir / "dict.txt",
+            *ctx.layout.split_files(domains, SPLITS)]
+
+
+# ---- data ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DataParams(Params):
+    corpus: str
+    domains: list[str]  # training domains, then eval-only domains
+    train_domains: list[str]
+    vocab_size: int
+    text_field: str
+    random_split: int  # experts of the random-split baseline (0: none)
+
+
+def data_units(cfg: Config):
+    base = [*cfg.domains.train, *[d for d in cfg.domains.eval if d not in cfg.domains.train]]
+    # c-BTM: clusters are made from (and replace) the training domains; eval domains are kept.
+    random_split = len(cfg.expert_names) if "random_split" in cfg.baselines else 0
+    return units_of([(None, DataParams(cfg.corpus.path, base, list(cfg.domains.train), cfg.corpus.vocab_size,
+                                       cfg.corpus.text_field, random_split))])
+
+
+def build_corpus_view(ctx: Ctx) -> Path:
+    """``RUN_DIR/corpus``: the configured domains (symlinks) + the random-split baseline's domains.
+
+    ``random<i>`` holds every n-th document of the pooled training domains after a seeded
+    shuffle, per split: the paper's random-split forest sees the same data as the domain forest.
+    """
+    p = ctx.params
+    corpus = Path(p.corpus)
+    for d in p.domains:
+        link_domain(ctx, d, corpus / d)
+    n = p.random_split
+    for split in SPLITS if n else ():
+        docs = [doc for d in p.train_domains
+                for doc in iter_documents(find_split_file(corpus, d, split), p.text_field)]
+        random.Random(ctx.config.seed).shuffle(docs)
+        for i in range(n):
+            lines = "".join(json.dumps({p.text_field: t}) + "\n" for t in docs[i::n])
+            atomic_write_text(ctx.layout.corpus / random_split_name(i) / f"{split}.jsonl", lines)
+    return ctx.layout.corpus
+
+
+def data_inputs(ctx: Ctx) -> list[Path]:
+    return corpus_files(Path(ctx.params.corpus), ctx.params.domains)
+
+
+def data_run(ctx: Ctx):
+    build_corpus_view(ctx)
+    domains = [*ctx.params.domains, *[random_split_name(i) for i in range(ctx.params.random_split)]]
+    prepare(ctx, domains)
+    return data_outputs(ctx, domains), {"domains": domains}
+
+
+STAGE = Stage("data", DataParams, data_units, data_inputs, data_run)
+
+
+# ---- data_incremental --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class IncrementalDataParams(Params):
+    corpus: str
+    domains: list[str]  # the incremental domains
+    new_domains: list[str]  # those not already prepared as eval domains
+    text_field: str
+
+
+def incremental_units(cfg: Config):
+    new = [d for d in cfg.domains.incremental if d not in cfg.domains.eval]
+    return units_of([("incremental", IncrementalDataParams(cfg.corpus.path, list(cfg.domains.incremental), new,
+                                                           cfg.corpus.text_field))])
+
+
+def incremental_inputs(ctx: Ctx) -> list[Path]:
+    return [*corpus_files(Path(ctx.params.corpus), ctx.params.domains),
+            ctx.data_dir / "spm.model", ctx.data_dir / "dict.txt"]
+
+
+def incremental_run(ctx: Ctx):
+    """Binarize the new domains with the run's tokenizer (prepare_data skips finished domains)."""
+    for d in ctx.params.domains:
+        link_domain(ctx, d, Path(ctx.params.corpus) / d)
+    prepare_more(ctx, ctx.params.domains)
+    return data_outputs(ctx, ctx.params.domains), {}
+
+
+INCREMENTAL_STAGE = Stage("data_incremental", IncrementalDataParams, incremental_units, incremental_inputs,
+                          incremental_run, after_ok=lambda cfg: ["data"],
+                          enabled=lambda cfg: bool(cfg.domains.incremental))

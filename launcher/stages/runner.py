@@ -1,0 +1,76 @@
+"""``btm stage RUN_DIR STAGE --unit NAME``: run one unit of one stage, then record it.
+
+The same entry point runs locally, in an sbatch (array) task and by hand. It loads the run's
+resolved ``config.yaml``, finds the unit's parameters (the stage's ``units``), returns at once
+if the unit's record is current, otherwise does the work (the stage's ``run``) and writes the
+record atomically.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from launcher.config import Config, load_config
+from launcher.contract.errors import PREEMPTED_EXIT, BtmError
+from launcher.contract.layout import RunLayout
+from launcher.records import HashCache, hash_files, now, read_record, record_is_current, write_record
+from launcher.stages import find_unit, get_stage
+from launcher.stages.base import Ctx
+from launcher.stages.training import Preempted
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    path = RunLayout(run_dir).config
+    if not path.is_file():
+        raise BtmError(f"{run_dir} is not a btm run directory (no config.yaml); start it with `btm run`")
+    return load_config(path)
+
+
+def unit_from_units_file(units_file: str | Path) -> str | None:
+    """An array task's unit: its index (SLURM_ARRAY_TASK_ID) in the units file written at submit."""
+    task = os.environ.get("SLURM_ARRAY_TASK_ID")
+    if task is None:
+        raise BtmError("--units-file needs SLURM_ARRAY_TASK_ID (run inside an array job, or pass --unit)")
+    names = json.loads(Path(units_file).read_text())
+    index = int(task)
+    if not 0 <= index < len(names):
+        raise BtmError(f"array task {index} is outside {units_file} ({len(names)} units)")
+    return names[index]
+
+
+def run_stage(run_dir: str | Path, stage: str, unit_name: str | None, force: bool = False,
+              nproc: int = 1) -> int:
+    """Run one unit; 0 = done (now or before), PREEMPTED_EXIT = saved, requeue me.
+
+    ``nproc`` > 1: a training stage trains on that many processes of this node (torchrun).
+    """
+    run_dir = Path(run_dir).resolve()
+    cfg = load_run_config(run_dir)
+    impl = get_stage(stage)
+    unit = find_unit(cfg, stage, unit_name)
+    if nproc < 1:
+        raise BtmError(f"--nproc-per-node must be >= 1, got {nproc}")
+    ctx = Ctx(run_dir, cfg, unit, impl, nproc)
+    cache = HashCache(run_dir)
+    label = f"{stage}" + (f" {unit_name}" if unit_name else "")
+    if not force and record_is_current(read_record(run_dir, stage, unit_name), unit.params, cache):
+        print(f"{label}: already done (record is current)")
+        return 0
+    missing = [p for p in impl.inputs(ctx) if not p.exists()]
+    if missing:
+        raise BtmError(f"{label}: missing input(s) {', '.join(map(str, missing[:5]))} (has the upstream stage run?)")
+    inputs = hash_files(cache, impl.inputs(ctx))
+    started = now()
+    print(f"{label}: started {started}", flush=True)
+    try:
+        outputs, extra = impl.run(ctx)
+    except Preempted:
+        print(f"{label}: saved its state; exiting {PREEMPTED_EXIT} to be requeued", flush=True)
+        return PREEMPTED_EXIT
+    write_record(run_dir, stage, unit_name, params=unit.params, config_hash=cfg.config_hash(),
+                 inputs=inputs, outputs=hash_files(cache, outputs), started=started, extra=extra,
+                 config=cfg.to_dict())
+    cache.save()
+    print(f"{label}: done", flush=True)
+    return 0
