@@ -13,6 +13,7 @@ from hypothesis import given, settings, strategies as st
 from golden_util import check_golden
 from launcher.config import load_config
 from launcher.contract.errors import BtmError
+from launcher.contract.layout import RunLayout
 from launcher.plan import build_plan
 from launcher.profiles import Profile, load_profile, parse_profile
 from launcher.sbatch import SbatchContext, format_tasks, render_sbatch, submission
@@ -97,7 +98,7 @@ def test_fuzzed_values_stay_quoted(partition, account, qos, constraint, mem, run
         assert flags["partition"] == partition and flags["account"] == account
         assert flags["qos"] == qos and flags["constraint"] == constraint and flags["mem"] == mem
         argv = _exec_argv(text)
-        assert argv[0] == python and argv[-1] == f"/x/{run_dir}/jobs/submitit"
+        assert argv[0] == python and argv[-1] == str(RunLayout("/x/" + run_dir).submitit)  # a path, normalized
 
 
 @pytest.mark.parametrize("bad", [{"partition": "gpu\n#SBATCH --x"}, {"account": "a\tb"}, {"time": "1h"},
@@ -117,19 +118,6 @@ def test_extra_sbatch_lines_and_stage_overrides():
     assert "#SBATCH --exclusive" in text and "#SBATCH --mail-type=END" in text
     assert "#SBATCH --cpus-per-task=3" in text
     assert dataclasses.replace(prof).for_stage("merge").cpus_per_task == 3
-
-
-@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
-def test_units_file_lookup_by_name(tmp_path, monkeypatch):
-    from launcher.stages import unit_from_units_file
-
-    f = tmp_path / "train.units.json"
-    f.write_text('["legal", "bible"]')
-    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
-    assert unit_from_units_file(f) == "bible"
-    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")
-    with pytest.raises(BtmError, match="outside"):
-        unit_from_units_file(f)
 
 
 def test_multi_gpu_training_tasks_run_torchrun_inside_one_node():

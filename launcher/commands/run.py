@@ -62,9 +62,8 @@ def register(subparsers):
                                            "writes the record. Exit 3 means 'saved my state, requeue me'.")
     st.add_argument("run_dir", help="run directory")
     st.add_argument("stage", help=", ".join(stage.name for stage in STAGES))
-    g = st.add_mutually_exclusive_group()
-    g.add_argument("--unit", help="unit name (an expert, a model.domain score unit)")
-    g.add_argument("--units-file", help="array task: take the unit at index $SLURM_ARRAY_TASK_ID of this JSON list")
+    st.add_argument("--unit", help="unit name (an expert, a score unit's model); each array task "
+                                   "is submitted with its own --unit")
     st.add_argument("--force", action="store_true", help="run even if the record is current")
     st.add_argument("--nproc-per-node", type=int, default=1,
                     help="training stages: train on N processes of this node, one per GPU (torchrun)")
@@ -279,7 +278,6 @@ def cmd_cancel(args) -> int:
 
 
 def cmd_stage(args) -> int:
-    from launcher.stages import run_stage, unit_from_units_file
+    from launcher.stages import run_stage
 
-    unit = unit_from_units_file(args.units_file) if args.units_file else args.unit
-    return run_stage(args.run_dir, args.stage, unit, force=args.force, nproc=args.nproc_per_node)
+    return run_stage(args.run_dir, args.stage, args.unit, force=args.force, nproc=args.nproc_per_node)

@@ -42,8 +42,8 @@ def find_unit(cfg: Config, stage: str, name: str | None) -> Unit:
 
 
 # The runner reads the registry above, so it is imported after it.
-from launcher.stages.runner import load_run_config, run_stage, unit_from_units_file  # noqa: E402
+from launcher.stages.runner import load_run_config, run_stage  # noqa: E402
 from launcher.stages.training import Preempted, accumulation_steps  # noqa: E402
 
 __all__ = ["STAGES", "TRAINING_STAGES", "Preempted", "Stage", "Unit", "accumulation_steps", "find_unit",
-           "get_stage", "load_run_config", "run_stage", "unit_from_units_file"]
+           "get_stage", "load_run_config", "run_stage"]

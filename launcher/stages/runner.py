@@ -27,18 +27,6 @@ def load_run_config(run_dir: str | Path) -> Config:
     return load_config(path)
 
 
-def unit_from_units_file(units_file: str | Path) -> str | None:
-    """An array task's unit: its index (SLURM_ARRAY_TASK_ID) in the units file written at submit."""
-    task = os.environ.get("SLURM_ARRAY_TASK_ID")
-    if task is None:
-        raise BtmError("--units-file needs SLURM_ARRAY_TASK_ID (run inside an array job, or pass --unit)")
-    names = json.loads(Path(units_file).read_text())
-    index = int(task)
-    if not 0 <= index < len(names):
-        raise BtmError(f"array task {index} is outside {units_file} ({len(names)} units)")
-    return names[index]
-
-
 def run_stage(run_dir: str | Path, stage: str, unit_name: str | None, force: bool = False,
               nproc: int = 1) -> int:
     """Run one unit; 0 = done (now or before), PREEMPTED_EXIT = saved, requeue me.
