@@ -19,6 +19,8 @@ from fairseq_ext.training.validation import validate_run
 
 if TYPE_CHECKING:
     from fairseq_ext.train import TrainResult, TrainSpec
+    from fairseq_ext.training.resume import TrainState
+    from fairseq_ext.training.setup import TrainSetup
 
 
 def run_training(spec: TrainSpec) -> TrainResult:
@@ -73,7 +75,10 @@ class LossWindow:
 
 
 class TrainingRun:
-    def __init__(self, setup, state, step: UpdateStep, writer: CheckpointWriter, log: TrainLog):
+    """One process's run from its start state to the end, a stop signal, or nothing to do."""
+
+    def __init__(self, setup: TrainSetup, state: TrainState, step: UpdateStep,
+                 writer: CheckpointWriter, log: TrainLog):
         self.setup, self.state, self.step, self.writer, self.log = setup, state, step, writer, log
         self.valid: dict = {}  # the latest validation's per-domain losses
 
