@@ -1,0 +1,69 @@
+"""The files of one training run's save dir: its two checkpoints and ``train_log.jsonl``.
+
+The launcher hands the trainer a save dir; the file names inside it are decided here only.
+``train_log.jsonl`` holds one JSON row per log interval (``update, loss, lr, tokens_per_s``),
+per validation (``update, valid_loss, valid``) and per save forced by a stop signal
+(``update, preempted_save``). Rank 0 alone writes these files.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from launcher.contract.atomic import atomic_write_text
+
+
+@dataclass(frozen=True)
+class TrainFiles:
+    save_dir: Path
+
+    @property
+    def last(self) -> Path:
+        """Model, optimizer and everything resume needs; rewritten at every save point."""
+        return self.save_dir / "checkpoint_last.pt"
+
+    @property
+    def best(self) -> Path:
+        """The weights with the lowest mean validation loss so far (no optimizer state)."""
+        return self.save_dir / "checkpoint_best.pt"
+
+    @property
+    def log(self) -> Path:
+        return self.save_dir / "train_log.jsonl"
+
+    def remove_killed_saves(self) -> None:
+        """Delete the temporary files of saves that were killed midway (rank 0 only: another
+        rank could delete a save in progress)."""
+        for stale in self.save_dir.glob(".checkpoint_*.pt.*.tmp"):
+            stale.unlink(missing_ok=True)
+
+
+class TrainLog:
+    """Appends rows to ``train_log.jsonl``; on ranks other than 0 (``writes=False``) it writes
+    nothing."""
+
+    def __init__(self, path: Path, writes: bool = True):
+        self.path = path
+        self.writes = writes
+
+    def append(self, row: dict) -> None:
+        if self.writes:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def truncate_after(self, update: int) -> None:
+        """Drop rows past the resumed update (they belong to work that was lost)."""
+        if not self.writes or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("update", 0) <= update]
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+
+
+def read_train_log(save_dir: str | os.PathLike) -> list[dict]:
+    path = TrainFiles(Path(save_dir)).log
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
