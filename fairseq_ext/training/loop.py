@@ -18,7 +18,7 @@ from fairseq_ext.training.step import UpdateStep
 from fairseq_ext.training.validation import validate_run
 
 if TYPE_CHECKING:
-    from fairseq_ext.train import TrainResult, TrainSpec
+    from fairseq_ext.training.spec import TrainResult, TrainSpec
     from fairseq_ext.training.resume import TrainState
     from fairseq_ext.training.setup import TrainSetup
 
@@ -142,7 +142,7 @@ class TrainingRun:
         return self._result(False, None)
 
     def _result(self, preempted: bool, tokens_per_second: float | None) -> TrainResult:
-        from fairseq_ext.train import TrainResult
+        from fairseq_ext.training.spec import TrainResult
 
         files = self.setup.files
         if self.setup.ranks.world > 1:

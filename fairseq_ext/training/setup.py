@@ -21,7 +21,7 @@ from fairseq_ext.training.save_dir import TrainFiles
 
 if TYPE_CHECKING:
     from launcher.contract.presets import Preset
-    from fairseq_ext.train import TrainSpec
+    from fairseq_ext.training.spec import TrainSpec
 
 
 @dataclass
