@@ -115,7 +115,7 @@ def validate_rows(rows, spec: "TableSpec | None" = None) -> pd.DataFrame:
     known = spec.columns
     columns = _columns(rows)
     if not columns or not len(next(iter(columns.values()))):
-        raise BtmError(f"no {spec.name} rows to write")
+        raise BtmError(f"no {spec.name} rows")
     unknown = [c for c in columns if c not in known]
     if unknown:
         raise BtmError(f"{spec.name}: unknown column {unknown[0]!r}; known columns: {', '.join(known)}")
