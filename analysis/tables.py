@@ -51,7 +51,7 @@ def combine(runs: list[RunData]) -> tuple[pd.DataFrame, list[str]]:
         if run.seed_fraction is not None:
             df["seed_fraction"] = df["seed_fraction"].fillna(run.seed_fraction)
         if run.n_clusters is not None:
-            cbtm = df["method"] == "cbtm_cluster"
+            cbtm = df["method"].map(_kind) == "cluster"
             df.loc[cbtm, "n_clusters"] = df.loc[cbtm, "n_clusters"].fillna(run.n_clusters)
         frames.append(df)
     frame = pd.concat(frames, ignore_index=True)
@@ -88,23 +88,28 @@ def _num(value: float) -> str:
     return f"{value:g}" if isinstance(value, float) and not math.isnan(value) else "?"
 
 
+def _kind(method: str) -> str:
+    """The registered kind of a results method (the table was validated: all are registered)."""
+    return registry.get_method(method).kind
+
+
 def _label(row, varying: set[str]) -> str:
     method = row.method
     if is_expert_method(method):
         name = method[len(EXPERT_PREFIX):]
         text = f"Expert {name}"
-    elif method == "topk_prior":
+    elif _kind(method) == "topk":
         text = f"Top-{_num(row.k)} prior"
-    elif method == "cbtm_cluster":
+    elif _kind(method) == "cluster":
         # Always top-k: it is c-BTM's inference budget, so runs line up in the tables.
         text = "c-BTM" if math.isnan(row.n_clusters) else f"c-BTM {_num(row.n_clusters)} clusters"
         if not math.isnan(row.k):
             text += f" top-{_num(row.k)}"
     else:
         text = registry.label(method)
-    if "k" in varying and method not in ("topk_prior", "cbtm_cluster"):
+    if "k" in varying and _kind(method) not in ("topk", "cluster"):
         text += f" k={_num(row.k)}"
-    if "n_clusters" in varying and method != "cbtm_cluster":
+    if "n_clusters" in varying and _kind(method) != "cluster":
         text += f" {_num(row.n_clusters)} clusters"
     if "prior_variant" in varying:
         text += f" [prior={row.prior_variant or '-'}]"

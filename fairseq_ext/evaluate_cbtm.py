@@ -11,13 +11,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from launcher.contract import methods as registry
 from launcher.contract.errors import BtmError
 from launcher.contract.names import validate_name
 from fairseq_ext import mixing
 from fairseq_ext.evaluate import EvalDirs, EvalSettings, Scorer, result_row
 from fairseq_ext.priors import stack_scores
 
-METHOD = "cbtm_cluster"
+METHOD = registry.of_kind("cluster", registry.REGISTRY)[0]  # the results' method name
 
 
 def cluster_expert_names(k: int) -> list[str]:

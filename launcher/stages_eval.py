@@ -53,16 +53,17 @@ def run_name(layout: RunLayout, name: str | None) -> str:
 def evaluate_mixes(layout: RunLayout, experts: dict[str, Path], domains: list[str], settings, *,
                    name: str | None = None, data_dir: Path | None = None):
     """The mixing methods of ``settings.methods`` (registered names: experts, ensembles, top-k,
-    random_split, cbtm_cluster) on ``domains``, appended to the results; returns the new rows."""
+    random_split, c-BTM) on ``domains``, appended to the results; returns the new rows."""
     evaluate = _fairseq_ext("evaluate")
     dirs, run = eval_dirs(layout, data_dir), run_name(layout, name)
     wanted = [registry.canonical(m) for m in settings.methods]
-    mixes = tuple(m for m in wanted if m != "cbtm_cluster")
+    clusters = registry.of_kind("cluster", wanted)
+    mixes = tuple(m for m in wanted if m not in clusters)
     rows = []
     if mixes:
         rows += evaluate.evaluate_forest(experts, domains, dirs, settings=dataclasses.replace(settings, methods=mixes),
                                          run_name=run)
-    if "cbtm_cluster" in wanted:
+    if clusters:
         rows += _fairseq_ext("evaluate_cbtm").evaluate_clusters(
             experts, layout.cluster_model, domains, dirs, settings=dataclasses.replace(settings, methods=()),
             run_name=run)
@@ -103,7 +104,7 @@ def evaluate_run(ctx, device: str) -> None:
     domains, methods = list(p["domains"]), list(p["methods"])
     settings = evaluate.EvalSettings(methods=(), top_k=(p["top_k"],), split=p["split"], device=device)
     common = dict(name=cfg.name, data_dir=ctx.data_dir)
-    mixes = [m for m in methods if registry.get_method(m).kind in ("expert", "ensemble", "topk", "cluster")]
+    mixes = [m for m in methods if registry.canonical(m) in registry.MIXES]
     if mixes:
         evaluate_mixes(layout, experts, domains, dataclasses.replace(settings, methods=tuple(mixes)), **common)
     for method in registry.of_kind("average", methods):

@@ -16,9 +16,6 @@ from launcher.contract.errors import BtmError
 from launcher.contract.layout import RunLayout
 from launcher.contract.names import validate_name
 
-# What --methods accepts: the registered methods computed by mixing a forest's cached scores.
-EVAL_METHODS = (*registry.FOREST_MIXES, "cbtm_cluster")
-
 
 def _csv(text: str) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
@@ -70,10 +67,10 @@ def register(subparsers) -> None:
                    help="eval domains (default: the run config's domains.eval, else every domain "
                         "in the data manifest)")
     p.add_argument("--methods", type=_csv, default=list(registry.FOREST_MIXES), metavar="M1,M2",
-                   help=f"methods (default: {', '.join(registry.FOREST_MIXES)}): {', '.join(EVAL_METHODS)} "
-                        "(cbtm_cluster routes with RUN_DIR/clusters/model)")
+                   help=f"methods (default: {', '.join(registry.FOREST_MIXES)}): {', '.join(registry.MIXES)} "
+                        "(c-BTM routes with RUN_DIR/clusters/model)")
     p.add_argument("--top-k", type=_ints, default=[1], metavar="K1,K2",
-                   help="k values for topk_prior and cbtm_cluster (default: 1)")
+                   help="k values for top-k and c-BTM (default: 1)")
     p.add_argument("--model", action="append", default=[], metavar="METHOD=PATH",
                    help="also score a single model as METHOD, e.g. dense=RUN/dense/checkpoint_best.pt")
     p.set_defaults(func=run_eval)
@@ -145,8 +142,8 @@ def _print_rows(rows) -> None:
 def _methods(names: list[str]) -> tuple[str, ...]:
     out = tuple(dict.fromkeys(registry.canonical(n) for n in names))
     for name in out:
-        if name not in EVAL_METHODS:
-            raise BtmError(f"--methods: {name!r} is not evaluated by btm eval (known: {', '.join(EVAL_METHODS)}; "
+        if name not in registry.MIXES:
+            raise BtmError(f"--methods: {name!r} is not evaluated by btm eval (known: {', '.join(registry.MIXES)}; "
                            "parameter averages: btm average)")
     return out
 

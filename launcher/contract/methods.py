@@ -73,7 +73,9 @@ CONFIG_METHODS: tuple[str, ...] = tuple(m.name for m in METHODS if m.in_config)
 BASELINES: tuple[str, ...] = tuple(m.name for m in METHODS if m.kind == "baseline")
 # The `method` values of results rows other than expert:<name>, in table order.
 RESULT_METHODS: tuple[str, ...] = tuple(m.name for m in METHODS if m.name != EXPERTS)
-# The methods a forest of experts is evaluated with by mixing cached scores (`btm eval`'s default).
+# The methods computed by mixing the forest's cached per-token scores (what `btm eval` takes),
+# and those of them that need no cluster model (`btm eval`'s default).
+MIXES: tuple[str, ...] = tuple(m.name for m in METHODS if m.kind in ("expert", "ensemble", "topk", "cluster"))
 FOREST_MIXES: tuple[str, ...] = tuple(m.name for m in METHODS if m.kind in ("expert", "ensemble", "topk"))
 # The values of the lm-eval model argument ``method`` (fairseq_ext/lm_eval_btm.py), in registry order.
 LM_EVAL_METHODS: tuple[str, ...] = tuple(dict.fromkeys(m.lm_eval["method"] for m in METHODS
