@@ -21,24 +21,20 @@ from fairseq_ext.priors import stack_scores
 METHOD = registry.of_kind("cluster", registry.REGISTRY)[0]  # the results' method name
 
 
-def cluster_expert_names(k: int) -> list[str]:
-    """The experts of a c-BTM forest, in cluster order."""
-    return [f"cluster_{i}" for i in range(k)]
-
-
 def evaluate_clusters(experts: dict[str, Path], cluster_model_dir: str | Path, eval_domains: list[str],
                       dirs: EvalDirs, *, settings: EvalSettings = EvalSettings(), run_name: str,
                       temperature: float = 0.1, stride: int = 32) -> list[dict]:
     """One ``cbtm_cluster`` row per eval domain and k of ``settings.top_k`` (k capped at the
     number of clusters): the experts ``cluster_<i>`` of the fitted model at ``cluster_model_dir``
     mixed with token-level routing weights (``stride`` tokens per routing block)."""
+    from fairseq_ext.cluster.assign import cluster_name
     from fairseq_ext.cluster.model_io import load_model as load_cluster_model
     from fairseq_ext.cluster.routing import token_route_weights_from_ids
     from fairseq_ext.data_prep import decode_ids
 
     settings = settings.validate()
     model = load_cluster_model(cluster_model_dir)
-    names = cluster_expert_names(model.k)
+    names = [cluster_name(i) for i in range(model.k)]  # the experts, in cluster order
     missing = [n for n in names if n not in experts]
     if missing:
         raise BtmError(f"{METHOD} needs every cluster's expert (the model at {cluster_model_dir} has "

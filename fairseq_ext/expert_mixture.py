@@ -157,6 +157,7 @@ class ExpertMixture:
     @staticmethod
     def _clusters(cfg: BtmLMConfig, experts: dict[str, Path]):
         """(the fitted cluster model, expert names in cluster order: cluster_0, cluster_1, ...)."""
+        from fairseq_ext.cluster.assign import cluster_name
         from fairseq_ext.cluster.model_io import load_model as load_cluster_model
 
         if cfg.clusters:
@@ -165,7 +166,7 @@ class ExpertMixture:
             source = Path(cfg.forest)
             where = (source.parent if source.is_file() else source) / "clusters" / "model"
         model = load_cluster_model(where)
-        chosen = [f"cluster_{i}" for i in range(model.k)]
+        chosen = [cluster_name(i) for i in range(model.k)]
         missing = [n for n in chosen if n not in experts]
         if missing:
             raise BtmError(f"method=cluster needs one expert per cluster of {where} (k={model.k}); "
