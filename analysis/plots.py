@@ -18,7 +18,8 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
-from analysis.results import METHOD_ORDER, RunData, is_expert_method  # noqa: E402
+from analysis.results import RunData  # noqa: E402
+from launcher.contract.methods import is_expert_method, table_order  # noqa: E402
 from analysis.tables import DomainGroup, group_means  # noqa: E402
 from launcher.contract.atomic import atomic_path  # noqa: E402
 
@@ -209,10 +210,9 @@ CLUSTERS_PART = r"\d+(\.\d+)? clusters"
 
 def _line_colors(rows: pd.DataFrame, line_of: pd.Series) -> dict[str, tuple]:
     """One colour per line, the same in every panel; lines in the paper's method order."""
-    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
     first: dict[str, tuple] = {}
     for line, method in zip(line_of, rows["method"]):
-        first.setdefault(line, (rank.get(method, len(rank)), line))
+        first.setdefault(line, (table_order(method), line))
     ordered = sorted(first, key=first.get)
     return dict(zip(ordered, _colors(len(ordered))))
 

@@ -4,7 +4,8 @@ A run directory gives the report five things, all optional except that one of th
 tables must be there:
 
 - ``results/results.parquet`` or ``results/results.csv`` (parquet preferred: it keeps types):
-  the tidy perplexity table of docs/architecture.md ("Results table").
+  the tidy perplexity table of docs/architecture.md ("Results table"), read and validated by
+  ``launcher.contract.results`` (the one validator of the table).
 - ``results/fewshot.parquet`` or ``.csv``: few-shot harness results (same section; validated by
   ``launcher.contract.results.FEWSHOT``).
 - ``config.yaml``: domain roles, seed fraction, c-BTM cluster count (``read_config``).
@@ -25,24 +26,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from launcher.contract.errors import BtmError
 
-REQUIRED_COLUMNS = ["run", "method", "k", "prior", "eval_domain", "split", "tokens", "nll", "ppl",
-                    "expert_forward_passes", "seconds"]
-OPTIONAL_COLUMNS = ["seed_fraction", "n_clusters", "routing", "notes"]
-NUMERIC_COLUMNS = ["tokens", "nll", "ppl", "expert_forward_passes", "seconds"]
-# Spellings of "no value" accepted in k / seed_fraction / n_clusters (k of a full ensemble).
-NO_VALUE = {"", "nan", "none", "null", "all", "-", "<na>"}
+from launcher.contract.methods import EXPERT_PREFIX, is_expert_method  # noqa: F401  (re-exported)
+from launcher.contract.results import RESULTS, read_fewshot, read_results
 
-# Methods in the order the paper's tables put them (docs/architecture.md lists them).
-# ``expert:<name>`` rows (one expert alone) are kept apart from these.
-METHOD_ORDER = ["dense", "random_split", "ensemble_uniform", "ensemble_prior", "ensemble_posterior",
-                "ensemble_prev_token", "topk_prior", "average_uniform", "average_argmax",
-                "average_posterior", "cbtm_cluster"]
-EXPERT_PREFIX = "expert:"
+# The tables compute with numbers and text: numeric columns as float (NaN: no value), text
+# columns as str ("" for no value in prior, routing and notes).
+_NUMBER_KINDS = ("int", "float")
+_BLANK_WHEN_MISSING = ("prior", "routing", "notes")
 
 
 @dataclass
@@ -113,33 +107,19 @@ def safe_label(text: str) -> str:
 # --------------------------------------------------------------------------- results table
 
 def load_results_table(run_dir: Path) -> tuple[pd.DataFrame, Path]:
-    """Read RUN/results/results.parquet (or .csv) and validate it against the contract."""
+    """RUN/results/results.parquet (or .csv), validated by launcher.contract.results, in the
+    form the tables compute with (``for_tables``)."""
     parquet = run_dir / "results" / "results.parquet"
     csv = run_dir / "results" / "results.csv"
-    if parquet.is_file():
-        source = parquet
-        try:
-            df = pd.read_parquet(parquet)
-        except Exception as e:  # pyarrow raises several types for a broken file
-            raise BtmError(f"cannot read results table {parquet}: {e}") from e
-    elif csv.is_file():
-        source = csv
-        try:
-            df = pd.read_csv(csv, keep_default_na=True)
-        except pd.errors.EmptyDataError:
-            raise BtmError(f"results table {csv} is empty (no header, no rows)") from None
-        except (pd.errors.ParserError, UnicodeDecodeError) as e:
-            raise BtmError(f"cannot parse results table {csv}: {e}") from e
-    else:
+    source = parquet if parquet.is_file() else csv
+    if not source.is_file():
         raise BtmError(f"no results table in {run_dir / 'results'} (expected results.parquet or "
                        "results.csv; run `btm eval` first)")
-    return validate_results(df, source), source
+    return for_tables(read_results(source)), source
 
 
 def load_fewshot_table(run_dir: Path) -> pd.DataFrame | None:
     """RUN/results/fewshot.{parquet,csv} validated against launcher.contract.results.FEWSHOT, or None."""
-    from launcher.contract.results import read_fewshot
-
     rdir = run_dir / "results"
     if not any((rdir / f"fewshot.{ext}").is_file() for ext in ("parquet", "csv")):
         return None
@@ -149,65 +129,24 @@ def load_fewshot_table(run_dir: Path) -> pd.DataFrame | None:
     return df
 
 
+def for_tables(table: pd.DataFrame) -> pd.DataFrame:
+    """A validated results table with every column of the schema, numbers as float and text as
+    str (missing optional columns added as no value)."""
+    df = pd.DataFrame(index=table.index)
+    for col, (kind, _) in RESULTS.columns.items():
+        values = table[col] if col in table.columns else pd.Series(pd.NA, index=table.index, dtype=object)
+        if kind in _NUMBER_KINDS:
+            df[col] = pd.to_numeric(values, errors="coerce").astype(float)
+        elif col in _BLANK_WHEN_MISSING:
+            df[col] = values.map(lambda v: "" if pd.isna(v) else str(v)).astype(object)
+        else:
+            df[col] = values.astype(object)
+    return df.reset_index(drop=True)
+
+
 def empty_results() -> pd.DataFrame:
     """A perplexity table with the contract's columns and no rows (a few-shot-only run)."""
-    df = pd.DataFrame({c: pd.Series(dtype=float if c in NUMERIC_COLUMNS or c in ("k", "seed_fraction",
-                                                                              "n_clusters") else object)
-                       for c in REQUIRED_COLUMNS + OPTIONAL_COLUMNS})
-    return df
-
-
-def validate_results(df: pd.DataFrame, source: Path | str) -> pd.DataFrame:
-    """Check columns and values; return a cleaned copy (typed columns, optional ones added)."""
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
-    if missing:
-        raise BtmError(f"results table {source} lacks column(s) {', '.join(missing)} "
-                       f"(required: {', '.join(REQUIRED_COLUMNS)})")
-    if len(df) == 0:
-        raise BtmError(f"results table {source} has no rows")
-    df = df.copy().reset_index(drop=True)
-    line = (lambda i: f"line {i + 2}") if str(source).endswith(".csv") else (lambda i: f"row {i}")
-    for col in NUMERIC_COLUMNS:
-        values = pd.to_numeric(df[col], errors="coerce")
-        bad = values.isna() & df[col].notna()
-        if bad.any():
-            i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise BtmError(f"results table {source}, {line(i)}: column {col} has non-numeric "
-                           f"value {df[col].iloc[i]!r}")
-        df[col] = values.astype(float)
-    for col in ("ppl", "nll"):
-        if df[col].isna().any():
-            i = int(np.flatnonzero(df[col].isna().to_numpy())[0])
-            raise BtmError(f"results table {source}, {line(i)}: column {col} is empty")
-    nonpositive = df["ppl"] <= 0
-    if nonpositive.any():
-        i = int(np.flatnonzero(nonpositive.to_numpy())[0])
-        raise BtmError(f"results table {source}, {line(i)}: ppl must be > 0, got {df['ppl'].iloc[i]}")
-    for col in ("run", "method", "eval_domain", "split"):
-        empty = df[col].isna() | (df[col].astype(str).str.strip() == "")
-        if empty.any():
-            i = int(np.flatnonzero(empty.to_numpy())[0])
-            raise BtmError(f"results table {source}, {line(i)}: column {col} is empty")
-        df[col] = df[col].astype(str)
-    for col in OPTIONAL_COLUMNS:
-        if col not in df.columns:
-            df[col] = np.nan
-    for col in ("k", "seed_fraction", "n_clusters"):
-        values = pd.to_numeric(df[col], errors="coerce")
-        text = df[col].astype(str).str.strip().str.lower()
-        bad = values.isna() & df[col].notna() & ~text.isin(NO_VALUE)
-        if bad.any():
-            i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise BtmError(f"results table {source}, {line(i)}: column {col} has non-numeric "
-                           f"value {df[col].iloc[i]!r}")
-        df[col] = values.astype(float)
-    for col in ("prior", "routing", "notes"):
-        df[col] = df[col].map(lambda v: "" if pd.isna(v) else str(v)).astype(object)
-    return df
-
-
-def is_expert_method(method: str) -> bool:
-    return method.startswith(EXPERT_PREFIX)
+    return for_tables(pd.DataFrame({col: pd.Series(dtype=object) for col in RESULTS.required}))
 
 
 # --------------------------------------------------------------------------- config.yaml

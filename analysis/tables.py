@@ -15,16 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from analysis.results import EXPERT_PREFIX, METHOD_ORDER, RunData, is_expert_method
+from analysis.results import RunData
+from launcher.contract import methods as registry
 from launcher.contract.errors import BtmError
+from launcher.contract.methods import EXPERT_PREFIX, is_expert_method
 
-METHOD_NAMES = {
-    "dense": "Dense", "random_split": "Random split", "ensemble_uniform": "Ensemble uniform",
-    "ensemble_prior": "Ensemble prior", "ensemble_posterior": "Ensemble posterior",
-    "ensemble_prev_token": "Ensemble prev-token", "topk_prior": "Top-k prior",
-    "average_uniform": "Avg uniform", "average_argmax": "Avg argmax",
-    "average_posterior": "Avg posterior", "cbtm_cluster": "c-BTM",
-}
 # Columns that tell variants of one method apart; shown in a label only when they vary.
 VARIANT_FIELDS = ["run", "k", "prior_variant", "n_clusters", "routing", "seed_fraction"]
 # launcher/profiles.py STAGE_NAMES, in pipeline order.
@@ -56,18 +51,10 @@ def combine(runs: list[RunData]) -> tuple[pd.DataFrame, list[str]]:
         if run.seed_fraction is not None:
             df["seed_fraction"] = df["seed_fraction"].fillna(run.seed_fraction)
         if run.n_clusters is not None:
-            cbtm = df["method"] == "cbtm_cluster"
+            cbtm = df["method"].map(_kind) == "cluster"
             df.loc[cbtm, "n_clusters"] = df.loc[cbtm, "n_clusters"].fillna(run.n_clusters)
         frames.append(df)
     frame = pd.concat(frames, ignore_index=True)
-    unknown = sorted({m for m in frame["method"] if m not in METHOD_ORDER and not is_expert_method(m)})
-    if unknown:
-        notes.append(f"method(s) {', '.join(unknown)} are not among those docs/architecture.md "
-                     "lists; they are shown after the known ones")
-    off = (np.exp(frame["nll"]) - frame["ppl"]).abs() > 0.01 * frame["ppl"]
-    for (run, method), n in frame[off].groupby(["run_label", "method"]).size().items():
-        notes.append(f"run {run}: {n} row(s) of {method} have ppl != exp(nll) (more than 1% "
-                     "apart); the tables show ppl")
     # A per-domain model (e.g. a posterior average built for its target domain) says so in its
     # prior ("...,target=<domain>"); it is one method column, not one column per target.
     frame["prior_variant"] = [re.sub(rf"target={re.escape(d)}(?=$|[,;) ])", "target=<domain>", p)
@@ -101,23 +88,28 @@ def _num(value: float) -> str:
     return f"{value:g}" if isinstance(value, float) and not math.isnan(value) else "?"
 
 
+def _kind(method: str) -> str:
+    """The registered kind of a results method (the table was validated: all are registered)."""
+    return registry.get_method(method).kind
+
+
 def _label(row, varying: set[str]) -> str:
     method = row.method
     if is_expert_method(method):
         name = method[len(EXPERT_PREFIX):]
         text = f"Expert {name}"
-    elif method == "topk_prior":
+    elif _kind(method) == "topk":
         text = f"Top-{_num(row.k)} prior"
-    elif method == "cbtm_cluster":
+    elif _kind(method) == "cluster":
         # Always top-k: it is c-BTM's inference budget, so runs line up in the tables.
         text = "c-BTM" if math.isnan(row.n_clusters) else f"c-BTM {_num(row.n_clusters)} clusters"
         if not math.isnan(row.k):
             text += f" top-{_num(row.k)}"
     else:
-        text = METHOD_NAMES.get(method, method)
-    if "k" in varying and method not in ("topk_prior", "cbtm_cluster"):
+        text = registry.label(method)
+    if "k" in varying and _kind(method) not in ("topk", "cluster"):
         text += f" k={_num(row.k)}"
-    if "n_clusters" in varying and method != "cbtm_cluster":
+    if "n_clusters" in varying and _kind(method) != "cluster":
         text += f" {_num(row.n_clusters)} clusters"
     if "prior_variant" in varying:
         text += f" [prior={row.prior_variant or '-'}]"
@@ -132,8 +124,7 @@ def _label(row, varying: set[str]) -> str:
 
 def _order_key(row) -> tuple:
     method = row.method
-    rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else (
-        len(METHOD_ORDER) + 1 if is_expert_method(method) else len(METHOD_ORDER))
+    rank = registry.table_order(method)
     num = lambda v: -1.0 if math.isnan(v) else v  # noqa: E731
     return (rank, method, num(row.n_clusters), num(row.k), row.prior_variant, row.routing,
             num(row.seed_fraction), row.run)

@@ -105,7 +105,16 @@ def main() -> int:
     torch.set_num_threads(args.threads)
 
     from fairseq_ext.data_prep import prepare_data
-    from fairseq_ext.evaluate import ENSEMBLE_METHODS, EvalSettings, evaluate_forest
+    from fairseq_ext.evaluate import EvalSettings
+    from launcher.contract import methods as registry
+    from launcher.contract.layout import RunLayout
+    from launcher.stages_eval import evaluate_mixes
+
+    ENSEMBLE_METHODS = tuple(registry.of_kind("ensemble", registry.REGISTRY))
+
+    def evaluate_forest(run, experts, domains, *, data_dir, settings):
+        """As `btm eval`: the rows are mixed, then filed in the run's results table."""
+        return evaluate_mixes(RunLayout(run), experts, domains, settings, data_dir=data_dir)
     from fairseq_ext.priors import PriorSettings
     from fairseq_ext.scoring import ContextSettings, score_split
 

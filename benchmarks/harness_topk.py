@@ -132,7 +132,7 @@ def main() -> int:
         models = {"one expert": BtmLM(method="expert", expert="e00", **common)}
         for k in args.k:
             models[k] = BtmLM(method="prior", prior=prior, top_k=k, **common)
-            assert models[k].forest.names == [f"e{i:02d}" for i in range(k)]  # only the top k run
+            assert models[k].mixture.names == [f"e{i:02d}" for i in range(k)]  # only the top k run
         seconds = timed_interleaved(models, reqs, args.repeats)
         base, base_wall = seconds["one expert"]
         print(f"machine: {os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f}), torch threads "

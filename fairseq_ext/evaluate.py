@@ -2,21 +2,25 @@
 
 ``evaluate_forest`` for each eval domain:
 1. scores every expert on the prior split (``valid``) and estimates the domain prior, both
-   cached (``RUN/scores/``, ``RUN/priors/``), when a method needs the prior;
+   cached (``EvalDirs.scores``, ``EvalDirs.priors``), when a method needs the prior;
 2. scores the experts the requested methods need on the eval split (``test``): all of them for
    single-expert rows and dense ensembles, only the k experts with the highest cached prior for
    ``topk_prior`` with k < N (the sparse ensemble; nothing else is run);
-3. mixes (``fairseq_ext/mixing.py``) for every method and k and appends one row per result to
-   the results table (``launcher/contract/results.py``).
+3. mixes (``fairseq_ext/mixing.py``) for every method and k and returns one results row per
+   result (the launcher appends them to the results table, ``launcher/contract/results.py``).
 So changing the methods, k or prior settings costs only mixing (and, for new prior settings,
 re-estimating the prior from cached held-out scores).
 
-Methods: ``expert`` (one row ``expert:<name>`` per expert), ``ensemble_uniform`` (weights 1/N),
-``ensemble_prior`` (the cached prior, fixed), ``ensemble_posterior`` (Bayesian posterior over
-the document prefix, starting from the cached prior), ``ensemble_prev_token`` (the reference
-implementation's previous-token rule with the cached prior) and ``topk_prior`` (the k experts
-with the highest cached prior, their prior renormalized). Parameter averages are built by
-``average_forest`` and scored like any single model (``evaluate_model``).
+Methods are those of the registry (``launcher/contract/methods.py``) that mix cached scores:
+``experts`` (one row ``expert:<name>`` per expert), the ensembles (each with its registered
+``mixing_rule``: uniform, the cached prior, the posterior over the document prefix, the
+previous-token rule; the ``random_split`` baseline is the uniform ensemble of its experts) and
+``topk_prior`` (the k experts with the highest cached prior, their prior renormalized).
+Parameter averages are built by ``average_forest`` and scored like any single model
+(``evaluate_model``); c-BTM's routed mixture is ``fairseq_ext/evaluate_cbtm.py``.
+
+Model code never sees a run directory: the caller passes the plain directories (``EvalDirs``)
+and files the rows it gets back.
 
 Cost columns: ``expert_forward_passes`` is the number of sequences run through a model *in
 this call* to produce the eval-split scores the row uses (a score shared by several rows counts
@@ -25,6 +29,7 @@ in each of them; cached scores count 0; the held-out scoring for the prior is no
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -33,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from launcher.contract import methods as registry
 from launcher.contract.atomic import atomic_write_json
 from launcher.contract.errors import BtmError
 from launcher.contract.names import validate_name
@@ -41,17 +47,36 @@ from fairseq_ext.priors import PriorSettings, cached_domain_prior, stack_scores
 from fairseq_ext.scoring import (ContextSettings, cache_key, cache_path, checkpoint_sha256, data_hash,
                                 score_split)
 
-ENSEMBLE_METHODS = {"ensemble_uniform": "uniform", "ensemble_prior": "prior",
-                    "ensemble_posterior": "posterior", "ensemble_prev_token": "prev_token"}
-FOREST_METHODS = ("expert", *ENSEMBLE_METHODS, "topk_prior")
-AVERAGE_METHODS = ("uniform", "argmax", "posterior")
+AVERAGE_RULES = tuple(m.name.split("_", 1)[1] for m in registry.METHODS if m.kind == "average")
+
+
+def is_score_mix(name: str) -> bool:
+    """Whether ``evaluate_forest`` computes the registered method ``name``: single experts,
+    ensembles, top-k, and a baseline that is an ensemble (random_split)."""
+    m = registry.get_method(name)
+    return m.kind in ("expert", "ensemble", "topk") or (m.kind == "baseline" and m.mixing_rule is not None)
+
+
+@dataclass(frozen=True)
+class EvalDirs:
+    """The directories evaluation reads and writes (the launcher takes them from RunLayout)."""
+    data: Path  # prepared data (``btm data prepare``)
+    scores: Path  # per-token score cache
+    priors: Path  # cached domain priors
+    averages: Path | None = None  # parameter averages (average_forest only)
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                object.__setattr__(self, f.name, Path(value))
 
 
 @dataclass(frozen=True)
 class EvalSettings:
-    methods: tuple[str, ...] = field(default=FOREST_METHODS, metadata={
-        "help": "methods to evaluate: expert, ensemble_uniform, ensemble_prior, ensemble_posterior, "
-                "ensemble_prev_token, topk_prior"})
+    methods: tuple[str, ...] = field(default=registry.FOREST_MIXES, metadata={
+        "help": "registered methods to mix: experts, ensemble_*, topk_prior, random_split "
+                "(launcher/contract/methods.py)"})
     top_k: tuple[int, ...] = field(default=(1,), metadata={"help": "k values for topk_prior"})
     split: str = field(default="test", metadata={"help": "split the results are reported on"})
     prior: PriorSettings = field(default_factory=PriorSettings, metadata={"help": "cached prior settings"})
@@ -63,15 +88,18 @@ class EvalSettings:
                 "you trust); without it they are refused, naming the file and the flag"})
 
     def validate(self) -> "EvalSettings":
-        for m in self.methods:
-            if m not in FOREST_METHODS:
-                raise BtmError(f"unknown evaluation method {m!r}; known: {', '.join(FOREST_METHODS)}")
+        """These settings with every method under its registered name, or BtmError."""
+        methods = tuple(dict.fromkeys(registry.canonical(m) for m in self.methods))
+        for m in methods:
+            if not is_score_mix(m):
+                raise BtmError(f"evaluation method {m!r} is not a mix of cached scores; "
+                               f"known here: {', '.join(n for n in registry.REGISTRY if is_score_mix(n))}")
         for k in self.top_k:
             if not isinstance(k, int) or k < 1:
                 raise BtmError(f"top-k values must be integers >= 1, got {k!r}")
         validate_name(self.split, "split")
         validate_name(self.prior.split, "prior split")
-        return self
+        return dataclasses.replace(self, methods=methods)
 
 
 def resolve_device(device: str) -> str:
@@ -80,38 +108,6 @@ def resolve_device(device: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-# ----------------------------------------------------------------------------- the forest
-
-def parse_experts(text: str) -> dict[str, Path]:
-    """``name=path,name=path`` (the ``--experts`` option) -> {name: path}."""
-    experts: dict[str, Path] = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        name, sep, path = item.partition("=")
-        if not sep or not path:
-            raise BtmError(f"--experts: expected name=path, got {item!r}")
-        validate_name(name, "expert name")
-        if name in experts:
-            raise BtmError(f"--experts: expert {name!r} is given twice")
-        experts[name] = Path(path)
-    if not experts:
-        raise BtmError("--experts: no experts given")
-    return experts
-
-
-def forest_experts(run_dir: str | os.PathLike) -> dict[str, Path]:
-    """{name: checkpoint} from ``RUN/forest.json``, after checking every checkpoint's sha256."""
-    from launcher.contract.forest import Forest
-
-    forest = Forest.load(Path(run_dir))
-    if not forest.experts:
-        raise BtmError(f"{forest.path} lists no experts")
-    changed = forest.verify()
-    if changed:
-        raise BtmError(f"{forest.path}: checkpoint missing or changed since merge for expert(s) "
-                       f"{', '.join(changed)}")
-    return {e.name: forest.checkpoint_path(e) for e in forest.experts}
 
 
 def check_experts(experts: dict[str, Path], scorer: "Scorer | None" = None,
@@ -143,9 +139,9 @@ def check_experts(experts: dict[str, Path], scorer: "Scorer | None" = None,
 class Scorer:
     """Scores (model, domain, split) once per call and remembers the result."""
 
-    def __init__(self, run_dir: Path, data_dir: Path, settings: EvalSettings):
-        self.cache_dir = run_dir / "scores"
-        self.data_dir = data_dir
+    def __init__(self, dirs: EvalDirs, settings: EvalSettings):
+        self.cache_dir = dirs.scores
+        self.data_dir = dirs.data
         self.settings = settings
         self.device = resolve_device(settings.device)
         self._done: dict[tuple[str, str, str], object] = {}
@@ -173,8 +169,9 @@ class Scorer:
         return self._done[key]
 
 
-def _row(run: str, method: str, k: int, prior: str, domain: str, split: str, logprobs: np.ndarray,
-         scores: list, mix_seconds: float) -> dict:
+def result_row(run: str, method: str, k: int, prior: str, domain: str, split: str, logprobs: np.ndarray,
+               scores: list, mix_seconds: float) -> dict:
+    """One row of the results table (launcher/contract/results.py) for mixed log-probs."""
     nll = mixing.nll(logprobs)
     return {"run": run, "method": method, "k": k, "prior": prior, "eval_domain": domain, "split": split,
             "tokens": int(logprobs.shape[0]), "nll": nll, "ppl": float(np.exp(nll)),
@@ -182,145 +179,132 @@ def _row(run: str, method: str, k: int, prior: str, domain: str, split: str, log
             "seconds": float(sum(s.seconds for s in scores) + mix_seconds)}
 
 
-def prescore(run_dir: str | os.PathLike, checkpoint: str | os.PathLike, domain: str, *,
-             data_dir: str | os.PathLike | None = None, settings: EvalSettings = EvalSettings()) -> list:
-    """Fill the score cache for one (model, domain): the prior split and the eval split.
-
-    The launcher's ``score`` stage (one array task per (model, eval domain)) calls this, so the
-    ``eval`` stage afterwards only mixes; both must use the same ``settings``.
-    """
-    run_dir = Path(run_dir)
+def prescore(checkpoint: str | os.PathLike, domain: str, dirs: EvalDirs,
+             settings: EvalSettings = EvalSettings()) -> list:
+    """Fill the score cache for one (model, domain): the prior split and the eval split, so an
+    evaluation with the same ``settings`` afterwards only mixes."""
     settings = settings.validate()
-    scorer = Scorer(run_dir, Path(data_dir) if data_dir else run_dir / "data", settings)
+    scorer = Scorer(dirs, settings)
     splits = dict.fromkeys([settings.prior.split, settings.split])
     return [scorer(Path(checkpoint), domain, split) for split in splits]
 
 
-def domain_prior(run_dir: Path, scorer: Scorer, experts: dict[str, Path], domain: str,
+def domain_prior(dirs: EvalDirs, scorer: Scorer, experts: dict[str, Path], domain: str,
                  settings: PriorSettings) -> np.ndarray:
     """The cached prior of ``domain`` over ``experts`` (scoring the held-out split if needed)."""
     heldout = [scorer(path, domain, settings.split) for path in experts.values()]
     names = {name: s.key["checkpoint_sha256"] for name, s in zip(experts, heldout)}
-    prior, _, _ = cached_domain_prior(run_dir / "priors", domain, names, heldout, settings)
+    prior, _, _ = cached_domain_prior(dirs.priors, domain, names, heldout, settings)
     return prior
 
 
 # ----------------------------------------------------------------------------- evaluation
 
-def evaluate_forest(run_dir: str | os.PathLike, experts: dict[str, Path], eval_domains: list[str], *,
-                    data_dir: str | os.PathLike | None = None, settings: EvalSettings = EvalSettings(),
-                    run_name: str | None = None):
-    """Evaluate the forest on each eval domain and append the rows to RUN/results/.
-
-    Returns the new rows as a DataFrame.
-    """
-    from launcher.contract.results import append_results
-
-    run_dir = Path(run_dir)
+def evaluate_forest(experts: dict[str, Path], eval_domains: list[str], dirs: EvalDirs, *,
+                    settings: EvalSettings = EvalSettings(), run_name: str) -> list[dict]:
+    """The results rows of the forest ``experts`` on each eval domain, one per method and k."""
     settings = settings.validate()
-    data_dir = Path(data_dir) if data_dir else run_dir / "data"
-    run = run_name or run_dir.resolve().name
     for d in eval_domains:
         validate_name(d, "eval domain")
-    scorer = Scorer(run_dir, data_dir, settings)
+    scorer = Scorer(dirs, settings)
     splits = dict.fromkeys([settings.prior.split, settings.split])
     check_experts(experts, scorer, [(d, s) for d in eval_domains for s in splits],
                   trust_pickle=settings.trust_checkpoint)
-    names = list(experts)
-    n = len(names)
-    methods = settings.methods
-    uses_prior = any(m in methods for m in ("ensemble_prior", "ensemble_posterior", "ensemble_prev_token",
-                                            "topk_prior"))
-    prior_label = settings.prior.describe()
     rows = []
     for domain in eval_domains:
-        prior = domain_prior(run_dir, scorer, experts, domain, settings.prior) if uses_prior else None
-        dense = "expert" in methods or any(m in methods for m in ENSEMBLE_METHODS)
+        rows += _domain_rows(experts, domain, dirs, scorer, settings, run_name)
+    return rows
 
-        def scores_of(selected: list[str]) -> list:
-            return [scorer(experts[name], domain, settings.split) for name in selected]
 
-        if dense:
-            all_scores = scores_of(names)
-            lp, starts = stack_scores(all_scores)
-        if "expert" in methods:
-            for j, name in enumerate(names):
-                t0 = time.perf_counter()
-                out = lp[j].astype(np.float64)
-                rows.append(_row(run, f"expert:{name}", 1, "none", domain, settings.split, out,
-                                 [all_scores[j]], time.perf_counter() - t0))
-        for method, rule in ENSEMBLE_METHODS.items():
-            if method not in methods:
-                continue
+def _domain_rows(experts: dict[str, Path], domain: str, dirs: EvalDirs, scorer: Scorer,
+                 settings: EvalSettings, run: str) -> list[dict]:
+    names, methods, split = list(experts), settings.methods, settings.split
+    n = len(names)
+    prior = domain_prior(dirs, scorer, experts, domain, settings.prior) if registry.needs_prior(methods) else None
+    prior_label = settings.prior.describe()
+    ensembles = [m for m in methods if registry.get_method(m).kind in ("ensemble", "baseline")]
+
+    def scores_of(selected: list[str]) -> list:
+        return [scorer(experts[name], domain, split) for name in selected]
+
+    rows = []
+    if registry.EXPERTS in methods or ensembles:
+        all_scores = scores_of(names)
+        lp, starts = stack_scores(all_scores)
+    if registry.EXPERTS in methods:
+        for j, name in enumerate(names):
             t0 = time.perf_counter()
-            out = mixing.ensemble_logprobs(lp, starts, method=rule, prior=prior)
-            rows.append(_row(run, method, n, "none" if rule == "uniform" else prior_label, domain,
-                             settings.split, out, all_scores, time.perf_counter() - t0))
-        if "topk_prior" in methods:
-            for k in sorted(set(min(k, n) for k in settings.top_k)):
-                keep = mixing.topk_experts(prior, k)
-                selected = scores_of([names[j] for j in keep])  # only these k experts are scored
-                t0 = time.perf_counter()
-                k_lp, k_starts = stack_scores(selected)
-                out = mixing.ensemble_logprobs(k_lp, k_starts, method="prior", prior=prior[keep])
-                rows.append(_row(run, "topk_prior", k, prior_label, domain, settings.split, out, selected,
-                                 time.perf_counter() - t0))
-    return append_results(run_dir, rows).tail(len(rows)).reset_index(drop=True)
+            out = lp[j].astype(np.float64)
+            rows.append(result_row(run, f"{registry.EXPERT_PREFIX}{name}", 1, "none", domain, split, out,
+                                   [all_scores[j]], time.perf_counter() - t0))
+    for method in ensembles:
+        rule = registry.get_method(method).mixing_rule
+        t0 = time.perf_counter()
+        out = mixing.ensemble_logprobs(lp, starts, method=rule, prior=prior)
+        rows.append(result_row(run, method, n, "none" if rule == "uniform" else prior_label, domain, split,
+                               out, all_scores, time.perf_counter() - t0))
+    for method in (m for m in methods if registry.get_method(m).kind == "topk"):
+        rule = registry.get_method(method).mixing_rule
+        for k in sorted(set(min(k, n) for k in settings.top_k)):
+            keep = mixing.topk_experts(prior, k)
+            selected = scores_of([names[j] for j in keep])  # only these k experts are scored
+            t0 = time.perf_counter()
+            k_lp, k_starts = stack_scores(selected)
+            out = mixing.ensemble_logprobs(k_lp, k_starts, method=rule, prior=prior[keep])
+            rows.append(result_row(run, method, k, prior_label, domain, split, out, selected,
+                                   time.perf_counter() - t0))
+    return rows
 
 
-def evaluate_model(run_dir: str | os.PathLike, method: str, checkpoint: str | os.PathLike,
-                   eval_domains: list[str], *, data_dir: str | os.PathLike | None = None,
+def evaluate_model(method: str, checkpoint: str | os.PathLike, eval_domains: list[str], dirs: EvalDirs, *,
                    settings: EvalSettings = EvalSettings(), k: int = 1, prior: str = "none",
-                   run_name: str | None = None):
-    """Score one model (``dense``, ``average_*``, ...) on each eval domain; append its rows."""
-    from launcher.contract.results import append_results
-
-    run_dir = Path(run_dir)
+                   run_name: str) -> list[dict]:
+    """The results rows of one model (``dense``, ``average_*``, ...) on each eval domain."""
     settings = settings.validate()
-    scorer = Scorer(run_dir, Path(data_dir) if data_dir else run_dir / "data", settings)
-    run = run_name or run_dir.resolve().name
+    scorer = Scorer(dirs, settings)
     rows = []
     for domain in eval_domains:
         validate_name(domain, "eval domain")
         scores = scorer(Path(checkpoint), domain, settings.split)
-        rows.append(_row(run, method, k, prior, domain, settings.split, scores.logprobs.astype(np.float64),
-                         [scores], 0.0))
-    return append_results(run_dir, rows).tail(len(rows)).reset_index(drop=True)
+        rows.append(result_row(run_name, method, k, prior, domain, settings.split,
+                               scores.logprobs.astype(np.float64), [scores], 0.0))
+    return rows
 
 
 # ----------------------------------------------------------------------------- averaging
 
-def average_weights(method: str, prior: np.ndarray | None, n: int) -> np.ndarray:
+def average_weights(rule: str, prior: np.ndarray | None, n: int) -> np.ndarray:
     """Parameter-averaging weights: uniform 1/N, argmax one-hot on the highest prior, posterior
     the prior itself."""
-    if method == "uniform":
+    if rule == "uniform":
         return np.full(n, 1.0 / n)
     if prior is None:
-        raise BtmError(f"average method {method!r} needs the target domain's prior")
-    if method == "argmax":
+        raise BtmError(f"average method {rule!r} needs the target domain's prior")
+    if rule == "argmax":
         return np.eye(n)[int(np.argmax(prior))]
-    if method == "posterior":
+    if rule == "posterior":
         return np.asarray(prior, dtype=np.float64) / np.sum(prior)
-    raise BtmError(f"unknown average method {method!r}; known: {', '.join(AVERAGE_METHODS)}")
+    raise BtmError(f"unknown average method {rule!r}; known: {', '.join(AVERAGE_RULES)}")
 
 
-def average_forest(run_dir: str | os.PathLike, experts: dict[str, Path], method: str,
-                   target_domain: str | None = None, *, data_dir: str | os.PathLike | None = None,
+def average_forest(experts: dict[str, Path], method: str, target_domain: str | None, dirs: EvalDirs, *,
                    settings: EvalSettings = EvalSettings(), name: str | None = None) -> dict:
-    """Average the experts' parameters with weights from ``method`` (the cached prior of
-    ``target_domain`` for argmax/posterior) into ``RUN/averages/<name>/`` (checkpoint.pt +
-    model.safetensors + average.json). Re-running with the same inputs reuses the average.
+    """Average the experts' parameters with weights from ``method`` (uniform, argmax,
+    posterior: the cached prior of ``target_domain`` for the last two) into
+    ``dirs.averages/<name>/`` (checkpoint.pt + model.safetensors + average.json). Re-running
+    with the same inputs reuses the average.
 
     Returns the contents of average.json (``checkpoint``, ``weights``, ``prior`` label, ...).
     """
     from fairseq_ext.averaging import average_checkpoints
 
-    run_dir = Path(run_dir)
     settings = settings.validate()
-    if method not in AVERAGE_METHODS:
-        raise BtmError(f"unknown average method {method!r}; known: {', '.join(AVERAGE_METHODS)}")
+    if method not in AVERAGE_RULES:
+        raise BtmError(f"unknown average method {method!r}; known: {', '.join(AVERAGE_RULES)}")
     if method != "uniform" and not target_domain:
         raise BtmError(f"average method {method!r} needs --target-domain (whose prior gives the weights)")
+    if dirs.averages is None:
+        raise BtmError("average_forest needs the averages directory (EvalDirs.averages)")
     if target_domain:
         validate_name(target_domain, "target domain")
     name = validate_name(name or (method if method == "uniform" else f"{method}.{target_domain}"),
@@ -328,10 +312,9 @@ def average_forest(run_dir: str | os.PathLike, experts: dict[str, Path], method:
     check_experts(experts, trust_pickle=settings.trust_checkpoint)
     prior = None
     if method != "uniform":
-        scorer = Scorer(run_dir, Path(data_dir) if data_dir else run_dir / "data", settings)
-        prior = domain_prior(run_dir, scorer, experts, target_domain, settings.prior)
+        prior = domain_prior(dirs, Scorer(dirs, settings), experts, target_domain, settings.prior)
     weights = average_weights(method, prior, len(experts))
-    out_dir = run_dir / "averages" / name
+    out_dir = dirs.averages / name
     record = {"method": method, "target_domain": target_domain, "experts": list(experts),
               "expert_sha256": {n: checkpoint_sha256(p) for n, p in experts.items()},
               "weights": [float(w) for w in weights],

@@ -35,11 +35,10 @@ from pathlib import Path
 
 from launcher.contract.atomic import atomic_write_bytes, atomic_write_json, sha256_file
 from launcher.contract.errors import BtmError
-from launcher.contract.names import validate_name
+from launcher.contract.forest import FOREST_FILE, expert_checkpoints, manifest_path
 
 EXPORT_FORMAT = 1
 EXPORT_RECORD = "btm_export.json"
-FOREST_FILE = "forest.json"
 EOS_ID, PAD_ID = 2, 1
 
 # ELM parameter name -> (GPT-2 name, transpose?)
@@ -212,35 +211,13 @@ def _read_record(out_dir: Path) -> dict | None:
         raise BtmError(f"cannot read {out_dir / EXPORT_RECORD}: {e}") from None
 
 
-# ----------------------------------------------------------------------------- forests
-
-def forest_experts(source: Path) -> tuple[dict[str, Path], Path | None]:
-    """({expert name: checkpoint}, forest.json or None) of a forest SOURCE.
-
-    A run dir or its forest.json: the manifest's experts (checkpoint paths relative to the run
-    dir, sha256 checked). Otherwise a directory of ``<name>.pt`` files.
-    """
-    manifest = source if source.is_file() else source / FOREST_FILE
-    if manifest.is_file():
-        from fairseq_ext.evaluate import forest_experts as verified_forest_experts
-
-        return verified_forest_experts(manifest), manifest
-    files = sorted(p for p in source.glob("*.pt") if p.is_file())
-    if not files:
-        raise BtmError(f"{source} is neither a checkpoint, a run dir with {FOREST_FILE}, nor a "
-                       "directory of *.pt expert checkpoints")
-    experts = {}
-    for p in files:
-        validate_name(p.stem, f"expert name (file {p})")
-        experts[p.stem] = p
-    return experts, None
-
-
 def export_forest(source: str | os.PathLike, out_dir: str | os.PathLike, *,
                   data_dir: str | os.PathLike | None = None, trust_pickle: bool = False) -> dict:
     """One transformers directory per expert under ``out_dir``, plus manifest and priors."""
     source, out_dir = Path(source), Path(out_dir)
-    experts, manifest = forest_experts(source)
+    experts = expert_checkpoints(source)  # a manifest's checkpoints are sha256-checked
+    manifest = manifest_path(source)
+    manifest = manifest if manifest.is_file() else None
     out_dir.mkdir(parents=True, exist_ok=True)
     index = {"format": EXPORT_FORMAT, "source": str(source), "experts": {}}
     for name, ckpt in experts.items():

@@ -32,264 +32,20 @@ one pass of every expert per distinct context).
 
 Only the experts the method needs are loaded: one for ``expert``, the top k by prior for
 ``prior`` + ``top_k``, one averaged model for ``average``. ``generate_until`` decodes greedily
-from the mixture's next-token distribution.
+from the mixture's next-token distribution. The experts, their loading and their mixture
+weights are ``fairseq_ext.expert_mixture.ExpertMixture``; this module is the lm-eval adapter.
 
 Checkpoints load with ``weights_only``; one that needs pickle (an old fairseq checkpoint) is
 refused unless ``trust_checkpoint=true`` (btm's ``--trust-checkpoint``; only for files you trust).
 """
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from dataclasses import dataclass, field, fields
-from pathlib import Path
+from dataclasses import fields
 
 import numpy as np
 
 from launcher.contract.errors import BtmError
-
-METHODS = ("expert", "uniform", "prior", "posterior", "average", "cluster")
-ROUTINGS = ("token", "prompt")
-PROMPT_ROUTED = ("posterior", "cluster")  # the methods whose weights can come from the prompt
-EOS_ID, PAD_ID = 2, 1
-
-
-@dataclass
-class BtmLMConfig:
-    forest: str | None = field(default=None, metadata={"help": "run dir, forest.json or directory of <name>.pt experts"})
-    checkpoint: str | None = field(default=None, metadata={"help": "one model instead of a forest"})
-    method: str = field(default="posterior", metadata={"help": "expert | uniform | prior | posterior | average | cluster"})
-    expert: str | None = field(default=None, metadata={"help": "the expert of method=expert"})
-    prior: str | None = field(default=None, metadata={"help": "cached prior JSON, or weights a:b:c (default uniform)"})
-    top_k: int | None = field(default=None, metadata={"help": "keep the k experts with the highest weight"})
-    routing: str = field(default="token", metadata={"help": "token (per-token weights) | prompt (weights from the whole context)"})
-    temperature: float = field(default=0.1, metadata={"help": "method=cluster: softmax temperature T of -d^2/T"})
-    clusters: str | None = field(default=None, metadata={"help": "method=cluster: fitted cluster model dir (default RUN/clusters/model)"})
-    stride: int = field(default=32, metadata={"help": "method=cluster, routing=token: tokens per routing block"})
-    data_dir: str | None = field(default=None, metadata={"help": "tokenizer dir (spm.model, dict.txt)"})
-    device: str = field(default="cpu", metadata={"help": "torch device"})
-    batch_size: int = field(default=8, metadata={"help": "sequences per forward pass"})
-    max_length: int | None = field(default=None, metadata={"help": "tokens per input (default: model positions)"})
-    max_gen_toks: int = field(default=256, metadata={"help": "default generation length"})
-    trust_checkpoint: bool = field(default=False, metadata={
-        "help": "let checkpoints that need pickle load (only for files you trust)"})
-
-
-# ----------------------------------------------------------------------------- the forest
-
-def read_prior(spec: str, names: list[str]) -> np.ndarray:
-    """A prior over ``names`` from a cached prior JSON (``by_expert`` or ``prior`` list, see
-    fairseq_ext/priors.py) or from ``a:b:c`` weights in expert order."""
-    path = Path(spec)
-    if path.suffix == ".json" or path.is_file():
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise BtmError(f"cannot read prior {path}: {e}") from None
-        by_expert = data.get("by_expert")
-        if by_expert:
-            missing = [n for n in names if n not in by_expert]
-            if missing:
-                raise BtmError(f"prior {path} has no weight for expert(s) {', '.join(missing)}")
-            values = [by_expert[n] for n in names]
-        else:
-            values = data.get("prior")
-    else:
-        try:
-            values = [float(x) for x in spec.split(":")]
-        except ValueError:
-            raise BtmError(f"prior {spec!r} is neither a prior JSON file nor weights like 0.2:0.8") from None
-    from fairseq_ext.mixing import normalize_prior
-
-    if values is None or len(values) != len(names):
-        raise BtmError(f"prior {spec} has {0 if values is None else len(values)} weights for "
-                       f"{len(names)} experts ({', '.join(names)})")
-    return normalize_prior(values, len(names))
-
-
-class Forest:
-    """The selected experts of a forest, loaded, plus how to mix them (see the module doc)."""
-
-    def __init__(self, cfg: BtmLMConfig):
-        from fairseq_ext import mixing
-        from fairseq_ext.export_hf import forest_experts
-
-        if cfg.method not in METHODS:
-            raise BtmError(f"unknown method {cfg.method!r}; choose from {', '.join(METHODS)}")
-        if cfg.routing not in ROUTINGS:
-            raise BtmError(f"unknown routing {cfg.routing!r}; choose from {', '.join(ROUTINGS)}")
-        if (cfg.forest is None) == (cfg.checkpoint is None):
-            raise BtmError("give exactly one of forest=... or checkpoint=...")
-        if cfg.top_k is not None and int(cfg.top_k) < 1:
-            raise BtmError(f"top_k must be at least 1, got {cfg.top_k}")
-        self.top_k = None if cfg.top_k is None else int(cfg.top_k)
-        self.routing, self.temperature, self.stride = cfg.routing, float(cfg.temperature), int(cfg.stride)
-        self.cluster_model = None
-        self.forward_sequences = 0  # sequences run through one model each (cost accounting)
-        if cfg.checkpoint is not None:
-            experts = {Path(cfg.checkpoint).stem: Path(cfg.checkpoint)}
-            if cfg.method not in ("expert", "posterior"):
-                raise BtmError(f"checkpoint=... is one model; method {cfg.method!r} needs forest=...")
-            self.method, cfg = "expert", BtmLMConfig(**{**cfg.__dict__, "expert": Path(cfg.checkpoint).stem})
-        else:
-            experts, _ = forest_experts(Path(cfg.forest))
-            self.method = cfg.method
-        if self.routing == "prompt" and self.method not in PROMPT_ROUTED:
-            raise BtmError(f"routing=prompt takes the weights from the prompt: use method=posterior "
-                           f"(domain experts) or method=cluster (c-BTM), not {self.method!r}")
-        names = list(experts)
-        prior = read_prior(cfg.prior, names) if cfg.prior else None
-        if self.method == "uniform" and self.top_k is not None:
-            raise BtmError("top_k needs weights to rank experts by: use method=prior or posterior")
-        if self.method == "expert":
-            if cfg.expert not in experts:
-                raise BtmError(f"method=expert needs expert=NAME, one of {', '.join(names)}; got {cfg.expert!r}")
-            chosen = [cfg.expert]
-        elif self.method in ("prior", "average") and self.top_k is not None:
-            p = prior if prior is not None else np.full(len(names), 1.0 / len(names))
-            chosen = [names[i] for i in mixing.topk_experts(p, self.top_k)]
-        elif self.method == "cluster":
-            if cfg.prior:
-                raise BtmError("method=cluster weights experts by distance to the cluster centres; "
-                               "prior=... does not apply")
-            self.cluster_model, chosen = self._clusters(cfg, experts)
-        else:
-            chosen = names
-        self.names = chosen
-        self.prior = None if prior is None else mixing.normalize_prior(
-            [prior[names.index(n)] for n in chosen], len(chosen))
-        self.paths = [experts[n] for n in chosen]
-        self._tmp = None
-        if self.method == "average":
-            self.paths = [self._average(self.paths, self.prior, cfg.trust_checkpoint)]
-        from fairseq_ext.checkpoint import load_model
-
-        loaded = [load_model(p, cfg.device, trust_pickle=cfg.trust_checkpoint) for p in self.paths]
-        self.models = [m.model for m in loaded]
-        self.dictionary = loaded[0].dictionary
-        for p, m in zip(self.paths, loaded):
-            if list(m.dictionary.symbols) != list(self.dictionary.symbols):
-                raise BtmError(f"{p} has a different dictionary than {self.paths[0]}")
-        self.device = cfg.device
-        self.batch_size = int(cfg.batch_size)
-        self.max_positions = min(int(m.max_positions()) for m in self.models)
-        from fairseq_ext.checkpoint import load_checkpoint
-        from fairseq_ext.export_hf import checkpoint_data_dir
-
-        state = (load_checkpoint(self.paths[0], verify=False, trust_pickle=cfg.trust_checkpoint)
-                 if cfg.data_dir is None else {})
-        self.data_dir = checkpoint_data_dir(state, self.paths[0], cfg.data_dir)
-
-    @staticmethod
-    def _clusters(cfg: BtmLMConfig, experts: dict[str, Path]):
-        """(the fitted cluster model, expert names in cluster order: cluster_0, cluster_1, ...)."""
-        from fairseq_ext.cluster.model_io import load_model as load_cluster_model
-
-        if cfg.clusters:
-            where = Path(cfg.clusters)
-        else:
-            source = Path(cfg.forest)
-            where = (source.parent if source.is_file() else source) / "clusters" / "model"
-        model = load_cluster_model(where)
-        chosen = [f"cluster_{i}" for i in range(model.k)]
-        missing = [n for n in chosen if n not in experts]
-        if missing:
-            raise BtmError(f"method=cluster needs one expert per cluster of {where} (k={model.k}); "
-                           f"the forest lacks {', '.join(missing)} (experts: {', '.join(experts)})")
-        return model, chosen
-
-    def _average(self, paths, prior, trust_pickle: bool) -> Path:
-        from fairseq_ext.averaging import average_checkpoints
-
-        self._tmp = tempfile.TemporaryDirectory(prefix="btm-average-")
-        out = Path(self._tmp.name) / "average.pt"
-        weights = None if prior is None else [float(w) for w in prior]
-        average_checkpoints(paths, weights or [1.0] * len(paths), out, trust_pickle=trust_pickle)
-        return out
-
-    def decode(self, ids) -> str:
-        from fairseq_ext.data_prep import decode_ids
-
-        return decode_ids(self.data_dir, ids)
-
-    # ---- mixing ---------------------------------------------------------------------------
-    def log_weights(self, lp: np.ndarray, targets) -> np.ndarray:
-        """[N, T] per-token log mixture weights for one document's expert target log-probs
-        ``lp`` [N, T] and its target ids (routing=token)."""
-        from fairseq_ext import mixing
-
-        n, t = lp.shape
-        if n == 1:
-            return np.zeros((1, t))
-        if self.method == "cluster":
-            from fairseq_ext.cluster.routing import token_route_weights_from_ids
-
-            w = token_route_weights_from_ids(self.cluster_model, np.asarray(targets), np.array([0]), self.decode,
-                                             stride=self.stride, temperature=self.temperature, top_k=self.top_k)
-            with np.errstate(divide="ignore"):
-                return np.log(w).T
-        method = "posterior" if self.method == "posterior" else ("prior" if self.prior is not None else "uniform")
-        return mixing.keep_top_k(mixing.log_weights(lp, np.array([0]), method, self.prior), self.top_k)
-
-    def cluster_log_weights(self, texts: list[str]) -> np.ndarray:
-        """[R, N] log weights (-inf: dropped by top-k) of the cluster experts for whole texts."""
-        from fairseq_ext.cluster.routing import route_weights
-
-        with np.errstate(divide="ignore"):
-            return np.log(route_weights(self.cluster_model, texts, self.temperature, self.top_k))
-
-    # ---- forward passes -------------------------------------------------------------------
-    def run(self, inputs: list[list[int]], targets: list[list[int]], full_from: list[int],
-            which: list[list[int]] | None = None):
-        """The selected models on the sequences, in batches of right-padded rows.
-
-        ``which[i]``: indices of the models to run on sequence i (default: every model).
-        Returns (target log-probs [len(which[i]), len_i] per sequence, full log-softmax rows
-        [len(which[i]), len_i - full_from_i, V] per sequence) as numpy float64/float32.
-        """
-        import torch
-
-        n = len(self.models)
-        which = [list(range(n))] * len(inputs) if which is None else [list(w) for w in which]
-        lps = [np.zeros((len(w), len(t)), dtype=np.float64) for w, t in zip(which, targets)]
-        fulls = [None] * len(inputs)
-        rows_of: list[list] = [[None] * len(w) for w in which]
-        for m, model in enumerate(self.models):
-            seqs = sorted((i for i in range(len(inputs)) if m in which[i]), key=lambda i: -len(inputs[i]))
-            self.forward_sequences += len(seqs)
-            for start in range(0, len(seqs), self.batch_size):
-                rows = seqs[start:start + self.batch_size]
-                width = max(len(inputs[i]) for i in rows)
-                src = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
-                tgt = torch.zeros((len(rows), width), dtype=torch.long)
-                for r, i in enumerate(rows):
-                    src[r, :len(inputs[i])] = torch.tensor(inputs[i], dtype=torch.long)
-                    tgt[r, :len(targets[i])] = torch.tensor(targets[i], dtype=torch.long)
-                src, tgt = src.to(self.device), tgt.to(self.device)
-                with torch.inference_mode():
-                    lp = torch.log_softmax(model(src)[0].float(), dim=-1)
-                    target_lp = lp.gather(2, tgt[:, :, None])[:, :, 0].double().cpu().numpy()
-                    for r, i in enumerate(rows):
-                        slot = which[i].index(m)
-                        lps[i][slot] = target_lp[r, :len(inputs[i])]
-                        rows_of[i][slot] = lp[r, full_from[i]:len(inputs[i])].cpu().numpy()
-        for i, got in enumerate(rows_of):
-            fulls[i] = np.stack(got) if got else np.zeros((0, 0, len(self.dictionary)), dtype=np.float32)
-        return lps, fulls
-
-    def close(self) -> None:
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
-
-
-def mixture_full(log_w_rows: np.ndarray, full: np.ndarray) -> np.ndarray:
-    """[T, V] mixture log-distribution from log weights [N, T] and expert rows [N, T, V]."""
-    from fairseq_ext.mixing import logsumexp
-
-    return logsumexp(log_w_rows[:, :, None] + full.astype(np.float64), axis=0)
-
+from fairseq_ext.expert_mixture import EOS_ID, PAD_ID, BtmLMConfig, ExpertMixture, mixture_full
 
 # ----------------------------------------------------------------------------- lm_eval model
 
@@ -351,13 +107,13 @@ class BtmLM(_lm_base()):
             # lm_eval's CLI asks for cuda by default; like its hf model, run on the CPU then.
             device = "cpu"
         self.cfg = BtmLMConfig(**model_args, batch_size=int(batch_size), device=str(device))
-        self.forest = Forest(self.cfg)
-        self._max_length = min(self.cfg.max_length or self.forest.max_positions, self.forest.max_positions)
+        self.mixture = ExpertMixture(self.cfg)
+        self._max_length = min(self.cfg.max_length or self.mixture.max_positions, self.mixture.max_positions)
 
     @property
     def forward_sequences(self) -> int:
         """Sequences run through one model each so far (cost accounting)."""
-        return self.forest.forward_sequences
+        return self.mixture.forward_sequences
 
     # ---- tokenizer ----------------------------------------------------------------------
     @property
@@ -370,17 +126,17 @@ class BtmLM(_lm_base()):
 
     @property
     def tokenizer_name(self) -> str:
-        return str(self.forest.data_dir)
+        return str(self.mixture.data_dir)
 
     def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> list[int]:
         from fairseq_ext.data_prep import encode_text
 
-        return encode_text(self.forest.data_dir, string)
+        return encode_text(self.mixture.data_dir, string)
 
     def tok_decode(self, ids) -> str:
         from fairseq_ext.data_prep import decode_ids
 
-        return decode_ids(self.forest.data_dir, ids)
+        return decode_ids(self.mixture.data_dir, ids)
 
     # ---- scoring ------------------------------------------------------------------------
     def _document(self, tokens: list[int]) -> tuple[list[int], list[int]]:
@@ -402,24 +158,24 @@ class BtmLM(_lm_base()):
             if len(cont) > len(targets):
                 raise BtmError(f"continuation of {len(cont)} tokens does not fit in {self.max_length} positions")
         full_from = [len(d[1]) - k for d, k in zip(docs, n_cont)]
-        if self.forest.routing == "prompt":
+        if self.mixture.routing == "prompt":
             if contexts is None:
-                contexts = [self.forest.decode(ctx) for ctx, _ in pairs]
+                contexts = [self.mixture.decode(ctx) for ctx, _ in pairs]
             log_w0 = self._prompt_log_weights([ctx for ctx, _ in pairs], contexts)
             which = [np.flatnonzero(np.isfinite(w)).tolist() for w in log_w0]
-            lps, fulls = self.forest.run([d[0] for d in docs], [d[1] for d in docs], full_from, which)
+            lps, fulls = self.mixture.run([d[0] for d in docs], [d[1] for d in docs], full_from, which)
         else:
-            lps, fulls = self.forest.run([d[0] for d in docs], [d[1] for d in docs], full_from)
+            lps, fulls = self.mixture.run([d[0] for d in docs], [d[1] for d in docs], full_from)
         from fairseq_ext import mixing
 
         out = []
         for i, ((_, targets), k, lp, full) in enumerate(zip(docs, n_cont, lps, fulls)):
-            if self.forest.routing == "prompt":
+            if self.mixture.routing == "prompt":
                 # the mixture of whole continuations over the kept experts (mixing.sequence_log_weights)
                 lp = lp[:, len(targets) - k:]
                 log_w = mixing.sequence_log_weights(log_w0[i][which[i]], lp)
             else:
-                log_w = self.forest.log_weights(lp, targets)[:, len(targets) - k:]
+                log_w = self.mixture.log_weights(lp, targets)[:, len(targets) - k:]
                 lp = lp[:, len(targets) - k:]
             greedy = mixture_full(log_w, full).argmax(-1)
             out.append((float(mixing.mix_log_weights(lp, log_w).sum()),
@@ -436,20 +192,20 @@ class BtmLM(_lm_base()):
         or the prior."""
         from fairseq_ext import mixing
 
-        if self.forest.method == "cluster":
+        if self.mixture.method == "cluster":
             unique = list(dict.fromkeys(texts))
-            rows = dict(zip(unique, self.forest.cluster_log_weights(unique)))
+            rows = dict(zip(unique, self.mixture.cluster_log_weights(unique)))
             return np.stack([rows[t] for t in texts])
         keys = [tuple(c[1:] if c[:1] == [EOS_ID] else c) for c in context_ids]  # </s> = no text
         unique = list(dict.fromkeys(keys))
-        loglik = np.zeros((len(self.forest.models), len(unique)))
+        loglik = np.zeros((len(self.mixture.models), len(unique)))
         scored = [j for j, key in enumerate(unique) if key]
         if scored:
             docs = [self._document(list(unique[j])) for j in scored]
-            lps, _ = self.forest.run([d[0] for d in docs], [d[1] for d in docs], [len(d[1]) for d in docs])
+            lps, _ = self.mixture.run([d[0] for d in docs], [d[1] for d in docs], [len(d[1]) for d in docs])
             for j, lp in zip(scored, lps):
                 loglik[:, j] = lp.sum(axis=1)
-        log_w = mixing.prompt_log_weights(loglik, self.forest.prior, self.forest.top_k).T
+        log_w = mixing.prompt_log_weights(loglik, self.mixture.prior, self.mixture.top_k).T
         index = {key: j for j, key in enumerate(unique)}
         return np.stack([log_w[index[key]] for key in keys])
 
@@ -479,25 +235,25 @@ class BtmLM(_lm_base()):
             starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
             ctx = ContextSettings(tokens_per_sample=self.max_length, reset_at_doc=True)
             lp = []
-            for model in self.forest.models:
+            for model in self.mixture.models:
                 scores, passes = forward_logprobs(model, tokens, starts, ctx, eos=EOS_ID, pad=PAD_ID,
-                                                  device=self.forest.device, batch_size=self.forest.batch_size)
-                self.forest.forward_sequences += passes
+                                                  device=self.mixture.device, batch_size=self.mixture.batch_size)
+                self.mixture.forward_sequences += passes
                 lp.append(scores)
             lp = np.stack(lp).astype(np.float64)
-            if len(self.forest.models) == 1:
+            if len(self.mixture.models) == 1:
                 mixed = lp[0]
-            elif self.forest.method == "cluster":
+            elif self.mixture.method == "cluster":
                 from fairseq_ext.cluster.routing import token_route_weights_from_ids
 
-                w = token_route_weights_from_ids(self.forest.cluster_model, tokens, starts, self.forest.decode,
-                                                 stride=self.forest.stride, temperature=self.forest.temperature,
-                                                 top_k=self.forest.top_k)
+                w = token_route_weights_from_ids(self.mixture.cluster_model, tokens, starts, self.mixture.decode,
+                                                 stride=self.mixture.stride, temperature=self.mixture.temperature,
+                                                 top_k=self.mixture.top_k)
                 mixed = mixing.mix_with_weights(lp, w)
             else:
-                method = "posterior" if self.forest.method == "posterior" else (
-                    "prior" if self.forest.prior is not None else "uniform")
-                mixed = mixing.ensemble_logprobs(lp, starts, method, self.forest.prior, self.forest.top_k)
+                method = "posterior" if self.mixture.method == "posterior" else (
+                    "prior" if self.mixture.prior is not None else "uniform")
+                mixed = mixing.ensemble_logprobs(lp, starts, method, self.mixture.prior, self.mixture.top_k)
             for i, total in zip(nonempty, np.add.reduceat(mixed, starts)):
                 out[i] = float(total)
         for text, res in zip(texts, out):
@@ -522,7 +278,7 @@ class BtmLM(_lm_base()):
                 raise BtmError("the btm harness model decodes greedily only (do_sample/temperature unsupported)")
             states.append({"ids": [EOS_ID] + self.tok_encode(context), "new": [], "until": until,
                            "max_new": max_new, "done": max_new <= 0, "context": context})
-        prompt = self.forest.routing == "prompt"
+        prompt = self.mixture.routing == "prompt"
         if prompt and states:
             log_w0 = self._prompt_log_weights([s["ids"] for s in states], [s["context"] for s in states])
             for s, w in zip(states, log_w0):
@@ -536,7 +292,7 @@ class BtmLM(_lm_base()):
             # last target, so the last row is the next-token distribution.
             inputs = [(s["ids"] + s["new"])[-self.max_length:] for s in live]
             targets = [x[1:] + [PAD_ID] for x in inputs]
-            lps, fulls = self.forest.run(inputs, targets, [len(t) - 1 for t in targets],
+            lps, fulls = self.mixture.run(inputs, targets, [len(t) - 1 for t in targets],
                                          [s["kept"] for s in live] if prompt else None)
             for s, lp, full, tgt in zip(live, lps, fulls, targets):
                 if prompt:
@@ -544,7 +300,7 @@ class BtmLM(_lm_base()):
                 else:
                     lp = lp.copy()
                     lp[:, -1] = 0.0  # the dummy target: its value never enters the weights used
-                    log_w = self.forest.log_weights(lp, tgt)[:, -1:]
+                    log_w = self.mixture.log_weights(lp, tgt)[:, -1:]
                 token = int(mixture_full(log_w, full).argmax(-1)[0])
                 if token == EOS_ID:
                     s["done"] = True

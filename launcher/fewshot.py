@@ -31,6 +31,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from launcher.contract import methods as registry
 from launcher.contract.atomic import atomic_write_json, read_versioned_json
 from launcher.contract.errors import BtmError
 from launcher.contract.names import validate_name
@@ -260,35 +261,35 @@ def describe_method(model_args: dict, results_method: str | None, n_experts: int
                     n_clusters: int | None = None) -> dict:
     """The results columns method, k, routing, prior (and n_clusters) of a btm model setup.
 
-    k = experts that score each option: 1 for one model, min(top_k, N) or N otherwise (for a
-    parameter average: the experts averaged, as the eval stage counts it)."""
+    The method is the registered one whose lm-eval arguments these are
+    (``launcher.contract.methods.from_lm_eval``). k = experts that score each option: 1 for one
+    model, min(top_k, N) or N otherwise (for a parameter average: the experts averaged, as the
+    eval stage counts it)."""
     if "checkpoint" in model_args:
         return {"method": results_method, "k": 1, "routing": "none", "prior": "none"}
-    method = model_args.get("method", "posterior")
+    method = registry.from_lm_eval(model_args)
+    kind = registry.get_method(method).kind
     routing = model_args.get("routing", "token")
     top_k = model_args.get("top_k")
     k = n_experts if top_k is None else min(int(top_k), n_experts)
     prior = model_args.get("prior")
     prior_label = "uniform" if not prior else (Path(prior).name if str(prior).endswith(".json") else str(prior))
-    temperature = float(model_args.get("temperature", 0.1))
-    if method == "expert":
-        out = {"method": f"expert:{model_args.get('expert')}", "k": 1, "routing": "none", "prior": "none"}
-    elif method == "uniform":
-        out = {"method": "ensemble_uniform", "k": n_experts, "routing": "fixed", "prior": "none"}
-    elif method == "prior":
-        out = {"method": "topk_prior" if top_k else "ensemble_prior", "k": k, "routing": "fixed",
-               "prior": prior_label}
-    elif method == "posterior":
-        out = {"method": "ensemble_posterior", "k": k, "routing": f"{routing}:posterior", "prior": prior_label}
-    elif method == "average":
-        out = {"method": "average_posterior" if prior else "average_uniform", "k": k, "routing": "none",
-               "prior": prior_label if prior else "none"}
-    elif method == "cluster":
+    if kind == "expert":
+        out = {"method": f"{registry.EXPERT_PREFIX}{model_args.get('expert')}", "k": 1, "routing": "none",
+               "prior": "none"}
+    elif kind == "cluster":
+        temperature = float(model_args.get("temperature", 0.1))
         settings = f"T={temperature:g}" + (f",stride={int(model_args.get('stride', 32))}" if routing == "token" else "")
-        out = {"method": "cbtm_cluster", "k": k, "routing": f"{routing}:tfidf-svd({settings})", "prior": "none",
+        out = {"method": method, "k": k, "routing": f"{routing}:tfidf-svd({settings})", "prior": "none",
                "n_clusters": n_clusters}
-    else:
-        raise BtmError(f"unknown btm method {method!r}")
+    elif kind == "average":
+        out = {"method": method, "k": k, "routing": "none", "prior": prior_label if prior else "none"}
+    elif registry.get_method(method).mixing_rule == "posterior":
+        out = {"method": method, "k": k, "routing": f"{routing}:posterior", "prior": prior_label}
+    elif registry.get_method(method).mixing_rule == "uniform":
+        out = {"method": method, "k": n_experts, "routing": "fixed", "prior": "none"}
+    else:  # a fixed prior: all experts, or the top k
+        out = {"method": method, "k": k, "routing": "fixed", "prior": prior_label}
     if results_method:
         out["method"] = results_method
     return out
@@ -354,15 +355,15 @@ def run_element(manifest_path: str | Path, index: int) -> int:
                                       limit=element["limit"], task_manager=tm, log_samples=False,
                                       fewshot_random_seed=element["seed"])
     seconds = time.perf_counter() - t0
-    forest = lm.forest
-    described = describe_method(element["model_args"], element["results_method"], len(forest.names),
-                                forest.cluster_model.k if forest.cluster_model is not None else None)
+    mixture = lm.mixture
+    described = describe_method(element["model_args"], element["results_method"], len(mixture.names),
+                                mixture.cluster_model.k if mixture.cluster_model is not None else None)
     rows = rows_from_lm_eval(results, element, described, lm.forward_sequences, seconds)
     append_fewshot(element["results_run_dir"], rows)
     keep = {k: results.get(k) for k in ("results", "n-samples", "higher_is_better", "versions", "n-shot")}
     atomic_write_json(element_file(out_dir, element),
                       {"element": _spec(element), "rows": rows, "lm_eval": json.loads(json.dumps(keep, default=str))})
-    forest.close()
+    mixture.close()
     print(f"fewshot {element['id']}: {len(rows)} result row(s) in "
           f"{Path(element['results_run_dir']) / 'results' / 'fewshot.csv'}", flush=True)
     return 0

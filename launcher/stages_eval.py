@@ -1,115 +1,120 @@
-"""The eval stage's body: every configured method and baseline into ``results/``.
+"""Evaluation on the launcher's side: which models, which paths, and filing the rows.
 
-Called by ``launcher.stages.eval_run`` (the stage checks and records it). The scores were
-cached by the score array (same cache key), so this is mostly mixing: ensembles and single
-experts through ``fairseq_ext.evaluate.evaluate_forest``, parameter averages through
-``average_forest`` + ``evaluate_model``, the dense baseline through ``evaluate_model``, and the
-random-split baseline as the uniform ensemble of its experts (method ``random_split``).
+Model code (``fairseq_ext.evaluate``, ``fairseq_ext.evaluate_cbtm``) takes plain directories
+and returns results rows; the functions here resolve those directories with ``RunLayout``, the
+forest with ``launcher.contract.forest`` and append the rows with
+``launcher.contract.results``. ``btm eval`` / ``btm average`` (launcher/commands/eval.py) and
+the eval stage (``evaluate_run``, called by ``launcher.stages.eval_run``) go through the same
+functions, so every method the stage computes, c-BTM included, is one ``btm eval`` away.
+
+The eval stage finds the scores cached by the score array (same cache key), so it is mostly
+mixing: single experts, ensembles, top-k, the random-split baseline (the uniform ensemble of
+its experts) and c-BTM by mixing, parameter averages and the dense baseline as single models.
 """
 from __future__ import annotations
 
-import os
+import dataclasses
 from pathlib import Path
 
+from launcher.contract import methods as registry
 from launcher.contract.errors import BtmError
-from launcher.contract.forest import Forest
+from launcher.contract.forest import verified_checkpoints
+from launcher.contract.layout import DENSE, RunLayout, random_split_name
+from launcher.contract.results import append_results
 
-FOREST_METHODS = {"experts": "expert", "ensemble_uniform": "ensemble_uniform", "ensemble_prior": "ensemble_prior",
-                  "ensemble_posterior": "ensemble_posterior", "ensemble_prev_token": "ensemble_prev_token",
-                  "topk_prior": "topk_prior"}
+
+def _fairseq_ext(module: str):
+    import importlib
+
+    try:
+        return importlib.import_module(f"fairseq_ext.{module}")
+    except ImportError as e:
+        raise BtmError(f"evaluation needs fairseq_ext.{module}, which is not available: {e}") from None
+
+
+def eval_dirs(layout: RunLayout, data_dir: Path | None = None):
+    """The plain directories model code evaluates with (``data_dir`` overrides RUN/data)."""
+    return _fairseq_ext("evaluate").EvalDirs(data=data_dir or layout.data, scores=layout.scores,
+                                             priors=layout.priors, averages=layout.averages)
+
+
+def _file(layout: RunLayout, rows: list[dict]):
+    """Append rows to the run's results table; the new rows as a DataFrame."""
+    if not rows:
+        raise BtmError("no evaluation rows to file (no method and no eval domain?)")
+    return append_results(layout.root, rows).tail(len(rows)).reset_index(drop=True)
+
+
+def run_name(layout: RunLayout, name: str | None) -> str:
+    """The results' ``run`` column: ``name`` if given, else the run directory's name."""
+    return name or layout.root.resolve().name
+
+
+def evaluate_mixes(layout: RunLayout, experts: dict[str, Path], domains: list[str], settings, *,
+                   name: str | None = None, data_dir: Path | None = None):
+    """The mixing methods of ``settings.methods`` (registered names: experts, ensembles, top-k,
+    random_split, c-BTM) on ``domains``, appended to the results; returns the new rows."""
+    evaluate = _fairseq_ext("evaluate")
+    dirs, run = eval_dirs(layout, data_dir), run_name(layout, name)
+    wanted = [registry.canonical(m) for m in settings.methods]
+    clusters = registry.of_kind("cluster", wanted)
+    mixes = tuple(m for m in wanted if m not in clusters)
+    rows = []
+    if mixes:
+        rows += evaluate.evaluate_forest(experts, domains, dirs, settings=dataclasses.replace(settings, methods=mixes),
+                                         run_name=run)
+    if clusters:
+        rows += _fairseq_ext("evaluate_cbtm").evaluate_clusters(
+            experts, layout.cluster_model, domains, dirs, settings=dataclasses.replace(settings, methods=()),
+            run_name=run)
+    return _file(layout, rows)
+
+
+def evaluate_model(layout: RunLayout, method: str, checkpoint: Path, domains: list[str], settings, *,
+                   k: int = 1, prior: str = "none", name: str | None = None, data_dir: Path | None = None):
+    """One model's rows (dense, a parameter average, ...) appended to the results; returns them."""
+    rows = _fairseq_ext("evaluate").evaluate_model(method, checkpoint, domains, eval_dirs(layout, data_dir),
+                                                   settings=settings, k=k, prior=prior,
+                                                   run_name=run_name(layout, name))
+    return _file(layout, rows)
+
+
+def evaluate_average(layout: RunLayout, experts: dict[str, Path], rule: str, target: str | None,
+                     domains: list[str], settings, *, average_name: str | None = None,
+                     name: str | None = None, data_dir: Path | None = None):
+    """Build (or reuse) the ``rule`` parameter average in RUN/averages/ and file its rows as
+    ``average_<rule>``; returns (average.json's record, the new rows)."""
+    record = _fairseq_ext("evaluate").average_forest(experts, rule, target, eval_dirs(layout, data_dir),
+                                                     settings=settings, name=average_name)
+    if not domains:
+        raise BtmError("--eval-domains is required with --method uniform and no --target-domain")
+    # k = experts actually averaged (argmax averages one).
+    k = sum(1 for w in record["weights"] if w > 0)
+    rows = evaluate_model(layout, f"average_{rule}", Path(record["checkpoint"]), domains, settings, k=k,
+                          prior=record["prior"], name=name, data_dir=data_dir)
+    return record, rows
 
 
 def evaluate_run(ctx, device: str) -> None:
-    try:
-        from fairseq_ext.evaluate import EvalSettings, average_forest, evaluate_forest, evaluate_model
-    except ImportError as e:
-        raise BtmError(f"the eval stage needs fairseq_ext.evaluate, which is not available: {e}") from None
-    from launcher.contract.results import append_results
-
-    p, cfg, run_dir = ctx.params, ctx.config, ctx.run_dir
-    forest = Forest.load(run_dir)
-    experts = {e.name: forest.checkpoint_path(e) for e in forest.experts}
-    if not experts:
-        raise BtmError(f"{forest.path} lists no experts")
-    domains = list(p["domains"])
-    methods = list(p["methods"])
-    forest_methods = tuple(FOREST_METHODS[m] for m in methods if m in FOREST_METHODS)
-    settings = EvalSettings(methods=forest_methods or ("expert",), top_k=(p["top_k"],), split=p["split"],
-                            device=device)
-    n = len(experts)
-    if forest_methods:
-        evaluate_forest(run_dir, experts, domains, data_dir=ctx.data_dir, settings=settings, run_name=cfg.name)
-    for method in ("average_uniform", "average_argmax", "average_posterior"):
-        if method not in methods:
-            continue
-        kind = method.split("_", 1)[1]
-        targets = [None] if kind == "uniform" else domains
-        for target in targets:
-            avg = average_forest(run_dir, experts, kind, target, data_dir=ctx.data_dir, settings=settings)
-            # k = experts actually averaged (argmax averages one), as `btm average` reports it.
-            k = sum(1 for w in avg["weights"] if w > 0)
-            evaluate_model(run_dir, method, avg["checkpoint"], [target] if target else domains,
-                           data_dir=ctx.data_dir, settings=settings, k=k, prior=avg["prior"], run_name=cfg.name)
+    """The eval stage: every configured method and baseline of the run into results/."""
+    evaluate = _fairseq_ext("evaluate")
+    p, cfg = ctx.params, ctx.config
+    layout = RunLayout(ctx.run_dir)
+    experts = verified_checkpoints(layout.forest)
+    domains, methods = list(p["domains"]), list(p["methods"])
+    settings = evaluate.EvalSettings(methods=(), top_k=(p["top_k"],), split=p["split"], device=device)
+    common = dict(name=cfg.name, data_dir=ctx.data_dir)
+    mixes = [m for m in methods if registry.canonical(m) in registry.MIXES]
+    if mixes:
+        evaluate_mixes(layout, experts, domains, dataclasses.replace(settings, methods=tuple(mixes)), **common)
+    for method in registry.of_kind("average", methods):
+        rule = method.split("_", 1)[1]
+        for target in ([None] if rule == "uniform" else domains):
+            evaluate_average(layout, experts, rule, target, [target] if target else domains, settings, **common)
     if "dense" in p["baselines"]:
-        evaluate_model(run_dir, "dense", ctx.model_dir("dense") / "checkpoint_last.pt", domains,
-                       data_dir=ctx.data_dir, settings=settings, k=1, run_name=cfg.name)
+        evaluate_model(layout, "dense", layout.checkpoint(DENSE), domains, settings, **common)
     if "random_split" in p["baselines"]:
-        rand = {f"random{i}": ctx.model_dir(f"random{i}") / "checkpoint_last.pt" for i in range(len(cfg.expert_names))}
-        # evaluate_forest writes its rows into the directory it is given; give it a scratch run
-        # directory sharing our score cache, then file its rows under method random_split.
-        scratch = run_dir / "baselines" / "random_split"
-        scratch.mkdir(parents=True, exist_ok=True)
-        if not (scratch / "scores").exists():
-            os.symlink(Path("..") / ".." / "scores", scratch / "scores", target_is_directory=True)
-        rows = evaluate_forest(scratch, rand, domains, data_dir=ctx.data_dir,
-                               settings=EvalSettings(methods=("ensemble_uniform",), split=p["split"], device=device),
-                               run_name=cfg.name)
-        rows = rows.assign(method="random_split")
-        append_results(run_dir, rows)
-    if "cbtm_cluster" in methods:
-        cbtm_rows(ctx, experts, domains, p["split"], p["top_k"], device)
-
-
-def cbtm_rows(ctx, experts: dict, domains: list[str], split: str, top_k: int, device: str,
-              temperature: float = 0.1, stride: int = 32) -> None:
-    """c-BTM: mix the cluster experts per token with weights routed from the context so far.
-
-    The routing of token t uses only the document's text before it (tf-idf -> SVD -> distance
-    to the cluster centres, ``fairseq_ext.cluster.routing``), top-k renormalised.
-    """
-    import time
-
-    import numpy as np
-
-    from fairseq_ext import mixing
-    from fairseq_ext.cluster.model_io import load_model as load_cluster_model
-    from fairseq_ext.cluster.routing import token_route_weights_from_ids
-    from fairseq_ext.data_prep import decode_ids
-    from fairseq_ext.priors import stack_scores
-    from fairseq_ext.scoring import score_split
-    from launcher.contract.results import append_results
-
-    model = load_cluster_model(ctx.run_dir / "clusters" / "model")
-    names = [f"cluster_{i}" for i in range(model.k)]
-    missing = [n for n in names if n not in experts]
-    if missing:
-        raise BtmError(f"cbtm_cluster needs every cluster's expert; missing from forest.json: {', '.join(missing)}")
-    k = min(top_k, model.k)
-    rows = []
-    for domain in domains:
-        t0 = time.perf_counter()
-        scores = [score_split(experts[n], ctx.data_dir, domain, split, cache_dir=ctx.run_dir / "scores",
-                              device=device) for n in names]
-        lp, starts = stack_scores(scores)
-        weights = token_route_weights_from_ids(model, scores[0].targets, starts,
-                                               lambda ids: decode_ids(ctx.data_dir, ids), stride=stride,
-                                               temperature=temperature, top_k=k)
-        out = mixing.mix_with_weights(lp, weights)
-        nll = float(-np.mean(out))
-        rows.append({"run": ctx.config.name, "method": "cbtm_cluster", "k": k,
-                     "prior": f"route(T={temperature},stride={stride})", "eval_domain": domain, "split": split,
-                     "tokens": int(out.shape[0]), "nll": nll, "ppl": float(np.exp(nll)),
-                     "expert_forward_passes": int(sum(s.forward_passes for s in scores)),
-                     "seconds": time.perf_counter() - t0, "n_clusters": model.k,
-                     "routing": f"tfidf-svd top{k} T={temperature} stride={stride}"})
-    append_results(ctx.run_dir, rows)
+        shards = {random_split_name(i): layout.checkpoint(random_split_name(i))
+                  for i in range(len(cfg.expert_names))}
+        evaluate_mixes(layout, shards, domains, dataclasses.replace(settings, methods=("random_split",)),
+                       **common)

@@ -101,7 +101,7 @@ def test_cli_reports_bad_input_as_one_error_line(tmp_path, capsys):
     (run / "results" / "results.csv").write_text("run,method\nx,dense\n")
     assert main(["report", str(run)]) == 2
     err = capsys.readouterr().err
-    assert "results.csv lacks column(s) k, prior" in err and "Traceback" not in err
+    assert "results.csv: results: missing required column 'k'" in err and "Traceback" not in err
     assert not (run / "report").exists()  # nothing written on bad input
 
 

@@ -219,29 +219,31 @@ def test_split_choice():
         tables.check_split(frame, "train")
 
 
-def test_unknown_methods_and_inconsistent_nll_are_noted(tmp_path):
+def test_unknown_methods_and_inconsistent_nll_are_refused_naming_the_file(tmp_path):
+    """The report reads the table through launcher.contract.results, the one validator."""
     extra = [dict(r, method="ensemble_magic") for r in result_rows("r") if r["method"] == "dense"]
+    with pytest.raises(BtmError, match=r"results\.csv: .*unknown method 'ensemble_magic'"):
+        load_runs([make_run(tmp_path, "r", extra_rows=extra)])
+    extra = [dict(r) for r in result_rows("s") if r["method"] == "dense"][:1]
     extra[0]["ppl"] = extra[0]["ppl"] * 2
-    runs = load_runs([make_run(tmp_path, "r", extra_rows=extra)])
-    frame, notes = tables.combine(runs)
-    assert tables.ordered_labels(frame)[-1] == "ensemble_magic"
-    assert any("ensemble_magic are not among" in n for n in notes)
-    assert any("1 row(s) of ensemble_magic have ppl != exp(nll)" in n for n in notes)
+    extra[0]["eval_domain"] = "elsewhere"
+    with pytest.raises(BtmError, match=r"results\.csv: .*column 'ppl' row \d+ is .* but exp\(nll\)"):
+        load_runs([make_run(tmp_path, "s", extra_rows=extra)])
 
 
-def test_k_may_be_empty_or_all_for_full_ensembles(tmp_path):
+def test_k_is_required_in_every_row(tmp_path):
     run = make_run(tmp_path, "r")
     csv = run / "results" / "results.csv"
     df = pd.read_csv(csv)
     df["k"] = df["k"].astype(object)
-    df.loc[df["method"] == "ensemble_prior", "k"] = "all"
     df.loc[df["method"] == "dense", "k"] = None
     df.to_csv(csv, index=False)
-    frame, _ = tables.combine(load_runs([run]))
-    assert "Ensemble prior" in tables.ordered_labels(frame)
+    with pytest.raises(BtmError, match=r"results\.csv: results: column 'k' is empty in row \d+"):
+        load_run(run)
+    df.loc[df["method"] == "dense", "k"] = 1
     df.loc[0, "k"] = "three"
     df.to_csv(csv, index=False)
-    with pytest.raises(BtmError, match=r"line 2: column k has non-numeric value 'three'"):
+    with pytest.raises(BtmError, match=r"results\.csv: results: column 'k' must be a number; row 0 has 'three'"):
         load_run(run)
 
 
@@ -291,7 +293,7 @@ def test_missing_column_is_named_with_the_file(tmp_path):
     run = make_run(tmp_path, "r")
     csv = run / "results" / "results.csv"
     pd.read_csv(csv).drop(columns=["ppl", "tokens"]).to_csv(csv, index=False)
-    with pytest.raises(BtmError, match=r"results\.csv lacks column\(s\) tokens, ppl"):
+    with pytest.raises(BtmError, match=r"results\.csv: results: missing required column 'tokens'"):
         load_run(run)
 
 
@@ -299,21 +301,21 @@ def test_empty_table(tmp_path):
     run = make_run(tmp_path, "r")
     csv = run / "results" / "results.csv"
     pd.read_csv(csv).iloc[:0].to_csv(csv, index=False)
-    with pytest.raises(BtmError, match=r"results\.csv has no rows"):
+    with pytest.raises(BtmError, match=r"results\.csv: no results rows"):
         load_run(run)
     csv.write_text("")
-    with pytest.raises(BtmError, match=r"results\.csv is empty"):
+    with pytest.raises(BtmError, match=r"could not read results table .*results\.csv"):
         load_run(run)
 
 
-def test_non_numeric_value_names_line_and_column(tmp_path):
+def test_non_numeric_value_names_row_and_column(tmp_path):
     run = make_run(tmp_path, "r")
     csv = run / "results" / "results.csv"
     df = pd.read_csv(csv)
     df["ppl"] = df["ppl"].astype(object)
     df.loc[3, "ppl"] = "oops"
     df.to_csv(csv, index=False)
-    with pytest.raises(BtmError, match=r"results\.csv, line 5: column ppl has non-numeric value 'oops'"):
+    with pytest.raises(BtmError, match=r"results\.csv: results: column 'ppl' must be a number; row 3 has 'oops'"):
         load_run(run)
 
 

@@ -1,4 +1,5 @@
-"""Forest evaluation end to end (fairseq_ext/evaluate.py, `btm eval`, `btm average`)."""
+"""Forest evaluation end to end (fairseq_ext/evaluate.py through launcher/stages_eval.py,
+`btm eval`, `btm average`)."""
 from __future__ import annotations
 
 import math
@@ -23,6 +24,14 @@ def settings(**over):
     return EvalSettings(**base)
 
 
+def evaluate_forest(run, experts, domains, *, data_dir, settings):
+    """The launcher's path: model code returns rows, the launcher files them in RUN/results/."""
+    from launcher.contract.layout import RunLayout
+    from launcher.stages_eval import evaluate_mixes
+
+    return evaluate_mixes(RunLayout(run), experts, domains, settings, data_dir=data_dir)
+
+
 def by_method(rows, domain):
     sub = rows[rows.eval_domain == domain]
     return {(m, int(k)): r for (m, k), r in zip(zip(sub.method, sub.k), sub.itertuples())}
@@ -30,7 +39,6 @@ def by_method(rows, domain):
 
 def test_forest_rows_are_correct_and_a_rerun_hits_the_cache(tiny_data, tiny_experts, tmp_path, monkeypatch):
     from fairseq_ext import mixing
-    from fairseq_ext.evaluate import evaluate_forest
     from fairseq_ext.priors import PriorSettings
     from fairseq_ext.scoring import score_split
 
@@ -96,18 +104,18 @@ def test_forest_rows_are_correct_and_a_rerun_hits_the_cache(tiny_data, tiny_expe
 
 
 def test_prescore_fills_the_cache_the_evaluation_reads(tiny_data, tiny_experts, tmp_path):
-    from fairseq_ext.evaluate import evaluate_forest, prescore
+    from fairseq_ext.evaluate import EvalDirs, prescore
 
     run = tmp_path / "run"
     for path in tiny_experts.values():  # what the launcher's score stage does, one unit each
-        scores = prescore(run, path, "bible", data_dir=tiny_data, settings=settings())
+        scores = prescore(path, "bible", EvalDirs(data=tiny_data, scores=run / "scores", priors=run / "priors"),
+                          settings())
         assert [s.forward_passes > 0 for s in scores] == [True, True]
     rows = evaluate_forest(run, tiny_experts, ["bible"], data_dir=tiny_data, settings=settings())
     assert (rows.expert_forward_passes == 0).all()
 
 
 def test_sparse_top_k_scores_only_the_selected_experts(tiny_data, tiny_experts, tmp_path):
-    from fairseq_ext.evaluate import evaluate_forest
 
     run = tmp_path / "run"
     # Estimate and cache the prior first (held-out split only).
@@ -135,7 +143,6 @@ def test_mismatched_experts_fail_before_any_scoring(tiny_data, tiny_experts, tmp
     from fairseq.data import Dictionary
 
     from fairseq_ext.checkpoint import load_checkpoint, save_checkpoint
-    from fairseq_ext.evaluate import evaluate_forest
 
     wide = make_expert(tiny_data, tmp_path / "wide.pt", domain=None, tokens_per_sample=96)
     run = tmp_path / "run"
@@ -204,7 +211,6 @@ def test_btm_eval_and_average_cli(tiny_data, tiny_experts, tmp_path, capsys):
 @pytest.mark.slow
 def test_two_trained_experts_end_to_end(tiny_data, tmp_path):
     """Two tiny experts really trained (a few dozen updates each) with the model engineer's trainer."""
-    from fairseq_ext.evaluate import evaluate_forest
     from fairseq_ext.train import TrainSpec, train_lm
 
     experts = {}
@@ -265,3 +271,77 @@ def test_btm_eval_defaults_to_the_run_configs_eval_domains(tmp_path):
     (tmp_path / "config.yaml").write_text("domains: [unclosed\n")
     with pytest.raises(BtmError, match="config.yaml"):
         _config_eval_domains(tmp_path)
+
+
+def test_btm_eval_produces_cbtm_cluster_rows(tiny_data, tiny_experts, tmp_path):
+    """`btm eval` computes c-BTM rows with the same launcher function as the eval stage."""
+    from fairseq_ext import mixing
+    from fairseq_ext.cluster import FitSettings, fit_clusters, save_model
+    from fairseq_ext.cluster.routing import token_route_weights_from_ids
+    from fairseq_ext.data_prep import decode_ids
+    from fairseq_ext.priors import stack_scores
+    from fairseq_ext.scoring import ContextSettings, score_split
+    from launcher.cli import main
+
+    rng = np.random.default_rng(0)
+    words = ["lord god israel unto thee thou shalt", "def return import class self lambda",
+             "license copyright warranty liability software"]
+    texts = [" ".join(rng.choice(w.split(), size=20)) for w in words for _ in range(8)]
+    run = tmp_path / "run"
+    save_model(fit_clusters(texts, FitSettings(k=3, seed=0, dims=4)), run / "clusters" / "model")
+    clusters = {f"cluster_{i}": path for i, path in enumerate(tiny_experts.values())}
+    experts = ",".join(f"{n}={p}" for n, p in clusters.items())
+    assert main(["eval", str(run), "--experts", experts, "--data", str(tiny_data), "--domains", "legal",
+                 "--methods", "cbtm_cluster", "--top-k", "1,3", "--tokens-per-sample", "64",
+                 "--device", "cpu"]) == 0
+    table = read_results(run)
+    assert table.method.tolist() == ["cbtm_cluster", "cbtm_cluster"] and table.k.tolist() == [1, 3]
+    assert table.n_clusters.tolist() == [3, 3] and (table.eval_domain == "legal").all()
+    # k=3: every cluster expert, mixed with the routing weights of the text before each block.
+    from fairseq_ext.cluster import load_model
+
+    scores = [score_split(p, tiny_data, "legal", "test", cache_dir=run / "scores",
+                          context=ContextSettings(tokens_per_sample=64)) for p in clusters.values()]
+    lp, starts = stack_scores(scores)
+    weights = token_route_weights_from_ids(load_model(run / "clusters" / "model"), scores[0].targets, starts,
+                                           lambda ids: decode_ids(tiny_data, ids), top_k=3)
+    assert table.nll[1] == pytest.approx(mixing.nll(mixing.mix_with_weights(lp, weights)), rel=1e-12)
+    assert (table.expert_forward_passes[1] > 0) and table.routing[1].startswith("tfidf-svd top3")
+
+
+def test_eval_stage_files_every_method_and_baseline(tiny_data, tiny_experts, tmp_path):
+    """The eval stage (launcher.stages_eval.evaluate_run): forest from forest.json, the dense
+    and random-split baselines from the run's model dirs, no scratch run directory."""
+    import shutil
+    from types import SimpleNamespace
+
+    from launcher.contract.forest import Forest
+    from launcher.contract.layout import RunLayout, random_split_name
+    from launcher.stages_eval import evaluate_run
+
+    layout = RunLayout(tmp_path / "run")
+    layout.root.mkdir()
+    layout.data.symlink_to(tiny_data, target_is_directory=True)
+    forest = Forest(run="run", path=layout.forest)
+    for i, (name, path) in enumerate(tiny_experts.items()):
+        for model in (name, random_split_name(i)):
+            layout.model_dir(model).mkdir(parents=True)
+            shutil.copy(path, layout.checkpoint(model))
+        forest.add(name, [name], layout.checkpoint(name))
+    forest.save()
+    layout.model_dir("dense").mkdir()
+    shutil.copy(tiny_experts["legal"], layout.checkpoint("dense"))
+    ctx = SimpleNamespace(run_dir=layout.root, data_dir=layout.data,
+                          config=SimpleNamespace(name="tiny", expert_names=list(tiny_experts)),
+                          params={"methods": ["experts", "ensemble_uniform", "topk_prior"], "top_k": 2,
+                                  "baselines": ["dense", "random_split"], "domains": ["legal"], "split": "test"})
+    evaluate_run(ctx, "cpu")
+    table = read_results(layout.root)
+    got = dict(zip(zip(table.method, table.k), table.nll))
+    assert set(got) == {*((f"expert:{n}", 1) for n in tiny_experts), ("ensemble_uniform", 3), ("topk_prior", 2),
+                        ("dense", 1), ("random_split", 3)}
+    assert (table.run == "tiny").all()
+    # The random-split experts are copies of the forest's: same uniform ensemble, no scratch dir.
+    assert got["random_split", 3] == pytest.approx(got["ensemble_uniform", 3], rel=1e-12)
+    assert got["dense", 1] == pytest.approx(got["expert:legal", 1], rel=1e-12)
+    assert not (layout.root / "baselines").exists()

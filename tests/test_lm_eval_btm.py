@@ -148,7 +148,7 @@ def test_option_scores_equal_hand_mixtures(tiny_data, forest, method, prior, top
         assert ll == pytest.approx(want_ll, abs=1e-5), (c, x)
         assert greedy == want_greedy
     if method == "prior" and top_k == 2:  # only the two experts with the highest prior run
-        assert lm.forest.names == ["bible", "code_python"] and len(lm.forest.models) == 2
+        assert lm.mixture.names == ["bible", "code_python"] and len(lm.mixture.models) == 2
 
 
 def test_one_expert_and_top_k_equal_to_n(tiny_data, forest):  # noqa: F811
@@ -159,14 +159,14 @@ def test_one_expert_and_top_k_equal_to_n(tiny_data, forest):  # noqa: F811
             reqs, disable_tqdm=True)
         assert [ll for ll, _ in top_n] == pytest.approx([ll for ll, _ in full], abs=1e-9)
     one = make_lm(forest, tiny_data, method="expert", expert="legal")
-    assert len(one.forest.models) == 1
+    assert len(one.mixture.models) == 1
     got = one.loglikelihood(reqs, disable_tqdm=True)
     for (c, x), (ll, _) in zip(PAIRS, got):
         lps, _, k, _ = hand_logprobs(forest, tiny_data, c, x)
         assert ll == pytest.approx(lps[2, -k:].sum(), abs=1e-5)  # sorted names: legal is third
     # top-1 by prior = that expert alone, and only it runs
     top1 = make_lm(forest, tiny_data, method="prior", prior="0.1:0.1:0.8", top_k=1)
-    assert top1.forest.names == ["legal"]
+    assert top1.mixture.names == ["legal"]
     assert [ll for ll, _ in top1.loglikelihood(reqs, disable_tqdm=True)] == pytest.approx(
         [ll for ll, _ in got], abs=1e-9)
 
@@ -179,7 +179,7 @@ def test_parameter_average_equals_averaged_checkpoint(tiny_data, forest, tmp_pat
     module = _lm_eval()
     by_file = module.BtmLM(checkpoint=str(tmp_path / "avg.pt"), data_dir=str(tiny_data))
     in_memory = make_lm(forest, tiny_data, method="average", prior="0.2:0.5:0.3")
-    assert len(in_memory.forest.models) == 1
+    assert len(in_memory.mixture.models) == 1
     reqs = [Req(c, x) for c, x in PAIRS]
     a = by_file.loglikelihood(reqs, disable_tqdm=True)
     b = in_memory.loglikelihood(reqs, disable_tqdm=True)
@@ -187,7 +187,7 @@ def test_parameter_average_equals_averaged_checkpoint(tiny_data, forest, tmp_pat
     single = [ll for ll, _ in make_lm(forest, tiny_data, method="expert", expert="bible").loglikelihood(
         reqs, disable_tqdm=True)]
     assert [x for x, _ in a] != pytest.approx(single, abs=1e-3)  # really a different model
-    in_memory.forest.close()
+    in_memory.mixture.close()
 
 
 def test_rolling_and_generation_equal_hand_computation(tiny_data, forest):  # noqa: F811

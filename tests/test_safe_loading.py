@@ -190,6 +190,6 @@ def test_lm_eval_model_refuses_pickle_checkpoints_unless_trusted(tiny_data, lega
             BtmLM(checkpoint=str(legacy_expert[which]), data_dir=str(tiny_data))
     assert not legacy_expert["marker"].exists()
     lm = BtmLM(checkpoint=str(legacy_expert["legacy"]), data_dir=str(tiny_data), trust_checkpoint="true")
-    assert lm.forest.names == ["legal_legacy"]
+    assert lm.mixture.names == ["legal_legacy"]
     with pytest.raises(BtmError, match="trust_checkpoint='maybe': expected true or false"):
         BtmLM(checkpoint=str(legacy_expert["legacy"]), data_dir=str(tiny_data), trust_checkpoint="maybe")

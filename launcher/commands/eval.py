@@ -2,7 +2,8 @@
 
 Both read the forest from RUN_DIR/forest.json unless ``--experts name=path,...`` is given,
 cache per-token scores in RUN_DIR/scores/ and priors in RUN_DIR/priors/, and append rows to
-RUN_DIR/results/results.{csv,parquet}. torch and fairseq are imported inside the handlers.
+RUN_DIR/results/results.{csv,parquet}, through the same launcher functions as the eval stage
+(launcher/stages_eval.py). torch and fairseq are imported inside the handlers.
 """
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import argparse
 import json
 from pathlib import Path
 
-from fairseq_ext.evaluate import FOREST_METHODS  # numpy-only module: no torch/fairseq here
+from launcher.contract import methods as registry
 from launcher.contract.errors import BtmError
+from launcher.contract.layout import RunLayout
+from launcher.contract.names import validate_name
 
 
 def _csv(text: str) -> list[str]:
@@ -63,10 +66,11 @@ def register(subparsers) -> None:
     p.add_argument("--domains", type=_csv, metavar="D1,D2",
                    help="eval domains (default: the run config's domains.eval, else every domain "
                         "in the data manifest)")
-    p.add_argument("--methods", type=_csv, default=list(FOREST_METHODS), metavar="M1,M2",
-                   help=f"methods (default: all): {', '.join(FOREST_METHODS)}")
+    p.add_argument("--methods", type=_csv, default=list(registry.FOREST_MIXES), metavar="M1,M2",
+                   help=f"methods (default: {', '.join(registry.FOREST_MIXES)}): {', '.join(registry.MIXES)} "
+                        "(c-BTM routes with RUN_DIR/clusters/model)")
     p.add_argument("--top-k", type=_ints, default=[1], metavar="K1,K2",
-                   help="k values for topk_prior (default: 1)")
+                   help="k values for top-k and c-BTM (default: 1)")
     p.add_argument("--model", action="append", default=[], metavar="METHOD=PATH",
                    help="also score a single model as METHOD, e.g. dense=RUN/dense/checkpoint_best.pt")
     p.set_defaults(func=run_eval)
@@ -78,7 +82,8 @@ def register(subparsers) -> None:
                     "prior itself; uniform: 1/N). Written to RUN_DIR/averages/<name>/ as a "
                     "fairseq checkpoint + safetensors, then scored on the eval domains.")
     _add_common(p)
-    p.add_argument("--method", required=True, choices=["uniform", "argmax", "posterior"],
+    p.add_argument("--method", required=True,
+                   choices=[m.name.split("_", 1)[1] for m in registry.METHODS if m.kind == "average"],
                    help="how the experts are weighted")
     p.add_argument("--target-domain", help="domain whose prior gives the weights (argmax, posterior)")
     p.add_argument("--eval-domains", type=_csv, metavar="D1,D2",
@@ -103,14 +108,30 @@ def _settings(args, **extra):
                         batch_size=args.batch_size, trust_checkpoint=args.trust_checkpoint, **extra)
 
 
-def _experts(args) -> dict:
-    from fairseq_ext.evaluate import forest_experts, parse_experts
+def parse_experts(text: str) -> dict[str, Path]:
+    """``name=path,name=path`` (the ``--experts`` option) -> {name: path}."""
+    experts: dict[str, Path] = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, sep, path = item.partition("=")
+        if not sep or not path:
+            raise BtmError(f"--experts: expected name=path, got {item!r}")
+        validate_name(name, "expert name")
+        if name in experts:
+            raise BtmError(f"--experts: expert {name!r} is given twice")
+        experts[name] = Path(path)
+    if not experts:
+        raise BtmError("--experts: no experts given")
+    return experts
 
-    return parse_experts(args.experts) if args.experts else forest_experts(args.run_dir)
+
+def _experts(args) -> dict:
+    from launcher.contract.forest import verified_checkpoints
+
+    return parse_experts(args.experts) if args.experts else verified_checkpoints(RunLayout(args.run_dir).forest)
 
 
 def _data_dir(args) -> Path:
-    return args.data or args.run_dir / "data"
+    return args.data or RunLayout(args.run_dir).data
 
 
 def _print_rows(rows) -> None:
@@ -118,38 +139,40 @@ def _print_rows(rows) -> None:
     print(rows[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
 
 
-def run_eval(args) -> int:
-    from fairseq_ext.evaluate import evaluate_forest, evaluate_model
+def _methods(names: list[str]) -> tuple[str, ...]:
+    out = tuple(dict.fromkeys(registry.canonical(n) for n in names))
+    for name in out:
+        if name not in registry.MIXES:
+            raise BtmError(f"--methods: {name!r} is not evaluated by btm eval (known: {', '.join(registry.MIXES)}; "
+                           "parameter averages: btm average)")
+    return out
 
-    settings = _settings(args, methods=tuple(args.methods), top_k=tuple(args.top_k))
+
+def run_eval(args) -> int:
+    from launcher.stages_eval import evaluate_mixes, evaluate_model
+
+    layout = RunLayout(args.run_dir)
+    settings = _settings(args, methods=_methods(args.methods), top_k=tuple(args.top_k))
     domains = args.domains or _config_eval_domains(args.run_dir) or _manifest_domains(_data_dir(args))
-    rows = evaluate_forest(args.run_dir, _experts(args), domains, data_dir=_data_dir(args),
-                           settings=settings, run_name=args.run_name)
-    _print_rows(rows)
+    where = dict(name=args.run_name, data_dir=args.data)
+    _print_rows(evaluate_mixes(layout, _experts(args), domains, settings, **where))
     for item in args.model:
         method, sep, path = item.partition("=")
         if not sep or not path:
             raise BtmError(f"--model: expected METHOD=PATH, got {item!r}")
-        _print_rows(evaluate_model(args.run_dir, method, Path(path), domains, data_dir=_data_dir(args),
-                                   settings=settings, run_name=args.run_name))
-    print(f"results: {args.run_dir / 'results' / 'results.csv'}")
+        _print_rows(evaluate_model(layout, method, Path(path), domains, settings, **where))
+    print(f"results: {layout.results / 'results.csv'}")
     return 0
 
 
 def run_average(args) -> int:
-    from fairseq_ext.evaluate import average_forest, evaluate_model
+    from launcher.stages_eval import evaluate_average
 
     settings = _settings(args)
     experts = _experts(args)
-    record = average_forest(args.run_dir, experts, args.method, args.target_domain, data_dir=_data_dir(args),
-                            settings=settings, name=args.name)
-    domains = args.eval_domains or ([args.target_domain] if args.target_domain else None)
-    if not domains:
-        raise BtmError("--eval-domains is required with --method uniform and no --target-domain")
-    k = sum(1 for w in record["weights"] if w > 0)
-    rows = evaluate_model(args.run_dir, f"average_{args.method}", Path(record["checkpoint"]), domains,
-                          data_dir=_data_dir(args), settings=settings, k=k, prior=record["prior"],
-                          run_name=args.run_name)
+    domains = args.eval_domains or ([args.target_domain] if args.target_domain else [])
+    record, rows = evaluate_average(RunLayout(args.run_dir), experts, args.method, args.target_domain, domains,
+                                    settings, average_name=args.name, name=args.run_name, data_dir=args.data)
     print(f"average: {record['checkpoint']} (weights "
           + ", ".join(f"{n}={w:.3f}" for n, w in zip(record["experts"], record["weights"])) + ")")
     _print_rows(rows)
@@ -161,7 +184,7 @@ def _config_eval_domains(run_dir: Path) -> list[str] | None:
     pseudo-domains (random0, ...), which are training shards, not evaluation data."""
     import yaml
 
-    path = run_dir / "config.yaml"
+    path = RunLayout(run_dir).config
     if not path.is_file():
         return None
     try:

@@ -4,6 +4,10 @@ A ``Forest`` is a list of ``Expert``s: id, name, training domains, parents with 
 updates and tokens trained, checkpoint path (relative to the run directory) and its sha256,
 and metrics. Experts can be added (incremental BTM) and removed without touching the others;
 ``verify`` re-hashes every checkpoint and names the ones that changed.
+
+``verified_checkpoints`` is how every reader of a forest gets its experts (evaluation, export,
+the lm-eval model): {name: checkpoint path}, refused if a checkpoint changed since the merge.
+``expert_checkpoints`` also takes a plain directory of ``<name>.pt`` files (no manifest).
 """
 from __future__ import annotations
 
@@ -148,3 +152,35 @@ def editing(path: str | Path, run: str = ""):
         forest = Forest.load_or_new(path, run)
         yield forest
         forest.save()
+
+
+def manifest_path(source: str | Path) -> Path:
+    """The forest.json of a run directory, or ``source`` itself when it is a file."""
+    source = Path(source)
+    return source / FOREST_FILE if source.is_dir() else source
+
+
+def verified_checkpoints(source: str | Path) -> dict[str, Path]:
+    """{name: checkpoint} of the forest manifest of ``source`` (a run dir or its forest.json),
+    after checking that every checkpoint still has the sha256 recorded at the merge."""
+    forest = Forest.load(manifest_path(source))
+    if not forest.experts:
+        raise BtmError(f"{forest.path} lists no experts")
+    changed = forest.verify()
+    if changed:
+        raise BtmError(f"{forest.path}: checkpoint missing or changed since merge for expert(s) "
+                       f"{', '.join(changed)}")
+    return {e.name: forest.checkpoint_path(e) for e in forest.experts}
+
+
+def expert_checkpoints(source: str | Path) -> dict[str, Path]:
+    """{name: checkpoint} of a forest SOURCE: a run dir or forest.json (``verified_checkpoints``),
+    else a directory of ``<name>.pt`` files (the file stem is the expert's name)."""
+    source = Path(source)
+    if manifest_path(source).is_file():
+        return verified_checkpoints(source)
+    files = sorted(p for p in source.glob("*.pt") if p.is_file()) if source.is_dir() else []
+    if not files:
+        raise BtmError(f"{source} is neither a run dir with {FOREST_FILE}, a {FOREST_FILE}, nor a "
+                       "directory of *.pt expert checkpoints")
+    return {validate_name(p.stem, f"expert name (file {p})"): p for p in files}

@@ -12,7 +12,10 @@ the results table holds (one-expert rows are ``expert:<name>``; a config asks fo
 - ``needs_prior``: whether it reads the cached domain prior (so the score stage also scores
   the prior split);
 - ``label``: its name in report tables and plots;
-- ``lm_eval``: the ``btm`` lm-eval model arguments that run it few-shot (None: not available).
+- ``lm_eval``: the ``btm`` lm-eval model arguments that run it few-shot (None: not available);
+  a value ``GIVEN`` means "any value": ``top_k`` makes a prior ensemble the top-k one, a
+  ``prior`` makes the average the posterior one (``from_lm_eval`` reads them back);
+- ``aliases``: other spellings a command line accepts (``btm eval --methods expert``).
 
 The order of ``METHODS`` is the order of the paper's tables.
 """
@@ -27,6 +30,7 @@ from launcher.contract.errors import BtmError
 EXPERT_PREFIX = "expert:"
 EXPERTS = "experts"  # the config's name for "every expert:<name> row"
 _EXPERT_METHOD = re.compile(r"expert:[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+GIVEN = "<given>"  # an lm_eval argument that selects a method by being given, whatever its value
 
 
 @dataclass(frozen=True)
@@ -38,12 +42,13 @@ class EvalMethod:
     mixing_rule: str | None = None
     lm_eval: dict | None = field(default=None, hash=False, compare=False)
     in_config: bool = True  # asked for in evaluation.methods (baselines are asked for in `baselines`)
+    aliases: tuple[str, ...] = ()
 
 
 METHODS: tuple[EvalMethod, ...] = (
     EvalMethod("dense", "baseline", "Dense", lm_eval={}, in_config=False),
     EvalMethod("random_split", "baseline", "Random split", mixing_rule="uniform", in_config=False),
-    EvalMethod(EXPERTS, "expert", "Expert", lm_eval={"method": "expert"}),
+    EvalMethod(EXPERTS, "expert", "Expert", lm_eval={"method": "expert"}, aliases=("expert",)),
     EvalMethod("ensemble_uniform", "ensemble", "Ensemble uniform", mixing_rule="uniform",
                lm_eval={"method": "uniform"}),
     EvalMethod("ensemble_prior", "ensemble", "Ensemble prior", needs_prior=True, mixing_rule="prior",
@@ -53,20 +58,28 @@ METHODS: tuple[EvalMethod, ...] = (
     EvalMethod("ensemble_prev_token", "ensemble", "Ensemble prev-token", needs_prior=True,
                mixing_rule="prev_token"),
     EvalMethod("topk_prior", "topk", "Top-k prior", needs_prior=True, mixing_rule="prior",
-               lm_eval={"method": "prior"}),
+               lm_eval={"method": "prior", "top_k": GIVEN}),
     EvalMethod("average_uniform", "average", "Avg uniform", lm_eval={"method": "average"}),
     EvalMethod("average_argmax", "average", "Avg argmax", needs_prior=True),
     EvalMethod("average_posterior", "average", "Avg posterior", needs_prior=True,
-               lm_eval={"method": "average"}),
+               lm_eval={"method": "average", "prior": GIVEN}),
     EvalMethod("cbtm_cluster", "cluster", "c-BTM", lm_eval={"method": "cluster"}),
 )
 REGISTRY: dict[str, EvalMethod] = {m.name: m for m in METHODS}
+_ALIASES: dict[str, str] = {a: m.name for m in METHODS for a in m.aliases}
 
 # The names a config's evaluation.methods accepts, and the baselines it lists apart.
 CONFIG_METHODS: tuple[str, ...] = tuple(m.name for m in METHODS if m.in_config)
 BASELINES: tuple[str, ...] = tuple(m.name for m in METHODS if m.kind == "baseline")
 # The `method` values of results rows other than expert:<name>, in table order.
 RESULT_METHODS: tuple[str, ...] = tuple(m.name for m in METHODS if m.name != EXPERTS)
+# The methods computed by mixing the forest's cached per-token scores (what `btm eval` takes),
+# and those of them that need no cluster model (`btm eval`'s default).
+MIXES: tuple[str, ...] = tuple(m.name for m in METHODS if m.kind in ("expert", "ensemble", "topk", "cluster"))
+FOREST_MIXES: tuple[str, ...] = tuple(m.name for m in METHODS if m.kind in ("expert", "ensemble", "topk"))
+# The values of the lm-eval model argument ``method`` (fairseq_ext/lm_eval_btm.py), in registry order.
+LM_EVAL_METHODS: tuple[str, ...] = tuple(dict.fromkeys(m.lm_eval["method"] for m in METHODS
+                                                       if m.lm_eval and "method" in m.lm_eval))
 
 
 def is_expert_method(name: str) -> bool:
@@ -85,9 +98,35 @@ def get_method(name: str, what: str = "evaluation method") -> EvalMethod:
         return REGISTRY[EXPERTS]
     if name in REGISTRY:
         return REGISTRY[name]
+    if name in _ALIASES:
+        return REGISTRY[_ALIASES[name]]
     close = difflib.get_close_matches(str(name), list(REGISTRY), n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise BtmError(f"unknown {what} {name!r}{hint} (known: {', '.join(REGISTRY)})")
+
+
+def canonical(name: str) -> str:
+    """The registered name of ``name`` (an alias resolved; ``expert:<x>`` as is)."""
+    return name if is_expert_method(name) else get_method(name).name
+
+
+def label(name: str) -> str:
+    """A method's name in report tables (an unregistered name stands for itself)."""
+    return REGISTRY[name].label if name in REGISTRY else name
+
+
+def from_lm_eval(model_args: dict) -> str:
+    """The registered method that btm lm-eval model arguments run: the one whose ``lm_eval``
+    arguments all match, the most specific if several do (``method`` defaults to posterior)."""
+    args = {"method": "posterior", **{k: v for k, v in model_args.items() if v is not None}}
+
+    def matches(wanted: dict) -> bool:
+        return all(key in args and (value == GIVEN or args[key] == value) for key, value in wanted.items())
+
+    found = [m for m in METHODS if m.lm_eval and matches(m.lm_eval)]
+    if not found:
+        raise BtmError(f"unknown btm method {args['method']!r} (known: {', '.join(LM_EVAL_METHODS)})")
+    return max(found, key=lambda m: len(m.lm_eval)).name
 
 
 def of_kind(kind: str, names) -> list[str]:

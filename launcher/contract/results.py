@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -34,6 +33,7 @@ import pandas as pd
 
 from launcher.contract.atomic import atomic_path
 from launcher.contract.errors import BtmError
+from launcher.contract.methods import RESULT_METHODS, is_result_method
 
 # column -> (kind, help). Kinds: str, int, float.
 REQUIRED_COLUMNS: dict[str, tuple[str, str]] = {
@@ -58,10 +58,6 @@ OPTIONAL_COLUMNS: dict[str, tuple[str, str]] = {
 COLUMNS = {**REQUIRED_COLUMNS, **OPTIONAL_COLUMNS}
 KEY_COLUMNS = ["run", "method", "k", "prior", "eval_domain", "split"]
 
-METHODS = {"dense", "ensemble_uniform", "ensemble_prior", "ensemble_posterior", "ensemble_prev_token",
-           "topk_prior", "average_uniform", "average_argmax", "average_posterior", "random_split",
-           "cbtm_cluster"}
-_EXPERT_METHOD = re.compile(r"expert:[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
 _DTYPES = {"str": "string", "int": "Int64", "float": "float64"}
 
@@ -119,7 +115,7 @@ def validate_rows(rows, spec: "TableSpec | None" = None) -> pd.DataFrame:
     known = spec.columns
     columns = _columns(rows)
     if not columns or not len(next(iter(columns.values()))):
-        raise BtmError(f"no {spec.name} rows to write")
+        raise BtmError(f"no {spec.name} rows")
     unknown = [c for c in columns if c not in known]
     if unknown:
         raise BtmError(f"{spec.name}: unknown column {unknown[0]!r}; known columns: {', '.join(known)}")
@@ -179,9 +175,9 @@ def _first(mask) -> int:
 
 def _check_common(cols: dict[str, np.ndarray], table: str, nonneg: tuple, positive: tuple) -> None:
     for i, method in enumerate(cols["method"]):
-        if method not in METHODS and not _EXPERT_METHOD.fullmatch(method):
+        if not is_result_method(method):
             raise BtmError(f"{table}: column 'method' row {i} has unknown method {method!r}; "
-                           f"use expert:<name> or one of {', '.join(sorted(METHODS))}")
+                           f"use expert:<name> or one of {', '.join(RESULT_METHODS)}")
     for col in nonneg:
         neg = cols[col] < 0
         if neg.any():
