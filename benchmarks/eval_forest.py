@@ -108,7 +108,7 @@ def main() -> int:
     from fairseq_ext.evaluate import EvalSettings
     from launcher.contract import methods as registry
     from launcher.contract.layout import RunLayout
-    from launcher.stages_eval import evaluate_mixes
+    from launcher.stages.evaluation import evaluate_mixes
 
     ENSEMBLE_METHODS = tuple(registry.of_kind("ensemble", registry.REGISTRY))
 

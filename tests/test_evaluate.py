@@ -1,4 +1,4 @@
-"""Forest evaluation end to end (fairseq_ext/evaluate.py through launcher/stages_eval.py,
+"""Forest evaluation end to end (fairseq_ext/evaluate.py through launcher/stages/evaluation.py,
 `btm eval`, `btm average`)."""
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def settings(**over):
 def evaluate_forest(run, experts, domains, *, data_dir, settings):
     """The launcher's path: model code returns rows, the launcher files them in RUN/results/."""
     from launcher.contract.layout import RunLayout
-    from launcher.stages_eval import evaluate_mixes
+    from launcher.stages.evaluation import evaluate_mixes
 
     return evaluate_mixes(RunLayout(run), experts, domains, settings, data_dir=data_dir)
 
@@ -309,15 +309,18 @@ def test_btm_eval_produces_cbtm_cluster_rows(tiny_data, tiny_experts, tmp_path):
     assert (table.expert_forward_passes[1] > 0) and table.routing[1].startswith("tfidf-svd top3")
 
 
-def test_eval_stage_files_every_method_and_baseline(tiny_data, tiny_experts, tmp_path):
-    """The eval stage (launcher.stages_eval.evaluate_run): forest from forest.json, the dense
+def test_eval_stage_files_every_method_and_baseline(tiny_data, tiny_experts, tmp_path, monkeypatch):
+    """The eval stage (launcher/stages/eval.py): forest from forest.json, the dense
     and random-split baselines from the run's model dirs, no scratch run directory."""
     import shutil
     from types import SimpleNamespace
 
     from launcher.contract.forest import Forest
     from launcher.contract.layout import RunLayout, random_split_name
-    from launcher.stages_eval import evaluate_run
+    from dataclasses import asdict
+
+    from launcher.stages import eval as eval_stage
+    from launcher.stages.base import Ctx, Unit
 
     layout = RunLayout(tmp_path / "run")
     layout.root.mkdir()
@@ -331,11 +334,11 @@ def test_eval_stage_files_every_method_and_baseline(tiny_data, tiny_experts, tmp
     forest.save()
     layout.model_dir("dense").mkdir()
     shutil.copy(tiny_experts["legal"], layout.checkpoint("dense"))
-    ctx = SimpleNamespace(run_dir=layout.root, data_dir=layout.data,
-                          config=SimpleNamespace(name="tiny", expert_names=list(tiny_experts)),
-                          params={"methods": ["experts", "ensemble_uniform", "topk_prior"], "top_k": 2,
-                                  "baselines": ["dense", "random_split"], "domains": ["legal"], "split": "test"})
-    evaluate_run(ctx, "cpu")
+    params = eval_stage.EvalParams(methods=["experts", "ensemble_uniform", "topk_prior"], top_k=2, split="test",
+                        baselines=["dense", "random_split"], domains=["legal"], experts=list(tiny_experts))
+    config = SimpleNamespace(name="tiny", expert_names=list(tiny_experts))
+    monkeypatch.setenv("BTM_DEVICE", "cpu")
+    eval_stage.eval_run(Ctx(layout.root, config, Unit(None, asdict(params)), eval_stage.STAGE))
     table = read_results(layout.root)
     got = dict(zip(zip(table.method, table.k), table.nll))
     assert set(got) == {*((f"expert:{n}", 1) for n in tiny_experts), ("ensemble_uniform", 3), ("topk_prior", 2),

@@ -3,7 +3,7 @@
 Both read the forest from RUN_DIR/forest.json unless ``--experts name=path,...`` is given,
 cache per-token scores in RUN_DIR/scores/ and priors in RUN_DIR/priors/, and append rows to
 RUN_DIR/results/results.{csv,parquet}, through the same launcher functions as the eval stage
-(launcher/stages_eval.py). torch and fairseq are imported inside the handlers.
+(launcher/stages/evaluation.py). torch and fairseq are imported inside the handlers.
 """
 from __future__ import annotations
 
@@ -149,7 +149,7 @@ def _methods(names: list[str]) -> tuple[str, ...]:
 
 
 def run_eval(args) -> int:
-    from launcher.stages_eval import evaluate_mixes, evaluate_model
+    from launcher.stages.evaluation import evaluate_mixes, evaluate_model
 
     layout = RunLayout(args.run_dir)
     settings = _settings(args, methods=_methods(args.methods), top_k=tuple(args.top_k))
@@ -166,7 +166,7 @@ def run_eval(args) -> int:
 
 
 def run_average(args) -> int:
-    from launcher.stages_eval import evaluate_average
+    from launcher.stages.evaluation import evaluate_average
 
     settings = _settings(args)
     experts = _experts(args)

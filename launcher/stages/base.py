@@ -45,13 +45,7 @@ class Budget:
 
 
 class Params:
-    """Base of the stages' frozen parameter dataclasses.
-
-    ``p["key"]`` reads like ``p.key``: the eval stage's body (launcher/stages_eval.py) reads
-    its parameters by key."""
-
-    def __getitem__(self, key: str):
-        return getattr(self, key)
+    """Base of the stages' frozen parameter dataclasses (records store them as plain dicts)."""
 
 
 def _none(cfg: Config) -> list[str]:

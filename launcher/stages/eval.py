@@ -1,13 +1,18 @@
-"""The eval stage: every configured method and baseline into ``results/`` (the body is
-``launcher.stages_eval.evaluate_run``; this module declares and records it)."""
+"""The eval stage: every configured method and baseline of the run into ``results/``, through
+the same functions as `btm eval` and `btm average` (launcher/stages/evaluation.py). The scores
+were cached by the score array (same cache key), so this is mostly mixing."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.config import Config
-from launcher.contract.layout import DENSE
+from launcher.contract import methods as registry
+from launcher.contract.forest import verified_checkpoints
+from launcher.contract.layout import DENSE, random_split_name
 from launcher.stages.base import Ctx, Params, Stage, device, units_of
+from launcher.stages.evaluation import evaluate_average, evaluate_mixes, evaluate_model
 
 
 @dataclass(frozen=True)
@@ -33,10 +38,30 @@ def eval_inputs(ctx: Ctx) -> list[Path]:
 
 
 def eval_run(ctx: Ctx):
-    from launcher.stages_eval import evaluate_run
+    """Every configured method and baseline of the run into results/."""
+    from fairseq_ext.evaluate import EvalSettings
 
-    evaluate_run(ctx, device())
-    res = ctx.layout.results
+    p, cfg = ctx.params, ctx.config
+    layout = ctx.layout
+    experts = verified_checkpoints(layout.forest)
+    domains, methods = list(p.domains), list(p.methods)
+    settings = EvalSettings(methods=(), top_k=(p.top_k,), split=p.split, device=device())
+    common = dict(name=cfg.name, data_dir=ctx.data_dir)
+    mixes = [m for m in methods if registry.canonical(m) in registry.MIXES]
+    if mixes:
+        evaluate_mixes(layout, experts, domains, dataclasses.replace(settings, methods=tuple(mixes)), **common)
+    for method in registry.of_kind("average", methods):
+        rule = method.split("_", 1)[1]
+        for target in ([None] if rule == "uniform" else domains):
+            evaluate_average(layout, experts, rule, target, [target] if target else domains, settings, **common)
+    if "dense" in p.baselines:
+        evaluate_model(layout, "dense", layout.checkpoint(DENSE), domains, settings, **common)
+    if "random_split" in p.baselines:
+        shards = {random_split_name(i): layout.checkpoint(random_split_name(i))
+                  for i in range(len(cfg.expert_names))}
+        evaluate_mixes(layout, shards, domains, dataclasses.replace(settings, methods=("random_split",)),
+                       **common)
+    res = layout.results
     return [q for q in (res / "results.csv", res / "results.parquet") if q.exists()], {}
 
 

@@ -1,10 +1,11 @@
-"""Evaluation on the launcher's side: which models, which paths, and filing the rows.
+"""Evaluation on the launcher's side (shared by the eval stage and `btm eval`/`btm average`, as
+training.py is by the training stages and `btm seed`/`btm train`): which models, which paths, and filing the rows.
 
 Model code (``fairseq_ext.evaluate``, ``fairseq_ext.evaluate_cbtm``) takes plain directories
 and returns results rows; the functions here resolve those directories with ``RunLayout``, the
 forest with ``launcher.contract.forest`` and append the rows with
 ``launcher.contract.results``. ``btm eval`` / ``btm average`` (launcher/commands/eval.py) and
-the eval stage (``evaluate_run``, called by ``launcher.stages.eval_run``) go through the same
+the eval stage (launcher/stages/eval.py) go through the same
 functions, so every method the stage computes, c-BTM included, is one ``btm eval`` away.
 
 The eval stage finds the scores cached by the score array (same cache key), so it is mostly
@@ -93,28 +94,3 @@ def evaluate_average(layout: RunLayout, experts: dict[str, Path], rule: str, tar
     rows = evaluate_model(layout, f"average_{rule}", Path(record["checkpoint"]), domains, settings, k=k,
                           prior=record["prior"], name=name, data_dir=data_dir)
     return record, rows
-
-
-def evaluate_run(ctx, device: str) -> None:
-    """The eval stage: every configured method and baseline of the run into results/."""
-    evaluate = _fairseq_ext("evaluate")
-    p, cfg = ctx.params, ctx.config
-    layout = RunLayout(ctx.run_dir)
-    experts = verified_checkpoints(layout.forest)
-    domains, methods = list(p["domains"]), list(p["methods"])
-    settings = evaluate.EvalSettings(methods=(), top_k=(p["top_k"],), split=p["split"], device=device)
-    common = dict(name=cfg.name, data_dir=ctx.data_dir)
-    mixes = [m for m in methods if registry.canonical(m) in registry.MIXES]
-    if mixes:
-        evaluate_mixes(layout, experts, domains, dataclasses.replace(settings, methods=tuple(mixes)), **common)
-    for method in registry.of_kind("average", methods):
-        rule = method.split("_", 1)[1]
-        for target in ([None] if rule == "uniform" else domains):
-            evaluate_average(layout, experts, rule, target, [target] if target else domains, settings, **common)
-    if "dense" in p["baselines"]:
-        evaluate_model(layout, "dense", layout.checkpoint(DENSE), domains, settings, **common)
-    if "random_split" in p["baselines"]:
-        shards = {random_split_name(i): layout.checkpoint(random_split_name(i))
-                  for i in range(len(cfg.expert_names))}
-        evaluate_mixes(layout, shards, domains, dataclasses.replace(settings, methods=("random_split",)),
-                       **common)
