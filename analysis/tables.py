@@ -18,13 +18,11 @@ import pandas as pd
 from analysis.results import RunData
 from launcher.contract import methods as registry
 from launcher.contract.errors import BtmError
+from launcher.contract.layout import DENSE, RANDOM_SPLIT_PREFIX
 from launcher.contract.methods import EXPERT_PREFIX, is_expert_method
 
 # Columns that tell variants of one method apart; shown in a label only when they vary.
 VARIANT_FIELDS = ["run", "k", "prior_variant", "n_clusters", "routing", "seed_fraction"]
-# launcher/profiles.py STAGE_NAMES, in pipeline order.
-STAGE_ORDER = ["data", "cluster", "seed", "train", "dense", "merge", "grow", "score", "eval", "report"]
-BASELINE_UNITS = ("dense", "random_split")
 MEAN_ROW = "mean"
 
 
@@ -212,11 +210,11 @@ def compute_table(runs: list[RunData]) -> pd.DataFrame:
     for run in runs:
         groups: dict[str, list[dict]] = {}
         for rec in run.records:
-            unit = str(rec["unit"])
-            baseline = next((b for b in BASELINE_UNITS if unit == b or unit.startswith(b)), None)
+            baseline = _baseline_of(str(rec["unit"]))
             name = f"{rec['stage']} ({baseline})" if baseline else rec["stage"]
             groups.setdefault(name, []).append(rec)
-        for name in sorted(groups, key=_stage_rank):
+        # Stages in the order they ran (their first start), so no list of stages lives here.
+        for name in sorted(groups, key=lambda n: (_first_start(groups[n]), n)):
             rows.append(_compute_row(run.label, name, groups[name]))
         if groups:
             rows.append(_compute_row(run.label, "total", run.records))
@@ -224,9 +222,18 @@ def compute_table(runs: list[RunData]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
-def _stage_rank(name: str) -> tuple:
-    stage = name.split(" ")[0]
-    return (STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER), stage, name)
+def _baseline_of(unit: str) -> str | None:
+    """The baseline a unit belongs to: the dense LM, or an expert of the random-split forest."""
+    if unit == DENSE:
+        return DENSE
+    if re.fullmatch(rf"{RANDOM_SPLIT_PREFIX}\d+", unit):
+        return "random_split"
+    return None
+
+
+def _first_start(records: list[dict]) -> float:
+    starts = [r["started_s"] for r in records if r.get("started_s") is not None]
+    return min(starts) if starts else math.inf
 
 
 def _compute_row(run_label: str, name: str, records: list[dict]) -> dict:
