@@ -40,13 +40,25 @@ def llama_config(model_cfg: dict, vocab_size: int) -> dict:
         "num_key_value_heads": int(get("decoder_kv_heads")),
         "max_position_embeddings": int(get("max_target_positions")),
         "hidden_act": "silu", "rms_norm_eps": float(get("rms_norm_eps")),
-        "rope_theta": float(get("rope_theta")), "rope_scaling": None,
+        "rope_theta": float(get("rope_theta")), "rope_scaling": _rope_scaling(model_cfg),
         "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1,
         "attention_dropout": float(model_cfg.get("attention_dropout") or 0.0),
         "initializer_range": 0.02, "tie_word_embeddings": bool(get("tie_embeddings")),
         "use_cache": True, "bos_token_id": EOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID,
         "torch_dtype": "float32",
     }
+
+
+def _rope_scaling(model_cfg: dict) -> dict | None:
+    """HF's ``rope_scaling`` of Llama 3's rescaled rotary embeddings, or None without it."""
+    from fairseq_ext.models.llama import LLAMA3_ROPE_FIELDS, LLAMA3_ROPE_HF_KEYS
+
+    if not model_cfg.get("rope_llama3_factor"):
+        return None
+    scaling = {"rope_type": "llama3"}
+    for field, key in zip(LLAMA3_ROPE_FIELDS, LLAMA3_ROPE_HF_KEYS):
+        scaling[key] = model_cfg[field]
+    return scaling
 
 
 def elm_to_llama(state_dict: dict, n_layers: int, tied: bool) -> dict:

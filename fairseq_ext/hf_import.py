@@ -14,7 +14,7 @@ What is read:
   heads, kv heads, MLP size, tied output embedding) and the model must have at least the
   preset's ``tokens_per_sample`` positions; the embedding must have exactly as many rows as
   ``DATA_DIR/dict.txt`` has symbols (the fairseq dictionary in the model's id order). Numeric
-  settings the preset does not pin (``rope_theta``, ``rms_norm_eps``) are taken from the model.
+  settings (``rope_theta``, ``rms_norm_eps``, Llama 3's rope scaling) are taken from the model.
 
 The mappings are the exports' own, inverted: ``fairseq_ext.export_hf`` (GPT-2: renames and the
 Conv1D transposes) and ``fairseq_ext.export_llama`` (Llama: ``model.`` -> ``decoder.``).
@@ -151,7 +151,8 @@ def gpt2_to_elm(config: dict, tensors: dict, preset, model_dir: Path):
 def llama_to_elm(config: dict, tensors: dict, preset, model_dir: Path):
     """(LlamaElmConfig, ELM state dict) of a ``LlamaForCausalLM``'s config and tensors."""
     from fairseq_ext.export_llama import llama_tensor_names, llama_to_elm_name
-    from fairseq_ext.models.llama import llama_config_for_preset
+    from fairseq_ext.models.llama import (LLAMA3_ROPE_FIELDS, LLAMA3_ROPE_HF_KEYS, LlamaElmConfig,
+                                          llama_config_for_preset)
 
     heads, dim = config.get("num_attention_heads"), config.get("hidden_size")
     tied = bool(config.get("tie_word_embeddings", True))
@@ -167,13 +168,13 @@ def llama_to_elm(config: dict, tensors: dict, preset, model_dir: Path):
     settings = {"hidden_act": config.get("hidden_act"), "attention_bias": config.get("attention_bias"),
                 "mlp_bias": config.get("mlp_bias"), "head_dim": config.get("head_dim"),
                 "rope_type": rope.get("rope_type", rope.get("type"))}
-    supported = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-                 "head_dim": dim // heads, "rope_type": "default"}
-    for key, want in supported.items():
+    supported = {"hidden_act": ("silu",), "attention_bias": (False,), "mlp_bias": (False,),
+                 "head_dim": (dim // heads,), "rope_type": ("default", "llama3")}
+    for key, wanted in supported.items():
         value = settings[key]
-        if value not in (want, None):
+        if value not in (*wanted, None):
             raise BtmError(f"{model_dir}/config.json: {key} is {value!r}; the llama-layout ELM "
-                           f"supports only {want!r}")
+                           f"supports only {' or '.join(map(repr, wanted))}")
     if config.get("max_position_embeddings", 0) < preset.tokens_per_sample:
         raise BtmError(f"{model_dir}/config.json: max_position_embeddings is "
                        f"{config.get('max_position_embeddings')}, fewer than preset "
@@ -188,9 +189,12 @@ def llama_to_elm(config: dict, tensors: dict, preset, model_dir: Path):
     if unknown or missing:
         raise BtmError(f"{model_dir}: tensors do not match a {preset.layers}-layer "
                        f"LlamaForCausalLM: unexpected {unknown[:3]}, missing {missing[:3]}")
-    theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
-    cfg = llama_config_for_preset(preset.name, rope_theta=float(theta),
-                                  rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)))
+    numbers = {"rope_theta": float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
+               "rms_norm_eps": float(config.get("rms_norm_eps", 1e-6)), "rope_llama3_factor": 0.0}
+    if settings["rope_type"] == "llama3":
+        numbers.update({field: type(getattr(LlamaElmConfig, field))(rope[key])
+                        for field, key in zip(LLAMA3_ROPE_FIELDS, LLAMA3_ROPE_HF_KEYS)})
+    cfg = llama_config_for_preset(preset.name, **numbers)
     return cfg, {llama_to_elm_name(k): v.contiguous() for k, v in tensors.items()}
 
 

@@ -54,12 +54,18 @@ def save_llama(out: Path, *, max_shard_size=None, **overrides) -> Path:
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("hf_models")
+    # Llama 3's rope scaling, sized so that the 8 frequencies of a 16-dim head fall in all three
+    # of its bands (kept, interpolated, divided by factor) within 128 positions
+    llama3 = {"rope_type": "llama3", "rope_theta": 3000.0, "factor": 4.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
     return {"gpt2": save_gpt2(base / "gpt2"), "llama": save_llama(base / "llama"),
-            "llama_sharded": save_llama(base / "llama_sharded", max_shard_size="100KB")}
+            "llama_sharded": save_llama(base / "llama_sharded", max_shard_size="100KB"),
+            "llama_llama3": save_llama(base / "llama_llama3", rope_scaling=llama3)}
 
 
 @pytest.mark.parametrize("name, preset", [("gpt2", "tiny"), ("llama", "llama-tiny"),
-                                          ("llama_sharded", "llama-tiny")])
+                                          ("llama_sharded", "llama-tiny"),
+                                          ("llama_llama3", "llama-tiny")])
 def test_import_scores_like_transformers(tiny_data, hf_dirs, name, preset, tmp_path):  # noqa: F811
     import torch
 
@@ -85,6 +91,30 @@ def test_import_scores_like_transformers(tiny_data, hf_dirs, name, preset, tmp_p
     np.testing.assert_allclose(hf_block_logprobs(hf, tokens, starts, 128), btm.logprobs,
                                atol=1e-4, rtol=0)
     assert btm.logprobs.std() > 0.1
+
+
+def test_llama3_rope_scaling_survives_import_and_export(tiny_data, hf_dirs, tmp_path):  # noqa: F811
+    import torch
+
+    from fairseq_ext.export_hf import export_hf
+    from fairseq_ext.hf_import import import_hf
+
+    transformers = _transformers()
+    import_hf(hf_dirs["llama_llama3"], tmp_path / "seed.pt", preset="llama-tiny", data_dir=tiny_data)
+    export_hf(tmp_path / "seed.pt", tmp_path / "back")
+    scaling = json.loads((tmp_path / "back" / "config.json").read_text())["rope_scaling"]
+    assert scaling == {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                       "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    unscaled = _copy(tmp_path / "back", tmp_path / "unscaled")  # same weights, plain rotary
+    config = json.loads((unscaled / "config.json").read_text())
+    (unscaled / "config.json").write_text(json.dumps(config | {"rope_scaling": None}))
+    ids = torch.tensor([[2] + list(range(10, 137))])
+    with torch.no_grad():
+        a, b, plain = (transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+                       .eval()(ids).logits for d in (hf_dirs["llama_llama3"], tmp_path / "back",
+                                                     unscaled))
+    assert float((a - b).abs().max()) < 1e-4
+    assert float((a - plain).abs().max()) > 1e-2  # the scaling is applied, not ignored
 
 
 def test_import_is_a_seed_the_trainer_continues(tiny_data, hf_dirs, tmp_path):  # noqa: F811

@@ -155,7 +155,8 @@ def test_presets_layouts():
     assert all(PRESETS[n].layout == "gpt2" for n in ("tiny", "125m", "350m", "750m", "1.3b"))
     assert PRESETS["llama-tiny"].layout == "llama"
     assert layout_of_arch("elm_tiny") == "gpt2" and layout_of_arch("llama_tiny") == "llama"
-    assert PRESETS["smollm2-135m"].approx_params(49152) == 134_515_008  # the published count
+    assert PRESETS["smollm2-135m"].approx_params(49152) == 134_515_008  # the published counts
+    assert round(PRESETS["llama-3.2-1b"].approx_params(128256) / 1e6) == 1236
     with pytest.raises(BtmError, match="'mamba'"):
         Preset("x", "x", layers=1, embed_dim=8, heads=2, ffn_dim=8, layout="mamba")
     with pytest.raises(BtmError, match="gpt2 layout has no kv_heads"):

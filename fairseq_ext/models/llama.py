@@ -2,7 +2,8 @@
 
 Layout is exactly Hugging Face ``LlamaForCausalLM``'s, so that import and export are renames
 (fairseq_ext/hf_import.py, fairseq_ext/export_llama.py): pre-RMSNorm blocks, rotary position
-embeddings on q and k (HF's "rotate half" convention, ``rope_theta`` configurable), SwiGLU MLP
+embeddings on q and k (HF's "rotate half" convention, ``rope_theta`` configurable, Llama 3's rope
+scaling optional), SwiGLU MLP
 ``down(silu(gate(x)) * up(x))``, no biases anywhere, grouped-query attention (``decoder_kv_heads``
 key/value heads, each shared by ``heads / kv_heads`` consecutive query heads), a final RMSNorm and
 an output projection that is the input embedding (``tie_embeddings``) or its own matrix.
@@ -19,6 +20,7 @@ bf16 autocast and ``torch.compile`` wrap it unchanged. As in elm.py there is no 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +51,12 @@ class LlamaElmConfig(FairseqDataclass):
     max_target_positions: int = field(
         default=128, metadata={"help": "longest sequence the model accepts (= tokens_per_sample)"})
     rope_theta: float = field(default=10000.0, metadata={"help": "rotary embedding base"})
+    rope_llama3_factor: float = field(
+        default=0.0, metadata={"help": "Llama 3's rope scaling factor (rope_type llama3); 0 = none"})
+    rope_llama3_low_freq_factor: float = field(default=1.0, metadata={"help": "llama3 rope scaling"})
+    rope_llama3_high_freq_factor: float = field(default=4.0, metadata={"help": "llama3 rope scaling"})
+    rope_llama3_original_positions: int = field(
+        default=8192, metadata={"help": "llama3 rope scaling: original_max_position_embeddings"})
     rms_norm_eps: float = field(default=1e-5, metadata={"help": "RMSNorm epsilon"})
     tie_embeddings: bool = field(
         default=True, metadata={"help": "output projection is the input embedding"})
@@ -74,11 +82,29 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rotary_cos_sin(seq: int, head_dim: int, theta: float, device):
-    """cos and sin [seq, head_dim] (fp32) of positions 0..seq-1, computed as HF does."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device)
-                                .float() / head_dim))
-    freqs = torch.outer(torch.arange(seq, device=device, dtype=torch.float32), inv_freq)
+def rotary_inv_freq(cfg: LlamaElmConfig, device) -> torch.Tensor:
+    """The rotary frequencies [head_dim / 2] (fp32), computed as HF does, with Llama 3's
+    rescaling (``rope_type: llama3``) when ``rope_llama3_factor`` is set."""
+    head_dim = cfg.decoder_embed_dim // cfg.decoder_attention_heads
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** exponents)
+    factor = cfg.rope_llama3_factor
+    if not factor:
+        return inv_freq
+    # Long wavelengths are divided by factor, short ones kept, the ones between interpolated.
+    low, high = cfg.rope_llama3_low_freq_factor, cfg.rope_llama3_high_freq_factor
+    original = cfg.rope_llama3_original_positions
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < original / high) * ~(wavelen > original / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rotary_cos_sin(seq: int, inv_freq: torch.Tensor):
+    """cos and sin [seq, head_dim] (fp32) of positions 0..seq-1."""
+    freqs = torch.outer(torch.arange(seq, device=inv_freq.device, dtype=torch.float32), inv_freq)
     angles = torch.cat((freqs, freqs), dim=-1)
     return angles.cos(), angles.sin()
 
@@ -170,8 +196,7 @@ class LlamaElmDecoder(FairseqDecoder):
             raise ValueError(f"sequence of {seq} tokens is longer than the model's "
                              f"{self.cfg.max_target_positions} positions")
         x = self.dropout(self.embed_tokens(prev_output_tokens))
-        head_dim = self.cfg.decoder_embed_dim // self.cfg.decoder_attention_heads
-        cos, sin = rotary_cos_sin(seq, head_dim, self.cfg.rope_theta, x.device)
+        cos, sin = rotary_cos_sin(seq, rotary_inv_freq(self.cfg, x.device))
         for layer in self.layers:
             if self.cfg.checkpoint_activations and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
@@ -214,11 +239,19 @@ class LlamaElmModel(FairseqLanguageModel):
         return self.decoder.max_positions()
 
 
+# Preset.rope_llama3's four numbers, in order, and HF's rope_parameters keys for them.
+LLAMA3_ROPE_FIELDS = ("rope_llama3_factor", "rope_llama3_low_freq_factor",
+                      "rope_llama3_high_freq_factor", "rope_llama3_original_positions")
+LLAMA3_ROPE_HF_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
+                       "original_max_position_embeddings")
+
+
 def _preset_values(preset) -> dict:
     return {"decoder_layers": preset.layers, "decoder_embed_dim": preset.embed_dim,
             "decoder_attention_heads": preset.heads, "decoder_kv_heads": preset.key_value_heads,
             "decoder_ffn_embed_dim": preset.ffn_dim, "max_target_positions": preset.tokens_per_sample,
             "rope_theta": preset.rope_theta, "rms_norm_eps": preset.norm_eps,
+            **dict(zip(LLAMA3_ROPE_FIELDS, preset.rope_llama3 or (0.0,))),
             "tie_embeddings": preset.tie_embeddings, "dropout": preset.dropout,
             "attention_dropout": preset.dropout}
 

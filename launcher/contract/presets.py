@@ -47,14 +47,18 @@ class Preset:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_embeddings: bool = True  # output projection = input embedding
+    # Llama 3's rope scaling: (factor, low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings); None = plain rotary embeddings
+    rope_llama3: tuple[float, float, float, int] | None = None
 
     def __post_init__(self):
         if self.layout not in LAYOUT_MODELS:
             raise BtmError(f"preset {self.name!r}: layout {self.layout!r} is not one of "
                            f"{', '.join(LAYOUT_MODELS)}")
-        if self.layout == "gpt2" and (self.kv_heads is not None or not self.tie_embeddings):
-            raise BtmError(f"preset {self.name!r}: the gpt2 layout has no kv_heads and always "
-                           "ties its output embedding")
+        if self.layout == "gpt2" and (self.kv_heads is not None or not self.tie_embeddings
+                                      or self.rope_llama3 is not None):
+            raise BtmError(f"preset {self.name!r}: the gpt2 layout has no kv_heads nor rope "
+                           "scaling and always ties its output embedding")
         if self.embed_dim % self.heads or self.heads % self.key_value_heads:
             raise BtmError(f"preset {self.name!r}: embed_dim {self.embed_dim}, heads {self.heads} "
                            f"and kv_heads {self.key_value_heads} do not divide")
@@ -123,6 +127,14 @@ PRESETS: dict[str, Preset] = {
         _llama("smollm2-1.7b", "llama_smollm2_1_7b", layers=24, embed_dim=2048, heads=32,
                ffn_dim=8192, tokens_per_sample=2048, rope_theta=130000.0,
                notes="shape of HuggingFaceTB/SmolLM2-1.7B (vocab 49152)"),
+        _llama("llama-3.2-1b", "llama_3_2_1b", layers=16, embed_dim=2048, heads=32, kv_heads=8,
+               ffn_dim=8192, tokens_per_sample=2048, rope_theta=500000.0,
+               rope_llama3=(32.0, 1.0, 4.0, 8192),
+               notes="shape of meta-llama/Llama-3.2-1B (vocab 128256)"),
+        _llama("llama-3.2-3b", "llama_3_2_3b", layers=28, embed_dim=3072, heads=24, kv_heads=8,
+               ffn_dim=8192, tokens_per_sample=2048, rope_theta=500000.0,
+               rope_llama3=(32.0, 1.0, 4.0, 8192),
+               notes="shape of meta-llama/Llama-3.2-3B (vocab 128256)"),
     ]
 }
 
