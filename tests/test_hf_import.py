@@ -227,3 +227,25 @@ def test_shape_or_vocab_not_matching_the_preset_names_both(tiny_data, tmp_path):
     with pytest.raises(BtmError, match=r"rope_type is 'linear'"):
         import_hf(scaled, tmp_path / "o.pt", preset="llama-tiny", data_dir=tiny_data)
     assert not (tmp_path / "o.pt").exists()
+
+
+def test_gpt2_hub_layout_without_prefix_and_with_mask_buffers(tiny_data, hf_dirs, tmp_path):  # noqa: F811
+    """The original GPT-2 checkpoints name tensors without ``transformer.`` and carry the causal
+    mask buffers (``h.i.attn.bias``); they import to the same model."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from fairseq_ext.checkpoint import load_model
+    from fairseq_ext.hf_import import import_hf
+
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    shutil.copy(hf_dirs["gpt2"] / "config.json", hub / "config.json")
+    tensors = {k.removeprefix("transformer."): v
+               for k, v in load_file(str(hf_dirs["gpt2"] / "model.safetensors")).items()}
+    tensors |= {f"h.{i}.attn.bias": torch.tril(torch.ones(1, 1, 256, 256)) for i in range(2)}
+    save_file(tensors, str(hub / "model.safetensors"))
+    import_hf(hub, tmp_path / "hub.pt", preset="tiny", data_dir=tiny_data)
+    import_hf(hf_dirs["gpt2"], tmp_path / "saved.pt", preset="tiny", data_dir=tiny_data)
+    a, b = load_model(tmp_path / "hub.pt").model, load_model(tmp_path / "saved.pt").model
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
