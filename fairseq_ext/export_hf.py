@@ -1,4 +1,8 @@
-"""``btm export hf``: btm checkpoints as Hugging Face ``transformers`` GPT-2 directories.
+"""``btm export hf``: btm checkpoints as Hugging Face ``transformers`` directories.
+
+A GPT-2-layout ELM becomes ``GPT2LMHeadModel`` (below); a Llama-layout ELM becomes
+``LlamaForCausalLM`` (fairseq_ext/export_llama.py; ``hf_model`` picks by the checkpoint's arch).
+Everything else (tokenizer, record, staging, forests) is the same for both.
 
 The ELM (``fairseq_ext/models/elm.py``) has GPT-2's layout, so an expert becomes a
 ``GPT2LMHeadModel`` by renaming its parameters and transposing the four linear weights per
@@ -110,6 +114,23 @@ def elm_to_gpt2(state_dict: dict, n_layers: int) -> dict:
     return out
 
 
+def hf_model(model_cfg: dict, state_dict: dict, vocab_size: int):
+    """(HF config dict, HF tensors, embedding tensor name, model dim, max positions) of an ELM
+    checkpoint, by its layout: GPT-2 here, Llama in fairseq_ext/export_llama.py."""
+    from launcher.contract.presets import layout_of_arch
+
+    if layout_of_arch(model_cfg.get("_name")) == "llama":
+        from fairseq_ext.export_llama import elm_to_llama, llama_config
+
+        config = llama_config(model_cfg, vocab_size)
+        tensors = elm_to_llama(state_dict, config["num_hidden_layers"], config["tie_word_embeddings"])
+        return (config, tensors, "model.embed_tokens.weight", config["hidden_size"],
+                config["max_position_embeddings"])
+    config = gpt2_config(model_cfg, vocab_size)
+    tensors = elm_to_gpt2(state_dict, config["n_layer"])
+    return config, tensors, "transformer.wte.weight", config["n_embd"], config["n_positions"]
+
+
 def checkpoint_data_dir(state: dict, checkpoint: Path, data_dir: str | os.PathLike | None) -> Path:
     """Where spm.model/dict.txt are: ``data_dir`` or the checkpoint's ``cfg.task.data``."""
     if data_dir is None:
@@ -145,12 +166,11 @@ def export_model(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
         raise BtmError(f"checkpoint {checkpoint} has no model cfg (key 'cfg.model')")
     dictionary = checkpoint_dictionary(state, checkpoint)
     data = checkpoint_data_dir(state, checkpoint, data_dir)
-    config = gpt2_config(model_cfg, len(dictionary))
-    tensors = elm_to_gpt2(state["model"], config["n_layer"])
-    if tuple(tensors["transformer.wte.weight"].shape) != (len(dictionary), config["n_embd"]):
+    config, tensors, embed_name, dim, positions = hf_model(model_cfg, state["model"], len(dictionary))
+    if tuple(tensors[embed_name].shape) != (len(dictionary), dim):
         raise BtmError(f"checkpoint {checkpoint}: embedding shape "
-                       f"{tuple(tensors['transformer.wte.weight'].shape)} does not match its "
-                       f"dictionary ({len(dictionary)} symbols) and cfg (dim {config['n_embd']})")
+                       f"{tuple(tensors[embed_name].shape)} does not match its "
+                       f"dictionary ({len(dictionary)} symbols) and cfg (dim {dim})")
     record = {"format": EXPORT_FORMAT, "checkpoint": str(checkpoint), "checkpoint_sha256": sha,
               "data_dir": str(data), "spm_model_sha256": sha256_file(data / "spm.model"),
               "vocab_size": len(dictionary), "input_convention": "</s> (id 2) before each document"}
@@ -162,7 +182,7 @@ def export_model(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
         from fairseq_ext.hf_tokenizer import save_pretrained_tokenizer
 
         save_pretrained_tokenizer(data / "spm.model", list(dictionary.symbols), stage,
-                                  model_max_length=config["n_positions"])
+                                  model_max_length=positions)
         record["model_safetensors_sha256"] = sha256_file(stage / "model.safetensors")
         (stage / EXPORT_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return record

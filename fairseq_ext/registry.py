@@ -1,4 +1,5 @@
-"""Register btm's fairseq components (model ``elm``, task ``multidomain_lm``) for our own code.
+"""Register btm's fairseq components (models ``elm`` and ``elm_llama``, task
+``multidomain_lm``) for our own code.
 
 fairseq's ``--user-dir fairseq_ext`` imports ``fairseq_ext/models`` and ``fairseq_ext/tasks``
 itself. btm's own code (trainer, scoring, averaging) calls ``register_all()`` instead, so that
@@ -9,5 +10,5 @@ from __future__ import annotations
 
 
 def register_all() -> None:
-    import fairseq_ext.models  # noqa: F401  (registers model "elm" and archs elm_*)
+    import fairseq_ext.models  # noqa: F401  (registers models "elm", "elm_llama" and their archs)
     import fairseq_ext.tasks  # noqa: F401  (registers task "multidomain_lm")

@@ -272,12 +272,19 @@ def _preset_arch(preset_name: str):
 
 
 for _name, _preset in PRESETS.items():
-    register_model_architecture("elm", _preset.arch)(_preset_arch(_name))
+    if _preset.layout == "gpt2":
+        register_model_architecture("elm", _preset.arch)(_preset_arch(_name))
 
 
-def elm_config_for_preset(preset_name: str, **overrides) -> ElmConfig:
-    """The ElmConfig of a launcher preset (``tiny``, ``125m``, ...)."""
+def elm_config_for_preset(preset_name: str, **overrides):
+    """The model config of a launcher preset: an ElmConfig (``tiny``, ``125m``, ...), or for a
+    llama-layout preset its LlamaElmConfig (fairseq_ext/models/llama.py), so that callers that
+    build "the preset's model" need not know the layout."""
     p = PRESETS[preset_name]
+    if p.layout != "gpt2":
+        from fairseq_ext.models.llama import llama_config_for_preset
+
+        return llama_config_for_preset(preset_name, **overrides)
     cfg = ElmConfig(decoder_layers=p.layers, decoder_embed_dim=p.embed_dim,
                     decoder_attention_heads=p.heads, decoder_ffn_embed_dim=p.ffn_dim,
                     max_target_positions=p.tokens_per_sample, dropout=p.dropout,
