@@ -6,7 +6,7 @@
 2. scores the experts the requested methods need on the eval split (``test``): all of them for
    single-expert rows and dense ensembles, only the k experts with the highest cached prior for
    ``topk_prior`` with k < N (the sparse ensemble; nothing else is run);
-3. mixes (``fairseq_ext/mixing.py``) for every method and k and returns one results row per
+3. mixes (``fairseq_ext/ensemble.py``) for every method and k and returns one results row per
    result (the launcher appends them to the results table, ``launcher/contract/results.py``).
 So changing the methods, k or prior settings costs only mixing (and, for new prior settings,
 re-estimating the prior from cached held-out scores).
@@ -42,7 +42,7 @@ from launcher.contract import methods as registry
 from launcher.contract.atomic import atomic_write_json
 from launcher.contract.errors import BtmError
 from launcher.contract.names import validate_name
-from fairseq_ext import mixing
+from fairseq_ext import ensemble
 from fairseq_ext.priors import PriorSettings, cached_domain_prior, stack_scores
 from fairseq_ext.scoring import (ContextSettings, cache_key, cache_path, checkpoint_sha256, data_hash,
                                 score_split)
@@ -172,7 +172,7 @@ class Scorer:
 def result_row(run: str, method: str, k: int, prior: str, domain: str, split: str, logprobs: np.ndarray,
                scores: list, mix_seconds: float) -> dict:
     """One row of the results table (launcher/contract/results.py) for mixed log-probs."""
-    nll = mixing.nll(logprobs)
+    nll = ensemble.nll(logprobs)
     return {"run": run, "method": method, "k": k, "prior": prior, "eval_domain": domain, "split": split,
             "tokens": int(logprobs.shape[0]), "nll": nll, "ppl": float(np.exp(nll)),
             "expert_forward_passes": int(sum(s.forward_passes for s in scores)),
@@ -240,17 +240,17 @@ def _domain_rows(experts: dict[str, Path], domain: str, dirs: EvalDirs, scorer: 
     for method in ensembles:
         rule = registry.get_method(method).mixing_rule
         t0 = time.perf_counter()
-        out = mixing.ensemble_logprobs(lp, starts, method=rule, prior=prior)
+        out = ensemble.ensemble_logprobs(lp, starts, method=rule, prior=prior)
         rows.append(result_row(run, method, n, "none" if rule == "uniform" else prior_label, domain, split,
                                out, all_scores, time.perf_counter() - t0))
     for method in (m for m in methods if registry.get_method(m).kind == "topk"):
         rule = registry.get_method(method).mixing_rule
         for k in sorted(set(min(k, n) for k in settings.top_k)):
-            keep = mixing.topk_experts(prior, k)
+            keep = ensemble.topk_experts(prior, k)
             selected = scores_of([names[j] for j in keep])  # only these k experts are scored
             t0 = time.perf_counter()
             k_lp, k_starts = stack_scores(selected)
-            out = mixing.ensemble_logprobs(k_lp, k_starts, method=rule, prior=prior[keep])
+            out = ensemble.ensemble_logprobs(k_lp, k_starts, method=rule, prior=prior[keep])
             rows.append(result_row(run, method, k, prior_label, domain, split, out, selected,
                                    time.perf_counter() - t0))
     return rows

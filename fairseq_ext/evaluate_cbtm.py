@@ -14,7 +14,7 @@ from pathlib import Path
 from launcher.contract import methods as registry
 from launcher.contract.errors import BtmError
 from launcher.contract.names import validate_name
-from fairseq_ext import mixing
+from fairseq_ext import ensemble
 from fairseq_ext.evaluate import EvalDirs, EvalSettings, Scorer, result_row
 from fairseq_ext.priors import stack_scores
 
@@ -50,7 +50,7 @@ def evaluate_clusters(experts: dict[str, Path], cluster_model_dir: str | Path, e
             weights = token_route_weights_from_ids(model, scores[0].targets, starts,
                                                    lambda ids: decode_ids(dirs.data, ids), stride=stride,
                                                    temperature=temperature, top_k=k)
-            out = mixing.mix_with_weights(lp, weights)
+            out = ensemble.mix_with_weights(lp, weights)
             row = result_row(run_name, METHOD, k, f"route(T={temperature},stride={stride})", domain,
                              settings.split, out, scores, time.perf_counter() - t0)
             rows.append({**row, "n_clusters": model.k,

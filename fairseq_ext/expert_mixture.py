@@ -73,7 +73,7 @@ def read_prior(spec: str, names: list[str]) -> np.ndarray:
             values = [float(x) for x in spec.split(":")]
         except ValueError:
             raise BtmError(f"prior {spec!r} is neither a prior JSON file nor weights like 0.2:0.8") from None
-    from fairseq_ext.mixing import normalize_prior
+    from fairseq_ext.ensemble import normalize_prior
 
     if values is None or len(values) != len(names):
         raise BtmError(f"prior {spec} has {0 if values is None else len(values)} weights for "
@@ -85,7 +85,7 @@ class ExpertMixture:
     """The selected experts of a forest, loaded, plus how to mix them (see the module doc)."""
 
     def __init__(self, cfg: BtmLMConfig):
-        from fairseq_ext import mixing
+        from fairseq_ext import ensemble
         from launcher.contract.forest import expert_checkpoints
 
         if cfg.method not in METHODS:
@@ -121,7 +121,7 @@ class ExpertMixture:
             chosen = [cfg.expert]
         elif self.method in ("prior", "average") and self.top_k is not None:
             p = prior if prior is not None else np.full(len(names), 1.0 / len(names))
-            chosen = [names[i] for i in mixing.topk_experts(p, self.top_k)]
+            chosen = [names[i] for i in ensemble.topk_experts(p, self.top_k)]
         elif self.method == "cluster":
             if cfg.prior:
                 raise BtmError("method=cluster weights experts by distance to the cluster centres; "
@@ -130,7 +130,7 @@ class ExpertMixture:
         else:
             chosen = names
         self.names = chosen
-        self.prior = None if prior is None else mixing.normalize_prior(
+        self.prior = None if prior is None else ensemble.normalize_prior(
             [prior[names.index(n)] for n in chosen], len(chosen))
         self.paths = [experts[n] for n in chosen]
         self._tmp = None
@@ -191,7 +191,7 @@ class ExpertMixture:
     def log_weights(self, lp: np.ndarray, targets) -> np.ndarray:
         """[N, T] per-token log mixture weights for one document's expert target log-probs
         ``lp`` [N, T] and its target ids (routing=token)."""
-        from fairseq_ext import mixing
+        from fairseq_ext import ensemble
 
         n, t = lp.shape
         if n == 1:
@@ -204,7 +204,7 @@ class ExpertMixture:
             with np.errstate(divide="ignore"):
                 return np.log(w).T
         method = "posterior" if self.method == "posterior" else ("prior" if self.prior is not None else "uniform")
-        return mixing.keep_top_k(mixing.log_weights(lp, np.array([0]), method, self.prior), self.top_k)
+        return ensemble.keep_top_k(ensemble.log_weights(lp, np.array([0]), method, self.prior), self.top_k)
 
     def cluster_log_weights(self, texts: list[str]) -> np.ndarray:
         """[R, N] log weights (-inf: dropped by top-k) of the cluster experts for whole texts."""
@@ -260,6 +260,6 @@ class ExpertMixture:
 
 def mixture_full(log_w_rows: np.ndarray, full: np.ndarray) -> np.ndarray:
     """[T, V] mixture log-distribution from log weights [N, T] and expert rows [N, T, V]."""
-    from fairseq_ext.mixing import logsumexp
+    from fairseq_ext.ensemble import logsumexp
 
     return logsumexp(log_w_rows[:, :, None] + full.astype(np.float64), axis=0)

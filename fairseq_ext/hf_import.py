@@ -109,7 +109,7 @@ def _drop_buffers(tensors: dict) -> dict:
 def gpt2_to_elm(config: dict, tensors: dict, preset, model_dir: Path):
     """(ElmConfig, ELM state dict) of a ``GPT2LMHeadModel``'s config and tensors."""
     from fairseq_ext.export_hf import _BLOCK_RENAMES, _TOP_RENAMES  # the export's mapping
-    from fairseq_ext.models.elm import elm_config_for_preset
+    from fairseq_ext.models.preset_config import model_config_for_preset
 
     dim = config.get("n_embd")
     _expect("n_layer", config.get("n_layer"), preset, preset.layers, model_dir)
@@ -145,7 +145,7 @@ def gpt2_to_elm(config: dict, tensors: dict, preset, model_dir: Path):
     if head is not None and not _same(head, state.get("decoder.embed_tokens.weight")):
         raise BtmError(f"{model_dir}: lm_head.weight differs from the input embedding; the "
                        "GPT-2 ELM ties them")
-    return elm_config_for_preset(preset.name), state
+    return model_config_for_preset(preset.name), state
 
 
 def llama_to_elm(config: dict, tensors: dict, preset, model_dir: Path):

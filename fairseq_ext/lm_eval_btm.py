@@ -21,7 +21,7 @@ tokenizer; by default the first checkpoint's ``cfg.task.data``).
 
 ``routing=token`` (default): the text ``context + continuation`` is one document with ``</s>``
 in front (as btm scores documents); per-token mixture weights, the posterior evidence and top-k
-are ``fairseq_ext.mixing`` applied to the experts' per-token log-probs of that document (for
+are ``fairseq_ext.ensemble`` applied to the experts' per-token log-probs of that document (for
 ``cluster``: ``fairseq_ext.cluster.routing`` on the decoded text before each block of
 ``stride`` tokens). ``routing=prompt`` (``posterior`` and ``cluster``; c-BTM's few-shot rule):
 the weights come once from the whole context (demonstrations and input): the domain posterior
@@ -166,19 +166,19 @@ class BtmLM(_lm_base()):
             lps, fulls = self.mixture.run([d[0] for d in docs], [d[1] for d in docs], full_from, which)
         else:
             lps, fulls = self.mixture.run([d[0] for d in docs], [d[1] for d in docs], full_from)
-        from fairseq_ext import mixing
+        from fairseq_ext import ensemble
 
         out = []
         for i, ((_, targets), k, lp, full) in enumerate(zip(docs, n_cont, lps, fulls)):
             if self.mixture.routing == "prompt":
-                # the mixture of whole continuations over the kept experts (mixing.sequence_log_weights)
+                # the mixture of whole continuations over the kept experts (ensemble.sequence_log_weights)
                 lp = lp[:, len(targets) - k:]
-                log_w = mixing.sequence_log_weights(log_w0[i][which[i]], lp)
+                log_w = ensemble.sequence_log_weights(log_w0[i][which[i]], lp)
             else:
                 log_w = self.mixture.log_weights(lp, targets)[:, len(targets) - k:]
                 lp = lp[:, len(targets) - k:]
             greedy = mixture_full(log_w, full).argmax(-1)
-            out.append((float(mixing.mix_log_weights(lp, log_w).sum()),
+            out.append((float(ensemble.mix_log_weights(lp, log_w).sum()),
                         bool(np.array_equal(greedy, np.asarray(targets[len(targets) - k:])))))
         return out
 
@@ -188,9 +188,9 @@ class BtmLM(_lm_base()):
         ``cluster``: the embedded context text (``fairseq_ext.cluster.routing``). ``posterior``:
         Bayes with the prior from the context's likelihood under every expert (one pass of each
         expert per distinct context, its last ``max_length`` tokens), then top-k
-        (``mixing.prompt_log_weights``). An empty context carries no evidence: the cluster sizes
+        (``ensemble.prompt_log_weights``). An empty context carries no evidence: the cluster sizes
         or the prior."""
-        from fairseq_ext import mixing
+        from fairseq_ext import ensemble
 
         if self.mixture.method == "cluster":
             unique = list(dict.fromkeys(texts))
@@ -205,7 +205,7 @@ class BtmLM(_lm_base()):
             lps, _ = self.mixture.run([d[0] for d in docs], [d[1] for d in docs], [len(d[1]) for d in docs])
             for j, lp in zip(scored, lps):
                 loglik[:, j] = lp.sum(axis=1)
-        log_w = mixing.prompt_log_weights(loglik, self.mixture.prior, self.mixture.top_k).T
+        log_w = ensemble.prompt_log_weights(loglik, self.mixture.prior, self.mixture.top_k).T
         index = {key: j for j, key in enumerate(unique)}
         return np.stack([log_w[index[key]] for key in keys])
 
@@ -222,7 +222,7 @@ class BtmLM(_lm_base()):
         """Log-likelihood of each whole string as one document (</s> in front), in blocks of
         ``max_length`` targets like btm's scorer, batched over all requests. A string has no
         prompt, so routing=prompt scores it with the method's token routing."""
-        from fairseq_ext import mixing
+        from fairseq_ext import ensemble
         from fairseq_ext.scoring import ContextSettings, forward_logprobs
 
         texts = [req.args[0] for req in requests]
@@ -249,11 +249,11 @@ class BtmLM(_lm_base()):
                 w = token_route_weights_from_ids(self.mixture.cluster_model, tokens, starts, self.mixture.decode,
                                                  stride=self.mixture.stride, temperature=self.mixture.temperature,
                                                  top_k=self.mixture.top_k)
-                mixed = mixing.mix_with_weights(lp, w)
+                mixed = ensemble.mix_with_weights(lp, w)
             else:
                 method = "posterior" if self.mixture.method == "posterior" else (
                     "prior" if self.mixture.prior is not None else "uniform")
-                mixed = mixing.ensemble_logprobs(lp, starts, method, self.mixture.prior, self.mixture.top_k)
+                mixed = ensemble.ensemble_logprobs(lp, starts, method, self.mixture.prior, self.mixture.top_k)
             for i, total in zip(nonempty, np.add.reduceat(mixed, starts)):
                 out[i] = float(total)
         for text, res in zip(texts, out):

@@ -1,6 +1,6 @@
 """Domain priors over a forest's experts: estimated on held-out data, cached as JSON.
 
-The prior P(D=j) of an eval domain is ``mixing.estimate_prior``: the EWMA (alpha 0.3) of batch
+The prior P(D=j) of an eval domain is ``ensemble.estimate_prior``: the EWMA (alpha 0.3) of batch
 posteriors over held-out documents, where a batch's posterior is the mean over its documents of
 P(D=j | document) = softmax_j(total log-likelihood of the document under expert j). It is
 computed from cached scores (``fairseq_ext/scoring.py``), so it costs no forward pass once the
@@ -21,7 +21,7 @@ import numpy as np
 from launcher.contract.atomic import atomic_write_json, sha256_bytes
 from launcher.contract.errors import BtmError
 from launcher.contract.names import validate_name
-from fairseq_ext.mixing import estimate_prior  # noqa: F401  (re-exported: the one definition)
+from fairseq_ext.ensemble import estimate_prior  # noqa: F401  (re-exported: the one definition)
 
 PRIOR_FORMAT = 1
 

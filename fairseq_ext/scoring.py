@@ -2,7 +2,7 @@
 
 Every evaluation in btm (single experts, ensembles, top-k, priors, parameter averages) is a
 function of these per-token scores, so each (checkpoint, split, context settings) costs one
-pass of forward passes and everything after it is numpy (``fairseq_ext/mixing.py``).
+pass of forward passes and everything after it is numpy (``fairseq_ext/ensemble.py``).
 
 What is scored, exactly (``ContextSettings``). A split is the documents of
 ``DATA_DIR/<domain>/<split>.bin|.idx`` (one item = one document's tokens + eos). Every token is

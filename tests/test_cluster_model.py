@@ -141,8 +141,8 @@ def test_fit_is_deterministic_with_a_seed():
 
 
 def test_token_route_weights_from_ids_feed_mixing(model):
-    """Per-token c-BTM weights from target ids + a decoder, mixed by fairseq_ext.mixing."""
-    from fairseq_ext.mixing import mix_with_weights
+    """Per-token c-BTM weights from target ids + a decoder, mixed by fairseq_ext.ensemble."""
+    from fairseq_ext.ensemble import mix_with_weights
     from fairseq_ext.cluster.routing import token_route_weights_from_ids
 
     vocab = ["<s>", "<pad>", "</s>", "lord ", "god ", "def ", "return ", "license "]

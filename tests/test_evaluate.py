@@ -38,7 +38,7 @@ def by_method(rows, domain):
 
 
 def test_forest_rows_are_correct_and_a_rerun_hits_the_cache(tiny_data, tiny_experts, tmp_path, monkeypatch):
-    from fairseq_ext import mixing
+    from fairseq_ext import ensemble
     from fairseq_ext.priors import PriorSettings
     from fairseq_ext.scoring import score_split
 
@@ -70,7 +70,7 @@ def test_forest_rows_are_correct_and_a_rerun_hits_the_cache(tiny_data, tiny_expe
     assert np.argmax(prior) == DOMAINS.index("legal")
     for method, rule in [("ensemble_uniform", "uniform"), ("ensemble_prior", "prior"),
                          ("ensemble_posterior", "posterior"), ("ensemble_prev_token", "prev_token")]:
-        expected = mixing.nll(mixing.ensemble_logprobs(lp, s.doc_starts, rule, prior))
+        expected = ensemble.nll(ensemble.ensemble_logprobs(lp, s.doc_starts, rule, prior))
         assert legal[method, 3].nll == pytest.approx(expected, rel=1e-12)
     assert legal["ensemble_prior", 3].prior == PriorSettings().describe()
     assert legal["ensemble_prior", 3].nll <= float(prior @ np.array(list(expert_nll.values()))) + 1e-12
@@ -275,7 +275,7 @@ def test_btm_eval_defaults_to_the_run_configs_eval_domains(tmp_path):
 
 def test_btm_eval_produces_cbtm_cluster_rows(tiny_data, tiny_experts, tmp_path):
     """`btm eval` computes c-BTM rows with the same launcher function as the eval stage."""
-    from fairseq_ext import mixing
+    from fairseq_ext import ensemble
     from fairseq_ext.cluster import FitSettings, fit_clusters, save_model
     from fairseq_ext.cluster.routing import token_route_weights_from_ids
     from fairseq_ext.data_prep import decode_ids
@@ -305,7 +305,7 @@ def test_btm_eval_produces_cbtm_cluster_rows(tiny_data, tiny_experts, tmp_path):
     lp, starts = stack_scores(scores)
     weights = token_route_weights_from_ids(load_model(run / "clusters" / "model"), scores[0].targets, starts,
                                            lambda ids: decode_ids(tiny_data, ids), top_k=3)
-    assert table.nll[1] == pytest.approx(mixing.nll(mixing.mix_with_weights(lp, weights)), rel=1e-12)
+    assert table.nll[1] == pytest.approx(ensemble.nll(ensemble.mix_with_weights(lp, weights)), rel=1e-12)
     assert (table.expert_forward_passes[1] > 0) and table.routing[1].startswith("tfidf-svd top3")
 
 

@@ -126,12 +126,12 @@ def test_preset_config_and_checkpoint_roundtrip(tmp_path):
     """The trainer's path: elm_config_for_preset + build_model_from_cfg by the preset's arch."""
     import torch
     from fairseq_ext import checkpoint as ck
-    from fairseq_ext.models.elm import elm_config_for_preset
+    from fairseq_ext.models.preset_config import model_config_for_preset
     from fairseq_ext.models.llama import LlamaElmConfig, LlamaElmModel
     from fairseq_ext.tasks.multidomain_lm import MultidomainLMConfig
 
     _model()  # registers
-    cfg = elm_config_for_preset("llama-tiny")
+    cfg = model_config_for_preset("llama-tiny")
     assert isinstance(cfg, LlamaElmConfig) and cfg.decoder_kv_heads == 2 and not cfg.tie_embeddings
     cfg._name = "llama_tiny"
     cfg.rope_theta = 500.0  # a non-preset value travels in the checkpoint cfg

@@ -4,7 +4,7 @@ Real parts: the real prepared data of the small corpus, three real tiny ELM expe
 towards one domain, so that their posteriors really differ), real lm_eval (Python API and CLI)
 on the local tasks in tests/lm_eval_tasks (data built from the development corpus at run time).
 Every mixture is recomputed here by hand from single-expert forward passes, with numpy
-formulas written out in this file (not fairseq_ext.mixing).
+formulas written out in this file (not fairseq_ext.ensemble).
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from eval_fixtures import tiny_data, tiny_experts  # noqa: F401
-from fairseq_ext import mixing
+from fairseq_ext import ensemble
 from fairseq_ext.priors import PriorSettings, cached_domain_prior, estimate_prior, top_k_weights
 from launcher.contract.errors import BtmError
 
@@ -35,7 +35,7 @@ def fake_scores(n=3, t=60, seed=0):
 
 
 def test_estimate_prior_is_the_mixing_definition():
-    assert estimate_prior is mixing.estimate_prior
+    assert estimate_prior is ensemble.estimate_prior
 
 
 def test_prior_is_estimated_once_then_read_from_json(tmp_path):
@@ -45,7 +45,7 @@ def test_prior_is_estimated_once_then_read_from_json(tmp_path):
     prior, path, cached = cached_domain_prior(tmp_path, "legal", experts, scores, settings)
     assert not cached and path.parent == tmp_path and path.name.startswith("legal.")
     lp = np.stack([s.logprobs for s in scores])
-    np.testing.assert_allclose(prior, mixing.estimate_prior(lp, scores[0].doc_starts, alpha=0.3, batch_docs=2))
+    np.testing.assert_allclose(prior, ensemble.estimate_prior(lp, scores[0].doc_starts, alpha=0.3, batch_docs=2))
     saved = json.loads(path.read_text())
     assert saved["key"]["settings"] == {"split": "valid", "alpha": 0.3, "n_batches": None, "batch_docs": 2}
     assert saved["key"]["experts"] == ["a", "b", "c"]

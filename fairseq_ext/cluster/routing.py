@@ -10,7 +10,7 @@ fitting sample), with the same top-k rule.
 
 ``token_route_weights`` produces the per-token weights [T, k] for a scored split, in the token
 order of ``fairseq_ext.scoring.Scores`` (documents in order, every target token of each), to be
-fed to the "given weights" mixing of ``fairseq_ext.mixing``.
+fed to the "given weights" mixing of ``fairseq_ext.ensemble``.
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def token_route_weights_from_ids(model: ClusterModel, targets: np.ndarray, doc_s
                                  batch: int = 256) -> np.ndarray:
     """The same from a scored split's target ids (``Scores.targets``, ``Scores.doc_starts``)
     and a decoder of an id prefix, e.g. ``lambda ids: data_prep.decode_ids(data_dir, ids)``
-    (which drops bos/pad/eos). Feed the result to ``mixing.mix_with_weights``."""
+    (which drops bos/pad/eos). Feed the result to ``ensemble.mix_with_weights``."""
     targets = np.asarray(targets)
     bounds = np.append(np.asarray(doc_starts, dtype=np.int64), len(targets))
     if bounds[0] != 0 or np.any(np.diff(bounds) <= 0):

@@ -277,14 +277,11 @@ for _name, _preset in PRESETS.items():
 
 
 def elm_config_for_preset(preset_name: str, **overrides):
-    """The model config of a launcher preset: an ElmConfig (``tiny``, ``125m``, ...), or for a
-    llama-layout preset its LlamaElmConfig (fairseq_ext/models/llama.py), so that callers that
-    build "the preset's model" need not know the layout."""
+    """The ElmConfig of a GPT-2-layout preset (``tiny``, ``125m``, ...); for any layout use
+    ``fairseq_ext.models.preset_config.model_config_for_preset``."""
     p = PRESETS[preset_name]
     if p.layout != "gpt2":
-        from fairseq_ext.models.llama import llama_config_for_preset
-
-        return llama_config_for_preset(preset_name, **overrides)
+        raise ValueError(f"preset {preset_name!r} has the {p.layout} layout, not the GPT-2 ELM's")
     cfg = ElmConfig(decoder_layers=p.layers, decoder_embed_dim=p.embed_dim,
                     decoder_attention_heads=p.heads, decoder_ffn_embed_dim=p.ffn_dim,
                     max_target_positions=p.tokens_per_sample, dropout=p.dropout,

@@ -113,10 +113,10 @@ def _read_start(setup: TrainSetup) -> tuple[dict | None, dict | None]:
 
 def _model_cfg(setup: TrainSetup, start: dict | None, *, from_init: bool):
     """The preset's ElmConfig, overridden by the starting checkpoint's stored model cfg."""
-    from fairseq_ext.models.elm import elm_config_for_preset
+    from fairseq_ext.models.preset_config import model_config_for_preset
 
     preset = setup.preset
-    model_cfg = elm_config_for_preset(preset.name)
+    model_cfg = model_config_for_preset(preset.name)
     model_cfg._name = preset.arch
     if start is None:
         return model_cfg

@@ -8,7 +8,7 @@ the results table holds (one-expert rows are ``expert:<name>``; a config asks fo
 
 - ``kind``: which part of the eval stage computes it (``expert``, ``ensemble``, ``topk``,
   ``average``, ``cluster``, ``baseline``);
-- ``mixing_rule``: the rule of ``fairseq_ext.mixing.ensemble_logprobs`` (ensembles and top-k);
+- ``mixing_rule``: the rule of ``fairseq_ext.ensemble.ensemble_logprobs`` (ensembles and top-k);
 - ``needs_prior``: whether it reads the cached domain prior (so the score stage also scores
   the prior split);
 - ``label``: its name in report tables and plots;

@@ -1,4 +1,4 @@
-"""Properties of the ensemble mixing rules (fairseq_ext/mixing.py), checked against slow loops."""
+"""Properties of the ensemble rules (fairseq_ext/ensemble.py), checked against slow loops."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from fairseq_ext import mixing
+from fairseq_ext import ensemble
 from launcher.contract.errors import BtmError
 
 
@@ -58,11 +58,11 @@ def slow_mixture(lp, weights):
 
 
 @settings(max_examples=60, deadline=None)
-@given(forests(), st.sampled_from(mixing.METHODS))
+@given(forests(), st.sampled_from(ensemble.METHODS))
 def test_every_method_matches_a_slow_loop(forest, method):
     lp, starts, prior = forest
     expected = slow_mixture(lp, slow_weights(lp, starts, prior, method))
-    got = mixing.ensemble_logprobs(lp, starts, method=method, prior=prior)
+    got = ensemble.ensemble_logprobs(lp, starts, method=method, prior=prior)
     assert got.dtype == np.float64 and got.shape == (lp.shape[1],)
     np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9)
 
@@ -74,7 +74,7 @@ def test_one_hot_prior_gives_exactly_that_experts_scores(forest, data):
     j = data.draw(st.integers(0, lp.shape[0] - 1))
     one_hot = np.eye(lp.shape[0])[j]
     for method in ("prior", "posterior", "prev_token"):
-        got = mixing.ensemble_logprobs(lp, starts, method=method, prior=one_hot)
+        got = ensemble.ensemble_logprobs(lp, starts, method=method, prior=one_hot)
         np.testing.assert_array_equal(got, lp[j].astype(np.float64))
 
 
@@ -82,7 +82,7 @@ def test_one_hot_prior_gives_exactly_that_experts_scores(forest, data):
 @given(forests())
 def test_fixed_prior_mixture_is_no_worse_than_the_weighted_mean_of_experts(forest):
     lp, starts, prior = forest
-    mixture_nll = mixing.nll(mixing.ensemble_logprobs(lp, starts, method="prior", prior=prior))
+    mixture_nll = ensemble.nll(ensemble.ensemble_logprobs(lp, starts, method="prior", prior=prior))
     expert_nlls = -lp.astype(np.float64).mean(axis=1)
     assert mixture_nll <= float(prior @ expert_nlls) + 1e-9  # Jensen
 
@@ -93,17 +93,17 @@ def test_identical_experts_give_the_single_experts_perplexity(forest, copies):
     lp, starts, _ = forest
     same = np.repeat(lp[:1], copies, axis=0)
     single_ppl = math.exp(-lp[0].astype(np.float64).mean())
-    for method in mixing.METHODS:
-        ppl = math.exp(mixing.nll(mixing.ensemble_logprobs(same, starts, method=method)))
+    for method in ensemble.METHODS:
+        ppl = math.exp(ensemble.nll(ensemble.ensemble_logprobs(same, starts, method=method)))
         assert ppl == pytest.approx(single_ppl, rel=1e-12)
 
 
 @settings(max_examples=40, deadline=None)
-@given(forests(), st.sampled_from(mixing.METHODS))
+@given(forests(), st.sampled_from(ensemble.METHODS))
 def test_top_k_with_k_equal_n_is_the_full_ensemble(forest, method):
     lp, starts, prior = forest
-    full = mixing.ensemble_logprobs(lp, starts, method=method, prior=prior)
-    topn = mixing.ensemble_logprobs(lp, starts, method=method, prior=prior, top_k=lp.shape[0])
+    full = ensemble.ensemble_logprobs(lp, starts, method=method, prior=prior)
+    topn = ensemble.ensemble_logprobs(lp, starts, method=method, prior=prior, top_k=lp.shape[0])
     np.testing.assert_array_equal(full, topn)
 
 
@@ -119,7 +119,7 @@ def test_top_k_keeps_the_k_highest_weights_and_renormalizes(forest, data):
         top = np.argsort(-w[:, i], kind="stable")[:k]
         kept[top, i] = w[top, i]
     kept /= kept.sum(axis=0, keepdims=True)
-    got = mixing.ensemble_logprobs(lp, starts, method="posterior", prior=prior, top_k=k)
+    got = ensemble.ensemble_logprobs(lp, starts, method="posterior", prior=prior, top_k=k)
     np.testing.assert_allclose(got, slow_mixture(lp, kept), rtol=1e-9, atol=1e-9)
 
 
@@ -127,7 +127,7 @@ def test_top_k_keeps_the_k_highest_weights_and_renormalizes(forest, data):
 @given(forests(), st.sampled_from(["posterior", "prev_token"]))
 def test_posterior_right_after_a_document_boundary_is_the_prior(forest, method):
     lp, starts, prior = forest
-    w = np.exp(mixing.log_weights(lp, starts, method=method, prior=prior))
+    w = np.exp(ensemble.log_weights(lp, starts, method=method, prior=prior))
     for s in starts:
         np.testing.assert_allclose(w[:, s], prior, rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(w.sum(axis=0), 1.0, rtol=1e-12)
@@ -138,10 +138,10 @@ def test_prior_top_k_uses_only_the_selected_experts():
     lp = np.log(rng.uniform(0.01, 1, size=(4, 30)))
     starts = np.array([0, 10, 21])
     prior = np.array([0.1, 0.4, 0.2, 0.3])
-    keep = mixing.topk_experts(prior, 2)
+    keep = ensemble.topk_experts(prior, 2)
     assert keep == [1, 3]
-    sparse = mixing.ensemble_logprobs(lp[keep], starts, method="prior", prior=prior[keep])
-    dense = mixing.ensemble_logprobs(lp, starts, method="prior", prior=prior, top_k=2)
+    sparse = ensemble.ensemble_logprobs(lp[keep], starts, method="prior", prior=prior[keep])
+    dense = ensemble.ensemble_logprobs(lp, starts, method="prior", prior=prior, top_k=2)
     np.testing.assert_allclose(sparse, dense, rtol=1e-12)
 
 
@@ -149,11 +149,11 @@ def test_mix_with_weights_matches_methods_and_per_token_weights():
     rng = np.random.default_rng(1)
     lp = np.log(rng.uniform(0.01, 1, size=(3, 12)))
     prior = np.array([0.2, 0.5, 0.3])
-    np.testing.assert_allclose(mixing.mix_with_weights(lp, prior),
-                               mixing.ensemble_logprobs(lp, [0], "prior", prior), rtol=1e-12)
+    np.testing.assert_allclose(ensemble.mix_with_weights(lp, prior),
+                               ensemble.ensemble_logprobs(lp, [0], "prior", prior), rtol=1e-12)
     per_token = rng.dirichlet(np.ones(3), size=12)  # [T, N]
     expected = np.log(np.sum(per_token.T * np.exp(lp), axis=0))
-    np.testing.assert_allclose(mixing.mix_with_weights(lp, per_token * 7.0), expected, rtol=1e-12)
+    np.testing.assert_allclose(ensemble.mix_with_weights(lp, per_token * 7.0), expected, rtol=1e-12)
 
 
 def test_long_documents_do_not_underflow():
@@ -161,7 +161,7 @@ def test_long_documents_do_not_underflow():
     rng = np.random.default_rng(2)
     lp = np.stack([np.full(20000, -5.0), np.full(20000, -5.1)]) + rng.normal(0, 0.01, (2, 20000))
     lp = np.minimum(lp, 0)
-    got = mixing.ensemble_logprobs(lp, [0], "posterior")
+    got = ensemble.ensemble_logprobs(lp, [0], "posterior")
     assert np.all(np.isfinite(got))
     # The posterior concentrates on the better expert, so the mixture approaches it.
     assert abs(got[-1000:].mean() - lp[0, -1000:].mean()) < 1e-6
@@ -171,26 +171,26 @@ def test_estimate_prior_is_the_ewma_of_batch_posteriors():
     rng = np.random.default_rng(3)
     lp = np.log(rng.uniform(0.05, 1, size=(3, 50)))
     starts = np.array([0, 7, 15, 22, 30, 41])
-    doc_post = mixing.document_posteriors(lp, starts)
+    doc_post = ensemble.document_posteriors(lp, starts)
     np.testing.assert_allclose(doc_post.sum(axis=1), 1.0)
     batches = [doc_post[0:2].mean(0), doc_post[2:4].mean(0), doc_post[4:6].mean(0)]
     expected = batches[0]
     for b in batches[1:]:
         expected = 0.7 * expected + 0.3 * b
-    np.testing.assert_allclose(mixing.estimate_prior(lp, starts, alpha=0.3, batch_docs=2), expected)
+    np.testing.assert_allclose(ensemble.estimate_prior(lp, starts, alpha=0.3, batch_docs=2), expected)
     # n_batches limits how much held-out data is used.
-    np.testing.assert_allclose(mixing.estimate_prior(lp, starts, n_batches=1, batch_docs=2), batches[0])
+    np.testing.assert_allclose(ensemble.estimate_prior(lp, starts, n_batches=1, batch_docs=2), batches[0])
     # Agrees with pandas' ewm(adjust=False), the reference implementation's estimator.
     import pandas as pd
     ref = pd.DataFrame(np.array(batches)).ewm(alpha=0.3, adjust=False).mean().to_numpy()[-1]
-    np.testing.assert_allclose(mixing.estimate_prior(lp, starts, batch_docs=2), ref)
+    np.testing.assert_allclose(ensemble.estimate_prior(lp, starts, batch_docs=2), ref)
 
 
 def test_estimate_prior_prefers_the_expert_that_fits_the_data():
     rng = np.random.default_rng(4)
     good = np.log(rng.uniform(0.3, 1, size=200))
     bad = np.log(rng.uniform(0.01, 0.3, size=200))
-    prior = mixing.estimate_prior(np.stack([bad, good]), np.arange(0, 200, 20))
+    prior = ensemble.estimate_prior(np.stack([bad, good]), np.arange(0, 200, 20))
     assert prior[1] > 0.9
 
 
@@ -211,10 +211,10 @@ def test_bad_input_names_the_fault(bad, match):
                   prior=None, top_k=1)
     kwargs.update(bad)
     with pytest.raises(BtmError, match=match):
-        mixing.ensemble_logprobs(**kwargs)
+        ensemble.ensemble_logprobs(**kwargs)
 
 
 def test_mixing_imports_neither_fairseq_nor_torch():
-    code = ("import sys; import fairseq_ext.mixing; "
+    code = ("import sys; import fairseq_ext.ensemble; "
             "assert 'torch' not in sys.modules and 'fairseq' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
