@@ -10,9 +10,8 @@ project's executors and sbatch rendering (``RUN/fewshot/<name>/jobs/``).
 
 Element i runs ``python -m launcher fewshot element MANIFEST --index i``. The index is explicit
 in each element's command (submitit hands every element its own argv; it submits an array of
-one as a plain job, which has no SLURM_ARRAY_TASK_ID). The rendered sbatch script (``--dry-run``,
-``--check``, submitting by hand) is a real ``--array=0-(n-1)`` job and says ``--array-task``
-instead: the index is SLURM_ARRAY_TASK_ID, as the pipeline's ``--units-file``.
+one as a plain job, which has no SLURM_ARRAY_TASK_ID); ``--dry-run`` and ``--check`` show the
+script submitit submits and each element's command (``launcher.sbatch.submission``).
 
 An element runs ``lm_eval.simple_evaluate`` on its task (``num_fewshot``, the seed as
 ``fewshot_random_seed``, ``limit``), appends one row per metric to the few-shot results table
@@ -249,10 +248,9 @@ def fewshot_job(element_ids: list[str], profile):
                **job_resources(profile, "fewshot", 1))
 
 
-def element_argv(manifest: Path, index: int | None) -> list[str]:
-    """``fewshot element MANIFEST --index I`` (after ``python -m launcher``); None: the
-    rendered array script's ``--array-task``."""
-    return ["fewshot", "element", str(manifest), *(["--index", str(index)] if index is not None else ["--array-task"])]
+def element_argv(manifest: Path, index: int) -> list[str]:
+    """``fewshot element MANIFEST --index I`` (after ``python -m launcher``)."""
+    return ["fewshot", "element", str(manifest), "--index", str(index)]
 
 
 # ----------------------------------------------------------------------------- results rows

@@ -152,11 +152,7 @@ def test_element_index_errors(tmp_path, monkeypatch, capsys):
 
     cfg = fewshot.load_config("paper")
     manifest, _ = fewshot.write_manifest(tmp_path, fewshot.elements(cfg, tmp_path)[:2])
-    monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
-    assert main(["fewshot", "element", str(manifest), "--array-task"]) == 2
-    assert "needs SLURM_ARRAY_TASK_ID" in capsys.readouterr().err
-    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")
-    assert main(["fewshot", "element", str(manifest), "--array-task"]) == 2
+    assert main(["fewshot", "element", str(manifest), "--index", "2"]) == 2
     assert f"element index 2 is outside {manifest} (2 elements)" in capsys.readouterr().err
 
 

@@ -40,10 +40,7 @@ def register(subparsers) -> None:
                        description="Evaluate one (task, seed, method) element of a few-shot manifest and "
                                    "append its rows to the few-shot results table.")
     e.add_argument("manifest", help="RUN/fewshot/<name>/manifest-<hash>.json")
-    g = e.add_mutually_exclusive_group(required=True)
-    g.add_argument("--index", type=int, help="the element's index in the manifest")
-    g.add_argument("--array-task", action="store_true",
-                   help="take the index from SLURM_ARRAY_TASK_ID (the rendered sbatch array script)")
+    e.add_argument("--index", type=int, required=True, help="the element's index in the manifest")
     e.set_defaults(func=cmd_element)
 
 
@@ -138,15 +135,6 @@ def cmd_run(args) -> int:
 
 
 def cmd_element(args) -> int:
-    import os
-
     from launcher.fewshot import run_element
 
-    if args.array_task:
-        task = os.environ.get("SLURM_ARRAY_TASK_ID")
-        if task is None:
-            raise BtmError("--array-task needs SLURM_ARRAY_TASK_ID (run inside an array job, or pass --index)")
-        index = int(task)
-    else:
-        index = args.index
-    return run_element(args.manifest, index)
+    return run_element(args.manifest, args.index)
