@@ -35,54 +35,59 @@ from launcher.contract.atomic import atomic_path
 from launcher.contract.errors import BtmError
 from launcher.contract.methods import RESULT_METHODS, is_result_method
 
-# column -> (kind, help). Kinds: str, int, float.
-REQUIRED_COLUMNS: dict[str, tuple[str, str]] = {
-    "run": ("str", "run name (the run directory's name unless given)"),
-    "method": ("str", "expert:<name>, dense, ensemble_*, topk_prior, average_*, random_split, cbtm_cluster"),
-    "k": ("int", "number of experts whose scores the method used (1 for a single model)"),
-    "prior": ("str", "prior settings, e.g. 'ewma(alpha=0.3,batches=all,batch_docs=2,split=valid)'; 'none' if none"),
-    "eval_domain": ("str", "domain of the evaluation data"),
-    "split": ("str", "valid or test"),
-    "tokens": ("int", "number of target tokens scored"),
-    "nll": ("float", "mean natural-log loss per token"),
-    "ppl": ("float", "exp(nll)"),
-    "expert_forward_passes": ("int", "forward passes actually run for this row (0 on a cache hit)"),
-    "seconds": ("float", "wall-clock seconds this row cost (scoring done now + mixing)"),
-}
-OPTIONAL_COLUMNS: dict[str, tuple[str, str]] = {
-    "seed_fraction": ("float", "fraction of the compute budget spent on the seed LM"),
-    "n_clusters": ("int", "c-BTM: number of clusters"),
-    "routing": ("str", "c-BTM: routing settings"),
-    "notes": ("str", "free text"),
-}
+def _columns(table: str) -> tuple[dict[str, tuple[str, str]], dict[str, tuple[str, str]]]:
+    """(required, optional) ``{column: (kind, help)}`` from a table of ``name kind help`` lines;
+    a name ending in ``?`` is optional. Kinds: str, int, float."""
+    required, optional = {}, {}
+    for line in filter(None, (line.strip() for line in table.splitlines())):
+        name, kind, help_ = line.split(None, 2)
+        (optional if name.endswith("?") else required)[name.rstrip("?")] = (kind, help_)
+    return required, optional
+
+
+REQUIRED_COLUMNS, OPTIONAL_COLUMNS = _columns("""
+    run                    str    run name (the run directory's name unless given)
+    method                 str    expert:<name> or a registered method (launcher.contract.methods)
+    k                      int    number of experts whose scores the method used (1 for a single model)
+    prior                  str    prior settings, e.g. 'ewma(alpha=0.3,batches=all,batch_docs=2,split=valid)'; 'none' if none
+    eval_domain            str    domain of the evaluation data
+    split                  str    valid or test
+    tokens                 int    number of target tokens scored
+    nll                    float  mean natural-log loss per token
+    ppl                    float  exp(nll)
+    expert_forward_passes  int    forward passes actually run for this row (0 on a cache hit)
+    seconds                float  wall-clock seconds this row cost (scoring done now + mixing)
+    seed_fraction?         float  fraction of the compute budget spent on the seed LM
+    n_clusters?            int    c-BTM: number of clusters
+    routing?               str    c-BTM: routing settings
+    notes?                 str    free text
+""")
 COLUMNS = {**REQUIRED_COLUMNS, **OPTIONAL_COLUMNS}
 KEY_COLUMNS = ["run", "method", "k", "prior", "eval_domain", "split"]
 
 
 _DTYPES = {"str": "string", "int": "Int64", "float": "float64"}
 
-FEWSHOT_REQUIRED: dict[str, tuple[str, str]] = {
-    "run": ("str", "run name (the few-shot config's name unless given)"),
-    "task": ("str", "lm-evaluation-harness task name"),
-    "metric": ("str", "lm-eval metric, e.g. acc, acc_norm, f1"),
-    "filter": ("str", "lm-eval filter the metric was computed after ('none' for log-likelihood tasks)"),
-    "value": ("float", "the metric's value"),
-    "method": ("str", "as in results.csv: dense, expert:<name>, ensemble_*, topk_prior, average_*, cbtm_cluster"),
-    "k": ("int", "experts that score each answer option (1 for a single model)"),
-    "routing": ("str", "how the experts are weighted, e.g. 'prompt:tfidf-svd(T=0.1)', 'token:posterior'; 'none' for one model"),
-    "prior": ("str", "the prior of the weights ('uniform', a prior file or weights); 'none' if none"),
-    "num_fewshot": ("int", "demonstrations in each prompt"),
-    "seed": ("int", "seed of lm-eval's few-shot sampler (which demonstrations)"),
-    "samples": ("int", "documents evaluated"),
-    "expert_forward_passes": ("int", "sequences run through one expert each for this (task, seed, method)"),
-    "seconds": ("float", "wall-clock seconds of this (task, seed, method) evaluation"),
-}
-FEWSHOT_OPTIONAL: dict[str, tuple[str, str]] = {
-    "stderr": ("float", "lm-eval's standard error of the value (empty when lm-eval gives none)"),
-    "better": ("str", "'higher' or 'lower': which values of the metric are better (lm-eval's higher_is_better)"),
-    "n_clusters": ("int", "c-BTM: number of clusters"),
-    "notes": ("str", "free text"),
-}
+FEWSHOT_REQUIRED, FEWSHOT_OPTIONAL = _columns("""
+    run                    str    run name (the few-shot config's name unless given)
+    task                   str    lm-evaluation-harness task name
+    metric                 str    lm-eval metric, e.g. acc, acc_norm, f1
+    filter                 str    lm-eval filter the metric was computed after ('none' for log-likelihood tasks)
+    value                  float  the metric's value
+    method                 str    as in results.csv: expert:<name> or a registered method
+    k                      int    experts that score each answer option (1 for a single model)
+    routing                str    how the experts are weighted, e.g. 'prompt:tfidf-svd(T=0.1)', 'token:posterior'; 'none' for one model
+    prior                  str    the prior of the weights ('uniform', a prior file or weights); 'none' if none
+    num_fewshot            int    demonstrations in each prompt
+    seed                   int    seed of lm-eval's few-shot sampler (which demonstrations)
+    samples                int    documents evaluated
+    expert_forward_passes  int    sequences run through one expert each for this (task, seed, method)
+    seconds                float  wall-clock seconds of this (task, seed, method) evaluation
+    stderr?                float  lm-eval's standard error of the value (empty when lm-eval gives none)
+    better?                str    'higher' or 'lower': which values of the metric are better (lm-eval's higher_is_better)
+    n_clusters?            int    c-BTM: number of clusters
+    notes?                 str    free text
+""")
 FEWSHOT_KEY = ["run", "task", "metric", "filter", "method", "k", "routing", "prior", "num_fewshot", "seed"]
 
 
