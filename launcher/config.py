@@ -318,7 +318,7 @@ def _validate(cfg: Config, err) -> None:
         err("max_parallel", "must be at least 1")
     if "/" not in cfg.profile and not cfg.profile.endswith(".yaml"):
         name(cfg.profile, "profile")
-        from launcher.profiles import known_profiles  # light module
+        from launcher.profile_files import known_profiles
 
         if cfg.profile not in known_profiles():
             close = difflib.get_close_matches(cfg.profile, known_profiles(), n=1)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,24 +16,13 @@ from pathlib import Path
 import yaml
 
 from launcher.contract.errors import BtmError
+from launcher.profile_files import known_profiles, profile_dirs
+from launcher.stages import STAGES
 
-PROFILE_DIR = Path(__file__).resolve().parents[1] / "slurm_templates" / "profiles"
-STAGE_NAMES = ("data", "cluster", "seed", "train", "dense", "merge", "grow", "score", "eval", "report",
-               "fewshot")  # fewshot: `btm fewshot run` (launcher/fewshot.py), outside the pipeline
+# The pipeline's stages (the registry) and `btm fewshot run`'s job (launcher/fewshot.py), which
+# runs outside the pipeline: the names a profile's `stages:` section may set resources for.
+STAGE_NAMES = (*(stage.name for stage in STAGES), "fewshot")
 _EXTRA_LINE = re.compile(r"--[a-z][a-z0-9-]*(=.+)?")
-
-
-def _dirs() -> list[Path]:
-    extra = os.environ.get("BTM_PROFILE_DIR")
-    return ([Path(extra)] if extra else []) + [PROFILE_DIR]
-
-
-def known_profiles() -> list[str]:
-    names = set()
-    for d in _dirs():
-        if d.is_dir():
-            names.update(p.stem for p in d.glob("*.yaml"))
-    return sorted(names)
 
 
 @dataclass
@@ -124,7 +112,7 @@ def parse_profile(data: dict, where: str, name: str) -> Profile:
 def load_profile(name_or_path: str) -> Profile:
     path = Path(name_or_path)
     if not (name_or_path.endswith(".yaml") and path.is_file()):
-        path = next((d / f"{name_or_path}.yaml" for d in _dirs() if (d / f"{name_or_path}.yaml").is_file()), None)
+        path = next((d / f"{name_or_path}.yaml" for d in profile_dirs() if (d / f"{name_or_path}.yaml").is_file()), None)
         if path is None:
             raise BtmError(f"unknown cluster profile {name_or_path!r}; known: {', '.join(known_profiles())}")
     try:
