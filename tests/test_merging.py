@@ -24,7 +24,7 @@ def tensors():
 def run(name, base, experts, weights=WEIGHTS, key="decoder.layers.0.w", seed=0, **params):
     method = get_method(name)
     out = method.merge(None if base is None else torch.from_numpy(base),
-                       [torch.from_numpy(x) for x in experts], weights,
+                       [torch.tensor(x) for x in experts], weights,  # copies: it may overwrite them
                        make_params(method, params), tensor_generator(seed, key))
     return out.numpy()
 

@@ -47,7 +47,7 @@ def resolve_base(expert_paths, base=None) -> str:
             if rec is not None and sha not in rec["accepts"]:
                 warnings.warn(f"base {base} is not the recorded parent of expert {expert}: its "
                               f"{rec['record']} names {rec['path']} (sha256 {rec['sha256'][:12]}...); "
-                              "task vectors are measured from the base you gave", stacklevel=2)
+                              "task vectors are measured from the base you gave", stacklevel=3)
                 break
         return str(base)
     missing = [p for p, rec in records.items() if rec is None]

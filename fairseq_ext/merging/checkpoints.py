@@ -48,7 +48,8 @@ def merge_checkpoints(paths, weights, out_path, *, method: str = "linear", param
     from fairseq_ext import checkpoint as ck
     from fairseq_ext.averaging import check_compatible, normalize_weights, save_safetensors
     from fairseq_ext.merging.base import resolve_base
-    from fairseq_ext.merging.mapped import ExpertTensors, MappedCheckpoint
+    from fairseq_ext.merging.mapped import (ExpertTensors, MappedCheckpoint,
+                                            keep_large_blocks_in_their_own_mappings)
 
     rule = get_method(method)
     settings = make_params(rule, params)
@@ -63,6 +64,7 @@ def merge_checkpoints(paths, weights, out_path, *, method: str = "linear", param
         raise BtmError(f"merge method {rule.name!r} takes no base model (got {base})")
     ref = check_compatible(paths + ([base] if base else []), trust_pickle=trust_pickle)
 
+    keep_large_blocks_in_their_own_mappings()
     parents = [{"path": p, "sha256": ck.verify_checkpoint(p), "weight": w}
                for p, w in zip(paths, norm)]
     used = [(p, w) for p, w in zip(paths, norm) if w > 0]

@@ -44,12 +44,11 @@ def drop_mask(shape, density: float, generator):
 
 
 def drop_and_rescale(delta, density: float, generator):
-    """``delta`` with the dropped entries 0 and the kept ones divided by ``density``."""
-    import torch
-
+    """``delta`` (modified in place) with the dropped entries 0, the kept ones / ``density``."""
     if density >= 1:
         return delta
-    return torch.where(drop_mask(delta.shape, density, generator), delta / density, 0.0)
+    keep = drop_mask(delta.shape, density, generator)
+    return delta.div_(density).masked_fill_(~keep, 0.0)
 
 
 def merge_dare_linear(base, experts, weights, params: DareParams, rng):
@@ -57,13 +56,13 @@ def merge_dare_linear(base, experts, weights, params: DareParams, rng):
 
     summed = torch.zeros_like(base)
     for w, x in zip(weights, experts):
-        summed.add_(drop_and_rescale(x - base, params.density, rng), alpha=w)
-    return base + params.lambda_ * summed
+        summed.add_(drop_and_rescale(x.sub_(base), params.density, rng), alpha=w)
+    return summed.mul_(params.lambda_).add_(base)
 
 
 def merge_dare_ties(base, experts, weights, params: DareParams, rng):
-    dropped = (drop_and_rescale(x - base, params.density, rng) for x in experts)
-    return base + params.lambda_ * elect_sign_and_merge(dropped, weights, base.shape)
+    dropped = (drop_and_rescale(x.sub_(base), params.density, rng) for x in experts)
+    return elect_sign_and_merge(dropped, weights, base.shape).mul_(params.lambda_).add_(base)
 
 
 DARE_LINEAR = MergeMethod(name="dare_linear", params=DareParams, merge=merge_dare_linear,

@@ -26,7 +26,7 @@ def merge_linear(base, experts, weights, params: LinearParams, rng):
     for w, x in zip(weights, experts):
         if acc is None:
             acc = torch.zeros(x.shape, dtype=torch.float32)
-        acc.add_(torch.tensor(w, dtype=torch.float32) * x)
+        acc.add_(x.mul_(torch.tensor(w, dtype=torch.float32)))
     return acc
 
 

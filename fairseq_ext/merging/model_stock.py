@@ -36,20 +36,20 @@ def merge_model_stock(base, experts, weights, params: ModelStockParams, rng):
     n = 0
     for w, x in zip(weights, experts):
         avg.add_(x, alpha=w)
-        delta = x - base
+        delta = x.sub_(base)
         norm = float(delta.norm())
         if norm > 0:
             unit_sum.add_(delta, alpha=1 / norm)
             unit_sq += 1.0
         n += 1
-        del delta
+        del delta, x
     if n == 1:
         return avg
     flat = unit_sum.reshape(-1)
     cos = (float(torch.dot(flat, flat)) - unit_sq) / (n * (n - 1))
     cos = min(max(cos, 0.0), 1.0)
     t = n * cos / (1 + (n - 1) * cos)
-    return t * avg + (1 - t) * base
+    return avg.mul_(t).add_(base, alpha=1 - t)
 
 
 METHOD = MergeMethod(name="model_stock", params=ModelStockParams, merge=merge_model_stock,

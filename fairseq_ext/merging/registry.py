@@ -6,11 +6,12 @@ exposes a ``MergeMethod``; the registry is the list of them. A method is a per-t
     merge(base, experts, weights, params, rng) -> merged float32 tensor
 
 ``base``: the base model's tensor (float32) or None for methods that take no base; ``experts``:
-the experts' tensors of the same parameter (float32), a sequence the function iterates, each
-element read when it is reached so that only one expert's tensor is in memory at a time;
+the experts' tensors of the same parameter (float32), a sequence the function iterates once,
+each element read when it is reached so that only one expert's tensor is in memory at a time,
+and each a fresh copy the function may overwrite (work in place: memory is the budget);
 ``weights``: one positive float per expert, summing to 1; ``params``: the method's parameters
 dataclass; ``rng``: a ``torch.Generator`` seeded from the run's seed and the parameter name (only
-DARE draws from it). The function must not modify its inputs.
+DARE draws from it). The function must not modify ``base``.
 """
 from __future__ import annotations
 

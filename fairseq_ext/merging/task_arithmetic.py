@@ -26,8 +26,8 @@ def merge_task_arithmetic(base, experts, weights, params: TaskArithmeticParams, 
 
     summed = torch.zeros_like(base)
     for w, x in zip(weights, experts):
-        summed.add_(x - base, alpha=w)
-    return base + params.lambda_ * summed
+        summed.add_(x.sub_(base), alpha=w)
+    return summed.mul_(params.lambda_).add_(base)
 
 
 METHOD = MergeMethod(name="task_arithmetic", params=TaskArithmeticParams,

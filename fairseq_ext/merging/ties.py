@@ -31,15 +31,21 @@ class TiesParams:
 
 
 def trim_by_magnitude(delta, density: float):
-    """``delta`` with all but its k = max(1, int(density * numel)) largest-magnitude entries 0."""
+    """``delta`` (modified in place) with all but its k = max(1, int(density * numel)) largest
+    magnitudes set to 0 (entries tied with the k-th largest are kept too)."""
     import torch
 
     if density >= 1:
         return delta
-    k = max(1, int(density * delta.numel()))
-    keep = torch.zeros(delta.numel(), dtype=torch.bool)
-    keep[delta.reshape(-1).abs().topk(k, sorted=False).indices] = True
-    return torch.where(keep.view(delta.shape), delta, 0.0)
+    n = delta.numel()
+    k = max(1, int(density * n))
+    # numpy's in-place partition finds the k-th largest magnitude with one copy of the tensor
+    # (torch's topk and kthvalue need several).
+    magnitudes = delta.reshape(-1).abs().numpy()
+    magnitudes.partition(n - k)
+    threshold = float(magnitudes[n - k])
+    del magnitudes
+    return delta.masked_fill_(delta.abs() < threshold, 0.0)
 
 
 def elect_sign_and_merge(deltas, weights, shape):
@@ -52,21 +58,22 @@ def elect_sign_and_merge(deltas, weights, shape):
     pos_sum, neg_sum = torch.zeros(shape), torch.zeros(shape)
     pos_weight, neg_weight = torch.zeros(shape), torch.zeros(shape)
     for w, d in zip(weights, deltas):
-        pos_sum.add_(d.clamp(min=0) * w)
-        neg_sum.add_(d.clamp(max=0) * w)
-        pos_weight.add_((d > 0) * w)
-        neg_weight.add_((d < 0) * w)
+        pos_weight.add_(d > 0, alpha=w)
+        neg_weight.add_(d < 0, alpha=w)
+        pos_sum.add_(d.clamp(min=0), alpha=w)
+        neg_sum.add_(d.clamp_(max=0), alpha=w)
+        del d
     up = (pos_sum + neg_sum) >= 0
-    agreeing = torch.where(up, pos_sum, neg_sum)
-    del pos_sum, neg_sum
-    weight = torch.where(up, pos_weight, neg_weight)
-    del pos_weight, neg_weight
-    return torch.where(weight > 0, agreeing / weight, 0.0)
+    agreeing = torch.where(up, pos_sum, neg_sum, out=pos_sum)
+    del neg_sum
+    weight = torch.where(up, pos_weight, neg_weight, out=pos_weight)
+    del neg_weight, up
+    return agreeing.div_(weight).masked_fill_(weight == 0, 0.0)
 
 
 def merge_ties(base, experts, weights, params: TiesParams, rng):
-    trimmed = (trim_by_magnitude(x - base, params.density) for x in experts)
-    return base + params.lambda_ * elect_sign_and_merge(trimmed, weights, base.shape)
+    trimmed = (trim_by_magnitude(x.sub_(base), params.density) for x in experts)
+    return elect_sign_and_merge(trimmed, weights, base.shape).mul_(params.lambda_).add_(base)
 
 
 METHOD = MergeMethod(name="ties", params=TiesParams, merge=merge_ties, needs_base=True,
