@@ -35,9 +35,9 @@ def trim_by_magnitude(delta, density: float):
     magnitudes set to 0 (entries tied with the k-th largest are kept too)."""
     import torch
 
-    if density >= 1:
-        return delta
     n = delta.numel()
+    if density >= 1 or n == 0:
+        return delta
     k = max(1, int(density * n))
     # numpy's in-place partition finds the k-th largest magnitude with one copy of the tensor
     # (torch's topk and kthvalue need several).
