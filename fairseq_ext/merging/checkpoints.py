@@ -68,10 +68,11 @@ def merge_checkpoints(paths, weights, out_path, *, method: str = "linear", param
     parents = [{"path": p, "sha256": ck.verify_checkpoint(p), "weight": w}
                for p, w in zip(paths, norm)]
     used = [(p, w) for p, w in zip(paths, norm) if w > 0]
+    first = ck.load_checkpoint(used[0][0], trust_pickle=trust_pickle, mmap=True, verify=False)
+    cfg, dictionary = first["cfg"], ck.checkpoint_dictionary(first, used[0][0])
+    del first
     experts = [MappedCheckpoint(p, trust_pickle=trust_pickle) for p, _ in used]
     base_ckpt = MappedCheckpoint(base, trust_pickle=trust_pickle) if base else None
-    cfg = experts[0].state["cfg"]
-    dictionary = ck.checkpoint_dictionary(experts[0].state, used[0][0])
     merged = {}
     for key, (shape, dtype) in ref["shapes"].items():
         base_tensor = base_ckpt.read(key) if base_ckpt else None
