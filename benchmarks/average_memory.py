@@ -121,7 +121,9 @@ def main() -> None:
             for method in methods:
                 proc = subprocess.run([sys.executable, __file__, "--child", method,
                                        str(tmp / f"out_{method}.pt"), *map(str, paths[:n])],
-                                      env=env, capture_output=True, text=True, check=True)
+                                      env=env, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    sys.exit(f"{method} at N = {n} failed:\n{proc.stderr[-3000:]}")
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
                 row.append((r["peak_kib"] - r["before_kib"]) * 1024 / size)
             print(f"{n:>3} " + " ".join(f"{x:>15.2f}" for x in row), flush=True)
