@@ -151,7 +151,8 @@ def test_dtype_is_kept(forest, tmp_path):
     seed_half = tmp_path / "seed_half.pt"
     _save(seed_half, {k: v.half() for k, v in _tensors(forest["seed"]).items()})
     merge_checkpoints(half, [1, 1], tmp_path / "m.pt", method="ties", base=seed_half)
-    assert {t.dtype for t in _tensors(tmp_path / "m.pt").values()} == {__import__("torch").float16}
+    import torch
+    assert {t.dtype for t in _tensors(tmp_path / "m.pt").values()} == {torch.float16}
 
 
 def test_base_not_the_recorded_parent_warns_naming_it(forest, tmp_path):
@@ -168,6 +169,26 @@ def test_base_not_the_recorded_parent_warns_naming_it(forest, tmp_path):
         warnings.simplefilter("error")  # the recorded parent itself: no warning
         merge_checkpoints(forest["experts"], [1, 1, 1], tmp_path / "m.pt",
                           method="task_arithmetic", base=forest["seed"])
+
+
+def test_base_of_a_posterior_branch_is_its_averaged_init(forest, tmp_path):
+    """Experts branched from several weighted parents: the base is the averaged init.pt."""
+    from fairseq_ext.branch import branch_expert
+    from fairseq_ext.merging import merge_checkpoints
+    from launcher.contract.errors import BtmError
+
+    parents = {str(forest["experts"][0]): 0.7, str(forest["experts"][1]): 0.3}
+    grown = []
+    for i, parent_weights in enumerate([parents, parents, {str(forest["seed"]): 1.0}]):
+        d = tmp_path / f"g{i}"
+        branch_expert(parent_weights, d / "init.pt", method="posterior")
+        _save(d / "checkpoint_last.pt", _perturbed(_tensors(d / "init.pt"), 20 + i))
+        grown.append(d / "checkpoint_last.pt")
+    res = merge_checkpoints(grown[:2], [1, 1], tmp_path / "m.pt", method="ties")
+    assert res["base"] == str(tmp_path / "g0" / "init.pt")
+    with pytest.raises(BtmError, match=r"g0.checkpoint_last\.pt and .*g2.checkpoint_last\.pt "
+                                        r"branched from different parents"):
+        merge_checkpoints([grown[0], grown[2]], [1, 1], tmp_path / "m.pt", method="ties")
 
 
 def test_refuses_bad_inputs(forest, tmp_path):
