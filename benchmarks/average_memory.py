@@ -1,12 +1,14 @@
-"""Peak memory of parameter averaging: btm's streamed average vs loading every expert.
+"""Peak memory of merging: btm's streamed merge methods vs loading every expert.
 
-For N = 2, 4, 8 random experts of one size, each measurement runs in a fresh subprocess and
-reports (peak RSS - RSS before averaging) / (one expert's file size). btm's
-``average_checkpoints`` should stay about 2 (one fp32 running sum + the one mmap'ed
-checkpoint being read) whatever N; target <= 2.5 and flat. The baseline in the same run is the
-naive method: ``torch.load`` all N checkpoints, then average.
+For N random experts of one size (and a random base for the methods that need one), each
+measurement runs in a fresh subprocess and reports (peak RSS - RSS before merging) / (one
+expert's file size). btm's merges (``fairseq_ext.merging.merge_checkpoints``; "linear" is
+``average_checkpoints``) hold the output model plus a few tensors of the largest parameter's
+size, so the ratio should stay below 2.5 and flat in N. The baseline in the same run is the
+naive average: ``torch.load`` all N checkpoints, then average.
 
-    python benchmarks/average_memory.py [--layers 4 --dim 768 --vocab 8000] [--ns 2,4,8]
+    python benchmarks/average_memory.py [--layers 4 --dim 768 --vocab 8000] [--ns 2,8,16]
+        [--methods linear,task_arithmetic,ties,dare_ties,dare_linear,model_stock]
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ def _rss_kib(field: str) -> int:
 
 
 def make_experts(out: Path, n: int, layers: int, dim: int, vocab: int) -> list[Path]:
+    """``n`` experts e0.pt.. and a base base.pt, random, reused when already in ``out``."""
     import torch
     from fairseq.data import Dictionary
 
@@ -47,21 +50,22 @@ def make_experts(out: Path, n: int, layers: int, dim: int, vocab: int) -> list[P
     paths = []
     model = ck.build_model_from_cfg({**cfg.__dict__, "_name": "elm_125m"}, d)
     mcfg = ck.make_cfg(cfg, MultidomainLMConfig(data="none"))
-    for i in range(n):
-        p = out / f"e{i}.pt"
+    for i in [*range(n), "base"]:
+        p = out / (f"e{i}.pt" if i != "base" else "base.pt")
         if not p.exists():
-            torch.manual_seed(i)
+            torch.manual_seed(i if i != "base" else 10_000)
             for prm in model.parameters():
                 prm.data.normal_(0, 0.02)
             ck.save_checkpoint(ck.make_state(model.state_dict(), mcfg, d), p)
         paths.append(p)
-    return paths
+    return paths[:-1]
 
 
 def child(method: str, paths: list[str], out: str) -> None:
     import torch
 
     from fairseq_ext.averaging import average_checkpoints
+    from fairseq_ext.merging import get_method, merge_checkpoints
     from fairseq_ext.registry import register_all
 
     register_all()
@@ -72,8 +76,11 @@ def child(method: str, paths: list[str], out: str) -> None:
             f.write("5")
     except OSError:
         pass
-    if method == "btm":
+    if method == "linear":
         average_checkpoints(paths, [1.0] * len(paths), out)
+    elif method != "naive":
+        base = str(Path(paths[0]).parent / "base.pt") if get_method(method).needs_base else None
+        merge_checkpoints(paths, [1.0] * len(paths), out, method=method, base=base)
     else:
         states = [torch.load(p, map_location="cpu", weights_only=True)["model"] for p in paths]
         avg = {k: sum(s[k].float() for s in states) / len(states) for k in states[0]}
@@ -87,7 +94,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--dim", type=int, default=768)
     ap.add_argument("--vocab", type=int, default=8000)
-    ap.add_argument("--ns", default="2,4,8")
+    ap.add_argument("--ns", default="2,8,16")
+    ap.add_argument("--methods", default="linear,task_arithmetic,ties,dare_ties,dare_linear,model_stock")
     ap.add_argument("--workdir", default=None, help="keep the experts here and reuse them (default: a temp dir)")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -104,18 +112,22 @@ def main() -> None:
         paths = make_experts(tmp, max(ns), args.layers, args.dim, args.vocab)
         size = paths[0].stat().st_size
         print(f"expert: {args.layers} layers x {args.dim} dim, vocab {args.vocab}, "
-              f"file {size / 2**20:.1f} MiB")
-        print(f"{'N':>3} {'btm peak/expert':>16} {'naive peak/expert':>18} {'naive/btm':>10}")
+              f"file {size / 2**20:.1f} MiB; load average {os.getloadavg()[0]:.1f}")
+        methods = [*args.methods.split(","), "naive"]
+        print(f"{'N':>3} " + " ".join(f"{m:>15}" for m in methods) + "   (peak RSS / expert)")
         env = dict(os.environ, PYTHONPATH=str(REPO))
         for n in ns:
-            row = {}
-            for method in ("btm", "naive"):
+            row = []
+            for method in methods:
                 proc = subprocess.run([sys.executable, __file__, "--child", method,
                                        str(tmp / f"out_{method}.pt"), *map(str, paths[:n])],
-                                      env=env, capture_output=True, text=True, check=True)
+                                      env=env, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    sys.exit(f"{method} at N = {n} failed:\n{proc.stderr[-3000:]}")
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
-                row[method] = (r["peak_kib"] - r["before_kib"]) * 1024 / size
-            print(f"{n:>3} {row['btm']:>16.2f} {row['naive']:>18.2f} {row['naive'] / row['btm']:>10.2f}")
+                row.append((r["peak_kib"] - r["before_kib"]) * 1024 / size)
+            print(f"{n:>3} " + " ".join(f"{x:>15.2f}" for x in row), flush=True)
+        print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
-"""Weighted parameter averaging of expert checkpoints, streamed one checkpoint at a time.
+"""Weighted parameter averaging of expert checkpoints: the linear merge method.
 
-Memory: the fp32 running sum (one model) plus the one checkpoint being read, which is
-memory-mapped (``torch.load(mmap=True, weights_only=True)``) so only the tensor being added is
-paged in and the pages are dropped when the checkpoint is closed. Averaging N experts therefore
-needs about two experts' worth of memory whatever N is (benchmarks/average_memory.py).
+``average_checkpoints`` is ``fairseq_ext.merging.merge_checkpoints(method="linear")``: streamed
+parameter by parameter over memory-mapped checkpoints, so averaging N experts needs the output
+model plus a few tensors of the largest parameter's size, whatever N is
+(benchmarks/average_memory.py, docs/benchmarks.md).
 
 Arithmetic (exact and reproducible): weights are validated, normalized in float64, rounded to
 float32, and the sum is ``acc = acc + w_i * float32(x_i)`` in the order the paths are given,
@@ -11,7 +11,9 @@ starting from zeros; the result is cast back to each tensor's original dtype.
 
 Before adding anything, every checkpoint is checked against the first: same architecture
 settings, same dictionary, same parameter names and shapes. The first mismatch raises BtmError
-naming both checkpoints and the differing key or setting.
+naming both checkpoints and the differing key or setting. This module is also where that check
+(``check_compatible``), weight validation (``normalize_weights``) and the safetensors writer
+live for every merge method.
 """
 from __future__ import annotations
 
@@ -105,50 +107,12 @@ def average_checkpoints(paths, weights, out_path, *, safetensors_path=None,
 
     Returns ``{"out": path, "sha256": ..., "weights": [normalized], "parents": [...]}``.
     """
-    import torch
+    from fairseq_ext.merging import merge_checkpoints
 
-    from fairseq_ext import checkpoint as ck
-
-    paths = [str(p) for p in paths]
-    for p in paths:
-        if not os.path.isfile(p):
-            raise BtmError(f"checkpoint not found: {p}")
-    norm = normalize_weights(weights, paths)
-    ref = check_compatible(paths, trust_pickle=trust_pickle)
-
-    acc = {k: torch.zeros(shape, dtype=torch.float32) for k, (shape, _) in ref["shapes"].items()}
-    parents = []
-    cfg = dictionary = None
-    for p, w in zip(paths, norm):
-        sha = ck.verify_checkpoint(p)
-        parents.append({"path": p, "sha256": sha, "weight": w})
-        if w == 0.0:
-            continue
-        state = ck.load_checkpoint(p, trust_pickle=trust_pickle, mmap=True, verify=False)
-        if cfg is None:
-            cfg, dictionary = state["cfg"], ck.checkpoint_dictionary(state, p)
-        w32 = torch.tensor(w, dtype=torch.float32)
-        for k in list(state["model"]):
-            # acc + (w * x): the product is rounded to fp32 before the add, as written.
-            acc[k].add_(w32 * state["model"].pop(k).to(torch.float32))
-        del state  # unmaps the file: its pages leave this process's memory
-
-    out_state = {}
-    for k, (shape, dtype) in ref["shapes"].items():
-        t = acc.pop(k).to(dtype)
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise BtmError(f"averaged parameter {k!r} has NaN/inf values (check the parents: "
-                           f"{', '.join(paths)})")
-        out_state[k] = t
-    if set(out_state) != set(ref["shapes"]):
-        raise BtmError("internal error: averaged keys differ from the parents'")
-    btm = {"averaged_from": parents}
-    btm.update(btm_extra or {})
-    state = ck.make_state(out_state, cfg, dictionary, num_updates=0, btm=btm)
-    sha = ck.save_checkpoint(state, out_path)
-    if safetensors_path is not None:
-        save_safetensors(out_state, safetensors_path, {"source_sha256": sha})
-    return {"out": str(out_path), "sha256": sha, "weights": norm, "parents": parents}
+    result = merge_checkpoints(paths, weights, out_path, method="linear",
+                               safetensors_path=safetensors_path, btm_extra=btm_extra,
+                               trust_pickle=trust_pickle)
+    return {k: result[k] for k in ("out", "sha256", "weights", "parents")}
 
 
 def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
