@@ -20,7 +20,8 @@ from launcher.contract.errors import BtmError
 def branch_expert(parents: dict | str | os.PathLike, out_path, *, method: str = "explicit",
                   info: dict | None = None, trust_pickle: bool = False) -> dict:
     """Write ``out_path`` (+ ``branch.json`` in its directory); return the branch record."""
-    from fairseq_ext.averaging import average_checkpoints, normalize_weights
+    from fairseq_ext.averaging import average_checkpoints
+    from fairseq_ext.merging.compat import normalize_weights
     from fairseq_ext.checkpoint import verify_checkpoint
 
     if isinstance(parents, (str, os.PathLike)):

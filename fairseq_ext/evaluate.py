@@ -117,7 +117,7 @@ def check_experts(experts: dict[str, Path], scorer: "Scorer | None" = None,
     The compatibility check loads (and hashes) every checkpoint; it is skipped when ``scorer``
     already has every (domain, split) in ``needed`` cached for every expert, i.e. when nothing
     will be scored (a re-mix). Those scores all passed the dictionary check against DATA."""
-    from fairseq_ext.averaging import check_compatible
+    from fairseq_ext.merging.compat import check_compatible
 
     if not experts:
         raise BtmError("no experts to evaluate")

@@ -8,7 +8,8 @@ Methods (one module each; docs/merging.md): linear, task_arithmetic, ties, dare_
 dare_linear, model_stock. ``fairseq_ext.averaging.average_checkpoints`` is the linear method.
 """
 from fairseq_ext.merging.checkpoints import merge_checkpoints, tensor_generator
-from fairseq_ext.merging.registry import MergeMethod, get_method, make_params, method_names
+from fairseq_ext.merging.method import MergeMethod
+from fairseq_ext.merging.registry import get_method, make_params, method_names
 
 __all__ = ["MergeMethod", "get_method", "make_params", "merge_checkpoints", "method_names",
            "tensor_generator"]

@@ -9,7 +9,7 @@ the one expert tensor being read), whatever the number of experts: benchmarks/av
 measures it (docs/benchmarks.md).
 
 Before merging, every checkpoint (and the base) is checked against the first expert: same
-architecture, dictionary, parameter names and shapes (``fairseq_ext.averaging.check_compatible``).
+architecture, dictionary, parameter names and shapes (``fairseq_ext.merging.compat.check_compatible``).
 Afterwards every merged tensor is checked: same shape as the experts', finite values.
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ def merge_checkpoints(paths, weights, out_path, *, method: str = "linear", param
     "weight"}], "method", "params", "base" (path or None)}``.
     """
     from fairseq_ext import checkpoint as ck
-    from fairseq_ext.averaging import check_compatible, normalize_weights, save_safetensors
+    from fairseq_ext.merging.compat import check_compatible, normalize_weights, save_safetensors
     from fairseq_ext.merging.base import resolve_base
     from fairseq_ext.merging.mapped import (ExpertTensors, MappedCheckpoint,
                                             keep_large_blocks_in_their_own_mappings)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fairseq_ext.merging.registry import MergeMethod, check_density, check_lambda
+from fairseq_ext.merging.method import MergeMethod, check_density, check_lambda
 from fairseq_ext.merging.ties import elect_sign_and_merge
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fairseq_ext.merging.registry import MergeMethod
+from fairseq_ext.merging.method import MergeMethod
 
 
 @dataclass(frozen=True)

@@ -17,40 +17,19 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
+from fairseq_ext.merging import dare, linear, model_stock, task_arithmetic, ties
+from fairseq_ext.merging.method import MergeMethod
 from launcher.contract.errors import BtmError
 
 
-@dataclass(frozen=True)
-class MergeMethod:
-    name: str
-    params: type  # a frozen dataclass: defaults, and validation in __post_init__
-    merge: Callable  # (base, experts, weights, params, rng) -> torch.Tensor
-    needs_base: bool  # works on task vectors (expert - base)
-    reference: str  # the paper the rule and its defaults come from
-
-
-def check_density(method: str, density) -> None:
-    if not (isinstance(density, (int, float)) and 0 < density <= 1):
-        raise BtmError(f"{method}: density must be in (0, 1] (the fraction of each task vector "
-                       f"kept), got {density!r}")
-
-
-def check_lambda(method: str, lam) -> None:
-    if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam > 0):
-        raise BtmError(f"{method}: lambda must be a finite number > 0 (the scale of the merged "
-                       f"task vector), got {lam!r}")
+METHODS: list[MergeMethod] = [linear.METHOD, task_arithmetic.METHOD, ties.METHOD, dare.DARE_TIES,
+                               dare.DARE_LINEAR, model_stock.METHOD]
 
 
 def _methods() -> dict[str, MergeMethod]:
-    from fairseq_ext.merging import dare, linear, model_stock, task_arithmetic, ties
-
-    listed = [linear.METHOD, task_arithmetic.METHOD, ties.METHOD, dare.DARE_TIES,
-              dare.DARE_LINEAR, model_stock.METHOD]
-    return {m.name: m for m in listed}
+    return {m.name: m for m in METHODS}
 
 
 def method_names() -> list[str]:

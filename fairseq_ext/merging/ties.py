@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fairseq_ext.merging.registry import MergeMethod, check_density, check_lambda
+from fairseq_ext.merging.method import MergeMethod, check_density, check_lambda
 
 
 @dataclass(frozen=True)
