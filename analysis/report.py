@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import plots, tables
+from analysis import plots, render, tables
 from analysis.results import RunData, load_runs
 from launcher.contract.atomic import atomic_write_text
 
@@ -41,11 +41,11 @@ class _Out:
               digits: int = 2, higher: pd.Series | None = None) -> tuple[str, str]:
         """Write stem.{md,tex,csv}; return (markdown text, links line). ``higher``: rows whose
         best value is the highest (default: the lowest)."""
-        md = tables.to_markdown(table, mark_best=mark_best, digits=digits, higher=higher)
+        md = render.to_markdown(table, mark_best=mark_best, digits=digits, higher=higher)
         links = [f"[{kind}]({self.text(f'{stem}.{ext}', content)})" for kind, ext, content in (
             ("Markdown", "md", md),
-            ("LaTeX", "tex", tables.to_latex(table, caption, mark_best=mark_best, digits=digits, higher=higher)),
-            ("CSV", "csv", tables.to_csv(table, mark_best=mark_best, higher=higher, digits=digits)))]
+            ("LaTeX", "tex", render.to_latex(table, caption, mark_best=mark_best, digits=digits, higher=higher)),
+            ("CSV", "csv", render.to_csv(table, mark_best=mark_best, higher=higher, digits=digits)))]
         return md, "Files: " + " · ".join(links)
 
     def plot(self, rel: str, make) -> tuple[str | None, str | None]:
@@ -181,7 +181,7 @@ def _runs_section(runs: list[RunData], frame: pd.DataFrame, split: str) -> list[
             "c-BTM clusters": _join_numbers(sub.loc[sub["method"] == "cbtm_cluster", "n_clusters"]),
             "records": str(len(run.records)), "priors": str(len(run.priors))})
     table = pd.DataFrame(rows).set_index("run")
-    return ["## Runs", "", tables.to_markdown(table, mark_best=False), ""]
+    return ["## Runs", "", render.to_markdown(table, mark_best=False), ""]
 
 
 def _join_numbers(values: pd.Series) -> str:

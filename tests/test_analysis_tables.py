@@ -9,7 +9,7 @@ import re
 import pandas as pd
 import pytest
 
-from analysis import tables
+from analysis import render, tables
 from analysis.results import load_run, load_runs
 from analysis_synth import (BASE, EVAL, PRIOR, SACCT_RECORDS, TRAIN, make_run, ppl_of,
                             result_rows)
@@ -87,12 +87,12 @@ def test_mean_is_empty_for_a_method_missing_a_domain(tmp_path):
     t = _train_table(runs, frame)
     assert math.isnan(t.at["legal", "Dense"]) and math.isnan(t.at["mean", "Dense"])
     assert not math.isnan(t.at["mean", "Ensemble prior"])
-    assert "| mean | – |" in tables.to_markdown(t)
+    assert "| mean | – |" in render.to_markdown(t)
 
 
 def test_markdown_marks_the_best_value_of_each_row_in_bold(two_runs):
     runs, frame, _ = two_runs
-    md = tables.to_markdown(_train_table(runs, frame))
+    md = render.to_markdown(_train_table(runs, frame))
     lines = md.strip().splitlines()
     assert lines[0].startswith("| domain | Dense |")
     assert re.fullmatch(r"\|---\|(---:\|){9}", lines[1])
@@ -108,7 +108,7 @@ def test_markdown_marks_the_best_value_of_each_row_in_bold(two_runs):
 def test_latex_is_a_booktabs_tabular_with_one_column_per_method(two_runs):
     runs, frame, _ = two_runs
     t = _train_table(runs, frame)
-    tex = tables.to_latex(t, caption="training domains")
+    tex = render.to_latex(t, caption="training domains")
     assert tex.count("\\begin{tabular}") == 1 and tex.count("\\end{tabular}") == 1
     spec = re.search(r"\\begin\{tabular\}\{([lr]+)\}", tex).group(1)
     assert spec == "l" + "r" * len(t.columns)
@@ -127,7 +127,7 @@ def test_latex_is_a_booktabs_tabular_with_one_column_per_method(two_runs):
 def test_csv_keeps_values_and_names_the_best_column(two_runs):
     runs, frame, _ = two_runs
     t = _train_table(runs, frame)
-    back = pd.read_csv(pd.io.common.StringIO(tables.to_csv(t)), index_col=0)
+    back = pd.read_csv(pd.io.common.StringIO(render.to_csv(t)), index_col=0)
     assert list(back["best"]) == ["Ensemble prior"] * len(t.index)
     assert back.at["bible", "Top-1 prior"] == pytest.approx(t.at["bible", "Top-1 prior"])
 
