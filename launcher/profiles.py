@@ -19,7 +19,7 @@ from launcher.contract.errors import BtmError
 from launcher.profile_files import known_profiles, profile_dirs
 from launcher.stages import STAGES
 
-# The pipeline's stages (the registry) and `btm fewshot run`'s job (launcher/fewshot.py), which
+# The pipeline's stages (the registry) and `btm fewshot run`'s job (launcher/stages/fewshot.py), which
 # runs outside the pipeline: the names a profile's `stages:` section may set resources for.
 STAGE_NAMES = (*(stage.name for stage in STAGES), "fewshot")
 _EXTRA_LINE = re.compile(r"--[a-z][a-z0-9-]*(=.+)?")

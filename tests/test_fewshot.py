@@ -21,7 +21,7 @@ from hypothesis import given, settings, strategies as st
 
 from conftest import CORPUS, REPO, require, run_btm
 from golden_util import check_golden
-from launcher import fewshot
+from launcher.stages import fewshot
 from launcher.contract.errors import BtmError
 from launcher.profiles import load_profile
 from launcher.sbatch import SbatchContext, format_tasks, submission

@@ -19,7 +19,7 @@ BLOCK_HEAVY = textwrap.dedent("""
 
 @pytest.mark.parametrize("module", [
     "launcher", "launcher.cli", "launcher.commands", "launcher.contract.presets", "launcher.contract.atomic",
-    "launcher.fewshot", "launcher.contract.results", "analysis", "analysis.report", "fairseq_ext",
+    "launcher.stages.fewshot", "launcher.contract.results", "analysis", "analysis.report", "fairseq_ext",
 ])
 def test_light_modules_import_without_fairseq_or_torch(module):
     code = BLOCK_HEAVY + f"import {module}\nimport launcher.cli; launcher.cli.build_parser()\n"

@@ -1,6 +1,6 @@
 """btm verbs: ``btm fewshot run CONFIG --run-dir RUN`` (one array over task x seed x method) and
 ``btm fewshot element MANIFEST --index I`` (what each array element runs). See docs/fewshot.md
-and launcher/fewshot.py; lm_eval, torch and fairseq are imported only by ``element``."""
+and launcher/stages/fewshot.py; lm_eval, torch and fairseq are imported only by ``element``."""
 from __future__ import annotations
 
 import json
@@ -49,7 +49,7 @@ def _no_subcommand(args) -> int:
 
 
 def _config(args):
-    from launcher.fewshot import load_config
+    from launcher.stages.fewshot import load_config
 
     cfg = load_config(args.config)
     for key in ("executor", "profile", "max_parallel"):
@@ -69,7 +69,7 @@ def _config(args):
 
 
 def cmd_run(args) -> int:
-    from launcher import fewshot
+    from launcher.stages import fewshot
     from launcher.profiles import load_profile
     from launcher.sbatch import SbatchContext, format_tasks, submission
 
@@ -135,6 +135,6 @@ def cmd_run(args) -> int:
 
 
 def cmd_element(args) -> int:
-    from launcher.fewshot import run_element
+    from launcher.stages.fewshot import run_element
 
     return run_element(args.manifest, args.index)

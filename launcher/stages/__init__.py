@@ -5,6 +5,9 @@ runs one unit of one of them.
 Order: data -> [cluster] -> [seed] -> train (array) -> [dense] -> merge -> [data_incremental
 -> grow (array)] -> score (array) -> eval -> report; a stage's ``enabled(cfg)`` says whether
 the config's pipeline has it, its ``after_ok``/``after_any`` which jobs it waits for.
+
+``fewshot.py`` is the one job outside the pipeline (``btm fewshot run``: an array over few-shot
+task x seed x method, docs/fewshot.md), so it is not in ``STAGES``.
 """
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ from launcher.contract.atomic import atomic_write_json, read_versioned_json
 from launcher.contract.errors import BtmError
 from launcher.contract.names import validate_name
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO_ROOT / "examples" / "fewshot"
 MANIFEST_FORMAT = 1
 PATH_ARGS = ("forest", "checkpoint", "clusters", "data_dir")  # resolved against the run dir
