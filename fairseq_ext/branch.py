@@ -9,11 +9,11 @@ with the same parents (same files by sha256, same weights) leaves a finished bra
 """
 from __future__ import annotations
 
-import json
 import os
+import warnings
 from pathlib import Path
 
-from launcher.contract.atomic import atomic_write_json
+from launcher.contract.branch_record import read_branch_record, write_branch_record
 from launcher.contract.errors import BtmError
 
 
@@ -31,12 +31,12 @@ def branch_expert(parents: dict | str | os.PathLike, out_path, *, method: str = 
     paths = [str(p) for p in parents]
     weights = normalize_weights(list(parents.values()), paths)
     out_path = Path(out_path)
-    record_path = out_path.parent / "branch.json"
     wanted = [{"path": p, "sha256": verify_checkpoint(p), "weight": w} for p, w in zip(paths, weights)]
-    if out_path.exists() and record_path.exists():
+    if out_path.exists():
         try:
-            old = json.loads(record_path.read_text())
-        except json.JSONDecodeError:
+            old = read_branch_record(out_path.parent) or {}
+        except BtmError as e:  # a derived file: branching again rewrites it
+            warnings.warn(f"{e}; branching {out_path} again")
             old = {}
         if old.get("parents") == wanted and old.get("sha256") == verify_checkpoint(out_path):
             return old
@@ -45,7 +45,7 @@ def branch_expert(parents: dict | str | os.PathLike, out_path, *, method: str = 
                                  trust_pickle=trust_pickle)
     record = {"out": out_path.name, "sha256": result["sha256"], "method": method,
               "parents": result["parents"], **(info or {})}
-    atomic_write_json(record_path, record)
+    write_branch_record(out_path.parent, record)
     return record
 
 

@@ -25,7 +25,11 @@ def _run_with_trained_experts(tmp_path, seed_fraction=0.5):
         ckpt.parent.mkdir(parents=True)
         ckpt.write_bytes(name.encode())
         if seed_fraction:
-            (ckpt.parent / "branch.json").write_text(json.dumps({"parent_names": {"seed": 1.0}}))
+            seed = layout.checkpoint("seed")  # as branch_expert writes it (fairseq_ext/branch.py)
+            (ckpt.parent / "branch.json").write_text(json.dumps({
+                "out": "init.pt", "sha256": "0" * 64, "method": "seed",
+                "parents": [{"path": str(seed), "sha256": "1" * 64, "weight": 1.0}],
+                "parent_names": {"seed": 1.0}}))
         write_record(layout.root, "train", name, params=find_unit(cfg, "train", name).params,
                      config_hash=cfg.config_hash(), inputs={}, outputs=hash_files(cache, [ckpt]),
                      started=now(), extra={"train": {"num_updates": 12, "tokens": 100, "valid_losses": {}}})
@@ -47,9 +51,10 @@ def test_experts_from_random_init_have_no_branch_json_and_no_parents(tmp_path):
 
 
 @pytest.mark.parametrize("content, problem", [
-    ("{not json", "is unreadable"),
-    ('{"parents": []}', "is unreadable (it has no 'parent_names' mapping)"),
-    (None, "is missing"),
+    ("{not json", ": not a readable branch record"),
+    ('{"parents": []}', ": not a btm branch record (needs 'out' and a 'parents' list)"),
+    ('{"out": "init.pt", "parents": []}', " is unreadable (it has no 'parent_names' mapping)"),
+    (None, " is missing"),
 ])
 def test_corrupt_or_missing_branch_json_is_an_error_naming_it(tmp_path, content, problem):
     layout = _run_with_trained_experts(tmp_path)
@@ -60,5 +65,5 @@ def test_corrupt_or_missing_branch_json_is_an_error_naming_it(tmp_path, content,
         branch_json.write_text(content)
     r = run_btm("stage", layout.root, "merge")
     assert r.returncode == 2, r.stderr
-    assert f"{branch_json} {problem}" in r.stderr
+    assert f"{branch_json}{problem}" in r.stderr
     assert f"delete {branch_json.parent} and run `btm run` again" in r.stderr

@@ -7,10 +7,10 @@ the averaged initial checkpoint itself. Experts merged around one base must shar
 """
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
+from launcher.contract.branch_record import branch_record_path, read_branch_record
 from launcher.contract.errors import BtmError
 
 
@@ -18,14 +18,15 @@ def recorded_parent(expert_path) -> dict | None:
     """``{"path", "sha256", "accepts", "record"}`` from the expert's branch.json, or None when
     it has none. ``accepts``: the hashes that count as this parent (the seed's file and the
     initial checkpoint, which is the seed's copy when there is one parent)."""
-    record_path = Path(expert_path).parent / "branch.json"
-    if not record_path.is_file():
+    expert_dir = Path(expert_path).parent
+    record = read_branch_record(expert_dir)
+    if record is None:
         return None
+    record_path = branch_record_path(expert_dir)
     try:
-        record = json.loads(record_path.read_text(encoding="utf-8"))
         parents = record["parents"]
-        init = {"path": str(record_path.parent / record["out"]), "sha256": record["sha256"]}
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        init = {"path": str(expert_dir / record["out"]), "sha256": record["sha256"]}
+    except (KeyError, TypeError) as e:
         raise BtmError(f"{record_path}: not a readable branch record ({type(e).__name__}: {e})") from None
     if len(parents) == 1:
         chosen = {"path": parents[0]["path"], "sha256": parents[0]["sha256"]}

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.config import Config
+from launcher.contract.branch_record import branch_record_path, read_branch_record
 from launcher.contract.errors import BtmError
 from launcher.stages.base import Budget, Ctx, Params, need
 
@@ -187,14 +188,18 @@ def parents_by_name(save_dir: Path) -> dict[str, float]:
 
     Every branched expert has one (branch_expert writes it beside init.pt); a missing or
     unreadable one is an error, not "no parents": forest.json would record a wrong lineage."""
-    path = save_dir / "branch.json"
+    path = branch_record_path(save_dir)
     fix = f"delete {save_dir} and run `btm run` again: the stage branches the expert anew and retrains it"
-    if not path.is_file():
-        raise BtmError(f"{path} is missing: expert {save_dir.name!r} has no record of its parents; {fix}")
     try:
-        parents = json.loads(path.read_text()).get("parent_names")
+        record = read_branch_record(save_dir)
+    except BtmError as e:
+        raise BtmError(f"{e}; {fix}") from None
+    if record is None:
+        raise BtmError(f"{path} is missing: expert {save_dir.name!r} has no record of its parents; {fix}")
+    parents = record.get("parent_names")
+    try:
         if not isinstance(parents, dict):
             raise ValueError("it has no 'parent_names' mapping")
         return {str(n): float(w) for n, w in parents.items()}
-    except (OSError, ValueError, AttributeError, TypeError) as e:
+    except (ValueError, TypeError) as e:
         raise BtmError(f"{path} is unreadable ({e}); {fix}") from None
