@@ -234,12 +234,13 @@ def _write_local_summary(run_dir: Path, result) -> None:
 
 
 def _print_results(run_dir: Path) -> None:
-    csv = run_dir / "results" / "results.csv"
+    from launcher.contract.layout import RunLayout
+    from launcher.contract.results import read_results
+
+    csv = RunLayout(run_dir).results / "results.csv"
     if not csv.is_file():
         return
-    import pandas as pd
-
-    df = pd.read_csv(csv)
+    df = read_results(run_dir)
     table = df.pivot_table(index="method", columns="eval_domain", values="ppl", aggfunc="last")
     print("\nperplexity (lower is better):")
     print(table.round(2).to_string())
