@@ -89,12 +89,12 @@ def test_forest_rows_are_correct_and_a_rerun_hits_the_cache(tiny_data, tiny_expe
 
     # New prior settings and k cost only mixing (held-out and test scores are cached); with
     # nothing to score, the checkpoints are not even opened for the compatibility check.
-    import fairseq_ext.averaging
+    import fairseq_ext.merging.compat
 
     def no_loading(paths, **kw):
         raise AssertionError("compatibility check ran although every score was cached")
 
-    monkeypatch.setattr(fairseq_ext.averaging, "check_compatible", no_loading)
+    monkeypatch.setattr(fairseq_ext.merging.compat, "check_compatible", no_loading)
     new = evaluate_forest(run, tiny_experts, ["legal"], data_dir=tiny_data,
                           settings=settings(prior=PriorSettings(alpha=0.5, batch_docs=1), top_k=(3,),
                                             methods=("ensemble_posterior", "topk_prior")))
