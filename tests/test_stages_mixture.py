@@ -1,6 +1,8 @@
 """data.mixture: how the seed LM and the dense baseline sample the training domains."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -95,7 +97,7 @@ def _seed_sampling(tmp_path, data_dir, monkeypatch, mixture) -> np.ndarray:
         pass
 
     def sampler_only(spec):  # what train_lm builds its batches from (fairseq_ext/train.py)
-        probs = mixture_probs([trainer._count_tokens(spec.data_dir, d) for d in spec.domains],
+        probs = mixture_probs([_train_tokens(spec.data_dir, d) for d in spec.domains],
                               spec.domain_weights, spec.temperature)
         seen["probs"] = MixtureBlockStream(spec.data_dir, spec.domains, probs, 16, spec.seed).probs
         raise SamplerBuilt  # no training needed past the sampler
@@ -111,10 +113,15 @@ def _seed_sampling(tmp_path, data_dir, monkeypatch, mixture) -> np.ndarray:
     return seen["probs"]
 
 
-def test_balanced_and_proportional_seeds_sample_domains_differently(tmp_path, data_dir, monkeypatch):
-    from fairseq_ext.train import _count_tokens
+def _train_tokens(data_dir: str, domain: str) -> int:
+    """A domain's training tokens, counted as the trainer counts them (training/resume.py)."""
+    from fairseq_ext.streams import read_tokens
 
-    tokens = np.array([_count_tokens(str(data_dir), d) for d in DOMAINS], dtype=float)
+    return len(read_tokens(os.path.join(data_dir, domain, "train")))
+
+
+def test_balanced_and_proportional_seeds_sample_domains_differently(tmp_path, data_dir, monkeypatch):
+    tokens = np.array([_train_tokens(str(data_dir), d) for d in DOMAINS], dtype=float)
     assert len(set(tokens)) == 3  # the domains differ in size, so the mixtures must differ
     balanced = _seed_sampling(tmp_path, data_dir, monkeypatch, "balanced")
     proportional = _seed_sampling(tmp_path, data_dir, monkeypatch, "proportional")
