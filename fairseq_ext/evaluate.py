@@ -16,7 +16,8 @@ Methods are those of the registry (``launcher/contract/methods.py``) that mix ca
 ``mixing_rule``: uniform, the cached prior, the posterior over the document prefix, the
 previous-token rule; the ``random_split`` baseline is the uniform ensemble of its experts) and
 ``topk_prior`` (the k experts with the highest cached prior, their prior renormalized).
-Parameter averages are built by ``average_forest`` and scored like any single model
+Parameter averages and merges (``fairseq_ext.merging``) are built by ``average_forest`` and scored
+like any single model
 (``evaluate_model``); c-BTM's routed mixture is ``fairseq_ext/evaluate_cbtm.py``.
 
 Model code never sees a run directory: the caller passes the plain directories (``EvalDirs``)
