@@ -91,10 +91,11 @@ def evaluate_average(layout: RunLayout, experts: dict[str, Path], rule: str, tar
     evaluate = _fairseq_ext("evaluate")
     merge = merge or evaluate.MergeSpec()
     method = registry.merge_method_name(merge.method, rule)
-    if not domains:
-        raise BtmError(f"--eval-domains is required with uniform weights and no --target-domain ({method})")
     record = evaluate.average_forest(experts, rule, target, eval_dirs(layout, data_dir), settings=settings,
                                      name=average_name, merge=merge)
+    if not domains:
+        raise BtmError(f"--eval-domains is required with --method {rule if merge.method == 'linear' else merge.method} "
+                       "and no --target-domain")
     # k = experts actually merged (argmax merges one).
     k = sum(1 for w in record["weights"] if w > 0)
     rows = evaluate_model(layout, method, Path(record["checkpoint"]), domains, settings, k=k,
