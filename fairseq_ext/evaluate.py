@@ -16,7 +16,8 @@ Methods are those of the registry (``launcher/contract/methods.py``) that mix ca
 ``mixing_rule``: uniform, the cached prior, the posterior over the document prefix, the
 previous-token rule; the ``random_split`` baseline is the uniform ensemble of its experts) and
 ``topk_prior`` (the k experts with the highest cached prior, their prior renormalized).
-Parameter averages are built by ``average_forest`` and scored like any single model
+Parameter averages and merges (``fairseq_ext.merging``) are built by ``average_forest`` and scored
+like any single model
 (``evaluate_model``); c-BTM's routed mixture is ``fairseq_ext/evaluate_cbtm.py``.
 
 Model code never sees a run directory: the caller passes the plain directories (``EvalDirs``)
@@ -287,17 +288,53 @@ def average_weights(rule: str, prior: np.ndarray | None, n: int) -> np.ndarray:
     raise BtmError(f"unknown average method {rule!r}; known: {', '.join(AVERAGE_RULES)}")
 
 
+@dataclass(frozen=True)
+class MergeSpec:
+    """How ``average_forest`` combines the weighted experts: a method of ``fairseq_ext.merging``
+    (``linear`` is today's parameter average), its parameters (defaults for the rest), the seed
+    of DARE's random drop, and the base task vectors are measured from (None: the parent the
+    experts' branch.json records)."""
+    method: str = "linear"
+    params: dict = field(default_factory=dict, hash=False)
+    seed: int = 0
+    base: Path | None = None
+
+
+def _merge_record(merge: MergeSpec, experts: dict[str, Path], trust_pickle: bool) -> dict | None:
+    """average.json's ``merge`` entry: method, every parameter (defaults filled in), seed and the
+    resolved base (path, sha256); None for the linear average (its record predates merges)."""
+    if merge.method == "linear":
+        if merge.params or merge.base is not None:
+            raise BtmError("the linear average takes no parameters and no base")
+        return None
+    from fairseq_ext.checkpoint import verify_checkpoint
+    from fairseq_ext.merging import get_method, make_params
+    from fairseq_ext.merging.base import resolve_base
+
+    rule = get_method(merge.method)
+    params = dataclasses.asdict(make_params(rule, merge.params))
+    base = None
+    if rule.needs_base:
+        try:
+            path = resolve_base([str(p) for p in experts.values()], merge.base)
+        except BtmError as e:
+            raise BtmError(f"{rule.name} merges task vectors around the experts' base: {e}") from None
+        base = {"path": str(path), "sha256": verify_checkpoint(path)}
+    return {"method": rule.name, "params": params, "seed": int(merge.seed), "base": base}
+
+
 def average_forest(experts: dict[str, Path], method: str, target_domain: str | None, dirs: EvalDirs, *,
-                   settings: EvalSettings = EvalSettings(), name: str | None = None) -> dict:
-    """Average the experts' parameters with weights from ``method`` (uniform, argmax,
-    posterior: the cached prior of ``target_domain`` for the last two) into
-    ``dirs.averages/<name>/`` (checkpoint.pt + model.safetensors + average.json). Re-running
-    with the same inputs reuses the average.
+                   settings: EvalSettings = EvalSettings(), name: str | None = None,
+                   merge: MergeSpec = MergeSpec()) -> dict:
+    """Merge the experts' parameters with weights from ``method`` (uniform, argmax, posterior:
+    the cached prior of ``target_domain`` for the last two) and the rule ``merge`` (default:
+    the linear average) into ``dirs.averages/<name>/`` (checkpoint.pt + model.safetensors +
+    average.json). Re-running with the same inputs (experts, weights, prior settings, merge
+    method, parameters, seed and base) reuses the model; anything else rebuilds it.
 
-    Returns the contents of average.json (``checkpoint``, ``weights``, ``prior`` label, ...).
+    Returns the contents of average.json (``checkpoint``, ``weights``, ``prior`` label,
+    ``merge`` (None for the linear average), ...).
     """
-    from fairseq_ext.averaging import average_checkpoints
-
     settings = settings.validate()
     if method not in AVERAGE_RULES:
         raise BtmError(f"unknown average method {method!r}; known: {', '.join(AVERAGE_RULES)}")
@@ -307,9 +344,11 @@ def average_forest(experts: dict[str, Path], method: str, target_domain: str | N
         raise BtmError("average_forest needs the averages directory (EvalDirs.averages)")
     if target_domain:
         validate_name(target_domain, "target domain")
-    name = validate_name(name or (method if method == "uniform" else f"{method}.{target_domain}"),
+    default = method if merge.method == "linear" else f"{merge.method}_{method}"
+    name = validate_name(name or (default if method == "uniform" else f"{default}.{target_domain}"),
                          "average name")
     check_experts(experts, trust_pickle=settings.trust_checkpoint)
+    merge_info = _merge_record(merge, experts, settings.trust_checkpoint)
     prior = None
     if method != "uniform":
         prior = domain_prior(dirs, Scorer(dirs, settings), experts, target_domain, settings.prior)
@@ -321,16 +360,32 @@ def average_forest(experts: dict[str, Path], method: str, target_domain: str | N
               "prior": "none" if method == "uniform" else f"{settings.prior.describe()},target={target_domain}",
               "prior_settings": asdict(settings.prior) if prior is not None else None,
               "checkpoint": str(out_dir / "checkpoint.pt"), "safetensors": str(out_dir / "model.safetensors")}
+    if merge_info is not None:
+        record["merge"] = merge_info
     meta = out_dir / "average.json"
     if meta.exists() and (out_dir / "checkpoint.pt").exists():
         old = json.loads(meta.read_text())
-        if {k: old.get(k) for k in record} == record:
+        if {k: old.get(k) for k in record} == record and ("merge" in record or old.get("merge") is None):
             return old
-    # Experts with weight 0 (argmax) add nothing; leave them out of the average.
-    used = [(p, w) for p, w in zip(experts.values(), weights) if w > 0]
-    result = average_checkpoints([str(p) for p, _ in used], [w for _, w in used], out_dir / "checkpoint.pt",
-                                 safetensors_path=out_dir / "model.safetensors",
-                                 trust_pickle=settings.trust_checkpoint)
-    record["sha256"] = result["sha256"]
+    record["sha256"] = _write_merge(experts, weights, out_dir, merge_info, settings.trust_checkpoint)
     atomic_write_json(meta, record)
     return record
+
+
+def _write_merge(experts: dict[str, Path], weights: np.ndarray, out_dir: Path, merge_info: dict | None,
+                 trust_pickle: bool) -> str:
+    """Write the merged checkpoint.pt and model.safetensors into ``out_dir``; its sha256."""
+    # Experts with weight 0 (argmax) add nothing; leave them out.
+    used = [(str(p), float(w)) for p, w in zip(experts.values(), weights) if w > 0]
+    paths, used_weights = [p for p, _ in used], [w for _, w in used]
+    out = dict(safetensors_path=out_dir / "model.safetensors", trust_pickle=trust_pickle)
+    if merge_info is None:
+        from fairseq_ext.averaging import average_checkpoints
+
+        return average_checkpoints(paths, used_weights, out_dir / "checkpoint.pt", **out)["sha256"]
+    from fairseq_ext.merging import merge_checkpoints
+
+    base = merge_info["base"]["path"] if merge_info["base"] else None
+    return merge_checkpoints(paths, used_weights, out_dir / "checkpoint.pt", method=merge_info["method"],
+                             params=merge_info["params"], base=base, seed=merge_info["seed"],
+                             **out)["sha256"]

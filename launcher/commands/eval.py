@@ -8,6 +8,7 @@ RUN_DIR/results/results.{csv,parquet}, through the same launcher functions as th
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 from pathlib import Path
 
@@ -15,6 +16,9 @@ from launcher.contract import methods as registry
 from launcher.contract.errors import BtmError
 from launcher.contract.layout import RunLayout
 from launcher.contract.names import validate_name
+
+# btm average --method values that are the linear average's weightings (average_<weights>).
+AVERAGE_WEIGHTS = tuple(registry.merge_parts(m.name)[1] for m in registry.METHODS if m.kind == "average")
 
 
 def _csv(text: str) -> list[str]:
@@ -68,7 +72,9 @@ def register(subparsers) -> None:
                         "in the data manifest)")
     p.add_argument("--methods", type=_csv, default=list(registry.FOREST_MIXES), metavar="M1,M2",
                    help=f"methods (default: {', '.join(registry.FOREST_MIXES)}): {', '.join(registry.MIXES)} "
-                        "(c-BTM routes with RUN_DIR/clusters/model)")
+                        "(c-BTM routes with RUN_DIR/clusters/model); parameter averages and merges "
+                        "with default parameters: average_*, merge_<method>_<uniform|posterior> "
+                        "(btm average sets their parameters)")
     p.add_argument("--top-k", type=_ints, default=[1], metavar="K1,K2",
                    help="k values for top-k and c-BTM (default: 1)")
     p.add_argument("--model", action="append", default=[], metavar="METHOD=PATH",
@@ -76,19 +82,29 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_eval)
 
     p = subparsers.add_parser(
-        "average", help="average the experts' parameters (uniform/argmax/posterior) and score it",
+        "average", help="average or merge the experts' parameters and score the model",
         description="Weighted parameter average of the forest's experts, with weights from the "
                     "target domain's cached prior (argmax: the top expert only; posterior: the "
-                    "prior itself; uniform: 1/N). Written to RUN_DIR/averages/<name>/ as a "
+                    "prior itself; uniform: 1/N), or a merge of their task vectors (--method "
+                    f"{'|'.join(registry.MERGE_LABELS)} --weights uniform|posterior; "
+                    "docs/merging.md). Written to RUN_DIR/averages/<name>/ as a "
                     "fairseq checkpoint + safetensors, then scored on the eval domains.")
     _add_common(p)
-    p.add_argument("--method", required=True,
-                   choices=[m.name.split("_", 1)[1] for m in registry.METHODS if m.kind == "average"],
-                   help="how the experts are weighted")
+    p.add_argument("--method", required=True, metavar="|".join([*AVERAGE_WEIGHTS, *registry.MERGE_LABELS]),
+                   help="a linear average's weights (uniform, argmax, posterior), or a merge method")
+    g = p.add_argument_group("merge methods (docs/merging.md)")
+    g.add_argument("--weights", choices=registry.MERGE_WEIGHTINGS,
+                   help="the merge's expert weights: the target domain's prior, or 1/N (required)")
+    g.add_argument("--density", type=float, help="fraction of each task vector kept (ties, dare_*)")
+    g.add_argument("--lambda", dest="lambda_", type=float, metavar="LAMBDA", help="scale of the merged task vector")
+    g.add_argument("--seed", type=int, default=0, help="seed of DARE's random drop (default: 0)")
+    g.add_argument("--base", type=Path, metavar="CHECKPOINT",
+                   help="base of the task vectors (default: the experts' recorded parent, branch.json)")
     p.add_argument("--target-domain", help="domain whose prior gives the weights (argmax, posterior)")
     p.add_argument("--eval-domains", type=_csv, metavar="D1,D2",
                    help="domains to score the average on (default: the target domain)")
-    p.add_argument("--name", help="directory name under RUN_DIR/averages/ (default: METHOD.TARGET)")
+    p.add_argument("--name", help="directory name under RUN_DIR/averages/ (default: METHOD.TARGET, "
+                                  "METHOD_WEIGHTS.TARGET for a merge)")
     p.set_defaults(func=run_average)
 
 
@@ -142,20 +158,26 @@ def _print_rows(rows) -> None:
 def _methods(names: list[str]) -> tuple[str, ...]:
     out = tuple(dict.fromkeys(registry.canonical(n) for n in names))
     for name in out:
-        if name not in registry.MIXES:
-            raise BtmError(f"--methods: {name!r} is not evaluated by btm eval (known: {', '.join(registry.MIXES)}; "
-                           "parameter averages: btm average)")
+        if name not in registry.MIXES and registry.get_method(name).kind not in ("average", "merge"):
+            raise BtmError(f"--methods: {name!r} is not evaluated by btm eval (known: {', '.join(registry.MIXES)}, "
+                           "average_*, merge_*)")
     return out
 
 
 def run_eval(args) -> int:
-    from launcher.stages.evaluation import evaluate_mixes, evaluate_model
+    from launcher.stages.evaluation import evaluate_merges, evaluate_mixes, evaluate_model
 
     layout = RunLayout(args.run_dir)
-    settings = _settings(args, methods=_methods(args.methods), top_k=tuple(args.top_k))
+    methods = _methods(args.methods)
+    mixes = tuple(m for m in methods if m in registry.MIXES)
+    settings = _settings(args, methods=mixes, top_k=tuple(args.top_k))
     domains = args.domains or _config_eval_domains(args.run_dir) or _manifest_domains(_data_dir(args))
     where = dict(name=args.run_name, data_dir=args.data)
-    _print_rows(evaluate_mixes(layout, _experts(args), domains, settings, **where))
+    experts = _experts(args)
+    if mixes:
+        _print_rows(evaluate_mixes(layout, experts, domains, settings, **where))
+    for rows in evaluate_merges(layout, experts, list(methods), domains, settings, **where):
+        _print_rows(rows)
     for item in args.model:
         method, sep, path = item.partition("=")
         if not sep or not path:
@@ -165,15 +187,40 @@ def run_eval(args) -> int:
     return 0
 
 
+def _merge_spec(args):
+    """(weights rule, MergeSpec) of ``btm average``'s --method/--weights and merge options."""
+    from fairseq_ext.evaluate import MergeSpec
+
+    params = {k: v for k, v in (("density", args.density), ("lambda", args.lambda_)) if v is not None}
+    if args.method in AVERAGE_WEIGHTS:
+        given = [opt for opt, v in (("--weights", args.weights), ("--density", args.density),
+                                    ("--lambda", args.lambda_), ("--base", args.base)) if v is not None]
+        if given:
+            raise BtmError(f"{', '.join(given)}: only for merge methods ({', '.join(registry.MERGE_LABELS)}); "
+                           f"--method {args.method} is the linear average with {args.method} weights")
+        return args.method, MergeSpec()
+    if args.method not in registry.MERGE_LABELS:
+        known = [*AVERAGE_WEIGHTS, *registry.MERGE_LABELS]
+        close = difflib.get_close_matches(args.method, known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise BtmError(f"--method: unknown method {args.method!r}{hint} (known: {', '.join(known)})")
+    if args.weights is None:
+        raise BtmError(f"--method {args.method} needs --weights ({' or '.join(registry.MERGE_WEIGHTINGS)})")
+    return args.weights, MergeSpec(method=args.method, params=params, seed=args.seed, base=args.base)
+
+
 def run_average(args) -> int:
     from launcher.stages.evaluation import evaluate_average
 
+    rule, merge = _merge_spec(args)
     settings = _settings(args)
     experts = _experts(args)
     domains = args.eval_domains or ([args.target_domain] if args.target_domain else [])
-    record, rows = evaluate_average(RunLayout(args.run_dir), experts, args.method, args.target_domain, domains,
-                                    settings, average_name=args.name, name=args.run_name, data_dir=args.data)
-    print(f"average: {record['checkpoint']} (weights "
+    record, rows = evaluate_average(RunLayout(args.run_dir), experts, rule, args.target_domain, domains,
+                                    settings, merge=merge, average_name=args.name, name=args.run_name,
+                                    data_dir=args.data)
+    what = f"merge ({record['merge']['method']})" if record.get("merge") else "average"
+    print(f"{what}: {record['checkpoint']} (weights "
           + ", ".join(f"{n}={w:.3f}" for n, w in zip(record["experts"], record["weights"])) + ")")
     _print_rows(rows)
     return 0

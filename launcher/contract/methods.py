@@ -7,7 +7,7 @@ the results table holds (one-expert rows are ``expert:<name>``; a config asks fo
 ``EvalMethod`` line plus the code that computes it:
 
 - ``kind``: which part of the eval stage computes it (``expert``, ``ensemble``, ``topk``,
-  ``average``, ``cluster``, ``baseline``);
+  ``average``, ``merge``, ``cluster``, ``baseline``);
 - ``mixing_rule``: the rule of ``fairseq_ext.ensemble.ensemble_logprobs`` (ensembles and top-k);
 - ``needs_prior``: whether it reads the cached domain prior (so the score stage also scores
   the prior split);
@@ -18,6 +18,11 @@ the results table holds (one-expert rows are ``expert:<name>``; a config asks fo
 - ``aliases``: other spellings a command line accepts (``btm eval --methods expert``).
 
 The order of ``METHODS`` is the order of the paper's tables.
+
+The ``merge`` methods are generated: ``merge_<method>_<weighting>`` for each merge method of
+``fairseq_ext.merging`` other than linear (whose weightings are the ``average_*`` methods) and
+each weighting (``uniform``: one model for every domain; ``posterior``: one model per eval
+domain, weighted by that domain's cached prior, as ``average_posterior``).
 """
 from __future__ import annotations
 
@@ -31,6 +36,15 @@ EXPERT_PREFIX = "expert:"
 EXPERTS = "experts"  # the config's name for "every expert:<name> row"
 _EXPERT_METHOD = re.compile(r"expert:[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 GIVEN = "<given>"  # an lm_eval argument that selects a method by being given, whatever its value
+
+
+# The merge methods of fairseq_ext.merging other than linear, with their table labels (this
+# package does not import fairseq_ext; tests/test_merge_eval.py checks the names against
+# fairseq_ext.merging.method_names()), and the weightings a merge method is evaluated with.
+MERGE_LABELS: dict[str, str] = {"task_arithmetic": "Task arithmetic", "ties": "TIES",
+                                "dare_ties": "DARE-TIES", "dare_linear": "DARE-linear",
+                                "model_stock": "Model stock"}
+MERGE_WEIGHTINGS: tuple[str, ...] = ("uniform", "posterior")
 
 
 @dataclass(frozen=True)
@@ -63,6 +77,9 @@ METHODS: tuple[EvalMethod, ...] = (
     EvalMethod("average_argmax", "average", "Avg argmax", needs_prior=True),
     EvalMethod("average_posterior", "average", "Avg posterior", needs_prior=True,
                lm_eval={"method": "average", "prior": GIVEN}),
+    *(EvalMethod(f"merge_{method}_{weighting}", "merge", f"{label} {weighting}",
+                 needs_prior=weighting == "posterior")
+      for method, label in MERGE_LABELS.items() for weighting in MERGE_WEIGHTINGS),
     EvalMethod("cbtm_cluster", "cluster", "c-BTM", lm_eval={"method": "cluster"}),
 )
 REGISTRY: dict[str, EvalMethod] = {m.name: m for m in METHODS}
@@ -80,6 +97,29 @@ FOREST_MIXES: tuple[str, ...] = tuple(m.name for m in METHODS if m.kind in ("exp
 # The values of the lm-eval model argument ``method`` (fairseq_ext/lm_eval_btm.py), in registry order.
 LM_EVAL_METHODS: tuple[str, ...] = tuple(dict.fromkeys(m.lm_eval["method"] for m in METHODS
                                                        if m.lm_eval and "method" in m.lm_eval))
+
+
+def merge_method_name(method: str, weighting: str) -> str:
+    """The registered name of merge ``method`` with ``weighting`` (``merge_ties_posterior``);
+    ``linear`` is the ``average_<weighting>`` method. BtmError for a pair not registered."""
+    name = f"average_{weighting}" if method == "linear" else f"merge_{method}_{weighting}"
+    if name not in REGISTRY or REGISTRY[name].kind not in ("average", "merge"):
+        raise BtmError(f"merge method {method!r} with {weighting!r} weights is not an evaluation "
+                       f"method (merge methods: linear, {', '.join(MERGE_LABELS)}; weights: "
+                       f"{', '.join(MERGE_WEIGHTINGS)}, and argmax for linear)")
+    return name
+
+
+def merge_parts(name: str) -> tuple[str, str]:
+    """(merge method, weighting) of a registered ``average_*`` or ``merge_*`` method:
+    ``average_posterior`` -> (linear, posterior), ``merge_dare_ties_uniform`` -> (dare_ties, uniform)."""
+    kind = get_method(name).kind
+    if kind == "average":
+        return "linear", name.split("_", 1)[1]
+    if kind != "merge":
+        raise BtmError(f"{name!r} is not a parameter average or merge")
+    method, weighting = name[len("merge_"):].rsplit("_", 1)
+    return method, weighting
 
 
 def is_expert_method(name: str) -> bool:

@@ -12,7 +12,7 @@ from launcher.contract import methods as registry
 from launcher.contract.forest import verified_checkpoints
 from launcher.contract.layout import DENSE, random_split_name
 from launcher.stages.base import Ctx, Params, Stage, device, units_of
-from launcher.stages.evaluation import evaluate_average, evaluate_mixes, evaluate_model
+from launcher.stages.evaluation import evaluate_merges, evaluate_mixes, evaluate_model
 
 
 @dataclass(frozen=True)
@@ -50,10 +50,7 @@ def eval_run(ctx: Ctx):
     mixes = [m for m in methods if registry.canonical(m) in registry.MIXES]
     if mixes:
         evaluate_mixes(layout, experts, domains, dataclasses.replace(settings, methods=tuple(mixes)), **common)
-    for method in registry.of_kind("average", methods):
-        rule = method.split("_", 1)[1]
-        for target in ([None] if rule == "uniform" else domains):
-            evaluate_average(layout, experts, rule, target, [target] if target else domains, settings, **common)
+    evaluate_merges(layout, experts, methods, domains, settings, **common)
     if "dense" in p.baselines:
         evaluate_model(layout, "dense", layout.checkpoint(DENSE), domains, settings, **common)
     if "random_split" in p.baselines:

@@ -10,7 +10,8 @@ functions, so every method the stage computes, c-BTM included, is one ``btm eval
 
 The eval stage finds the scores cached by the score array (same cache key), so it is mostly
 mixing: single experts, ensembles, top-k, the random-split baseline (the uniform ensemble of
-its experts) and c-BTM by mixing, parameter averages and the dense baseline as single models.
+its experts) and c-BTM by mixing, parameter averages and merges and the dense baseline as single
+models.
 """
 from __future__ import annotations
 
@@ -81,16 +82,38 @@ def evaluate_model(layout: RunLayout, method: str, checkpoint: Path, domains: li
 
 
 def evaluate_average(layout: RunLayout, experts: dict[str, Path], rule: str, target: str | None,
-                     domains: list[str], settings, *, average_name: str | None = None,
+                     domains: list[str], settings, *, merge=None, average_name: str | None = None,
                      name: str | None = None, data_dir: Path | None = None):
-    """Build (or reuse) the ``rule`` parameter average in RUN/averages/ and file its rows as
-    ``average_<rule>``; returns (average.json's record, the new rows)."""
-    record = _fairseq_ext("evaluate").average_forest(experts, rule, target, eval_dirs(layout, data_dir),
-                                                     settings=settings, name=average_name)
+    """Build (or reuse) the parameter merge of the experts with ``rule`` weights (uniform,
+    argmax, posterior) in RUN/averages/ and file its rows under its registered name:
+    ``average_<rule>`` for the linear average, ``merge_<method>_<rule>`` for a
+    ``fairseq_ext.evaluate.MergeSpec`` ``merge``. Returns (average.json's record, the new rows)."""
+    evaluate = _fairseq_ext("evaluate")
+    merge = merge or evaluate.MergeSpec()
+    method = registry.merge_method_name(merge.method, rule)
+    record = evaluate.average_forest(experts, rule, target, eval_dirs(layout, data_dir), settings=settings,
+                                     name=average_name, merge=merge)
     if not domains:
-        raise BtmError("--eval-domains is required with --method uniform and no --target-domain")
-    # k = experts actually averaged (argmax averages one).
+        raise BtmError(f"--eval-domains is required with --method {rule if merge.method == 'linear' else merge.method} "
+                       "and no --target-domain")
+    # k = experts actually merged (argmax merges one).
     k = sum(1 for w in record["weights"] if w > 0)
-    rows = evaluate_model(layout, f"average_{rule}", Path(record["checkpoint"]), domains, settings, k=k,
+    rows = evaluate_model(layout, method, Path(record["checkpoint"]), domains, settings, k=k,
                           prior=record["prior"], name=name, data_dir=data_dir)
     return record, rows
+
+
+def evaluate_merges(layout: RunLayout, experts: dict[str, Path], methods: list[str], domains: list[str],
+                    settings, *, name: str | None = None, data_dir: Path | None = None) -> list:
+    """The parameter averages and merges among ``methods`` (registered ``average_*`` and
+    ``merge_*`` names, default parameters): a uniform one is one model scored on every domain,
+    the others one model per domain, weighted by that domain's prior. Returns the new rows."""
+    evaluate = _fairseq_ext("evaluate")
+    rows = []
+    for method in registry.of_kind("average", methods) + registry.of_kind("merge", methods):
+        merge_method, rule = registry.merge_parts(method)
+        for target in ([None] if rule == "uniform" else domains):
+            rows.append(evaluate_average(layout, experts, rule, target, [target] if target else domains,
+                                         settings, merge=evaluate.MergeSpec(method=merge_method),
+                                         name=name, data_dir=data_dir)[1])
+    return rows
