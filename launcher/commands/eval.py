@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import json
 from pathlib import Path
 
 from launcher.contract import methods as registry
@@ -242,13 +241,9 @@ def _config_eval_domains(run_dir: Path) -> list[str] | None:
 
 
 def _manifest_domains(data_dir: Path) -> list[str]:
-    path = data_dir / "manifest.json"
-    try:
-        domains = json.loads(path.read_text()).get("domains")
-    except FileNotFoundError:
-        raise BtmError(f"no data manifest at {path}; give --data or --domains") from None
-    except (OSError, ValueError) as e:
-        raise BtmError(f"cannot read {path}: {e}") from None
+    from launcher.contract.data_manifest import manifest_path, read_data_manifest
+
+    domains = read_data_manifest(data_dir).get("domains")
     if not domains:
-        raise BtmError(f"{path} lists no domains; give --domains")
+        raise BtmError(f"{manifest_path(data_dir)} lists no domains; give --domains")
     return list(domains)

@@ -10,7 +10,7 @@ from pathlib import Path
 from launcher.config import Config
 from launcher.contract import methods as registry
 from launcher.contract.forest import verified_checkpoints
-from launcher.contract.layout import DENSE, random_split_name
+from launcher.contract.layout import DENSE, SEED, random_split_name
 from launcher.stages.base import Ctx, Params, Stage, device, units_of
 from launcher.stages.evaluation import evaluate_merges, evaluate_mixes, evaluate_model
 
@@ -34,6 +34,8 @@ def eval_units(cfg: Config):
 def eval_inputs(ctx: Ctx) -> list[Path]:
     p = ctx.params
     models = [*p.experts, *([DENSE] if "dense" in p.baselines else [])]
+    if registry.of_kind("merge", p.methods) and ctx.layout.checkpoint(SEED).exists():
+        models.append(SEED)  # the base of the merges' task vectors (the experts' branch.json)
     return [ctx.layout.forest, *[ctx.layout.checkpoint(m) for m in models]]
 
 
