@@ -216,7 +216,11 @@ class ElmDecoder(FairseqDecoder):
         return x, {"attn": [None], "inner_states": inner_states}
 
     def output_layer(self, features, **unused):
-        return F.linear(features, self.embed_tokens.weight)
+        return F.linear(features, self.output_weight())
+
+    def output_weight(self) -> torch.Tensor:
+        """The output projection: the input embedding (tied, as in GPT-2)."""
+        return self.embed_tokens.weight
 
     def forward(self, prev_output_tokens, src_lengths=None, features_only=False, **kwargs):
         x, extra = self.extract_features(prev_output_tokens)
@@ -228,26 +232,38 @@ class ElmDecoder(FairseqDecoder):
         return self.cfg.max_target_positions
 
 
-@register_model("elm", dataclass=ElmConfig)
-class ElmModel(FairseqLanguageModel):
-    """GPT-2-layout decoder-only LM (see the module docstring)."""
+class ChunkedLossLM(FairseqLanguageModel):
+    """A decoder-only LM of one of btm's layouts: built from its config dataclass, and trained
+    with a loss that never holds the full fp32 logits (``chunked_tied_cross_entropy`` against
+    the decoder's ``output_weight()``). Subclasses name ``config_class`` and ``decoder_class``."""
+
+    config_class: type
+    decoder_class: type
 
     @classmethod
     def build_model(cls, cfg, task):
-        if not isinstance(cfg, ElmConfig):
-            cfg = ElmConfig(**{k: getattr(cfg, k) for k in ElmConfig.__dataclass_fields__
-                               if hasattr(cfg, k) and getattr(cfg, k) is not None})
-        return cls(ElmDecoder(cfg, task.target_dictionary))
+        if not isinstance(cfg, cls.config_class):
+            cfg = cls.config_class(**{k: getattr(cfg, k) for k in cls.config_class.__dataclass_fields__
+                                      if hasattr(cfg, k) and getattr(cfg, k) is not None})
+        return cls(cls.decoder_class(cfg, task.target_dictionary))
 
     def lm_loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Summed next-token cross-entropy (nats) over non-pad targets, without full logits."""
         hidden, _ = self.decoder.extract_features(tokens)
-        return chunked_tied_cross_entropy(hidden, self.decoder.embed_tokens.weight, targets,
+        return chunked_tied_cross_entropy(hidden, self.decoder.output_weight(), targets,
                                           chunk=self.decoder.cfg.loss_chunk_tokens,
                                           ignore_index=self.decoder.padding_idx)
 
     def max_positions(self):
         return self.decoder.max_positions()
+
+
+@register_model("elm", dataclass=ElmConfig)
+class ElmModel(ChunkedLossLM):
+    """GPT-2-layout decoder-only LM (see the module docstring)."""
+
+    config_class = ElmConfig
+    decoder_class = ElmDecoder
 
 
 def _preset_arch(preset_name: str):

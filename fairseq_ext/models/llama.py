@@ -29,12 +29,11 @@ import torch.nn.functional as F
 from fairseq.dataclass import FairseqDataclass
 from fairseq.models import (
     FairseqDecoder,
-    FairseqLanguageModel,
     register_model,
     register_model_architecture,
 )
 
-from fairseq_ext.models.elm import chunked_tied_cross_entropy
+from fairseq_ext.models.elm import ChunkedLossLM
 from launcher.contract.presets import LAYOUT_MODELS, PRESETS
 
 MODEL_NAME = LAYOUT_MODELS["llama"]
@@ -218,25 +217,11 @@ class LlamaElmDecoder(FairseqDecoder):
 
 
 @register_model(MODEL_NAME, dataclass=LlamaElmConfig)
-class LlamaElmModel(FairseqLanguageModel):
+class LlamaElmModel(ChunkedLossLM):
     """Llama-layout decoder-only LM (see the module docstring)."""
 
-    @classmethod
-    def build_model(cls, cfg, task):
-        if not isinstance(cfg, LlamaElmConfig):
-            cfg = LlamaElmConfig(**{k: getattr(cfg, k) for k in LlamaElmConfig.__dataclass_fields__
-                                    if hasattr(cfg, k) and getattr(cfg, k) is not None})
-        return cls(LlamaElmDecoder(cfg, task.target_dictionary))
-
-    def lm_loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Summed next-token cross-entropy (nats) over non-pad targets, without full logits."""
-        hidden, _ = self.decoder.extract_features(tokens)
-        return chunked_tied_cross_entropy(hidden, self.decoder.output_weight(), targets,
-                                          chunk=self.decoder.cfg.loss_chunk_tokens,
-                                          ignore_index=self.decoder.padding_idx)
-
-    def max_positions(self):
-        return self.decoder.max_positions()
+    config_class = LlamaElmConfig
+    decoder_class = LlamaElmDecoder
 
 
 # Preset.rope_llama3's four numbers, in order, and HF's rope_parameters keys for them.
