@@ -50,7 +50,9 @@ def test_submitit_array_runs_on_three_nodes(slurm_cluster, tmp_path, monkeypatch
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     executor = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="slurm")
     # Each task asks for every CPU of a node, so the three tasks need three different nodes.
-    executor.update_parameters(slurm_partition="debug", timeout_min=2, nodes=1,
+    # submitit asks SLURM for USR2 90 s before the time limit; with 2 minutes a loaded machine
+    # got that signal while a finished task was still tearing down (state FAILED, exit 12).
+    executor.update_parameters(slurm_partition="debug", timeout_min=5, nodes=1,
                                tasks_per_node=1, cpus_per_task=slurm_cluster.cpus_per_node,
                                name="btm-cluster-array")
     jobs = executor.map_array(where_am_i, [0, 1, 2])
