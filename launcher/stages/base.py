@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -90,13 +91,13 @@ class Ctx:
     stage: Stage
     nproc: int = 1  # training processes on this node (one per GPU of the task)
 
-    @property
+    @cached_property
     def layout(self) -> RunLayout:
         return RunLayout(self.run_dir)
 
-    @property
+    @cached_property
     def params(self):
-        """The unit's parameters, typed (the stage's ``params`` dataclass)."""
+        """The unit's parameters, typed (the stage's ``params`` dataclass), built once."""
         return self.stage.params(**self.unit.params)
 
     @property
