@@ -29,6 +29,7 @@ from conftest import require_fairseq
 pytestmark = [pytest.mark.gpu, pytest.mark.fairseq]
 
 UPDATES = 30
+DOMAIN = "python_code"
 
 
 def _cuda_available() -> bool:
@@ -46,19 +47,23 @@ def needs_cuda():
 
 
 @pytest.fixture(scope="module")
-def data_dir(small_corpus, tmp_path_factory):
+def data_dir(tmp_path_factory):
+    """The demo corpus (built offline from the stdlib): a GPU machine has no ../shared/corpus."""
     if not _cuda_available():
         pytest.skip("no CUDA device")
     require_fairseq()
     from elm_testdata import build_data
-    return build_data(small_corpus, tmp_path_factory.mktemp("data"), ["bible", "code_python", "legal"])
+    from launcher.demo_corpus import build_demo_corpus
+    corpus = tmp_path_factory.mktemp("corpus")
+    build_demo_corpus(corpus, size=100_000)
+    return build_data(corpus, tmp_path_factory.mktemp("data"), [DOMAIN])
 
 
 def _train(data_dir, save_dir, **kw):
     """30 updates of the tiny preset on the GPU; the per-update losses and the result."""
     from fairseq_ext.train import TrainSpec, read_train_log, train_lm
 
-    spec = TrainSpec(data_dir=str(data_dir), domains=["bible"], save_dir=str(save_dir), device="cuda",
+    spec = TrainSpec(data_dir=str(data_dir), domains=[DOMAIN], save_dir=str(save_dir), device="cuda",
                      tokens_per_batch=512, max_updates=UPDATES, save_interval_updates=UPDATES,
                      valid_max_tokens=2048, log_interval=1, **kw)
     result = train_lm(spec)
@@ -154,7 +159,7 @@ def test_bf16_scorer_matches_fp32_scoring(data_dir, fp32_run):
     from fairseq_ext.scoring import ContextSettings, forward_logprobs, read_split
 
     _, result = fp32_run
-    tokens, starts = read_split(data_dir, "bible", "test")
+    tokens, starts = read_split(data_dir, DOMAIN, "test")
     context = ContextSettings(tokens_per_sample=128, context_window=32)
     scores = {}
     for device in ("cpu", "cuda"):  # fp32 on the CPU; bf16 autocast with fp32 log-softmax on CUDA
