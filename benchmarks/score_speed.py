@@ -177,7 +177,7 @@ def main() -> None:
     for name, r in results.items():
         mem = r["peak_mem_mib"]
         print(f"{name:<8} {r['tokens_per_s']:>10.0f} {r['tokens_per_s'] / results['fairseq']['tokens_per_s']:>10.2f} "
-              f"{r['tokens_per_s'] / results['plain']['tokens_per_s']:>9.2f} {mem if mem is None else round(mem):>9}")
+              f"{r['tokens_per_s'] / results['plain']['tokens_per_s']:>9.2f} {'-' if mem is None else round(mem):>9}")
     print(f"load average at end: {load_average()}")
 
 

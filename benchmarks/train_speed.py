@@ -210,7 +210,7 @@ def main() -> None:
     for name in results:
         mem = results[name][0].get("peak_mem_mib")
         line = (f"{name:<8} {med[name]:>10.0f} {med[name] / med['fairseq']:>10.2f} "
-                f"{med[name] / med['plain']:>9.2f} {mem if mem is None else round(mem):>9}")
+                f"{med[name] / med['plain']:>9.2f} {'-' if mem is None else round(mem):>9}")
         if a.device.startswith("cuda"):
             import torch
             gpu = torch.cuda.get_device_name()
