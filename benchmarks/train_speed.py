@@ -10,10 +10,14 @@ updates (startup, data loading and compilation excluded):
 - ``btm``: ``fairseq_ext.train.train_lm`` (the expert trainer), tokens/s from its
   train_log.jsonl rows past the warm-up.
 - ``plain``: the minimal PyTorch loop below (same ELM module, full-logits cross-entropy,
-  AdamW, clip) -- the reference for what the hardware does without any framework.
+  AdamW, clip; ``torch.compile``d and bf16 on GPU) -- the reference for what the hardware does
+  without any framework.
 
-Prints tokens/s, ratios to fairseq and to plain, peak memory (RSS on CPU, CUDA max allocated
-on GPU) and, on GPU, MFU (6 * params * tokens/s over the GPU's peak bf16 FLOP/s).
+Prints the load average at start and end (a ratio measured on a loaded machine is noise: rerun
+it when the 1-minute load exceeds the cores), tokens/s, ratios to fairseq and to plain, peak
+memory (RSS on CPU, CUDA max allocated on GPU) and, on GPU, MFU: (6 * params + 12 * layers *
+dim * tokens_per_sample) FLOPs per token (weights, then attention scores and values, forward
+and backward) * tokens/s over the GPU's dense bf16 peak.
 
     python benchmarks/train_speed.py --data DATA --domain bible --preset tiny --updates 60
 """
@@ -31,6 +35,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def load_average() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} {five:.2f} {fifteen:.2f} (1/5/15 min; {os.cpu_count()} cores)"
+
+
+def flops_per_token(params: int, layers: int, dim: int, tokens_per_sample: int) -> int:
+    """Training FLOPs per token: 6 per weight, plus attention's QK^T and AV (PaLM's count)."""
+    return 6 * params + 12 * layers * dim * tokens_per_sample
 
 
 def _peak_mem_mib(device: str) -> float:
@@ -60,6 +74,7 @@ def run_plain(a) -> dict:
     d = Dictionary.load(os.path.join(a.data, "dict.txt"))
     cfg = elm_config_for_preset(a.preset)
     model = build_model_from_cfg({**cfg.__dict__, "_name": p.arch}, d).to(dev).train()
+    forward = torch.compile(model) if dev.type == "cuda" else model
     opt = torch.optim.AdamW(model.parameters(), lr=p.lr, betas=p.adam_betas, weight_decay=p.weight_decay,
                             **({"fused": True} if dev.type == "cuda" else {"foreach": True}))
     tokens = torch.from_numpy(np.asarray(read_tokens(os.path.join(a.data, a.domain, "train")), dtype=np.int64))
@@ -75,7 +90,7 @@ def run_plain(a) -> dict:
         starts = rng.integers(0, len(tokens) - T - 1, size=a.sequences)
         rows = torch.stack([tokens[s:s + T + 1] for s in starts]).to(dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(rows[:, :-1])[0]
+            logits = forward(rows[:, :-1])[0]
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -170,6 +185,7 @@ def main() -> None:
         print(json.dumps({"plain": run_plain, "btm": run_btm, "fairseq": run_fairseq}[a.only](a)))
         return
 
+    print(f"load average at start: {load_average()}", flush=True)
     results: dict[str, list[dict]] = {"fairseq": [], "btm": [], "plain": []}
     for _ in range(a.rounds):
         for name in results:
@@ -194,13 +210,15 @@ def main() -> None:
     for name in results:
         mem = results[name][0].get("peak_mem_mib")
         line = (f"{name:<8} {med[name]:>10.0f} {med[name] / med['fairseq']:>10.2f} "
-                f"{med[name] / med['plain']:>9.2f} {mem if mem is None else round(mem):>9}")
+                f"{med[name] / med['plain']:>9.2f} {'-' if mem is None else round(mem):>9}")
         if a.device.startswith("cuda"):
             import torch
             gpu = torch.cuda.get_device_name()
             peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), None)
-            line += f" {6 * params * med[name] / peak:>6.1%}" if peak else "      ?"
+            flops = flops_per_token(params, p.layers, p.embed_dim, p.tokens_per_sample)
+            line += f" {flops * med[name] / peak:>6.1%}" if peak else "      ?"
         print(line)
+    print(f"load average at end: {load_average()}")
 
 
 if __name__ == "__main__":

@@ -115,7 +115,7 @@ class ChunkedTiedCrossEntropy(torch.autograd.Function):
         w = weight.to(compute_dtype)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
+        grad_weight = None  # fp32; the first chunk's product, then the sum (no zeros to add to)
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if (needs_grad and bias is not None) else None
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start:start + chunk].to(compute_dtype)
@@ -129,16 +129,22 @@ class ChunkedTiedCrossEntropy(torch.autograd.Function):
             picked = logits.gather(1, safe_t.unsqueeze(1)).squeeze(1)
             total = total + ((lse - picked) * keep).sum()
             if needs_grad:
-                # d(loss)/d(logits) = softmax - onehot, zero on ignored rows.
-                g = torch.exp(logits - lse.unsqueeze(1))
+                # d(loss)/d(logits) = softmax - onehot, zero on ignored rows. In place over the
+                # chunk's logits (no longer needed): the same values as out-of-place ops, without
+                # three chunk-sized temporaries, which cost more than the arithmetic at small
+                # vocabularies on a CPU.
+                g = logits.sub_(lse.unsqueeze(1)).exp_()
                 g.scatter_add_(1, safe_t.unsqueeze(1), -torch.ones_like(lse).unsqueeze(1))
-                g = g * keep.unsqueeze(1)
+                g.mul_(keep.unsqueeze(1))
                 if grad_bias is not None:
                     grad_bias += g.sum(0)
                 g = g.to(compute_dtype)
                 grad_hidden[start:start + chunk] = (g @ w).to(hidden.dtype)
-                grad_weight += (g.t() @ h).float()
+                chunk_grad_weight = (g.t() @ h).float()
+                grad_weight = chunk_grad_weight if grad_weight is None else grad_weight.add_(chunk_grad_weight)
         if needs_grad:
+            if grad_weight is None:  # no rows at all
+                grad_weight = torch.zeros_like(weight, dtype=torch.float32)
             ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype),
                                   grad_bias.to(bias.dtype) if grad_bias is not None else None)
         return total

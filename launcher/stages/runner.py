@@ -17,6 +17,7 @@ from launcher.contract.layout import RunLayout
 from launcher.records import HashCache, hash_files, now, read_record, record_is_current, write_record
 from launcher.stages import find_unit, get_stage
 from launcher.stages.base import Ctx
+from launcher.threads import apply_slurm_threads
 from launcher.stages.training import Preempted
 
 
@@ -39,6 +40,10 @@ def run_stage(run_dir: str | Path, stage: str, unit_name: str | None, force: boo
     unit = find_unit(cfg, stage, unit_name)
     if nproc < 1:
         raise BtmError(f"--nproc-per-node must be >= 1, got {nproc}")
+    # Before the stage imports torch: its thread pool is sized when torch starts.
+    for var, value in apply_slurm_threads(nproc).items():
+        print(f"{var}={value} (from SLURM_CPUS_PER_TASK={os.environ['SLURM_CPUS_PER_TASK']}, "
+              f"{nproc} process(es))", flush=True)
     ctx = Ctx(run_dir, cfg, unit, impl, nproc)
     cache = HashCache(run_dir)
     label = f"{stage}" + (f" {unit_name}" if unit_name else "")
