@@ -6,9 +6,8 @@ import re
 import sys
 from pathlib import Path
 
-import yaml
-
-from launcher.contract.errors import BtmError
+from launcher.contract.errors import BtmError, shown
+from launcher.user_yaml import load_bounded
 
 # Keys that define what a run trains; a run directory refuses a config that changes them.
 DEMO_CORPUS_CHARS = 300_000  # per domain: enough for tiny experts, quick to build and tokenize
@@ -76,11 +75,8 @@ def parse_setting(text: str) -> tuple[str, object]:
     """``--set KEY=VALUE``: a dotted config key and its value read as a YAML scalar or list."""
     key, sep, value = text.partition("=")
     if not sep or not re.fullmatch(r"[A-Za-z_]+(\.[A-Za-z_]+)*", key):
-        raise BtmError(f"--set {text!r}: expected KEY=VALUE with a dotted config key, e.g. budget.seed_fraction=0.3")
-    try:
-        return key, yaml.safe_load(value)
-    except yaml.YAMLError as e:
-        raise BtmError(f"--set {key}: value {value!r} is not valid YAML: {e}") from None
+        raise BtmError(f"--set {shown(text)}: expected KEY=VALUE with a dotted config key, e.g. budget.seed_fraction=0.3")
+    return key, load_bounded(value, f"--set {key}")[0]
 
 
 def _overrides(args) -> dict:
@@ -104,7 +100,7 @@ def reconcile(old, new):
     for key in FIXED_KEYS:
         if o[key] != n[key]:
             raise BtmError(f"{new.source}: {key} differs from the config of this run directory "
-                           f"({o[key]!r} there, {n[key]!r} here); use a new --run-dir")
+                           f"({shown(o[key])} there, {shown(n[key])} here); use a new --run-dir")
     removed = [d for d in old.domains.train if d not in new.domains.train]
     if removed:
         raise BtmError(f"{new.source}: domains.train drops {', '.join(removed)} of the existing run; "
