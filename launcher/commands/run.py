@@ -117,6 +117,7 @@ def reconcile(old, new):
 
 def _prepare(args):
     from launcher.config import load_config
+    from launcher.contract.atomic import check_output_dir
     from launcher.stages import load_run_config
 
     # Stage commands run with the run directory as their working directory, so every path that
@@ -124,7 +125,7 @@ def _prepare(args):
     if args.corpus is not None:
         args.corpus = str(Path(args.corpus).resolve())
     if args.demo:
-        run_dir = Path(args.run_dir or args.config or "btm-demo").resolve()
+        run_dir = check_output_dir(Path(args.run_dir or args.config or "btm-demo").resolve(), "run directory")
         corpus = args.corpus
         if corpus is None:
             from launcher.demo_corpus import build_demo_corpus
@@ -139,7 +140,7 @@ def _prepare(args):
             raise BtmError("btm run needs a CONFIG (file or named config), or --demo")
         if not args.run_dir:
             raise BtmError("btm run needs --run-dir DIR")
-        run_dir = Path(args.run_dir).resolve()
+        run_dir = check_output_dir(Path(args.run_dir).resolve(), "--run-dir")
         cfg = load_config(args.config, _overrides(args), corpus=args.corpus)
     if (run_dir / "config.yaml").is_file():
         cfg = reconcile(load_run_config(run_dir), cfg)
