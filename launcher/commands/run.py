@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from launcher.contract.errors import BtmError, shown
+from launcher.interrupts import ends_like_ctrl_c
 from launcher.user_yaml import load_bounded
 
 # Keys that define what a run trains; a run directory refuses a config that changes them.
@@ -171,6 +172,7 @@ def _sbatch_context(plan):
                          array_parallelism=plan.config.max_parallel)
 
 
+@ends_like_ctrl_c
 def cmd_run(args) -> int:
     from launcher.contract.atomic import atomic_write_text
     from launcher.lock import run_lock
@@ -208,7 +210,9 @@ def cmd_run(args) -> int:
             print(f"submitted {len(rows)} jobs; follow with `btm status {run_dir}`")
             return 0
         from launcher.executors.local import LocalExecutor
+        from launcher.lock import refuse_running_units
 
+        refuse_running_units(run_dir, [(job.stage, u.name) for job in jobs for u in job.units])
         result = LocalExecutor(run_dir, cfg.max_parallel, progress=not args.no_progress).run(jobs)
         _write_local_summary(run_dir, result)
         if result.failed:

@@ -131,6 +131,10 @@ class RunLayout:
     def record(self, stage: str, unit: str | None) -> Path:
         return self.records / (f"{stage}.{unit}.json" if unit else f"{stage}.json")
 
+    def unit_lock(self, stage: str, unit: str | None) -> Path:
+        """Held by the process running this unit (``btm stage``), so no second one races it."""
+        return self.root / "locks" / (f"{stage}.{unit}.lock" if unit else f"{stage}.lock")
+
     def units_file(self, job: str) -> Path:
         return self.jobs / f"{job}.units.json"
 
