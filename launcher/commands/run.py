@@ -45,8 +45,8 @@ def register(subparsers):
     p.set_defaults(func=cmd_run)
 
     s = subparsers.add_parser("status", help="state of every stage and expert of a run",
-                              description="One row per stage and unit: the record (done/-), and the scheduler's view "
-                                          "from sacct, or squeue when sacct is unavailable.")
+                              description="One row per stage and unit: the record (done/-), and the scheduler's view: "
+                                          "squeue's live state for jobs still in the queue, sacct's for finished ones.")
     s.add_argument("run_dir", help="run directory")
     s.set_defaults(func=cmd_status)
 
