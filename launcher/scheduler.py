@@ -160,7 +160,7 @@ def query_scheduler(job_ids: list[str]) -> tuple[str, dict[str, SchedulerRow]]:
     squeue = _output(["squeue", "--noheader", "-j", ids, f"--format={SQUEUE_FORMAT}"])
     if sacct is None and squeue is None:
         return "records", {}
-    source = {(True, True): "squeue for queued jobs, sacct for finished ones",
+    source = {(True, True): "squeue (queued jobs) and sacct (finished ones)",
               (True, False): "squeue", (False, True): "sacct"}[(squeue is not None, sacct is not None)]
     return source, live_view(parse_sacct(sacct or ""), parse_squeue(squeue or ""))
 
