@@ -13,8 +13,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from launcher.contract.errors import BtmError, shown
 from launcher.profile_files import known_profiles, profile_dirs
 from launcher.stages import STAGES
