@@ -29,9 +29,9 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 # Evaluation methods and baselines a config may ask for: launcher.contract.methods.
 EVAL_METHODS = CONFIG_METHODS
-# The tokenizer's 4 special pieces + 256 byte pieces + 1 learned (fairseq_ext.data_prep checks the
-# same bound, too late: after the run started). Every numeric field declares its range in its
-# metadata ("min", "max", "below"), checked when the config is read, so --dry-run catches it.
+# Every numeric field declares its range in its metadata ("min", "max", "below"), checked when the
+# config is read: --dry-run refuses a bad value, not a stage hours later or the cluster.
+# vocab_size: 4 special + 256 byte pieces + 1 learned, the bound fairseq_ext.data_prep checks.
 MIN_VOCAB_SIZE = 4 + 256 + 1
 
 
