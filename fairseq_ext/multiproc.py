@@ -20,6 +20,13 @@ with SIGUSR2 ignored, forwards SIGUSR2/SIGTERM as SIGUSR2 straight to the worker
 starts each in its own session, so they are found as its children in /proc), repeats the
 forward until they are gone (a worker still importing torch ignores it), and reads the
 outcome from RESULT.json: preempted is returned like ``train_lm``'s, so callers exit 3.
+
+The forward alone could lose a stop: a worker that installs its handler just after one forward
+may finish a short run before the next. So the stop is also recorded: on the signal this
+process creates the stop file the workers find through ``$BTM_STOP_FILE`` (checked after every
+update, fairseq_ext/training/preemption.py); whenever in the start the signal came, training
+stops after its first update at the latest and saves. ``$BTM_TEST_WORKER_START_DELAY_S`` makes
+each worker sleep before training, so a test can hit that window every time, not by luck.
 """
 from __future__ import annotations
 
@@ -30,9 +37,11 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import asdict
 from pathlib import Path
 
+from fairseq_ext.training.preemption import STOP_FILE_ENV
 from launcher.contract.atomic import atomic_write_json
 from launcher.contract.errors import BtmError
 
@@ -55,9 +64,10 @@ def train_lm_torchrun(spec, nproc: int):
     with tempfile.TemporaryDirectory(prefix="btm-torchrun-") as tmp:
         spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         atomic_write_json(spec_path, asdict(spec))
-        with _stop_requests() as stop:  # before the start: no window where SIGUSR2 kills us
+        stop_file = Path(tmp) / "stop"
+        with _stop_requests(stop_file) as stop:  # before the start: no window where SIGUSR2 kills us
             proc = subprocess.Popen(torchrun_argv(nproc, str(spec_path), str(result_path)),
-                                    preexec_fn=_ignore_sigusr2)
+                                    preexec_fn=_ignore_sigusr2, env={**os.environ, STOP_FILE_ENV: str(stop_file)})
             rc = _wait_forwarding(proc, stop)
         if not result_path.exists():
             raise BtmError(f"training on {nproc} processes in {spec.save_dir} failed: torchrun "
@@ -70,12 +80,18 @@ def _ignore_sigusr2() -> None:  # runs in the child before exec; SIG_IGN survive
 
 
 @contextlib.contextmanager
-def _stop_requests():
-    """A list that SIGUSR2/SIGTERM append to while the block runs (main thread only)."""
+def _stop_requests(stop_file: Path):
+    """A list that SIGUSR2/SIGTERM append to while the block runs (main thread only); the first
+    one also creates ``stop_file`` for the workers."""
     stop, old = [], {}
+
+    def request(signum, frame):
+        stop_file.touch()
+        stop.append(signum)
+
     for sig in STOP_SIGNALS:
         try:
-            old[sig] = signal.signal(sig, lambda signum, frame: stop.append(signum))
+            old[sig] = signal.signal(sig, request)
         except ValueError:  # not the main thread: signals stay with the caller
             pass
     try:
@@ -130,6 +146,7 @@ def worker_main(argv: list[str]) -> int:
 
     spec_path, result_path = argv
     spec = TrainSpec.from_dict(json.loads(Path(spec_path).read_text(encoding="utf-8")))
+    time.sleep(float(os.environ.get("BTM_TEST_WORKER_START_DELAY_S", "0")))  # tests: a wide start window
     try:
         result = train_lm(spec)
         if int(os.environ.get("RANK", 0)) == 0:

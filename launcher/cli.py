@@ -8,6 +8,7 @@ on a login node without them.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from launcher.commands import COMMAND_MODULES
@@ -36,9 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     except BtmError as e:
         print(f"btm: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("btm: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP under launcher.interrupts
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"btm: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

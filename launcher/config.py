@@ -18,22 +18,28 @@ from typing import Any
 
 import yaml
 
-from launcher.contract.errors import BtmError
+from launcher.contract.errors import BtmError, shown
+from launcher.contract.layout import reserved_name_collision
 from launcher.contract.methods import BASELINES, CONFIG_METHODS
 from launcher.contract.names import validate_name
 from launcher.contract.presets import PRESETS
+from launcher.user_yaml import load_bounded
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 # Evaluation methods and baselines a config may ask for: launcher.contract.methods.
 EVAL_METHODS = CONFIG_METHODS
+# Every numeric field declares its range in its metadata ("min", "max", "below"), checked when the
+# config is read: --dry-run refuses a bad value, not a stage hours later or the cluster.
+# vocab_size: 4 special + 256 byte pieces + 1 learned, the bound fairseq_ext.data_prep checks.
+MIN_VOCAB_SIZE = 4 + 256 + 1
 
 
 @dataclass
 class CorpusConfig:
     path: str | None = field(default=None, metadata={"help": "corpus directory CORPUS/<domain>/<split>.jsonl[.gz]; relative to the config file; --corpus overrides"})
     text_field: str = field(default="text", metadata={"help": "JSON field holding the document text"})
-    vocab_size: int = field(default=8000, metadata={"help": "sentencepiece vocabulary size"})
+    vocab_size: int = field(default=8000, metadata={"help": "sentencepiece vocabulary size", "min": MIN_VOCAB_SIZE})
 
 
 @dataclass
@@ -58,22 +64,22 @@ class ModelConfig:
 
 @dataclass
 class BudgetConfig:
-    total_updates: int | None = field(default=None, metadata={"help": "updates of the compute-matched dense run (default: the preset's)"})
-    gpus: int | None = field(default=None, metadata={"help": "GPUs of the dense run; total budget = total_updates x gpus (default: the preset's)"})
-    seed_fraction: float = field(default=0.5, metadata={"help": "share of the budget spent training the seed LM (0 = experts start from random init)"})
-    save_interval_updates: int = field(default=100, metadata={"help": "checkpoint_last every this many updates"})
+    total_updates: int | None = field(default=None, metadata={"help": "updates of the compute-matched dense run (default: the preset's)", "min": 1})
+    gpus: int | None = field(default=None, metadata={"help": "GPUs of the dense run; total budget = total_updates x gpus (default: the preset's)", "min": 1})
+    seed_fraction: float = field(default=0.5, metadata={"help": "share of the budget spent training the seed LM (0 = experts start from random init)", "min": 0.0, "below": 1.0})
+    save_interval_updates: int = field(default=100, metadata={"help": "checkpoint_last every this many updates", "min": 1})
 
 
 @dataclass
 class BranchingConfig:
     rule: str = field(default="posterior", metadata={"help": "how incremental experts start: seed | posterior (weighted average of the top-k experts)"})
-    top_k: int = field(default=2, metadata={"help": "experts averaged by the posterior rule"})
-    sample_docs: int = field(default=32, metadata={"help": "documents of the new domain used to estimate the posterior"})
+    top_k: int = field(default=2, metadata={"help": "experts averaged by the posterior rule", "min": 1})
+    sample_docs: int = field(default=32, metadata={"help": "documents of the new domain used to estimate the posterior", "min": 1})
 
 
 @dataclass
 class ClustersConfig:
-    k: int = field(default=4, metadata={"help": "number of clusters = experts (method: cbtm)"})
+    k: int = field(default=4, metadata={"help": "number of clusters = experts (method: cbtm)", "min": 1})
 
 
 @dataclass
@@ -81,7 +87,7 @@ class EvaluationConfig:
     split: str = field(default="test", metadata={"help": "split scored: valid | test"})
     methods: list[str] = field(default_factory=lambda: ["experts", "ensemble_uniform", "ensemble_posterior", "average_uniform"],
                                metadata={"help": f"evaluation methods: {', '.join(EVAL_METHODS)}"})
-    top_k: int = field(default=1, metadata={"help": "experts kept by top-k mixing"})
+    top_k: int = field(default=1, metadata={"help": "experts kept by top-k mixing", "min": 1})
 
 
 @dataclass
@@ -99,8 +105,8 @@ class Config:
     baselines: list[str] = field(default_factory=list, metadata={"help": "dense and/or random_split"})
     executor: str = field(default="local", metadata={"help": "local | slurm"})
     profile: str = field(default="local", metadata={"help": "cluster profile: slurm_templates/profiles/<name>.yaml or a path"})
-    max_parallel: int = field(default=8, metadata={"help": "array throttle %K; local executor worker cap (also bounded by cores)"})
-    seed: int = field(default=1, metadata={"help": "random seed"})
+    max_parallel: int = field(default=8, metadata={"help": "array throttle %K; local executor worker cap (also bounded by cores)", "min": 1})
+    seed: int = field(default=1, metadata={"help": "random seed", "min": 0, "max": 2**32 - 1})
     # Where the config came from (for error messages); not part of the YAML.
     source: str = field(default="<config>", metadata={"internal": True})
 
@@ -148,12 +154,8 @@ class Config:
 class _Locator:
     """Maps dotted key paths to YAML line numbers, for error messages."""
 
-    def __init__(self, text: str):
+    def __init__(self, node):
         self.lines: dict[str, int] = {}
-        try:
-            node = yaml.compose(text)
-        except yaml.YAMLError:
-            node = None
         if node is not None:
             self._walk(node, "")
 
@@ -190,32 +192,32 @@ def _coerce(value: Any, tp, key: str, err) -> Any:
     if origin is list:
         (inner,) = typing.get_args(tp)
         if not isinstance(value, list):
-            err(key, f"expected a list of {_type_name(inner)}, got {type(value).__name__} {value!r}")
+            err(key, f"expected a list of {_type_name(inner)}, got {type(value).__name__} {shown(value)}")
         return [_coerce(v, inner, f"{key}[{i}]", err) for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key, err)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            err(key, f"expected a number, got {type(value).__name__} {value!r}")
+            err(key, f"expected a number, got {type(value).__name__} {shown(value)}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            err(key, f"expected an integer, got {type(value).__name__} {value!r}")
+            err(key, f"expected an integer, got {type(value).__name__} {shown(value)}")
         return value
     if tp is str:
         if not isinstance(value, str):
-            err(key, f"expected a string, got {type(value).__name__} {value!r}")
+            err(key, f"expected a string, got {type(value).__name__} {shown(value)}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            err(key, f"expected true or false, got {value!r}")
+            err(key, f"expected true or false, got {shown(value)}")
         return value
     raise TypeError(f"unsupported config type {tp}")  # a bug in this module, not user input
 
 
 def _build(cls, data: Any, prefix: str, err):
     if not isinstance(data, dict):
-        err(prefix, f"expected a mapping, got {type(data).__name__} {data!r}")
+        err(prefix, f"expected a mapping, got {type(data).__name__} {shown(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     kwargs = {}
@@ -224,22 +226,32 @@ def _build(cls, data: Any, prefix: str, err):
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(fields)}"
-            err(path, f"unknown key {key!r}{hint}")
+            err(path, f"unknown key {shown(key)}{hint}")
         kwargs[key] = _coerce(value, hints[key], path, err)
+        _check_range(kwargs[key], fields[key].metadata, path, err)
     return cls(**kwargs)
+
+
+def _check_range(value, meta: dict, key: str, err) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    low, high, below = meta.get("min"), meta.get("max"), meta.get("below")
+    if value != value or (low is not None and value < low) or (high is not None and value > high) \
+            or (below is not None and value >= below):
+        def num(x, unbounded):  # 0.0 -> 0; 4294967295 stays whole
+            return unbounded if x is None else str(int(x)) if float(x).is_integer() else str(x)
+        upper = f"{num(below, '')})" if below is not None else f"{num(high, 'inf')}]"
+        err(key, f"must be in [{num(low, '-inf')}, {upper}, got {value}")
 
 
 def parse_config(text: str, source: str = "<config>", overrides: dict | None = None) -> Config:
     """Parse and validate config YAML text. ``overrides``: dotted keys -> values (CLI flags)."""
-    locator = _Locator(text)
+    data, node = load_bounded(text, source)
+    locator = _Locator(node)
 
     def err(key: str, message: str):
-        raise BtmError(f"{locator.where(source, key)}: {key}: {message}")
-
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise BtmError(f"{source}: not valid YAML: {e}") from None
+        shown_key = key if len(key) <= 120 else f"{key[:120]}..."  # a key may be a pasted megabyte
+        raise BtmError(f"{locator.where(source, key)}: {shown_key}: {message}")
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -265,15 +277,18 @@ def _validate(cfg: Config, err) -> None:
 
     name(cfg.name, "name")
     if cfg.method not in ("btm", "cbtm"):
-        err("method", f"unknown method {cfg.method!r}; use btm or cbtm")
+        err("method", f"unknown method {shown(cfg.method)}; use btm or cbtm")
     if cfg.model.preset not in PRESETS:
         close = difflib.get_close_matches(cfg.model.preset, list(PRESETS), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        err("model.preset", f"unknown model preset {cfg.model.preset!r}{hint}; known: {', '.join(PRESETS)}")
+        err("model.preset", f"unknown model preset {shown(cfg.model.preset)}{hint}; known: {', '.join(PRESETS)}")
     for section in ("train", "eval", "incremental"):
         values = getattr(cfg.domains, section)
         for i, d in enumerate(values):
             name(d, f"domains.{section}[{i}]")
+            if reserved_name_collision(d):
+                err(f"domains.{section}[{i}]", f"domain name {d!r} is reserved: it collides with "
+                    f"{reserved_name_collision(d)}; rename the corpus directory")
         dup = {d for d in values if values.count(d) > 1}
         if dup:
             err(f"domains.{section}", f"domain listed twice: {', '.join(sorted(dup))}")
@@ -284,38 +299,23 @@ def _validate(cfg: Config, err) -> None:
     both = set(cfg.domains.train) & set(cfg.domains.incremental)
     if both:
         err("domains.incremental", f"already a training domain: {', '.join(sorted(both))}")
-    if cfg.method == "cbtm":
-        if cfg.clusters.k < 1:
-            err("clusters.k", f"need at least one cluster, got {cfg.clusters.k}")
-        if cfg.domains.incremental:
-            err("domains.incremental", "incremental domains are for method: btm")
+    if cfg.method == "cbtm" and cfg.domains.incremental:
+        err("domains.incremental", "incremental domains are for method: btm")
     _validate_mixture(cfg.data.mixture, err)
-    if not 0.0 <= cfg.budget.seed_fraction < 1.0:
-        err("budget.seed_fraction", f"must be in [0, 1), got {cfg.budget.seed_fraction}")
-    for key in ("total_updates", "gpus"):
-        v = getattr(cfg.budget, key)
-        if v is not None and v < 1:
-            err(f"budget.{key}", f"must be a positive integer, got {v}")
-    if cfg.budget.save_interval_updates < 1:
-        err("budget.save_interval_updates", "must be a positive integer")
     if cfg.branching.rule not in ("seed", "posterior"):
-        err("branching.rule", f"unknown branching rule {cfg.branching.rule!r}; use seed or posterior")
-    if cfg.branching.top_k < 1:
-        err("branching.top_k", "must be at least 1")
+        err("branching.rule", f"unknown branching rule {shown(cfg.branching.rule)}; use seed or posterior")
     if cfg.evaluation.split not in ("valid", "test"):
-        err("evaluation.split", f"unknown split {cfg.evaluation.split!r}; use valid or test")
+        err("evaluation.split", f"unknown split {shown(cfg.evaluation.split)}; use valid or test")
     for i, m in enumerate(cfg.evaluation.methods):
         if m not in EVAL_METHODS:
             close = difflib.get_close_matches(m, EVAL_METHODS, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(EVAL_METHODS)}"
-            err(f"evaluation.methods[{i}]", f"unknown evaluation method {m!r}{hint}")
+            err(f"evaluation.methods[{i}]", f"unknown evaluation method {shown(m)}{hint}")
     for i, b in enumerate(cfg.baselines):
         if b not in BASELINES:
-            err(f"baselines[{i}]", f"unknown baseline {b!r}; known: {', '.join(BASELINES)}")
+            err(f"baselines[{i}]", f"unknown baseline {shown(b)}; known: {', '.join(BASELINES)}")
     if cfg.executor not in ("local", "slurm"):
-        err("executor", f"unknown executor {cfg.executor!r}; use local or slurm")
-    if cfg.max_parallel < 1:
-        err("max_parallel", "must be at least 1")
+        err("executor", f"unknown executor {shown(cfg.executor)}; use local or slurm")
     if "/" not in cfg.profile and not cfg.profile.endswith(".yaml"):
         name(cfg.profile, "profile")
         from launcher.profile_files import known_profiles
@@ -323,7 +323,7 @@ def _validate(cfg: Config, err) -> None:
         if cfg.profile not in known_profiles():
             close = difflib.get_close_matches(cfg.profile, known_profiles(), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            err("profile", f"unknown cluster profile {cfg.profile!r}{hint}; known: {', '.join(known_profiles())}")
+            err("profile", f"unknown cluster profile {shown(cfg.profile)}{hint}; known: {', '.join(known_profiles())}")
 
 
 def _validate_mixture(mixture: Any, err) -> None:
@@ -332,13 +332,13 @@ def _validate_mixture(mixture: Any, err) -> None:
         if mixture not in MIXTURES:
             close = difflib.get_close_matches(mixture, MIXTURES, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            err(key, f"unknown mixture {mixture!r}{hint}; use balanced, proportional or {{temperature: T}}")
+            err(key, f"unknown mixture {shown(mixture)}{hint}; use balanced, proportional or {{temperature: T}}")
         return
     if not isinstance(mixture, dict) or set(mixture) != {"temperature"}:
-        err(key, f"expected balanced, proportional or a mapping {{temperature: T}}, got {mixture!r}")
+        err(key, f"expected balanced, proportional or a mapping {{temperature: T}}, got {shown(mixture)}")
     t = mixture["temperature"]
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
-        err(f"{key}.temperature", f"must be a number > 0, got {t!r}")
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
+        err(f"{key}.temperature", f"must be a finite number > 0, got {shown(t)}")
 
 
 def mixture_label(mixture: Any) -> str:
@@ -356,7 +356,7 @@ def check_corpus_domains(cfg: Config) -> None:
             if d not in have:
                 close = difflib.get_close_matches(d, have, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise BtmError(f"{cfg.source}: domains.{section}[{i}]: unknown domain {d!r} "
+                raise BtmError(f"{cfg.source}: domains.{section}[{i}]: unknown domain {shown(d)} "
                                f"(not a directory of corpus {cfg.corpus.path}){hint}; "
                                f"known: {', '.join(have)}")
 
@@ -379,7 +379,7 @@ def load_config(name_or_path: str | Path, overrides: dict | None = None,
         else:
             close = difflib.get_close_matches(str(name_or_path), named_configs(), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise BtmError(f"config {str(name_or_path)!r} is neither a file nor a named config{hint}; "
+            raise BtmError(f"config {shown(str(name_or_path))} is neither a file nor a named config{hint}; "
                            f"named configs: {', '.join(named_configs())}")
     try:
         text = path.read_text(encoding="utf-8")

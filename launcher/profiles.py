@@ -13,16 +13,19 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from launcher.contract.errors import BtmError
+from launcher.contract.errors import BtmError, shown
 from launcher.profile_files import known_profiles, profile_dirs
 from launcher.stages import STAGES
+from launcher.user_yaml import load_bounded
 
 # The pipeline's stages (the registry) and `btm fewshot run`'s job (launcher/stages/fewshot.py), which
 # runs outside the pipeline: the names a profile's `stages:` section may set resources for.
 STAGE_NAMES = (*(stage.name for stage in STAGES), "fewshot")
 _EXTRA_LINE = re.compile(r"--[a-z][a-z0-9-]*(=.+)?")
+# sbatch's --mem: a whole number, optionally with a unit (K, M, G, T; default M).
+_MEM = re.compile(r"[0-9]+[KMGT]?")  # 0: all of the node's memory
+# The smallest value of each integer key (time in minutes; a job of 0 minutes never runs).
+_MINIMUM = {"gpus_per_node": 0, "cpus_per_task": 1, "time": 1, "signal_grace_s": 0}
 
 
 @dataclass
@@ -62,10 +65,26 @@ def _check(value, tp, key: str, where: str):
     ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
           str: lambda v: isinstance(v, str)}[tp](value)
     if not ok:
-        raise BtmError(f"{where}: {key}: expected {tp.__name__}, got {value!r}")
+        raise BtmError(f"{where}: {key}: expected {tp.__name__}, got {shown(value)}")
     if tp is str and (not value or any(ord(c) < 32 or ord(c) == 127 for c in value)):
-        raise BtmError(f"{where}: {key}: {value!r} is empty or has control characters (newline, tab, ...)")
+        raise BtmError(f"{where}: {key}: {shown(value)} is empty or has control characters (newline, tab, ...)")
+    name = key.rsplit(".", 1)[-1]
+    if tp is int and value < _MINIMUM[name]:
+        raise BtmError(f"{where}: {key}: must be at least {_MINIMUM[name]}, got {value}")
+    if name == "mem" and not _MEM.fullmatch(value):
+        raise BtmError(f"{where}: {key}: {shown(value)} is not a size; use a whole number with an "
+                       "optional unit K, M, G or T, e.g. 32G (sbatch --mem)")
     return value
+
+
+def _check_grace(profile: Profile, where: str) -> None:
+    """SIGUSR2 comes signal_grace_s before the time limit: it must fit in every stage's time."""
+    for stage in (None, *profile.stages):
+        p = profile.for_stage(stage) if stage else profile
+        if p.signal_grace_s >= p.time * 60:
+            label = f"stages.{stage}.time" if stage and profile.stages[stage].time is not None else "time"
+            raise BtmError(f"{where}: signal_grace_s ({p.signal_grace_s} s) must be shorter than {label} "
+                           f"({p.time} min = {p.time * 60} s): the stop signal would come before the job ran")
 
 
 def parse_profile(data: dict, where: str, name: str) -> Profile:
@@ -79,13 +98,13 @@ def parse_profile(data: dict, where: str, name: str) -> Profile:
         if key not in simple or key == "name":
             close = difflib.get_close_matches(str(key), list(simple), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise BtmError(f"{where}: unknown key {key!r}{hint}")
+            raise BtmError(f"{where}: unknown key {shown(key)}{hint}")
         if key == "extra_sbatch":
             if not isinstance(value, list):
                 raise BtmError(f"{where}: extra_sbatch: expected a list of '--flag=value' strings")
             for i, line in enumerate(value):
                 if not isinstance(line, str) or not _EXTRA_LINE.fullmatch(line) or any(ord(c) < 32 for c in line):
-                    raise BtmError(f"{where}: extra_sbatch[{i}]: expected '--flag' or '--flag=value', got {line!r}")
+                    raise BtmError(f"{where}: extra_sbatch[{i}]: expected '--flag' or '--flag=value', got {shown(line)}")
             kwargs[key] = list(value)
         elif key == "stages":
             if not isinstance(value, dict):
@@ -93,7 +112,7 @@ def parse_profile(data: dict, where: str, name: str) -> Profile:
             stages = {}
             for stage, over in value.items():
                 if stage not in STAGE_NAMES:
-                    raise BtmError(f"{where}: stages.{stage}: unknown stage; known: {', '.join(STAGE_NAMES)}")
+                    raise BtmError(f"{where}: stages.{shown(stage)}: unknown stage; known: {', '.join(STAGE_NAMES)}")
                 fields = {f.name for f in dataclasses.fields(StageResources)}
                 if not isinstance(over, dict) or set(over) - fields:
                     raise BtmError(f"{where}: stages.{stage}: expected keys among {', '.join(sorted(fields))}")
@@ -106,7 +125,9 @@ def parse_profile(data: dict, where: str, name: str) -> Profile:
         else:
             tp = int if key in ("gpus_per_node", "cpus_per_task", "time", "signal_grace_s") else str
             kwargs[key] = _check(value, tp, key, where)
-    return Profile(**kwargs)
+    profile = Profile(**kwargs)
+    _check_grace(profile, where)
+    return profile
 
 
 def load_profile(name_or_path: str) -> Profile:
@@ -116,7 +137,8 @@ def load_profile(name_or_path: str) -> Profile:
         if path is None:
             raise BtmError(f"unknown cluster profile {name_or_path!r}; known: {', '.join(known_profiles())}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
         raise BtmError(f"cannot read cluster profile {path}: {e}") from None
+    data, _ = load_bounded(text, str(path))
     return parse_profile(data, str(path), path.stem)

@@ -130,22 +130,39 @@ def accounting_summary(rows: list[SchedulerRow], job_id: str) -> dict:
             "gpus": r.gpus, "gpu_s": r.gpu_s, "nodes": r.nodes}
 
 
+def live_view(sacct: list[SchedulerRow], squeue: list[SchedulerRow]) -> dict[str, SchedulerRow]:
+    """Rows by task id: squeue's while a task is still queued or running (the controller's live
+    state; sacct lags it by minutes while slurmdbd catches up, showing RUNNING tasks as PENDING),
+    sacct's once it left the queue (squeue forgets finished jobs; sacct keeps exit codes and
+    accounting)."""
+    out = rows_by_task(sacct)
+    out.update(rows_by_task([r for r in squeue if r.state in ACTIVE_STATES]))
+    return out
+
+
+def _output(argv: list[str]) -> str | None:
+    """stdout of a SLURM client command; None if it cannot be run or fails (squeue also fails
+    when none of the ids is in the queue any more)."""
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
 def query_scheduler(job_ids: list[str]) -> tuple[str, dict[str, SchedulerRow]]:
-    """(source, rows by task id): sacct, else squeue, else ("records", {})."""
+    """(source, rows by task id): squeue for the jobs in the queue and sacct for the others
+    (``live_view``); whichever of the two answered, or ("records", {}) if neither did."""
     if not job_ids:
         return "records", {}
     ids = ",".join(sorted(set(job_ids)))
-    for source, argv, parser in (
-        ("sacct", ["sacct", "-j", ids, "--parsable2", "--noheader", f"--format={SACCT_FORMAT}"], parse_sacct),
-        ("squeue", ["squeue", "--noheader", "-j", ids, f"--format={SQUEUE_FORMAT}"], parse_squeue),
-    ):
-        try:
-            out = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if out.returncode == 0:
-            return source, rows_by_task(parser(out.stdout))
-    return "records", {}
+    sacct = _output(["sacct", "-j", ids, "--parsable2", "--noheader", f"--format={SACCT_FORMAT}"])
+    squeue = _output(["squeue", "--noheader", "-j", ids, f"--format={SQUEUE_FORMAT}"])
+    if sacct is None and squeue is None:
+        return "records", {}
+    source = {(True, True): "squeue (queued jobs) and sacct (finished ones)",
+              (True, False): "squeue", (False, True): "sacct"}[(squeue is not None, sacct is not None)]
+    return source, live_view(parse_sacct(sacct or ""), parse_squeue(squeue or ""))
 
 
 ACTIVE_STATES = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "SUSPENDED")

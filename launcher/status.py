@@ -1,8 +1,8 @@
 """``btm status``: one row per stage and unit, from the scheduler and the records.
 
-State comes from ``sacct`` (accounting), falling back to ``squeue`` (live queue) when sacct is
-unavailable (launcher/scheduler.py queries and parses both), and from the completion records;
-never from logs.
+State comes from ``squeue`` for jobs still in the queue (the live state) and ``sacct`` for
+finished ones (launcher/scheduler.py queries and parses both, ``live_view`` joins them), and
+from the completion records; never from logs.
 """
 from __future__ import annotations
 

@@ -450,7 +450,8 @@ def test_config_parsing_of_arbitrary_text(text):
         assert "fuzz.yaml" in str(e)
 
 
-_safe_name = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,20}", fullmatch=True).filter(lambda s: ".." not in s)
+_safe_name = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,20}", fullmatch=True).filter(
+    lambda s: ".." not in s and s not in ("seed", "dense") and not (s.startswith("random") and s[6:].isdigit()))
 _flag_value = st.text(st.characters(min_codepoint=32, max_codepoint=0x2FF, exclude_characters="\x7f"),
                       min_size=1, max_size=30)
 
@@ -478,3 +479,142 @@ def test_names_from_the_config_and_extra_sbatch_reach_the_script_quoted(run_name
     assert extra and shlex.split(extra[-1].partition("=")[2])[0] == value, text
     names = [ln for ln in text.split("\n") if ln.startswith("#SBATCH --job-name=")]
     assert shlex.split(names[0].partition("=")[2])[0] == f"{run_name}.train"
+
+
+
+# ---- issue 17, round two: reserved names, hostile YAML, run dirs, ranges --------------------
+# (classes 2, 5, 6 and 7; docs/reliability.md lists them)
+
+def _laughs(depth: int, width: int = 10) -> str:
+    """A flow list of nested aliases: level i holds ``width`` copies of level i-1 (width**depth)."""
+    levels = [f"&l{i} [" + ", ".join([f"*l{i - 1}" if i else "lol"] * width) + "]" for i in range(depth)]
+    return "[" + ", ".join(levels) + "]"
+
+
+def reserved_domain_seed(tmp):
+    return _run_cfg(tmp, GOOD.replace("[alpha, beta]", "[seed]"), "c.yaml:3", "domains.train[0]",
+                    "'seed' is reserved", "seed/")
+
+
+def reserved_domain_dense(tmp):
+    return _run_cfg(tmp, GOOD.replace("[alpha, beta]", "[alpha, dense]"), "domains.train[1]", "'dense' is reserved")
+
+
+def reserved_domain_random_split(tmp):
+    return _run_cfg(tmp, GOOD.replace("[alpha, beta]", "[alpha, random0]") + "baselines: [random_split]\n",
+                    "domains.train[1]", "'random0' is reserved", "random-split baseline")
+
+
+def billion_laughs_config(tmp):
+    # 10**9 values from ~1 kB: refused from the node graph, before anything expands it.
+    return _run_cfg(tmp, GOOD.replace("name: r", "name: " + _laughs(9)), "c.yaml",
+                    "expands to more than 100000 values")
+
+
+def laughs_below_the_bound_echo_cut(tmp):
+    # 10**4 values: under the bound, so the type error reports the value, cut to one short line.
+    return _run_cfg(tmp, GOOD.replace("name: r", "name: " + _laughs(4)),
+                    "name: expected a string, got list [['lol', 'lol'")
+
+
+def recursive_alias_config(tmp):
+    return _run_cfg(tmp, "name: &x [a, *x]\n", "c.yaml:1", "refers to its own anchor")
+
+
+def deeply_nested_config(tmp):
+    return _run_cfg(tmp, "name: " + "[" * 5000 + "]" * 5000 + "\n", "c.yaml", "nested too deeply")
+
+
+def billion_laughs_in_set(tmp):
+    return _run_cfg(tmp, GOOD, "--set name", "expands to more than", extra=("--set", f"name={_laughs(9)}"))
+
+
+def run_dir_is_a_file(tmp):
+    (tmp / "afile").write_text("not a directory\n")
+    return Case(["run", _config(tmp, GOOD), "--run-dir", tmp / "afile"], ["--run-dir", "afile is a file"])
+
+
+def run_dir_under_a_file(tmp):
+    (tmp / "afile").write_text("not a directory\n")
+    return Case(["run", _config(tmp, GOOD), "--run-dir", tmp / "afile" / "run", "--dry-run"],
+                ["afile is a file, so no directory can be made under it"])
+
+
+def run_dir_read_only(tmp):
+    """A read-only filesystem (root bypasses permission bits, not a read-only mount)."""
+    mnt = tmp / "ro"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs (needs root): {r.stderr.strip()}")
+    case = Case(["run", _config(tmp, GOOD), "--run-dir", mnt / "run"], ["ro is not writable", "read-only"],
+                absent=[mnt / "run"])
+    case.cleanup_cmd = ["umount", "-l", str(mnt)]  # type: ignore[attr-defined]
+    return case
+
+
+def report_out_is_a_file(tmp):
+    (tmp / "run").mkdir()
+    (tmp / "out.md").write_text("a report\n")
+    return Case(["report", tmp / "run", "--out", tmp / "out.md"], ["--out", "out.md is a file"])
+
+
+def seed_negative_in_set(tmp):
+    # Not a dry run: refused before the data stage (it used to fail in numpy, in the seed stage).
+    run_dir = tmp / "run"
+    return Case(["run", _config(tmp, GOOD), "--run-dir", run_dir, "--set", "seed=-1"],
+                ["seed: must be in [0, 4294967295], got -1"], absent=[run_dir / "records", run_dir / "data"])
+
+
+def top_k_zero(tmp):
+    return _run_cfg(tmp, GOOD + "evaluation: {top_k: 0}\n", "c.yaml:5", "evaluation.top_k", "must be in [1, inf]")
+
+
+def vocab_size_zero(tmp):
+    return _run_cfg(tmp, GOOD.replace("corpus: {path: corpus}", "corpus: {path: corpus, vocab_size: 0}"),
+                    "corpus.vocab_size", "must be in [261, inf], got 0")
+
+
+def sample_docs_zero(tmp):
+    return _run_cfg(tmp, GOOD + "branching: {sample_docs: 0}\n", "branching.sample_docs", "got 0")
+
+
+def _profile_case(tmp, text, *expected):
+    prof = tmp / "site.yaml"
+    prof.write_text(text)
+    return _run_cfg(tmp, GOOD, "site.yaml", *expected, extra=("--profile", prof))
+
+
+def profile_time_zero(tmp):
+    return _profile_case(tmp, "time: 0\n", "time: must be at least 1, got 0")
+
+
+def profile_mem_not_a_size(tmp):
+    return _profile_case(tmp, "mem: lots\n", "mem: 'lots' is not a size")
+
+
+def profile_stage_mem_not_a_size(tmp):
+    return _profile_case(tmp, "stages: {train: {mem: 32 GB}}\n", "stages.train.mem", "is not a size")
+
+
+def profile_grace_longer_than_time(tmp):
+    return _profile_case(tmp, "time: 60\nstages: {merge: {time: 1}}\nsignal_grace_s: 120\n",
+                         "signal_grace_s (120 s) must be shorter than stages.merge.time")
+
+
+HARDEN2_CASES = [reserved_domain_seed, reserved_domain_dense, reserved_domain_random_split, billion_laughs_config,
+                 laughs_below_the_bound_echo_cut, recursive_alias_config, deeply_nested_config, billion_laughs_in_set,
+                 run_dir_is_a_file, run_dir_under_a_file, run_dir_read_only, report_out_is_a_file,
+                 seed_negative_in_set, top_k_zero, vocab_size_zero, sample_docs_zero, profile_time_zero,
+                 profile_mem_not_a_size, profile_stage_mem_not_a_size, profile_grace_longer_than_time]
+
+
+@pytest.mark.parametrize("make", HARDEN2_CASES, ids=lambda f: f.__name__)
+def test_round_two_bad_input(make, tmp_path):
+    case = make(tmp_path)
+    try:
+        r = check_case(case, tmp_path)
+    finally:
+        if getattr(case, "cleanup_cmd", None):
+            subprocess.run(case.cleanup_cmd, check=False)
+    assert len(r.stderr) < 1000, r.stderr[:2000]  # every echoed value is cut

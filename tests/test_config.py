@@ -1,6 +1,7 @@
 """Config validation: every bad input gets one error naming the file, the key and the value."""
 from __future__ import annotations
 
+import re
 import textwrap
 
 import pytest
@@ -182,3 +183,43 @@ def test_run_set_flag_reaches_the_plan(tmp_path):
     bad = run_btm("run", "tiny", "--run-dir", tmp_path / "run", "--corpus", corpus, "--dry-run",
                   "--set", "budget.seed_fraction")
     assert bad.returncode != 0 and "--set 'budget.seed_fraction'" in bad.stderr
+
+
+def _numeric_fields(cls, prefix=""):
+    import dataclasses
+    import typing
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):
+            continue
+        tp, key = hints[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            yield from _numeric_fields(tp, key + ".")
+        elif tp in (int, float, int | None, float | None):
+            yield key, f
+
+
+def test_every_numeric_key_declares_its_range_and_the_bounds_are_enforced():
+    """A new numeric key without a range would pass --dry-run with any value (issue 17, class 7)."""
+    from launcher.config import Config
+
+    fields = dict(_numeric_fields(Config))
+    assert {"corpus.vocab_size", "seed", "evaluation.top_k", "budget.seed_fraction"} <= set(fields)
+    for key, f in fields.items():
+        assert "min" in f.metadata, f"{key} declares no range"
+        outside = [f.metadata["min"] - 1, *[f.metadata[k] + (k == "max") for k in ("max", "below") if k in f.metadata]]
+        section, _, name = key.rpartition(".")
+        for value in outside:
+            data = dict(BASE)
+            if section:
+                data[section] = {**BASE.get(section, {}), name: value}
+            else:
+                data[name] = value
+            with pytest.raises(BtmError, match=re.escape(f"{key}: must be in [")):
+                parse_config(yaml.safe_dump(data))
+
+
+def test_min_vocab_size_is_the_bound_data_prep_checks():
+    from launcher.config import MIN_VOCAB_SIZE
+    spm = pytest.importorskip("fairseq_ext.spm_tokenizer")
+    assert MIN_VOCAB_SIZE == spm.N_SPECIAL + 256 + 1

@@ -81,7 +81,8 @@ _TINY = load_config("tiny")
 
 
 @settings(max_examples=60, deadline=None)
-@given(partition=_value, account=_value, qos=_value, constraint=_value, mem=_value, run_dir=_value, python=_value)
+@given(partition=_value, account=_value, qos=_value, constraint=_value, run_dir=_value, python=_value,
+       mem=st.from_regex(r"[0-9]+[KMGT]?", fullmatch=True))  # any other mem is refused as not a size
 def test_fuzzed_values_stay_quoted(partition, account, qos, constraint, mem, run_dir, python):
     profile = parse_profile({"partition": partition, "account": account, "qos": qos, "constraint": constraint,
                              "mem": mem}, "fuzz.yaml", "fuzz")

@@ -3,10 +3,18 @@ the update in flight, saves ``checkpoint_last`` and returns ``preempted=True``.
 
 With several ranks a signal may reach them an update apart, so after every update the ranks
 combine their flags (any rank's stop stops all) before deciding, and all stop at the same update.
+
+A signal that reaches a worker before its handler is installed (while it imports torch and
+builds the model) is lost: workers start with SIGUSR2 ignored. So the parent of a multi-process
+run (fairseq_ext.multiproc) also *records* a stop: it creates the file named by
+``$BTM_STOP_FILE``, and a stop is requested once that file exists, whenever the worker got there.
 """
 from __future__ import annotations
 
+import os
 import signal
+
+STOP_FILE_ENV = "BTM_STOP_FILE"
 
 
 class StopFlag:
@@ -15,6 +23,7 @@ class StopFlag:
     def __init__(self):
         self.signum = None
         self._old = {}
+        self._stop_file = os.environ.get(STOP_FILE_ENV)
 
     def __enter__(self):
         for sig in (signal.SIGUSR2, signal.SIGTERM):
@@ -33,6 +42,8 @@ class StopFlag:
 
     @property
     def requested(self) -> bool:
+        if self.signum is None and self._stop_file and os.path.exists(self._stop_file):
+            self.signum = signal.SIGUSR2  # the parent got it while this worker could not
         return self.signum is not None
 
 

@@ -12,7 +12,7 @@ import difflib
 from pathlib import Path
 
 from launcher.contract import methods as registry
-from launcher.contract.errors import BtmError
+from launcher.contract.errors import BtmError, shown
 from launcher.contract.layout import RunLayout
 from launcher.contract.names import validate_name
 
@@ -129,10 +129,10 @@ def parse_experts(text: str) -> dict[str, Path]:
     for item in filter(None, (s.strip() for s in text.split(","))):
         name, sep, path = item.partition("=")
         if not sep or not path:
-            raise BtmError(f"--experts: expected name=path, got {item!r}")
+            raise BtmError(f"--experts: expected name=path, got {shown(item)}")
         validate_name(name, "expert name")
         if name in experts:
-            raise BtmError(f"--experts: expert {name!r} is given twice")
+            raise BtmError(f"--experts: expert {shown(name)} is given twice")
         experts[name] = Path(path)
     if not experts:
         raise BtmError("--experts: no experts given")
@@ -158,7 +158,7 @@ def _methods(names: list[str]) -> tuple[str, ...]:
     out = tuple(dict.fromkeys(registry.canonical(n) for n in names))
     for name in out:
         if name not in registry.MIXES and registry.get_method(name).kind not in ("average", "merge"):
-            raise BtmError(f"--methods: {name!r} is not evaluated by btm eval (known: {', '.join(registry.MIXES)}, "
+            raise BtmError(f"--methods: {shown(name)} is not evaluated by btm eval (known: {', '.join(registry.MIXES)}, "
                            "average_*, merge_*)")
     return out
 
@@ -180,7 +180,7 @@ def run_eval(args) -> int:
     for item in args.model:
         method, sep, path = item.partition("=")
         if not sep or not path:
-            raise BtmError(f"--model: expected METHOD=PATH, got {item!r}")
+            raise BtmError(f"--model: expected METHOD=PATH, got {shown(item)}")
         _print_rows(evaluate_model(layout, method, Path(path), domains, settings, **where))
     print(f"results: {layout.results / 'results.csv'}")
     return 0
@@ -202,7 +202,7 @@ def _merge_spec(args):
         known = [*AVERAGE_WEIGHTS, *registry.MERGE_LABELS]
         close = difflib.get_close_matches(args.method, known, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise BtmError(f"--method: unknown method {args.method!r}{hint} (known: {', '.join(known)})")
+        raise BtmError(f"--method: unknown method {shown(args.method)}{hint} (known: {', '.join(known)})")
     if args.weights is None:
         raise BtmError(f"--method {args.method} needs --weights ({' or '.join(registry.MERGE_WEIGHTINGS)})")
     return args.weights, MergeSpec(method=args.method, params=params, seed=args.seed, base=args.base)

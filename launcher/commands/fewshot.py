@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from launcher.commands.run import add_executor_overrides
-from launcher.contract.errors import BtmError
+from launcher.contract.errors import BtmError, shown
 
 
 def register(subparsers) -> None:
@@ -63,7 +63,7 @@ def _config(args):
         except ValueError as e:
             raise BtmError(f"--metadata is not valid JSON: {e}") from None
         if not isinstance(extra, dict):
-            raise BtmError(f"--metadata must be a JSON object, got {args.metadata!r}")
+            raise BtmError(f"--metadata must be a JSON object, got {shown(args.metadata)}")
         cfg.metadata = {**cfg.metadata, **extra}
     return cfg
 
@@ -114,7 +114,7 @@ def cmd_run(args) -> int:
 
         active = active_jobs(out_dir)
         if active:
-            raise BtmError(f"few-shot {cfg.name!r} still has queued or running jobs ({', '.join(active[:5])}); "
+            raise BtmError(f"few-shot {shown(cfg.name)} still has queued or running jobs ({', '.join(active[:5])}); "
                            f"wait for them or `btm cancel {out_dir}` first")
         submit([job], profile, ctx, element_argv)
         print(f"submitted {len(pending)} elements as one array; results join {run_dir / 'results' / 'fewshot.csv'}")

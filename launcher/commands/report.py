@@ -4,7 +4,10 @@ from __future__ import annotations
 
 def _report(args) -> int:
     from analysis.report import build_report  # pandas/matplotlib only when asked for
+    from launcher.contract.atomic import check_output_dir
 
+    if args.out is not None:
+        check_output_dir(args.out, "--out")
     path = build_report(args.run_dirs, out=args.out, split=args.split)
     print(f"wrote {path}")
     return 0

@@ -6,9 +6,9 @@ import re
 import sys
 from pathlib import Path
 
-import yaml
-
-from launcher.contract.errors import BtmError
+from launcher.contract.errors import BtmError, shown
+from launcher.interrupts import ends_like_ctrl_c
+from launcher.user_yaml import load_bounded
 
 # Keys that define what a run trains; a run directory refuses a config that changes them.
 DEMO_CORPUS_CHARS = 300_000  # per domain: enough for tiny experts, quick to build and tokenize
@@ -45,8 +45,8 @@ def register(subparsers):
     p.set_defaults(func=cmd_run)
 
     s = subparsers.add_parser("status", help="state of every stage and expert of a run",
-                              description="One row per stage and unit: the record (done/-), and the scheduler's view "
-                                          "from sacct, or squeue when sacct is unavailable.")
+                              description="One row per stage and unit: the record (done/-), and the scheduler's view: "
+                                          "squeue's live state for jobs still in the queue, sacct's for finished ones.")
     s.add_argument("run_dir", help="run directory")
     s.set_defaults(func=cmd_status)
 
@@ -76,11 +76,8 @@ def parse_setting(text: str) -> tuple[str, object]:
     """``--set KEY=VALUE``: a dotted config key and its value read as a YAML scalar or list."""
     key, sep, value = text.partition("=")
     if not sep or not re.fullmatch(r"[A-Za-z_]+(\.[A-Za-z_]+)*", key):
-        raise BtmError(f"--set {text!r}: expected KEY=VALUE with a dotted config key, e.g. budget.seed_fraction=0.3")
-    try:
-        return key, yaml.safe_load(value)
-    except yaml.YAMLError as e:
-        raise BtmError(f"--set {key}: value {value!r} is not valid YAML: {e}") from None
+        raise BtmError(f"--set {shown(text)}: expected KEY=VALUE with a dotted config key, e.g. budget.seed_fraction=0.3")
+    return key, load_bounded(value, f"--set {key}")[0]
 
 
 def _overrides(args) -> dict:
@@ -104,7 +101,7 @@ def reconcile(old, new):
     for key in FIXED_KEYS:
         if o[key] != n[key]:
             raise BtmError(f"{new.source}: {key} differs from the config of this run directory "
-                           f"({o[key]!r} there, {n[key]!r} here); use a new --run-dir")
+                           f"({shown(o[key])} there, {shown(n[key])} here); use a new --run-dir")
     removed = [d for d in old.domains.train if d not in new.domains.train]
     if removed:
         raise BtmError(f"{new.source}: domains.train drops {', '.join(removed)} of the existing run; "
@@ -121,6 +118,7 @@ def reconcile(old, new):
 
 def _prepare(args):
     from launcher.config import load_config
+    from launcher.contract.atomic import check_output_dir
     from launcher.stages import load_run_config
 
     # Stage commands run with the run directory as their working directory, so every path that
@@ -128,7 +126,7 @@ def _prepare(args):
     if args.corpus is not None:
         args.corpus = str(Path(args.corpus).resolve())
     if args.demo:
-        run_dir = Path(args.run_dir or args.config or "btm-demo").resolve()
+        run_dir = check_output_dir(Path(args.run_dir or args.config or "btm-demo").resolve(), "run directory")
         corpus = args.corpus
         if corpus is None:
             from launcher.demo_corpus import build_demo_corpus
@@ -143,7 +141,7 @@ def _prepare(args):
             raise BtmError("btm run needs a CONFIG (file or named config), or --demo")
         if not args.run_dir:
             raise BtmError("btm run needs --run-dir DIR")
-        run_dir = Path(args.run_dir).resolve()
+        run_dir = check_output_dir(Path(args.run_dir).resolve(), "--run-dir")
         cfg = load_config(args.config, _overrides(args), corpus=args.corpus)
     if (run_dir / "config.yaml").is_file():
         cfg = reconcile(load_run_config(run_dir), cfg)
@@ -174,6 +172,7 @@ def _sbatch_context(plan):
                          array_parallelism=plan.config.max_parallel)
 
 
+@ends_like_ctrl_c
 def cmd_run(args) -> int:
     from launcher.contract.atomic import atomic_write_text
     from launcher.lock import run_lock
@@ -211,7 +210,9 @@ def cmd_run(args) -> int:
             print(f"submitted {len(rows)} jobs; follow with `btm status {run_dir}`")
             return 0
         from launcher.executors.local import LocalExecutor
+        from launcher.lock import refuse_running_units
 
+        refuse_running_units(run_dir, [(job.stage, u.name) for job in jobs for u in job.units])
         result = LocalExecutor(run_dir, cfg.max_parallel, progress=not args.no_progress).run(jobs)
         _write_local_summary(run_dir, result)
         if result.failed:

@@ -18,7 +18,7 @@ import json
 import os
 import sys
 
-from launcher.contract.errors import PREEMPTED_EXIT, BtmError
+from launcher.contract.errors import PREEMPTED_EXIT, BtmError, shown
 
 
 def _domains(text: str, flag: str) -> list[str]:
@@ -36,7 +36,7 @@ def _floats(text: str | None, flag: str) -> list[float] | None:
     try:
         return [float(x) for x in text.split(",")]
     except ValueError:
-        raise BtmError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+        raise BtmError(f"{flag} must be comma-separated numbers, got {shown(text)}") from None
 
 
 def _add_training_flags(p, *, default_interval: int = 100) -> None:
@@ -125,11 +125,11 @@ def _parse_parents(text: str) -> dict[str, float]:
     for item in text.split(","):
         path, sep, weight = item.rpartition("=")
         if not sep or not path:
-            raise BtmError(f"--parents items look like path=weight, got {item!r}")
+            raise BtmError(f"--parents items look like path=weight, got {shown(item)}")
         try:
             parents[path] = float(weight)
         except ValueError:
-            raise BtmError(f"--parents: weight of {path} is not a number: {weight!r}") from None
+            raise BtmError(f"--parents: weight of {path} is not a number: {shown(weight)}") from None
     return parents
 
 

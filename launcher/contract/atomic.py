@@ -104,3 +104,18 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def check_output_dir(path: str | os.PathLike, what: str) -> Path:
+    """Refuse, before any work, an output directory that is a file, lies under a file or cannot
+    be written (permissions, a read-only filesystem); it need not exist yet. ``what`` names the
+    flag or key it came from. Returns the path."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise BtmError(f"{what} {path} is a file, not a directory; choose another path")
+    existing = next(p for p in (path, *path.parents) if p.exists())  # under a file: exists() is False
+    if not existing.is_dir():
+        raise BtmError(f"{what} {path}: {existing} is a file, so no directory can be made under it")
+    if not os.access(existing, os.W_OK | os.X_OK):  # access(2) also says EROFS on a read-only mount
+        raise BtmError(f"{what} {path}: {existing} is not writable (permissions or a read-only filesystem)")
+    return path

@@ -6,6 +6,7 @@ launcher hands it the plain paths it needs.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,20 @@ RANDOM_SPLIT_PREFIX = "random"  # random<i>: the random-split baseline's experts
 
 def random_split_name(i: int) -> str:
     return f"{RANDOM_SPLIT_PREFIX}{i}"
+
+
+def reserved_name_collision(name: str) -> str | None:
+    """What a domain or expert called ``name`` would collide with, or None if it is free.
+
+    seed/ and dense/ are model directories and units of their own (an expert ``seed`` *is* the
+    seed checkpoint: zero expert updates); ``random<i>`` are the random-split baseline's corpus
+    domains, experts and units, and reports read any ``random<i>`` as that baseline."""
+    if name in (SEED, DENSE):
+        return f"the run's own {name!r} model ({name}/ and the {name} unit)"
+    if re.fullmatch(rf"{RANDOM_SPLIT_PREFIX}\d+", name):
+        return (f"the random-split baseline's names ({RANDOM_SPLIT_PREFIX}0, {RANDOM_SPLIT_PREFIX}1, ...: "
+                "its corpus domains, experts and units)")
+    return None
 
 
 @dataclass(frozen=True)
@@ -115,6 +130,10 @@ class RunLayout:
 
     def record(self, stage: str, unit: str | None) -> Path:
         return self.records / (f"{stage}.{unit}.json" if unit else f"{stage}.json")
+
+    def unit_lock(self, stage: str, unit: str | None) -> Path:
+        """Held by the process running this unit (``btm stage``), so no second one races it."""
+        return self.root / "locks" / (f"{stage}.{unit}.lock" if unit else f"{stage}.lock")
 
     def units_file(self, job: str) -> Path:
         return self.jobs / f"{job}.units.json"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import difflib
 
 from launcher.config import Config
-from launcher.contract.errors import BtmError
+from launcher.contract.errors import BtmError, shown
 from launcher.stages import cluster, data, dense, eval, grow, merge, report, score, seed, train
 from launcher.stages.base import Stage, Unit
 
@@ -32,7 +32,7 @@ def get_stage(name: str) -> Stage:
     names = [s.name for s in STAGES]
     close = difflib.get_close_matches(name, names, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise BtmError(f"unknown stage {name!r}{hint}; known: {', '.join(names)}")
+    raise BtmError(f"unknown stage {shown(name)}{hint}; known: {', '.join(names)}")
 
 
 def find_unit(cfg: Config, stage: str, name: str | None) -> Unit:
@@ -41,7 +41,7 @@ def find_unit(cfg: Config, stage: str, name: str | None) -> Unit:
         if u.name == name:
             return u
     known = ", ".join(str(u.name) for u in units)
-    raise BtmError(f"stage {stage!r} has no unit {name!r}; its units: {known}")
+    raise BtmError(f"stage {shown(stage)} has no unit {shown(name)}; its units: {known}")
 
 
 # The runner reads the registry above, so it is imported after it.

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from launcher.contract import methods as registry
 from launcher.contract.atomic import atomic_write_json, read_versioned_json
-from launcher.contract.errors import BtmError
+from launcher.contract.errors import BtmError, shown
 from launcher.contract.names import validate_name
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -78,36 +78,36 @@ def parse_config(data: dict, path: Path) -> FewshotConfig:
     for key in data:
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
-            raise BtmError(f"{path}: unknown key {key!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+            raise BtmError(f"{path}: unknown key {shown(key)}" + (f"; did you mean {close[0]!r}?" if close else "")
                            + f" (known: {', '.join(known)})")
     for key in ("name", "tasks", "seeds", "num_fewshot", "methods"):
         if key not in data:
-            raise BtmError(f"{path}: missing key {key!r}")
+            raise BtmError(f"{path}: missing key {shown(key)}")
     name = validate_name(str(data["name"]), "few-shot config name")
 
     def int_list(key):
         value = data[key]
         if not isinstance(value, list) or not value or not all(isinstance(v, int) and not isinstance(v, bool)
                                                                 for v in value):
-            raise BtmError(f"{_where(path, key)} must be a non-empty list of integers, got {value!r}")
+            raise BtmError(f"{_where(path, key)} must be a non-empty list of integers, got {shown(value)}")
         return value
 
     tasks = data["tasks"]
     if not isinstance(tasks, list) or not tasks:
-        raise BtmError(f"{_where(path, 'tasks')} must be a non-empty list of lm-eval task names, got {tasks!r}")
+        raise BtmError(f"{_where(path, 'tasks')} must be a non-empty list of lm-eval task names, got {shown(tasks)}")
     tasks = [validate_name(str(t), "task name") for t in tasks]
     seeds = int_list("seeds")
     shots = data["num_fewshot"]
     if not isinstance(shots, int) or isinstance(shots, bool) or shots < 0:
-        raise BtmError(f"{_where(path, 'num_fewshot')} must be an integer >= 0, got {shots!r}")
+        raise BtmError(f"{_where(path, 'num_fewshot')} must be an integer >= 0, got {shown(shots)}")
     methods_raw = data["methods"]
     if not isinstance(methods_raw, dict) or not methods_raw:
-        raise BtmError(f"{_where(path, 'methods')} must map a label to btm model arguments, got {methods_raw!r}")
+        raise BtmError(f"{_where(path, 'methods')} must map a label to btm model arguments, got {shown(methods_raw)}")
     methods = []
     for label, args in methods_raw.items():
         validate_name(str(label), "method label")
         if not isinstance(args, dict):
-            raise BtmError(f"{_where(path, f'methods.{label}')} must be a mapping of btm model arguments, got {args!r}")
+            raise BtmError(f"{_where(path, f'methods.{label}')} must be a mapping of btm model arguments, got {shown(args)}")
         args = dict(args)
         results_method = args.pop("results_method", None)
         if "checkpoint" in args and not results_method:
@@ -120,42 +120,43 @@ def parse_config(data: dict, path: Path) -> FewshotConfig:
             setattr(cfg, key, data[key])
     if cfg.limit is not None and (isinstance(cfg.limit, bool) or not isinstance(cfg.limit, (int, float))
                                   or cfg.limit <= 0):
-        raise BtmError(f"{_where(path, 'limit')} must be a positive number or null, got {cfg.limit!r}")
+        raise BtmError(f"{_where(path, 'limit')} must be a positive number or null, got {shown(cfg.limit)}")
     for key in ("batch_size", "max_parallel"):
         value = getattr(cfg, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise BtmError(f"{_where(path, key)} must be an integer >= 1, got {value!r}")
+            raise BtmError(f"{_where(path, key)} must be an integer >= 1, got {shown(value)}")
     if cfg.executor not in ("local", "slurm"):
-        raise BtmError(f"{_where(path, 'executor')} must be local or slurm, got {cfg.executor!r}")
+        raise BtmError(f"{_where(path, 'executor')} must be local or slurm, got {shown(cfg.executor)}")
     include = data.get("include_path") or []
     include = [include] if isinstance(include, str) else include
     if not isinstance(include, list) or not all(isinstance(p, str) for p in include):
-        raise BtmError(f"{_where(path, 'include_path')} must be a directory or a list of them, got {include!r}")
+        raise BtmError(f"{_where(path, 'include_path')} must be a directory or a list of them, got {shown(include)}")
     cfg.include_path = [str((path.parent / p).resolve()) for p in include]
     for p in cfg.include_path:
         if not Path(p).is_dir():
             raise BtmError(f"{_where(path, 'include_path')}: task directory {p} does not exist")
     metadata = data.get("metadata") or {}
     if not isinstance(metadata, dict):
-        raise BtmError(f"{_where(path, 'metadata')} must be a mapping, got {metadata!r}")
+        raise BtmError(f"{_where(path, 'metadata')} must be a mapping, got {shown(metadata)}")
     cfg.metadata = metadata
     return cfg
 
 
 def load_config(name_or_path: str) -> FewshotConfig:
     """A few-shot config file, or the name of one in examples/fewshot/ (``paper``, ``local``)."""
-    import yaml
+    from launcher.user_yaml import load_bounded
 
     path = Path(name_or_path)
     if not path.is_file():
         path = EXAMPLES / f"{name_or_path}.yaml"
         if not path.is_file():
             known = sorted(p.stem for p in EXAMPLES.glob("*.yaml"))
-            raise BtmError(f"no few-shot config {name_or_path!r} (a YAML file, or one of {', '.join(known)})")
+            raise BtmError(f"no few-shot config {shown(name_or_path)} (a YAML file, or one of {', '.join(known)})")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
         raise BtmError(f"cannot read few-shot config {path}: {e}") from None
+    data, _ = load_bounded(text, str(path))
     return parse_config(data, path.resolve())
 
 
@@ -234,7 +235,7 @@ def read_element(manifest_path: Path, index: int) -> tuple[dict, dict]:
     if not 0 <= index < len(items):
         raise BtmError(f"element index {index} is outside {manifest_path} ({len(items)} elements)")
     if items[index].get("index") != index:
-        raise BtmError(f"{manifest_path}: element {index} says it is index {items[index].get('index')!r}")
+        raise BtmError(f"{manifest_path}: element {index} says it is index {shown(items[index].get('index'))}")
     return manifest, items[index]
 
 
@@ -321,7 +322,7 @@ def rows_from_lm_eval(results: dict, element: dict, described: dict, forward_pas
                          and math.isfinite(stderr) else None,
                          "better": None if hib is None else ("higher" if hib else "lower")})
     if not rows:
-        raise BtmError(f"lm_eval returned no numeric metric for task {element['task']!r}")
+        raise BtmError(f"lm_eval returned no numeric metric for task {shown(element['task'])}")
     return rows
 
 

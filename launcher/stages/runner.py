@@ -14,6 +14,7 @@ from pathlib import Path
 from launcher.config import Config, load_config
 from launcher.contract.errors import PREEMPTED_EXIT, BtmError
 from launcher.contract.layout import RunLayout
+from launcher.lock import unit_lock
 from launcher.records import HashCache, hash_files, now, read_record, record_is_current, write_record
 from launcher.stages import find_unit, get_stage
 from launcher.stages.base import Ctx
@@ -45,6 +46,14 @@ def run_stage(run_dir: str | Path, stage: str, unit_name: str | None, force: boo
         print(f"{var}={value} (from SLURM_CPUS_PER_TASK={os.environ['SLURM_CPUS_PER_TASK']}, "
               f"{nproc} process(es))", flush=True)
     ctx = Ctx(run_dir, cfg, unit, impl, nproc)
+    with unit_lock(run_dir, stage, unit_name):
+        return _run_unit(ctx, force)
+
+
+def _run_unit(ctx: Ctx, force: bool) -> int:
+    """The body of ``run_stage``, under the unit's lock."""
+    run_dir, cfg, unit, impl = ctx.run_dir, ctx.config, ctx.unit, ctx.stage
+    stage, unit_name = impl.name, unit.name
     cache = HashCache(run_dir)
     label = f"{stage}" + (f" {unit_name}" if unit_name else "")
     if not force and record_is_current(read_record(run_dir, stage, unit_name), unit.params, cache):
