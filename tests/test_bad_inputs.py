@@ -478,3 +478,72 @@ def test_names_from_the_config_and_extra_sbatch_reach_the_script_quoted(run_name
     assert extra and shlex.split(extra[-1].partition("=")[2])[0] == value, text
     names = [ln for ln in text.split("\n") if ln.startswith("#SBATCH --job-name=")]
     assert shlex.split(names[0].partition("=")[2])[0] == f"{run_name}.train"
+
+
+# ---- issue 17, classes 1, 3 and 8: `btm forest add`, damaged derived files, the resume contract ----
+# (docs/reliability.md, "Hardening round two")
+
+def _forest_add(tmp, name, *extra, checkpoint=None):
+    ck = tmp / "experts" / "x" / "checkpoint_last.pt"
+    ck.parent.mkdir(parents=True, exist_ok=True)
+    ck.write_bytes(b"weights")
+    return ["forest", "add", tmp, name, checkpoint or ck, "--domains", "alpha", *extra]
+
+
+def forest_add_nan_weight(tmp):
+    return Case(_forest_add(tmp, "x", "--parent", "seed=nan"), ["'seed'", "nan", "finite number >= 0"],
+                absent=[tmp / "forest.json"])
+
+
+def forest_add_inf_weight(tmp):
+    return Case(_forest_add(tmp, "x", "--parent", "seed=inf"), ["'seed'", "inf", "finite number >= 0"],
+                absent=[tmp / "forest.json"])
+
+
+def forest_add_negative_weight(tmp):
+    return Case(_forest_add(tmp, "x", "--parent", "a=0.5", "--parent", "b=-0.5"), ["'b'", "-0.5", ">= 0"],
+                absent=[tmp / "forest.json"])
+
+
+def forest_add_reserved_seed(tmp):
+    return Case(_forest_add(tmp, "seed"), ["expert name 'seed' is reserved"], absent=[tmp / "forest.json"])
+
+
+def forest_add_reserved_dense(tmp):
+    return Case(_forest_add(tmp, "dense"), ["expert name 'dense' is reserved"], absent=[tmp / "forest.json"])
+
+
+def forest_add_reserved_random_split(tmp):
+    return Case(_forest_add(tmp, "random0"), ["expert name 'random0' is reserved", "random-split"],
+                absent=[tmp / "forest.json"])
+
+
+def forest_add_checkpoint_is_a_directory(tmp):
+    folder = tmp / "experts" / "x"
+    return Case(_forest_add(tmp, "x", checkpoint=folder), [str(folder), "is a directory"],
+                absent=[tmp / "forest.json"])
+
+
+FOREST_CASES = [forest_add_nan_weight, forest_add_inf_weight, forest_add_negative_weight, forest_add_reserved_seed,
+                forest_add_reserved_dense, forest_add_reserved_random_split, forest_add_checkpoint_is_a_directory]
+
+
+@pytest.mark.parametrize("make", FOREST_CASES, ids=lambda f: f.__name__)
+def test_forest_add_bad_input(make, tmp_path):
+    check_case(make(tmp_path), tmp_path)
+
+
+def test_forest_add_resolves_a_relative_checkpoint_against_the_current_directory(tmp_path):
+    """`btm forest add RUN NAME ckpts/x.pt` typed in a directory other than RUN finds the file
+    where it was typed; forest.json stores it absolute (outside the run) and never NaN."""
+    import json
+
+    (tmp_path / "elsewhere" / "ckpts").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "ckpts" / "x.pt").write_bytes(b"weights")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    run_btm("forest", "add", run_dir, "x", "ckpts/x.pt", "--domains", "alpha", "--parent", "seed=1",
+            cwd=tmp_path / "elsewhere", check=True)
+    expert = json.loads((run_dir / "forest.json").read_text())["experts"][0]
+    assert expert["checkpoint"] == str(tmp_path / "elsewhere" / "ckpts" / "x.pt")
+    assert run_btm("forest", "verify", run_dir).returncode == 0

@@ -19,6 +19,16 @@ def random_split_name(i: int) -> str:
     return f"{RANDOM_SPLIT_PREFIX}{i}"
 
 
+def reserved_model_name(name: str) -> str | None:
+    """Why ``name`` may not name an expert (it is one of the run's own model directories), or
+    None when it may."""
+    if name in (SEED, DENSE):
+        return f"the run's own {name} model ({name}/)"
+    if name.startswith(RANDOM_SPLIT_PREFIX) and name[len(RANDOM_SPLIT_PREFIX):].isdigit():
+        return "a random-split baseline expert (random<i>)"
+    return None
+
+
 @dataclass(frozen=True)
 class RunLayout:
     root: Path
