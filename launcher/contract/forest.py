@@ -139,8 +139,15 @@ class Forest:
         path = Path(path)
         if path.is_dir():
             path = path / FOREST_FILE
-        data = read_versioned_json(path, what="forest manifest", key="format", version=FORMAT_VERSION,
-                                   missing=f"no forest manifest at {path} (has the merge stage run?)")
+        try:
+            data = read_versioned_json(path, what="forest manifest", key="format", version=FORMAT_VERSION,
+                                       missing=f"no forest manifest at {path} (has the merge stage run?)")
+        except BtmError as e:
+            if not path.exists():
+                raise
+            raise BtmError(f"{e}; if it is a run's manifest, delete it and run `btm run` again: the merge "
+                           "stage rebuilds it from the finished experts (experts added by hand with "
+                           "`btm forest add` must be added again)") from None
         experts = [Expert.from_dict(e, str(path)) for e in data.get("experts", [])]
         return cls(run=data.get("run", ""), experts=experts, missing=list(data.get("missing", [])), path=path)
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.config import Config
+from launcher.contract.branch_record import branch_record_path
 from launcher.contract.errors import BtmError
 from launcher.contract.forest import editing
 from launcher.records import HashCache, read_record, record_is_current
@@ -25,7 +26,9 @@ def merge_units(cfg: Config):
 
 
 def merge_inputs(ctx: Ctx) -> list[Path]:
-    return [p for n in ctx.params.experts if (p := ctx.layout.checkpoint(n)).exists()]
+    """The finished experts' checkpoints and the branch.json that names their parents."""
+    return [p for n in ctx.params.experts
+            for p in (ctx.layout.checkpoint(n), branch_record_path(ctx.model_dir(n))) if p.exists()]
 
 
 def merge_run(ctx: Ctx):
@@ -52,9 +55,11 @@ def merge_run(ctx: Ctx):
     if missing:
         raise BtmError(f"forest.json written without {len(missing)} expert(s) that did not finish: "
                        f"{', '.join(missing)}; run `btm run` again to train only those")
-    # forest.json is not a recorded output: incremental experts and `btm forest` edit it later
-    # without making the merge stale. The eval stage takes it as an input instead.
+    # forest.json is a kept output, not a hashed one: incremental experts and `btm forest` edit
+    # it later without making the merge stale, but a deleted one makes `btm run` merge again.
+    # The eval stage takes it as an input.
     return [], {"experts": list(ctx.params.experts)}
 
 
-STAGE = Stage("merge", MergeParams, merge_units, merge_inputs, merge_run, after_any=lambda cfg: ["train"])
+STAGE = Stage("merge", MergeParams, merge_units, merge_inputs, merge_run, after_any=lambda cfg: ["train"],
+              kept=lambda ctx: [ctx.layout.forest])
