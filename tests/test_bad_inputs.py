@@ -524,12 +524,35 @@ def forest_add_checkpoint_is_a_directory(tmp):
                 absent=[tmp / "forest.json"])
 
 
+def forest_manifest_truncated(tmp):
+    """A run's forest.json cut short: refused naming it and the command that rebuilds it."""
+    run_btm(*_forest_add(tmp, "x"), check=True)
+    forest = tmp / "forest.json"
+    forest.write_text(forest.read_text()[:40])
+    return Case(["forest", "list", tmp], [str(forest), "delete it and run `btm run` again"])
+
+
+def results_csv_truncated(tmp):
+    """results.csv cut after its first row while results.parquet holds all: `btm report`
+    refuses (it used to report on the fraction), naming the file and the fix."""
+    from launcher.contract.results import append_results
+
+    rows = [dict(run="r", method="expert:alpha", k=1, prior="none", eval_domain=d, split="test", tokens=10,
+                 nll=1.0, ppl=2.718281828459045, expert_forward_passes=1, seconds=0.1) for d in ("alpha", "beta")]
+    append_results(tmp, rows)
+    csv = tmp / "results" / "results.csv"
+    csv.write_text("".join(csv.read_text().splitlines(keepends=True)[:2]))
+    return Case(["report", tmp, "--out", tmp / "report"], [f"{csv} holds 1 rows", f"rm {csv}"],
+                absent=[tmp / "report"])
+
+
 FOREST_CASES = [forest_add_nan_weight, forest_add_inf_weight, forest_add_negative_weight, forest_add_reserved_seed,
-                forest_add_reserved_dense, forest_add_reserved_random_split, forest_add_checkpoint_is_a_directory]
+                forest_add_reserved_dense, forest_add_reserved_random_split, forest_add_checkpoint_is_a_directory,
+                forest_manifest_truncated, results_csv_truncated]
 
 
 @pytest.mark.parametrize("make", FOREST_CASES, ids=lambda f: f.__name__)
-def test_forest_add_bad_input(make, tmp_path):
+def test_forest_and_damaged_file_bad_input(make, tmp_path):
     check_case(make(tmp_path), tmp_path)
 
 
