@@ -70,4 +70,4 @@ def grow_run(ctx: Ctx):
 STAGE = Stage("grow", GrowParams, grow_units, grow_inputs, grow_run,
               after_ok=lambda cfg: ["merge", "data_incremental"], array=True,
               enabled=lambda cfg: bool(cfg.domains.incremental), gpus=expert_gpus, budget=expert_budget,
-              trains=True, kept=lambda ctx: [ctx.layout.forest])  # a rebuilt forest.json needs it again
+              trains=True)

@@ -51,6 +51,7 @@ def merge_run(ctx: Ctx):
                        metrics={"valid_losses": stats.get("valid_losses", {})},
                        sha256=rec["outputs"].get(cache.rel(ctx.layout.checkpoint(name))), replace=True)
         forest.missing = missing
+        _readd_grown(ctx, forest, cache)
     cache.save()
     if missing:
         raise BtmError(f"forest.json written without {len(missing)} expert(s) that did not finish: "
@@ -59,6 +60,21 @@ def merge_run(ctx: Ctx):
     # it later without making the merge stale, but a deleted one makes `btm run` merge again.
     # The eval stage takes it as an input.
     return [], {"experts": list(ctx.params.experts)}
+
+
+def _readd_grown(ctx: Ctx, forest, cache: HashCache) -> None:
+    """The finished incremental experts (grow records), so that a forest.json rebuilt after it
+    was deleted has them again; one not grown yet is added by its grow unit when it finishes."""
+    from launcher.stages.grow import grow_units
+
+    for unit in grow_units(ctx.config):
+        rec = read_record(ctx.run_dir, "grow", unit.name)
+        if record_is_current(rec, unit.params, cache) and unit.name not in forest.names():
+            stats, checkpoint = rec.get("train", {}), ctx.layout.checkpoint(unit.name)
+            forest.add(unit.name, unit.params["domains"], checkpoint, parents=rec.get("parents", {}),
+                       updates=stats.get("num_updates", 0), tokens=stats.get("tokens", 0),
+                       metrics={"valid_losses": stats.get("valid_losses", {})},
+                       sha256=rec["outputs"].get(cache.rel(checkpoint)))
 
 
 STAGE = Stage("merge", MergeParams, merge_units, merge_inputs, merge_run, after_any=lambda cfg: ["train"],
