@@ -115,7 +115,8 @@ def load_results_table(run_dir: Path) -> tuple[pd.DataFrame, Path]:
     if not source.is_file():
         raise BtmError(f"no results table in {run_dir / 'results'} (expected results.parquet or "
                        "results.csv; run `btm eval` first)")
-    return for_tables(read_results(source)), source
+    # The results dir, not one file: a damaged twin of the table is refused, never half-read.
+    return for_tables(read_results(run_dir / "results")), source
 
 
 def load_fewshot_table(run_dir: Path) -> pd.DataFrame | None:

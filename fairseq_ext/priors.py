@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -65,13 +66,18 @@ def load_prior(path: Path, key: dict) -> np.ndarray | None:
     """The cached prior at ``path`` if it was computed for exactly ``key``."""
     try:
         data = json.loads(path.read_text())
+        if data.get("key") != key:
+            return None
+        prior = np.asarray(data["prior"], dtype=np.float64)
+        if prior.shape != (len(key["experts"]),):
+            raise ValueError(f"{prior.shape[0] if prior.ndim else 0} weights for {len(key['experts'])} experts")
+        return prior
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as e:
-        raise BtmError(f"cannot read cached prior {path}: {e}; delete it to recompute") from None
-    if data.get("key") != key:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        # Derived from cached scores in no time: recompute and overwrite it, saying so.
+        print(f"btm: warning: cached prior {path} cannot be read ({e}); estimating it again", file=sys.stderr)
         return None
-    return np.asarray(data["prior"], dtype=np.float64)
 
 
 def save_prior(path: Path, key: dict, prior: np.ndarray) -> None:

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -167,8 +169,12 @@ def load_cached(path: Path, key: dict) -> Scores | None:
                 return None
             return Scores(logprobs=z["logprobs"], doc_starts=z["doc_starts"], targets=z["targets"],
                           key=stored, path=path)
-    except (OSError, ValueError, KeyError):
-        return None  # unreadable cache entry: score again and overwrite it
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        # A damaged cache entry (a truncated .npz is a BadZipFile) is derived data: score again
+        # and overwrite it, saying so.
+        print(f"btm: warning: score cache {path} cannot be read ({type(e).__name__}: {e}); scoring again "
+              "and rewriting it", file=sys.stderr)
+        return None
 
 
 def save_scores(path: Path, scores: Scores) -> None:

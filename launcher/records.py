@@ -5,8 +5,9 @@ and the sha256 of every recorded input and output still matches the file on disk
 (no log, no queue state) says a unit is done.
 
 Record: ``{stage, unit, config_hash, spec_hash, inputs: {path: sha256}, outputs: {path:
-sha256}, versions, git_commit, started, finished, host, slurm: {...}, sacct: {...}}``; paths
-inside the run directory are relative to it.
+sha256}, kept: [path], versions, git_commit, started, finished, host, slurm: {...}, sacct: {...}}``; paths
+inside the run directory are relative to it. ``kept``: outputs that other verbs edit later
+(forest.json), so only their existence is checked.
 """
 from __future__ import annotations
 
@@ -137,7 +138,7 @@ def record_is_current(record: dict | None, params: dict, cache: HashCache) -> bo
         for path, digest in files.items():
             if cache.sha256(path) != digest:
                 return False
-    return True
+    return all(cache.abs(path).exists() for path in record.get("kept", []))
 
 
 def is_done(run_dir: str | Path, stage: str, unit, cache: HashCache | None = None) -> bool:
@@ -184,7 +185,7 @@ def slurm_environment() -> dict | None:
 
 def write_record(run_dir: str | Path, stage: str, unit: str | None, *, params: dict, config_hash: str,
                  inputs: dict[str, str | None], outputs: dict[str, str | None], started: str,
-                 extra: dict | None = None, config: dict | None = None) -> dict:
+                 extra: dict | None = None, config: dict | None = None, kept: list[str] = ()) -> dict:
     slurm = slurm_environment()
     job_id = None
     if slurm:
@@ -193,7 +194,7 @@ def write_record(run_dir: str | Path, stage: str, unit: str | None, *, params: d
     record = {
         "stage": stage, "unit": unit, "config_hash": config_hash, "config": config,
         "spec_hash": spec_hash(params),
-        "params": params, "inputs": inputs, "outputs": outputs, "versions": package_versions(),
+        "params": params, "inputs": inputs, "outputs": outputs, "kept": list(kept), "versions": package_versions(),
         "git_commit": git_commit(), "started": started, "finished": now(), "host": socket.gethostname(),
         "slurm": slurm, "sacct": sacct_accounting(job_id) if job_id else None, **(extra or {}),
     }

@@ -618,3 +618,95 @@ def test_round_two_bad_input(make, tmp_path):
         if getattr(case, "cleanup_cmd", None):
             subprocess.run(case.cleanup_cmd, check=False)
     assert len(r.stderr) < 1000, r.stderr[:2000]  # every echoed value is cut
+
+
+# ---- issue 17, classes 1, 3 and 8: `btm forest add`, damaged derived files, the resume contract ----
+# (docs/reliability.md, "Hardening round two")
+
+def _forest_add(tmp, name, *extra, checkpoint=None):
+    ck = tmp / "experts" / "x" / "checkpoint_last.pt"
+    ck.parent.mkdir(parents=True, exist_ok=True)
+    ck.write_bytes(b"weights")
+    return ["forest", "add", tmp, name, checkpoint or ck, "--domains", "alpha", *extra]
+
+
+def forest_add_nan_weight(tmp):
+    return Case(_forest_add(tmp, "x", "--parent", "seed=nan"), ["'seed'", "nan", "finite number >= 0"],
+                absent=[tmp / "forest.json"])
+
+
+def forest_add_inf_weight(tmp):
+    return Case(_forest_add(tmp, "x", "--parent", "seed=inf"), ["'seed'", "inf", "finite number >= 0"],
+                absent=[tmp / "forest.json"])
+
+
+def forest_add_negative_weight(tmp):
+    return Case(_forest_add(tmp, "x", "--parent", "a=0.5", "--parent", "b=-0.5"), ["'b'", "-0.5", ">= 0"],
+                absent=[tmp / "forest.json"])
+
+
+def forest_add_reserved_seed(tmp):
+    return Case(_forest_add(tmp, "seed"), ["expert name 'seed' is reserved"], absent=[tmp / "forest.json"])
+
+
+def forest_add_reserved_dense(tmp):
+    return Case(_forest_add(tmp, "dense"), ["expert name 'dense' is reserved"], absent=[tmp / "forest.json"])
+
+
+def forest_add_reserved_random_split(tmp):
+    return Case(_forest_add(tmp, "random0"), ["expert name 'random0' is reserved", "random-split"],
+                absent=[tmp / "forest.json"])
+
+
+def forest_add_checkpoint_is_a_directory(tmp):
+    folder = tmp / "experts" / "x"
+    return Case(_forest_add(tmp, "x", checkpoint=folder), [str(folder), "is a directory"],
+                absent=[tmp / "forest.json"])
+
+
+def forest_manifest_truncated(tmp):
+    """A run's forest.json cut short: refused naming it and the command that rebuilds it."""
+    run_btm(*_forest_add(tmp, "x"), check=True)
+    forest = tmp / "forest.json"
+    forest.write_text(forest.read_text()[:40])
+    return Case(["forest", "list", tmp], [str(forest), "delete it and run `btm run` again"])
+
+
+def results_csv_truncated(tmp):
+    """results.csv cut after its first row while results.parquet holds all: `btm report`
+    refuses (it used to report on the fraction), naming the file and the fix."""
+    from launcher.contract.results import append_results
+
+    rows = [dict(run="r", method="expert:alpha", k=1, prior="none", eval_domain=d, split="test", tokens=10,
+                 nll=1.0, ppl=2.718281828459045, expert_forward_passes=1, seconds=0.1) for d in ("alpha", "beta")]
+    append_results(tmp, rows)
+    csv = tmp / "results" / "results.csv"
+    csv.write_text("".join(csv.read_text().splitlines(keepends=True)[:2]))
+    return Case(["report", tmp, "--out", tmp / "report"], [f"{csv} holds 1 rows", f"rm {csv}"],
+                absent=[tmp / "report"])
+
+
+FOREST_CASES = [forest_add_nan_weight, forest_add_inf_weight, forest_add_negative_weight, forest_add_reserved_seed,
+                forest_add_reserved_dense, forest_add_reserved_random_split, forest_add_checkpoint_is_a_directory,
+                forest_manifest_truncated, results_csv_truncated]
+
+
+@pytest.mark.parametrize("make", FOREST_CASES, ids=lambda f: f.__name__)
+def test_forest_and_damaged_file_bad_input(make, tmp_path):
+    check_case(make(tmp_path), tmp_path)
+
+
+def test_forest_add_resolves_a_relative_checkpoint_against_the_current_directory(tmp_path):
+    """`btm forest add RUN NAME ckpts/x.pt` typed in a directory other than RUN finds the file
+    where it was typed; forest.json stores it absolute (outside the run) and never NaN."""
+    import json
+
+    (tmp_path / "elsewhere" / "ckpts").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "ckpts" / "x.pt").write_bytes(b"weights")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    run_btm("forest", "add", run_dir, "x", "ckpts/x.pt", "--domains", "alpha", "--parent", "seed=1",
+            cwd=tmp_path / "elsewhere", check=True)
+    expert = json.loads((run_dir / "forest.json").read_text())["experts"][0]
+    assert expert["checkpoint"] == str(tmp_path / "elsewhere" / "ckpts" / "x.pt")
+    assert run_btm("forest", "verify", run_dir).returncode == 0

@@ -102,14 +102,33 @@ def _table_files(tmp_path):
     return {p.name: p.read_bytes() for p in (tmp_path / "results").iterdir() if not p.name.startswith(".")}
 
 
-def test_appending_to_a_corrupt_parquet_names_the_file_and_changes_nothing(tmp_path):
+def test_appending_to_a_corrupt_parquet_names_the_file_and_changes_nothing(tmp_path, capsys):
+    """A damaged parquet beside an intact csv is rebuilt from it with a warning (issue 17); with
+    both damaged the append is refused, naming them, and changes nothing."""
     append_results(tmp_path, [row()])
-    parquet = tmp_path / "results" / "results.parquet"
+    parquet, csv = tmp_path / "results" / "results.parquet", tmp_path / "results" / "results.csv"
     parquet.write_bytes(b"PAR1 this is not a parquet file")
+    table = append_results(tmp_path, [row(eval_domain="bible")])
+    assert len(table) == 2 and len(read_results(parquet)) == 2 and len(read_results(csv)) == 2
+    assert "results.parquet" in capsys.readouterr().err
+    parquet.write_bytes(b"PAR1 this is not a parquet file")
+    csv.write_text("run,method\ndemo,dense\n")
     before = _table_files(tmp_path)
-    with pytest.raises(BtmError, match=r"could not read results table .*results\.parquet"):
-        append_results(tmp_path, [row(eval_domain="bible")])
+    with pytest.raises(BtmError, match=r"both files .*results\.parquet.*results\.csv"):
+        append_results(tmp_path, [row(eval_domain="legal")])
     assert _table_files(tmp_path) == before
+
+
+def test_a_truncated_csv_twin_is_refused_by_readers_and_rewritten_by_an_append(tmp_path, capsys):
+    """results.csv cut after some rows still parses: readers must not use the fraction."""
+    append_results(tmp_path, [row(eval_domain=d) for d in ("bible", "legal", "code")])
+    csv = tmp_path / "results" / "results.csv"
+    csv.write_text("".join(csv.read_text().splitlines(keepends=True)[:2]))
+    with pytest.raises(BtmError, match=r"results\.csv holds 1 rows but its twin results\.parquet holds 3.*rm "):
+        read_results(tmp_path)
+    assert len(append_results(tmp_path, [row(eval_domain="fiction")])) == 4
+    assert "results.csv holds 1 rows" in capsys.readouterr().err
+    assert len(read_results(tmp_path)) == 4 and len(read_results(csv)) == 4
 
 
 @pytest.mark.parametrize("frame, match", [

@@ -159,3 +159,21 @@ def test_bad_inputs(data_dir, tmp_path):
     proc = run_btm("train", "--data", data_dir, "--domain", "bible", "--save-dir", tmp_path / "y",
                    "--init", tmp_path / "missing.pt", "--updates", "1")
     assert proc.returncode == 2 and "missing.pt" in proc.stderr
+
+
+def test_a_deleted_checkpoint_retrained_from_scratch_does_not_duplicate_the_log(data_dir, tmp_path):
+    """issue 17: `btm train` again after checkpoint_last.pt was deleted trains from scratch;
+    train_log.jsonl then holds that run's rows once, not the lost run's rows too."""
+    from fairseq_ext.train import read_train_log
+
+    save = tmp_path / "d"
+    for attempt in range(2):
+        proc = _start_train(data_dir, save, 4)
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        if attempt == 0:
+            (save / "checkpoint_last.pt").unlink()
+            with open(save / "train_log.jsonl", "a") as f:
+                f.write('{"update": 5, "lo')  # an append cut by a kill: goes with the lost rows
+    updates = [r["update"] for r in read_train_log(save) if "loss" in r]
+    assert updates == [1, 2, 3, 4]

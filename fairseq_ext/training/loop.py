@@ -29,6 +29,8 @@ def run_training(spec: TrainSpec) -> TrainResult:
     log = TrainLog(setup.files.log, writes=setup.ranks.writes_files)
     if state.resumed:
         log.truncate_after(state.update)
+    else:
+        log.clear()
     run = TrainingRun(setup, state, UpdateStep(setup, state), CheckpointWriter(setup, state), log)
     if state.update >= setup.max_updates:
         return run.finish_without_training()

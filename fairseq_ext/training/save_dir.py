@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,15 +56,33 @@ class TrainLog:
 
     def truncate_after(self, update: int) -> None:
         """Drop rows past the resumed update (they belong to work that was lost)."""
-        if not self.writes or not self.path.exists():
-            return
-        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("update", 0) <= update]
-        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        if self.writes and self.path.exists():
+            kept = [row for row in read_train_log(self.path.parent) if row.get("update", 0) <= update]
+            atomic_write_text(self.path, "".join(json.dumps(row) + "\n" for row in kept))
+
+    def clear(self) -> None:
+        """A run that starts from scratch (no checkpoint_last, e.g. a deleted one retrained):
+        the old rows describe work that is gone, so they go too instead of being duplicated."""
+        if self.writes and self.path.exists():
+            atomic_write_text(self.path, "")
 
 
 def read_train_log(save_dir: str | os.PathLike) -> list[dict]:
+    """The rows of ``train_log.jsonl`` (the one reader of it). A line that is not a JSON object
+    (an append cut by a kill) is skipped with a warning: it holds no complete row."""
     path = TrainFiles(Path(save_dir)).log
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            print(f"btm: warning: {path}:{number} is not a JSON row; skipping it", file=sys.stderr)
+    return rows

@@ -16,7 +16,8 @@ def register(subparsers):
                          description="Add an expert (its checkpoint is hashed) without touching the others.")
     add.add_argument("forest", help="run directory or forest.json")
     add.add_argument("name", help="expert name")
-    add.add_argument("checkpoint", help="checkpoint file (a path inside the run directory is stored relative)")
+    add.add_argument("checkpoint", help="checkpoint file, relative to the current directory (a path inside "
+                     "the run directory is stored relative to it)")
     add.add_argument("--domains", required=True, help="comma-separated training domains")
     add.add_argument("--parent", action="append", default=[], metavar="NAME=WEIGHT",
                      help="a parent and its branch weight (repeatable)")
@@ -65,10 +66,14 @@ def cmd_list(args) -> int:
 
 
 def cmd_add(args) -> int:
+    import os
+
     from launcher.contract.forest import editing
 
+    # A path typed on the command line is relative to where it was typed, not to the forest.
+    checkpoint = os.path.abspath(args.checkpoint)
     with editing(args.forest) as forest:
-        e = forest.add(args.name, [d for d in args.domains.split(",") if d], args.checkpoint,
+        e = forest.add(args.name, [d for d in args.domains.split(",") if d], checkpoint,
                        parents=_parse_parents(args.parent), updates=args.updates, tokens=args.tokens)
     print(f"added expert {e.name} (id {e.id}, sha256 {e.sha256[:12]})")
     return 0

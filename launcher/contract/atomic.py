@@ -71,8 +71,10 @@ def read_versioned_json(path: str | os.PathLike, *, what: str, key: str, version
     return data
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, allow_nan: bool = True) -> None:
+    """``allow_nan=False``: a NaN or infinity raises ValueError instead of writing the
+    non-standard ``NaN`` that other JSON readers refuse (manifests other tools read)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=allow_nan) + "\n")
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from launcher.contract.atomic import atomic_write_json, read_versioned_json, sha256_file
 from launcher.contract.errors import BtmError
+from launcher.contract.layout import reserved_name_collision
 from launcher.contract.names import validate_name
 
 FOREST_FILE = "forest.json"
@@ -75,8 +77,15 @@ class Forest:
             updates: int = 0, tokens: int = 0, metrics: dict | None = None, sha256: str | None = None,
             replace: bool = False) -> Expert:
         validate_name(name, "expert name")
+        reserved = reserved_name_collision(name)
+        if reserved:
+            raise BtmError(f"expert name {name!r} is reserved: it would collide with {reserved}; choose another name")
         for d in domains:
             validate_name(d, "domain")
+        parents = _checked_parents(name, parents or {})
+        for what, value in (("updates", updates), ("tokens", tokens)):
+            if not isinstance(value, int) or value < 0:
+                raise BtmError(f"expert {name!r}: {what} must be a whole number >= 0, got {value!r}")
         if name in self.names():
             if not replace:
                 raise BtmError(f"expert {name!r} is already in {self.path or FOREST_FILE}; remove it first")
@@ -88,11 +97,13 @@ class Forest:
             except ValueError:
                 pass
         full = ckpt if ckpt.is_absolute() or self.path is None else self.path.parent / ckpt
+        if full.is_dir():
+            raise BtmError(f"expert {name!r}: checkpoint {full} is a directory, not a checkpoint file")
         if not full.is_file():
             raise BtmError(f"expert {name!r}: checkpoint {full} does not exist")
         expert = Expert(id=max((e.id for e in self.experts), default=-1) + 1, name=name, domains=list(domains),
                         checkpoint=str(ckpt), sha256=sha256 or sha256_file(full),
-                        parents=dict(parents or {}), updates=updates, tokens=tokens, metrics=dict(metrics or {}))
+                        parents=parents, updates=updates, tokens=tokens, metrics=dict(metrics or {}))
         self.experts.append(expert)
         self.missing = [m for m in self.missing if m != name]
         return expert
@@ -118,7 +129,8 @@ class Forest:
 
     def save(self, path: str | Path | None = None) -> Path:
         path = Path(path or self.path)
-        atomic_write_json(path, self.to_dict())
+        # allow_nan=False: forest.json is read by other tools; a NaN would make it non-standard JSON.
+        atomic_write_json(path, self.to_dict(), allow_nan=False)
         self.path = path
         return path
 
@@ -127,8 +139,15 @@ class Forest:
         path = Path(path)
         if path.is_dir():
             path = path / FOREST_FILE
-        data = read_versioned_json(path, what="forest manifest", key="format", version=FORMAT_VERSION,
-                                   missing=f"no forest manifest at {path} (has the merge stage run?)")
+        try:
+            data = read_versioned_json(path, what="forest manifest", key="format", version=FORMAT_VERSION,
+                                       missing=f"no forest manifest at {path} (has the merge stage run?)")
+        except BtmError as e:
+            if not path.exists():
+                raise
+            raise BtmError(f"{e}; if it is a run's manifest, delete it and run `btm run` again: the merge "
+                           "stage rebuilds it from the finished experts (experts added by hand with "
+                           "`btm forest add` must be added again)") from None
         experts = [Expert.from_dict(e, str(path)) for e in data.get("experts", [])]
         return cls(run=data.get("run", ""), experts=experts, missing=list(data.get("missing", [])), path=path)
 
@@ -138,6 +157,22 @@ class Forest:
         if path.is_dir():
             path = path / FOREST_FILE
         return cls.load(path) if path.exists() else cls(run=run, path=path)
+
+
+def _checked_parents(name: str, parents: dict) -> dict[str, float]:
+    """Parent name -> branch weight; a weight must be a finite number >= 0 (a lineage with a
+    NaN or negative weight describes no average of the parents)."""
+    out = {}
+    for parent, weight in parents.items():
+        try:
+            w = float(weight)
+        except (TypeError, ValueError):
+            w = math.nan
+        if not math.isfinite(w) or w < 0:
+            raise BtmError(f"expert {name!r}: parent {parent!r} has weight {weight!r}; "
+                           "a branch weight must be a finite number >= 0")
+        out[str(parent)] = w
+    return out
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -230,8 +231,10 @@ def read_results(path: str | os.PathLike, spec: TableSpec | None = None) -> pd.D
     path = Path(path)
     if path.is_dir():
         rdir = path if path.name == "results" and not (path / "results").is_dir() else results_dir(path)
-        parquet, csv = rdir / f"{spec.name}.parquet", rdir / f"{spec.name}.csv"
-        path = parquet if parquet.exists() else csv
+        table = read_table_files(rdir, spec, repair=False)
+        if table is None:
+            raise BtmError(f"no {spec.name} table in {rdir}")
+        return table
     if not path.exists():
         raise BtmError(f"no {spec.name} table at {path}")
     try:
@@ -267,8 +270,7 @@ def append_results(run_dir: str | os.PathLike, rows, spec: TableSpec | None = No
     rdir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(rdir / ".results.lock")):
         parquet, csv = rdir / f"{spec.name}.parquet", rdir / f"{spec.name}.csv"
-        old = _read_own_table(parquet, spec) if parquet.exists() else (
-            read_results(csv, spec) if csv.exists() else None)
+        old = read_table_files(rdir, spec, repair=True)
         # Both parts are validated and typed; the new rows end the table (keep="last").
         table = new if old is None else _typed_columns(pd.concat([old, new], ignore_index=True), spec)
         table = table.drop_duplicates(subset=spec.key, keep="last").reset_index(drop=True)
@@ -284,6 +286,50 @@ def append_results(run_dir: str | os.PathLike, rows, spec: TableSpec | None = No
 def append_fewshot(run_dir: str | os.PathLike, rows) -> pd.DataFrame:
     """``append_results`` for the few-shot table (``RUN_DIR/results/fewshot.*``)."""
     return append_results(run_dir, rows, FEWSHOT)
+
+
+def read_table_files(rdir: Path, spec: TableSpec, *, repair: bool) -> pd.DataFrame | None:
+    """The table held by ``rdir``'s two files, parquet first (None when there is neither).
+
+    Both are written with the same rows, so a file that cannot be read or holds other rows than
+    its twin was damaged after the fact (a truncated csv still parses, minus its last rows).
+    ``repair`` (an append, which rewrites both): use the intact twin, with a warning. Otherwise
+    (readers): refuse, naming the damaged file and the command that fixes it; a report never
+    uses a fraction of the rows."""
+    parquet, csv = rdir / f"{spec.name}.parquet", rdir / f"{spec.name}.csv"
+    if not parquet.exists():
+        return read_results(csv, spec) if csv.exists() else None
+    try:
+        table, intact, damaged, why = _read_own_table(parquet, spec), parquet, csv, None
+        if csv.exists():
+            why = _csv_problem(csv, len(table), spec)
+    except BtmError as e:
+        if not csv.exists():
+            raise BtmError(f"{e}; delete it (`rm {parquet}`) and evaluate again") from None
+        try:
+            table, intact, damaged, why = read_results(csv, spec), csv, parquet, str(e)
+        except BtmError as e2:
+            raise BtmError(f"both files of the {spec.name} table are damaged ({e}; {e2}); delete them "
+                           f"(`rm {parquet} {csv}`) and evaluate again") from None
+    if why and not repair:
+        raise BtmError(f"{why}: it was damaged; {intact} holds the table: delete the damaged file "
+                       f"(`rm {damaged}`) and the next `btm run` or `btm eval` rewrites it from {intact.name}")
+    if why:
+        print(f"btm: warning: {why}; rewriting it from {intact}", file=sys.stderr)
+    return table
+
+
+def _csv_problem(csv: Path, rows: int, spec: TableSpec) -> str | None:
+    """Why the csv twin of a ``rows``-row table is damaged, or None. Only parsed and counted,
+    not validated: an append re-validates nothing old (the parquet twin was validated)."""
+    try:
+        df = pd.read_csv(csv, keep_default_na=False, na_values=[""])
+    except (OSError, ValueError) as e:
+        return f"{csv} cannot be read ({e})"
+    if len(df) != rows:
+        return f"{csv} holds {len(df)} rows but its twin {csv.with_suffix('.parquet').name} holds {rows}"
+    missing = [c for c in spec.required if c not in df.columns or df[c].isna().any()]
+    return f"{csv} has cut rows (empty {', '.join(missing)})" if missing else None
 
 
 def _read_own_table(path: Path, spec: TableSpec) -> pd.DataFrame:

@@ -65,6 +65,10 @@ def _no_budget(cfg: Config) -> Budget:
     return Budget()
 
 
+def _no_paths(ctx: "Ctx") -> list[Path]:
+    return []
+
+
 @dataclass(frozen=True)
 class Stage:
     """One stage of the pipeline, everything about it in one declaration."""
@@ -80,6 +84,9 @@ class Stage:
     gpus: Callable[[Config], int] = _no_gpus  # GPUs the budget names for one unit
     budget: Callable[[Config], Budget] = _no_budget  # compute of one unit
     trains: bool = False  # runs fairseq_ext.train (several GPUs: torchrun on one node)
+    # Outputs that other verbs edit later (forest.json: `btm forest`, incremental experts), so
+    # they cannot be hashed: the record lists them and the unit is done only while they exist.
+    kept: Callable[["Ctx"], list[Path]] = _no_paths
 
 
 @dataclass

@@ -36,7 +36,9 @@ def cluster_run(ctx: Ctx):
     for name in out["domains"]:
         link_domain(ctx, name, Path(out["corpus_dir"]) / name)
     prepare_more(ctx, out["domains"])
-    return data_outputs(ctx, out["domains"]), {"clusters": out["domains"], "cluster_report": out.get("report")}
+    # The fitted model is an output too: the eval stage routes documents with it (c-BTM).
+    fitted = sorted(q for q in ctx.layout.cluster_model.glob("*") if q.is_file())
+    return [*data_outputs(ctx, out["domains"]), *fitted], {"clusters": out["domains"], "cluster_report": out.get("report")}
 
 
 STAGE = Stage("cluster", ClusterParams, cluster_units, cluster_inputs, cluster_run,

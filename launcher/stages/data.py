@@ -69,6 +69,7 @@ class DataParams(Params):
     vocab_size: int
     text_field: str
     random_split: int  # experts of the random-split baseline (0: none)
+    seed: int  # the tokenizer's sample and the random split's shuffle
 
 
 def data_units(cfg: Config):
@@ -76,7 +77,7 @@ def data_units(cfg: Config):
     # c-BTM: clusters are made from (and replace) the training domains; eval domains are kept.
     random_split = len(cfg.expert_names) if "random_split" in cfg.baselines else 0
     return units_of([(None, DataParams(cfg.corpus.path, base, list(cfg.domains.train), cfg.corpus.vocab_size,
-                                       cfg.corpus.text_field, random_split))])
+                                       cfg.corpus.text_field, random_split, cfg.seed))])
 
 
 def build_corpus_view(ctx: Ctx) -> Path:
@@ -93,7 +94,7 @@ def build_corpus_view(ctx: Ctx) -> Path:
     for split in SPLITS if n else ():
         docs = [doc for d in p.train_domains
                 for doc in iter_documents(find_split_file(corpus, d, split), p.text_field)]
-        random.Random(ctx.config.seed).shuffle(docs)
+        random.Random(p.seed).shuffle(docs)
         for i in range(n):
             lines = "".join(json.dumps({p.text_field: t}) + "\n" for t in docs[i::n])
             atomic_write_text(ctx.layout.corpus / random_split_name(i) / f"{split}.jsonl", lines)

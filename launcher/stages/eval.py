@@ -11,8 +11,10 @@ from launcher.config import Config
 from launcher.contract import methods as registry
 from launcher.contract.forest import verified_checkpoints
 from launcher.contract.layout import DENSE, SEED, random_split_name
+from launcher.records import read_record
 from launcher.stages.base import Ctx, Params, Stage, device, units_of
 from launcher.stages.evaluation import evaluate_merges, evaluate_mixes, evaluate_model
+from launcher.stages.score import PRIOR_SPLIT, scored_models
 
 
 @dataclass(frozen=True)
@@ -23,20 +25,37 @@ class EvalParams(Params):
     split: str
     top_k: int
     experts: list[str]  # the forest's experts, incremental ones included
+    run: str  # the results' run column (config name)
 
 
 def eval_units(cfg: Config):
     ev = cfg.evaluation
     return units_of([(None, EvalParams(list(ev.methods), list(cfg.baselines), list(cfg.domains.eval), ev.split,
-                                       ev.top_k, [*cfg.expert_names, *cfg.domains.incremental]))])
+                                       ev.top_k, [*cfg.expert_names, *cfg.domains.incremental], cfg.name))])
 
 
 def eval_inputs(ctx: Ctx) -> list[Path]:
-    p = ctx.params
+    """Everything the numbers depend on: the forest and the checkpoints, the eval split (and the
+    prior's held-out split) of every eval domain, the score caches of the score array, and, for
+    c-BTM, the fitted cluster model. An edited test split re-scores and so re-evaluates."""
+    p, layout = ctx.params, ctx.layout
     models = [*p.experts, *([DENSE] if "dense" in p.baselines else [])]
-    if registry.of_kind("merge", p.methods) and ctx.layout.checkpoint(SEED).exists():
+    if registry.of_kind("merge", p.methods) and layout.checkpoint(SEED).exists():
         models.append(SEED)  # the base of the merges' task vectors (the experts' branch.json)
-    return [ctx.layout.forest, *[ctx.layout.checkpoint(m) for m in models]]
+    splits = [p.split, *([PRIOR_SPLIT] if registry.needs_prior(p.methods) and p.split != PRIOR_SPLIT else [])]
+    clusters = sorted(q for q in layout.cluster_model.glob("*") if q.is_file()) \
+        if registry.of_kind("cluster", p.methods) else []
+    return [layout.forest, *[layout.checkpoint(m) for m in models], *layout.split_files(p.domains, splits),
+            *score_caches(ctx), *clusters]
+
+
+def score_caches(ctx: Ctx) -> list[Path]:
+    """The score caches the score array recorded as its outputs (what the mixing reads)."""
+    out = []
+    for model in scored_models(ctx.config):
+        record = read_record(ctx.run_dir, "score", model)
+        out += [ctx.run_dir / q for q in (record or {}).get("outputs", {})]
+    return out
 
 
 def eval_run(ctx: Ctx):
@@ -48,7 +67,7 @@ def eval_run(ctx: Ctx):
     experts = verified_checkpoints(layout.forest)
     domains, methods = list(p.domains), list(p.methods)
     settings = EvalSettings(methods=(), top_k=(p.top_k,), split=p.split, device=device())
-    common = dict(name=cfg.name, data_dir=ctx.data_dir)
+    common = dict(name=p.run, data_dir=ctx.data_dir)
     mixes = [m for m in methods if registry.canonical(m) in registry.MIXES]
     if mixes:
         evaluate_mixes(layout, experts, domains, dataclasses.replace(settings, methods=tuple(mixes)), **common)

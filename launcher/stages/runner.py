@@ -72,7 +72,7 @@ def _run_unit(ctx: Ctx, force: bool) -> int:
         return PREEMPTED_EXIT
     write_record(run_dir, stage, unit_name, params=unit.params, config_hash=cfg.config_hash(),
                  inputs=inputs, outputs=hash_files(cache, outputs), started=started, extra=extra,
-                 config=cfg.to_dict())
+                 config=cfg.to_dict(), kept=[cache.rel(q) for q in impl.kept(ctx)])
     cache.save()
     print(f"{label}: done", flush=True)
     return 0

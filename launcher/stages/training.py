@@ -10,7 +10,6 @@ forest's GPU-updates, seed included, equal the dense baseline's.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -158,16 +157,9 @@ def _resume_point(save_dir: Path) -> dict | None:
     """Where a resumed run picks up: checkpoint_last exists; last update in train_log.jsonl."""
     if not (save_dir / "checkpoint_last.pt").exists():
         return None
-    last = 0
-    try:
-        for line in (save_dir / "train_log.jsonl").read_text().splitlines():
-            try:
-                last = max(last, int(json.loads(line).get("update", 0)))
-            except (ValueError, AttributeError):
-                continue
-    except OSError:
-        pass
-    return {"checkpoint_last_existed": True, "last_logged_update": last}
+    rows = need("fairseq_ext.training.save_dir", "read_train_log")(save_dir)
+    updates = [row["update"] for row in rows if isinstance(row.get("update"), int)]
+    return {"checkpoint_last_existed": True, "last_logged_update": max(updates, default=0)}
 
 
 # ---- branching -----------------------------------------------------------------------------
