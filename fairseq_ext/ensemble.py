@@ -73,9 +73,13 @@ def normalize_prior(prior, n_experts: int) -> np.ndarray:
     p = np.asarray(prior, dtype=np.float64).reshape(-1)
     if p.size != n_experts:
         raise BtmError(f"prior has {p.size} entries but there are {n_experts} experts")
-    if not np.all(np.isfinite(p)) or np.any(p < 0) or p.sum() <= 0:
-        raise BtmError(f"prior must be non-negative with a positive sum, got {p.tolist()}")
-    return p / p.sum()
+    if not np.all(np.isfinite(p)) or np.any(p < 0) or not np.any(p > 0):
+        raise BtmError(f"prior must be finite and non-negative with a positive sum, got {p.tolist()[:8]}")
+    # Scale by the largest entry first: p.sum() overflows to inf for entries near the float
+    # maximum (e.g. [1e308]*3), and p / inf is all zeros. After scaling every entry is in
+    # [0, 1], so the sum is in [1, N] and the division is exact to rounding.
+    scaled = p / p.max()
+    return scaled / scaled.sum()
 
 
 def _log(p: np.ndarray) -> np.ndarray:
@@ -100,10 +104,17 @@ def doc_index(doc_starts: np.ndarray, n_tokens: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- weights
 
 def prefix_loglik(lp: np.ndarray, doc_starts: np.ndarray) -> np.ndarray:
-    """[N, T] sum of log p_j(x_s) over s < t in t's document (0 at a document's first token)."""
-    exclusive = np.cumsum(lp, axis=1) - lp  # sum over all s < t
-    at_start = exclusive[:, doc_starts]  # the part that belongs to earlier documents
-    return exclusive - at_start[:, doc_index(doc_starts, lp.shape[1])]
+    """[N, T] sum of log p_j(x_s) over s < t in t's document (0 at a document's first token).
+
+    Summed per document, from that document's first token: a running sum over the whole split
+    minus its value at the document start would carry the rounding error of every earlier
+    document (a split's sum reaches ~1e7 nats, where a float64 keeps only ~1e-9 absolute).
+    """
+    out = np.zeros_like(lp)
+    ends = np.append(doc_starts[1:], lp.shape[1])
+    for start, end in zip(doc_starts.tolist(), ends.tolist()):
+        np.cumsum(lp[:, start:end - 1], axis=1, out=out[:, start + 1:end])
+    return out
 
 
 def log_weights(expert_logprobs, doc_starts, method: str = "posterior", prior=None) -> np.ndarray:

@@ -167,6 +167,35 @@ def test_long_documents_do_not_underflow():
     assert abs(got[-1000:].mean() - lp[0, -1000:].mean()) < 1e-6
 
 
+def test_a_prior_near_the_float_maximum_normalizes_to_the_exact_ratios():
+    # The plain sum of [1e308]*3 overflows to inf, which once gave zeros and a NaN ensemble.
+    np.testing.assert_array_equal(ensemble.normalize_prior([1e308] * 3, 3), [1 / 3, 1 / 3, 1 / 3])
+    np.testing.assert_array_equal(ensemble.normalize_prior([1e308, 0.0, 1e308], 3), [0.5, 0.0, 0.5])
+    np.testing.assert_array_equal(ensemble.normalize_prior([1e-320, 3e-320], 2), [0.25, 0.75])
+    lp = np.log(np.array([[0.5, 0.25, 0.5], [0.25, 0.5, 0.5], [0.125, 0.125, 0.5]]))
+    for method in ("prior", "posterior", "prev_token"):
+        np.testing.assert_array_equal(ensemble.ensemble_logprobs(lp, [0], method, prior=[1e308] * 3),
+                                      ensemble.ensemble_logprobs(lp, [0], method, prior=None))
+    with pytest.raises(BtmError, match="finite and non-negative"):
+        ensemble.normalize_prior([np.inf, 1.0], 2)
+    with pytest.raises(BtmError, match="positive sum"):
+        ensemble.normalize_prior([0.0, 0.0], 2)
+
+
+def test_a_documents_prefix_likelihood_does_not_depend_on_the_documents_before_it():
+    # A long first document (~ -1e5 nats) ahead of a short one: a running sum over the whole
+    # split carries that document's rounding into the second (-0.1 is not exact in binary).
+    second = np.array([[-0.1, -0.2, -0.3], [-0.7, -0.2, -0.9]])
+    lp = np.concatenate([np.full((2, 10000), -9.87), second], axis=1)
+    got = ensemble.prefix_loglik(lp, np.array([0, 10000]))
+    expected = np.array([[0.0, -0.1, -0.1 + -0.2], [0.0, -0.7, -0.7 + -0.2]])
+    np.testing.assert_array_equal(got[:, 10000:], expected)
+    np.testing.assert_array_equal(got[:, :3], [[0.0, -9.87, -9.87 * 2]] * 2)
+    # So the posterior on the second document is the one it has alone.
+    alone = ensemble.log_weights(second, [0], "posterior")
+    np.testing.assert_array_equal(ensemble.log_weights(lp, [0, 10000], "posterior")[:, 10000:], alone)
+
+
 def test_estimate_prior_is_the_ewma_of_batch_posteriors():
     rng = np.random.default_rng(3)
     lp = np.log(rng.uniform(0.05, 1, size=(3, 50)))
