@@ -215,6 +215,34 @@ def test_estimate_prior_is_the_ewma_of_batch_posteriors():
     np.testing.assert_allclose(ensemble.estimate_prior(lp, starts, batch_docs=2), ref)
 
 
+def test_block_end_prior_is_the_ewma_of_previous_token_posteriors_at_block_ends():
+    # 7 tokens in blocks of 3: [0,3) [3,6) [6,7). A block's posterior uses the token before its
+    # last one (tokens 1 and 4); the one-token block has none and is uniform.
+    p = np.array([[0.5, 0.6, 0.5, 0.5, 0.2, 0.5, 0.5],
+                  [0.5, 0.2, 0.5, 0.5, 0.6, 0.5, 0.5]])
+    np.testing.assert_allclose(ensemble.block_end_posteriors(np.log(p), 3),
+                               [[0.75, 0.25], [0.25, 0.75], [0.5, 0.5]], rtol=1e-12)
+    # Batches of 2 blocks: mean([.75,.25],[.25,.75]) = [.5,.5], then [.5,.5]: EWMA [.5,.5].
+    np.testing.assert_allclose(ensemble.estimate_prior_block_end(np.log(p), 3, batch_blocks=2), [0.5, 0.5])
+    # One block per batch: 0.75 -> 0.7*0.75 + 0.3*0.25 = 0.6 -> 0.7*0.6 + 0.3*0.5 = 0.57.
+    np.testing.assert_allclose(ensemble.estimate_prior_block_end(np.log(p), 3, batch_blocks=1),
+                               [0.57, 0.43], rtol=1e-12)
+    np.testing.assert_allclose(ensemble.estimate_prior_block_end(np.log(p), 3, n_batches=1, batch_blocks=1),
+                               [0.75, 0.25], rtol=1e-12)
+
+
+def test_temperature_flattens_or_sharpens_the_prior():
+    np.testing.assert_allclose(ensemble.temper_prior([0.8, 0.2, 0.0], 2.0), [2 / 3, 1 / 3, 0.0], rtol=1e-12)
+    np.testing.assert_allclose(ensemble.temper_prior([2 / 3, 1 / 3], 0.5), [0.8, 0.2], rtol=1e-12)
+    np.testing.assert_allclose(ensemble.temper_prior([0.8, 0.2], 1.0), [0.8, 0.2], rtol=1e-12)
+    # Expert 1 fits every token better, so a prior that favours expert 0 is best flattened.
+    lp = np.log(np.array([[0.2, 0.2, 0.2], [0.4, 0.4, 0.4]]))
+    chosen, nlls = ensemble.choose_temperature(lp, [0], [0.99, 0.01], [0.5, 1.0, 100.0])
+    assert chosen == 100.0 and nlls[100.0] < nlls[1.0] < nlls[0.5]
+    with pytest.raises(BtmError, match="positive finite"):
+        ensemble.temper_prior([0.5, 0.5], 0.0)
+
+
 def test_estimate_prior_prefers_the_expert_that_fits_the_data():
     rng = np.random.default_rng(4)
     good = np.log(rng.uniform(0.3, 1, size=200))
