@@ -137,6 +137,36 @@ def plot_prior_heatmap(run: RunData, domain_order: list[str] | None = None) -> F
     return fig
 
 
+def plot_ablation_heatmap(table: pd.DataFrame, title: str = "expert removal") -> Figure:
+    """Heatmap of ``btm forest ablate``'s table: rows = removed expert, columns = eval domain,
+    cells = relative perplexity change (%) of the forest without that expert. A diverging map
+    centred on 0, so a rise (red) on the expert's own domain stands out."""
+    needed = {"removed", "eval_domain", "rel_ppl_change"}
+    if table.empty or not needed <= set(table.columns):
+        raise PlotSkipped(f"the ablation table needs rows with columns {', '.join(sorted(needed))}")
+    matrix = table.pivot_table(index="removed", columns="eval_domain", values="rel_ppl_change",
+                               aggfunc="mean", sort=False) * 100.0
+    limit = max(float(np.nanmax(np.abs(matrix.to_numpy()))), 1e-9)
+    fig = Figure(figsize=(max(4.5, 1.5 + 0.9 * matrix.shape[1]), max(3.0, 1.5 + 0.5 * matrix.shape[0])),
+                 layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(matrix.to_numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+    ax.set_xticks(range(matrix.shape[1]), list(matrix.columns), rotation=40, ha="right")
+    ax.set_yticks(range(matrix.shape[0]), list(matrix.index))
+    ax.set_xlabel("evaluation domain")
+    ax.set_ylabel("expert removed")
+    method = ", ".join(sorted(set(table["method"]))) if "method" in table else ""
+    ax.set_title(f"{title}: perplexity change without the expert" + (f"\n({method})" if method else ""),
+                 fontsize="medium")
+    if matrix.size <= 400:
+        for (i, j), v in np.ndenumerate(matrix.to_numpy()):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:+.1f}%", ha="center", va="center", fontsize=7,
+                        color="white" if abs(v) > 0.6 * limit else "black")
+    fig.colorbar(image, ax=ax, label="relative perplexity change (%)")
+    return fig
+
+
 # --------------------------------------------------------------------------- across runs
 
 def _panels(means: pd.DataFrame, x: str, what: str) -> list[str]:

@@ -62,8 +62,9 @@ class PriorSettings:
                 raise BtmError(f"prior temperatures must be positive finite numbers, got {t!r}")
         return self
 
-    def describe(self, temperature: float = 1.0) -> str:
-        """The ``prior`` column of the results table (``temperature``: the one chosen)."""
+    def describe(self, temperature: float | None = None) -> str:
+        """The ``prior`` column of the results table (``temperature``: the one used; None: the
+        only candidate, or with several, the candidates)."""
         batches = "all" if self.n_batches is None else self.n_batches
         if self.estimator == "block_end":
             label = (f"block_end(alpha={self.alpha:g},batches={batches},batch_blocks={self.batch_docs},"
@@ -71,7 +72,10 @@ class PriorSettings:
         else:
             label = f"ewma(alpha={self.alpha:g},batches={batches},batch_docs={self.batch_docs},split={self.split})"
         if len(self.temperatures) > 1:
+            if temperature is None:
+                return f"{label},T=best_of({'/'.join(f'{t:g}' for t in self.temperatures)})"
             return f"{label},T={temperature:g}(chosen)"
+        temperature = self.temperatures[0] if temperature is None else temperature
         return label if temperature == 1.0 else f"{label},T={temperature:g}"
 
 

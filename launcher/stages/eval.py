@@ -46,18 +46,23 @@ def eval_inputs(ctx: Ctx) -> list[Path]:
     return [ctx.layout.forest, *[ctx.layout.checkpoint(m) for m in models]]
 
 
-def eval_run(ctx: Ctx):
-    """Every configured method and baseline of the run into results/."""
+def eval_settings(p: EvalParams):
+    """The EvalSettings of the eval stage (also those `btm forest ablate` re-mixes with)."""
     from fairseq_ext.evaluate import EvalSettings
     from fairseq_ext.priors import PriorSettings
 
+    prior = PriorSettings(estimator=p.prior_estimator, block_tokens=p.prior_block_tokens,
+                          temperatures=tuple(p.prior_temperatures))
+    return EvalSettings(methods=(), top_k=(p.top_k,), split=p.split, prior=prior, device=device())
+
+
+def eval_run(ctx: Ctx):
+    """Every configured method and baseline of the run into results/."""
     p, cfg = ctx.params, ctx.config
     layout = ctx.layout
     experts = verified_checkpoints(layout.forest)
     domains, methods = list(p.domains), list(p.methods)
-    prior = PriorSettings(estimator=p.prior_estimator, block_tokens=p.prior_block_tokens,
-                          temperatures=tuple(p.prior_temperatures))
-    settings = EvalSettings(methods=(), top_k=(p.top_k,), split=p.split, prior=prior, device=device())
+    settings = eval_settings(p)
     common = dict(name=cfg.name, data_dir=ctx.data_dir)
     mixes = [m for m in methods if registry.canonical(m) in registry.MIXES]
     if mixes:
