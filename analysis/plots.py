@@ -137,6 +137,32 @@ def plot_prior_heatmap(run: RunData, domain_order: list[str] | None = None) -> F
     return fig
 
 
+def plot_seed_spread(spread: pd.DataFrame, title: str, labels: list[str]) -> Figure:
+    """Mean perplexity over the seeds of one experiment per domain group (a panel each), one bar
+    per method, error bars from the min to the max over the seeds (analysis/seeds.py)."""
+    means = spread[(spread["row"] == "mean") & (spread["n"] >= 2)]
+    if means.empty:
+        raise PlotSkipped("no method has a domain-group mean in two or more seeds")
+    panels = list(dict.fromkeys(means["group"]))
+    fig = Figure(figsize=(max(6.0, 1.2 + 0.5 * len(labels) * len(panels)), 4.2), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, group in zip(axes, panels):
+        rows = means[means["group"] == group].set_index("label")
+        shown = [label for label in labels if label in rows.index]
+        rows = rows.loc[shown]
+        x = np.arange(len(shown))
+        err = np.vstack([rows["mean"] - rows["min"], rows["max"] - rows["mean"]])
+        ax.bar(x, rows["mean"], color=_colors(len(shown)), yerr=err, capsize=4)
+        ax.set_xticks(x, shown, rotation=40, ha="right", fontsize="small")
+        ax.set_ylabel("mean perplexity (bars: min–max over seeds)")
+        ax.set_title(GROUP_TITLES.get(group, group), fontsize="medium")
+        low = float((rows["min"]).min())
+        ax.set_ylim(bottom=max(0.0, low - 0.1 * (float(rows["max"].max()) - low + 1e-9) - 0.02 * low))
+    n = int(means["n"].max())
+    fig.suptitle(f"{title}: mean over {n} seeds", fontsize="medium")
+    return fig
+
+
 def plot_ablation_heatmap(table: pd.DataFrame, title: str = "expert removal") -> Figure:
     """Heatmap of ``btm forest ablate``'s table: rows = removed expert, columns = eval domain,
     cells = relative perplexity change (%) of the forest without that expert. A diverging map

@@ -5,6 +5,8 @@ Layout of the output directory (RUN/report/ of the first run unless ``out`` is g
     report.md                          the report; links everything below
     tables/ppl_<group>.<run>.{md,tex,csv}   perplexity per domain x method (group: train/eval/...)
     tables/summary_<group>.{md,tex,csv}     mean perplexity per run x method
+    tables/seeds_<group>.<name>.seeds.{md,tex,csv}  mean ± std [min–max] over runs that differ
+                                            only in seed; tables/seeds.<name>.seeds.csv: tidy
     tables/experts.<run>.{md,tex,csv}       perplexity of each expert alone, per domain
     tables/fewshot.<run>.{md,tex,csv}       few-shot harness results per task/metric x method
                                             (mean over seeds; fewshot_std.<run>.*: their spread)
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import plots, render, tables
+from analysis import plots, render, seeds, tables
 from analysis.results import RunData, load_runs
 from launcher.contract.atomic import atomic_write_text
 
@@ -111,6 +113,9 @@ def build_report(run_dirs: list[str | Path], out: str | Path | None = None,
             md += [f"**{g.title}**", "", text, links, ""]
 
     md += _summary_section(w, frame, runs, split, labels, run_groups)
+    seed_md, seed_notes = _seeds_section(w, frame, runs, split, labels)
+    md += seed_md
+    notes += seed_notes
     md += _experts_section(w, frame, runs, split, experts, run_groups)
     if fewshot is not None:
         md += _fewshot_section(w, fewshot, runs)
@@ -204,6 +209,38 @@ def _summary_section(w: _Out, frame, runs, split, labels, run_groups) -> list[st
                               f"mean perplexity on {titles[key].lower()} ({split} split)")
         md += [f"**{titles[key]}**", "", text, links, ""]
     return md
+
+
+def _seeds_section(w: _Out, frame, runs, split, labels) -> tuple[list[str], list[str]]:
+    """Mean, std and min–max over runs that differ only in ``seed`` (analysis/seeds.py)."""
+    groups, notes = seeds.seed_groups(runs)
+    md = ["## Spread over seeds", "",
+          "Runs whose config.yaml differ only in `seed` (the training seed, which also sets data "
+          "order and initialization) are repeats of one experiment. Cells: mean ± standard "
+          "deviation [min–max] of the perplexity over those runs; a difference between two "
+          "methods smaller than their spread is not a finding.", ""]
+    if not groups:
+        return md + ["Omitted: no two runs differ only in `seed`.", ""], notes
+    for group in groups:
+        spread = seeds.seed_spread(frame, group, split)
+        w.text(f"tables/seeds.{group.label}.csv", spread.to_csv(index=False))
+        md += [f"### {group.label}: runs {', '.join(group.run_labels)} "
+               f"(seeds {', '.join(map(str, group.seeds))})", ""]
+        for key in dict.fromkeys(spread["group"].dropna()):
+            t = seeds.spread_table(spread, key, labels, len(group.runs))
+            if t.empty:
+                continue
+            title = plots.GROUP_TITLES.get(key, key)
+            text, links = w.table(f"tables/seeds_{key}.{group.label}", t,
+                                  f"{group.label}: perplexity on {title} over seeds ({split} split)",
+                                  mark_best=False)
+            md += [f"**{title[:1].upper() + title[1:]}**", "", text, links, ""]
+        md += [f"Tidy table (n, mean, std, min, max per method and domain): "
+               f"[tables/seeds.{group.label}.csv](tables/seeds.{group.label}.csv)", ""]
+        link, why = w.plot(f"plots/seeds.{group.label}.png",
+                           lambda spread=spread, group=group: plots.plot_seed_spread(spread, group.label, labels))
+        md += [f"![{group.label}: spread over seeds]({link})" if link else f"Plot omitted: {why}.", ""]
+    return md, notes
 
 
 def _experts_section(w: _Out, frame, runs, split, experts, run_groups) -> list[str]:
