@@ -137,6 +137,37 @@ def plot_prior_heatmap(run: RunData, domain_order: list[str] | None = None) -> F
     return fig
 
 
+def plot_learning_curves(curves: pd.DataFrame, title: str) -> Figure:
+    """Validation loss against updates (left) and training tokens (right), one line per model
+    of the run (analysis/curves.py): the seed solid black, the dense baseline dashed, experts
+    in colour."""
+    if curves.empty:
+        raise PlotSkipped("no train_log.jsonl with validation rows under seed/, experts/ or dense/")
+    fig = Figure(figsize=(11.0, 4.2), layout="constrained")
+    axes = fig.subplots(1, 2, squeeze=False)[0]
+    models = list(dict.fromkeys(curves["model"]))
+    colors = dict(zip(models, _colors(len(models))))
+    for ax, x, xlabel in ((axes[0], "update", "updates"), (axes[1], "tokens", "training tokens")):
+        for model in models:
+            rows = curves[curves["model"] == model].dropna(subset=[x]).sort_values(x)
+            if rows.empty:
+                continue
+            kind = rows["kind"].iloc[0]
+            style = {"seed": dict(color="black", linestyle="-"), "dense": dict(color="gray", linestyle="--")}
+            ax.plot(rows[x], rows["valid_loss"], marker=".", label=model,
+                    **style.get(kind, dict(color=colors[model], linestyle="-")))
+        ax.set_xlabel(xlabel + ("" if x == "update" else " (from the job records)"))
+        ax.set_ylabel("validation loss (nats/token)")
+        ax.grid(True, alpha=0.3)
+    if curves["tokens"].isna().all():
+        axes[1].text(0.5, 0.5, "no job records with tokens", ha="center", va="center",
+                     transform=axes[1].transAxes)
+    axes[0].legend(fontsize="small")
+    fig.suptitle(f"{title}: learning curves (experts count their own updates after branching)",
+                 fontsize="medium")
+    return fig
+
+
 def plot_seed_spread(spread: pd.DataFrame, title: str, labels: list[str]) -> Figure:
     """Mean perplexity over the seeds of one experiment per domain group (a panel each), one bar
     per method, error bars from the min to the max over the seeds (analysis/seeds.py)."""

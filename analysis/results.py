@@ -243,6 +243,7 @@ def load_records(records_dir: Path) -> list[dict]:
         if sacct is not None and not isinstance(sacct, dict):
             raise BtmError(f"record {f}: key sacct must be an object, got {sacct!r}")
         out = {"stage": str(stage), "unit": rec.get("unit") or "", "_file": f,
+               "train": rec["train"] if isinstance(rec.get("train"), dict) else None,  # training stages
                "started_s": None if rec.get("started") is None else _timestamp(rec["started"], f, "started")}
         if sacct:
             out["wall_s"] = _seconds(sacct.get("elapsed_s"), f, "sacct.elapsed_s")

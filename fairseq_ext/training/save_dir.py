@@ -8,11 +8,11 @@ per validation (``update, valid_loss, valid``) and per save forced by a stop sig
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.contract.atomic import atomic_write_text
+from launcher.contract.train_log import TRAIN_LOG, read_train_log  # noqa: F401  (the one reader)
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class TrainFiles:
 
     @property
     def log(self) -> Path:
-        return self.save_dir / "train_log.jsonl"
+        return self.save_dir / TRAIN_LOG
 
     def remove_killed_saves(self) -> None:
         """Delete the temporary files of saves that were killed midway (rank 0 only: another
@@ -62,8 +62,3 @@ class TrainLog:
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
 
-def read_train_log(save_dir: str | os.PathLike) -> list[dict]:
-    path = TrainFiles(Path(save_dir)).log
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -1,0 +1,36 @@
+"""The one reader of a training run's ``train_log.jsonl`` (no torch: the report reads it too).
+
+The trainer (fairseq_ext/training/save_dir.py, ``TrainLog``) appends one JSON row per log
+interval (``update, loss, lr, tokens_per_s``), per validation (``update, valid_loss, valid``:
+the mean and the per-domain validation losses) and per save forced by a stop signal
+(``update, preempted_save``).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from launcher.contract.errors import BtmError
+
+TRAIN_LOG = "train_log.jsonl"
+
+
+def read_train_log(save_dir: str | os.PathLike) -> list[dict]:
+    """The rows of ``SAVE_DIR/train_log.jsonl`` in order ([] when there is none); a row that is
+    not a JSON object is a BtmError naming the file and line."""
+    path = Path(save_dir) / TRAIN_LOG
+    if not path.exists():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise BtmError(f"{path}:{number}: not a JSON row ({e}); the log is damaged") from None
+        if not isinstance(row, dict):
+            raise BtmError(f"{path}:{number}: expected a JSON object, got {line[:80]!r}")
+        rows.append(row)
+    return rows
