@@ -117,6 +117,7 @@ def build_report(run_dirs: list[str | Path], out: str | Path | None = None,
     md += seed_md
     notes += seed_notes
     md += _experts_section(w, frame, runs, split, experts, run_groups)
+    md += _ablation_section(w, runs)
     if fewshot is not None:
         md += _fewshot_section(w, fewshot, runs)
     md += _compute_section(w, runs)
@@ -260,6 +261,31 @@ def _experts_section(w: _Out, frame, runs, split, experts, run_groups) -> list[s
         text, links = w.table(f"tables/experts.{run.label}", t,
                               f"{run.label}: single-expert perplexity ({split} split)")
         md += [f"**Run {run.label}** (columns: experts)", "", text, links, ""]
+    return md
+
+
+def _ablation_section(w: _Out, runs) -> list[str]:
+    """``btm forest ablate``'s table of each run that has one: the change in % per domain."""
+    have = [run for run in runs if run.ablation is not None and not run.ablation.empty]
+    if not have:
+        return []
+    md = ["## Expert removal", "",
+          "From `btm forest ablate` (results/ablation.csv): the relative perplexity change, in %, "
+          "of the forest without each expert (rows) on each domain (columns), the prior "
+          "re-estimated over the remaining experts. Removing an expert should cost most on its "
+          "own domain and little elsewhere.", ""]
+    for run in have:
+        table = run.ablation.pivot_table(index="removed", columns="eval_domain", values="rel_ppl_change",
+                                         aggfunc="mean", sort=False) * 100.0
+        table.index.name, table.columns.name = None, None
+        method = ", ".join(sorted(set(run.ablation["method"])))
+        text, links = w.table(f"tables/ablation.{run.label}", table,
+                              f"{run.label}: perplexity change (%) without each expert ({method})",
+                              mark_best=False)
+        md += [f"**Run {run.label}** ({method}, {run.ablation['split'].iloc[0]} split)", "", text, links, ""]
+        link, why = w.plot(f"plots/ablation.{run.label}.png",
+                           lambda run=run: plots.plot_ablation_heatmap(run.ablation, run.label))
+        md += [f"![{run.label}: expert removal]({link})" if link else f"Plot omitted: {why}.", ""]
     return md
 
 

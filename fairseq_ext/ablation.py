@@ -20,15 +20,12 @@ from pathlib import Path
 import numpy as np
 
 from launcher.contract import methods as registry
+from launcher.contract.ablation import ABLATION_COLUMNS  # noqa: F401  (the rows' columns)
 from launcher.contract.errors import BtmError
 from launcher.contract.names import validate_name
 from fairseq_ext import ensemble
 from fairseq_ext.evaluate import EvalDirs, EvalSettings, Scorer
 from fairseq_ext.priors import PriorSettings, estimate, stack_scores
-
-ABLATION_COLUMNS = ("removed", "eval_domain", "split", "method", "prior", "temperature_full",
-                    "temperature_without", "experts_left", "nll_full", "nll_without", "ppl_full",
-                    "ppl_without", "rel_ppl_change")
 
 
 def ensemble_rule(method: str) -> str:
@@ -74,7 +71,8 @@ def _mixture_nll(keep: list[int], held, scored, rule: str, settings: PriorSettin
 
 def ablate_experts(experts: dict[str, Path], eval_domains: list[str], dirs: EvalDirs, *,
                    settings: EvalSettings = EvalSettings(), method: str = "ensemble_posterior") -> list[dict]:
-    """One row per (removed expert, eval domain) with the columns ``ABLATION_COLUMNS``."""
+    """One row per (removed expert, eval domain) with the columns ``ABLATION_COLUMNS``
+    (launcher/contract/ablation.py)."""
     settings = settings.validate()
     rule = ensemble_rule(method)
     if len(experts) < 2:

@@ -108,3 +108,46 @@ def test_forest_ablate_cli_writes_the_table_and_heatmap(tiny_data, tiny_experts,
 
     bad = run_btm("forest", "ablate", run, "--method", "average_uniform")
     assert bad.returncode == 2 and "ensemble method" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _ablation_rows(experts, domains):
+    """Rows as fairseq_ext/ablation.py returns them: removing e costs 20% on e's domain, 1% elsewhere."""
+    rows = []
+    for e in experts:
+        for d in domains:
+            change = 0.20 if d == e else 0.01
+            rows.append({"removed": e, "eval_domain": d, "split": "test", "method": "ensemble_posterior",
+                         "prior": "ewma(alpha=0.3,batches=all,batch_docs=2,split=valid)", "temperature_full": 1.0,
+                         "temperature_without": 1.0, "experts_left": len(experts) - 1, "nll_full": 2.0,
+                         "nll_without": 2.0 + math.log1p(change), "ppl_full": math.exp(2.0),
+                         "ppl_without": math.exp(2.0) * (1 + change), "rel_ppl_change": change})
+    return rows
+
+
+def test_report_shows_the_removal_table_and_heatmap(tmp_path):
+    from analysis_synth import TRAIN, make_run
+    from launcher.contract.ablation import write_ablation
+    from launcher.contract.layout import RunLayout
+
+    run = make_run(tmp_path, "forest")
+    write_ablation(RunLayout(run).ablation, _ablation_rows(TRAIN, TRAIN))
+    run_btm("report", run, "--out", tmp_path / "out", check=True)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Expert removal" in md and "**Run forest** (ensemble_posterior, test split)" in md
+    table = pd.read_csv(tmp_path / "out" / "tables" / "ablation.forest.csv", index_col=0)
+    assert table.loc["legal", "legal"] == pytest.approx(20.0) and table.loc["legal", "bible"] == pytest.approx(1.0)
+    assert (tmp_path / "out" / "plots" / "ablation.forest.png").stat().st_size > 0
+
+
+def test_a_damaged_removal_table_names_the_command_that_rebuilds_it(tmp_path):
+    from analysis_synth import TRAIN, make_run
+    from launcher.contract.ablation import write_ablation
+    from launcher.contract.layout import RunLayout
+
+    run = make_run(tmp_path, "forest")
+    path = RunLayout(run).ablation
+    write_ablation(path, _ablation_rows(TRAIN, TRAIN))
+    path.write_text(path.read_text()[: len(path.read_text()) // 2])  # cut mid-row
+    r = run_btm("report", run, "--out", tmp_path / "out")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert str(path) in r.stderr and f"btm forest ablate {run}" in r.stderr

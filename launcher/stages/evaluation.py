@@ -22,7 +22,7 @@ from launcher.contract import methods as registry
 from launcher.contract.errors import BtmError
 from launcher.contract.forest import verified_checkpoints
 from launcher.contract.layout import DENSE, RunLayout, random_split_name
-from launcher.contract.atomic import atomic_write_text
+from launcher.contract.ablation import write_ablation
 from launcher.contract.results import append_results
 
 
@@ -124,10 +124,6 @@ def evaluate_ablation(layout: RunLayout, experts: dict[str, Path], domains: list
                       method: str = "ensemble_posterior"):
     """Expert removal (fairseq_ext/ablation.py) from the cached scores into ``layout.ablation``
     (replaced whole: it describes the forest as it is now); returns the table."""
-    import pandas as pd
-
-    ablation = _fairseq_ext("ablation")
-    rows = ablation.ablate_experts(experts, domains, eval_dirs(layout), settings=settings, method=method)
-    table = pd.DataFrame(rows, columns=list(ablation.ABLATION_COLUMNS))
-    atomic_write_text(layout.ablation, table.to_csv(index=False, float_format="%.10g"))
-    return table
+    rows = _fairseq_ext("ablation").ablate_experts(experts, domains, eval_dirs(layout), settings=settings,
+                                                   method=method)
+    return write_ablation(layout.ablation, rows)
