@@ -4,8 +4,8 @@ from __future__ import annotations
 
 
 def register(subparsers):
-    p = subparsers.add_parser("forest", help="list, add, remove or verify the experts of a forest",
-                              description="Inspect and edit a forest manifest (RUN_DIR/forest.json).")
+    p = subparsers.add_parser("forest", help="list, add, remove, verify or ablate the experts of a forest",
+                              description="Inspect and edit a forest manifest (RUN_DIR/forest.json), or measure what removing each expert costs.")
     sub = p.add_subparsers(dest="forest_command", metavar="ACTION")
     sub.required = True
 
@@ -116,9 +116,8 @@ def cmd_ablate(args) -> int:
     from analysis.plots import PlotSkipped, plot_ablation_heatmap, save_png
     from launcher.contract.forest import verified_checkpoints
     from launcher.contract.layout import RunLayout
-    from launcher.stages.eval import eval_settings, eval_units
+    from launcher.stages.eval import EvalParams, eval_settings, eval_units
     from launcher.stages.evaluation import evaluate_ablation
-    from launcher.stages.eval import EvalParams
     from launcher.stages.runner import load_run_config
     from launcher.status import format_table
 
@@ -135,7 +134,8 @@ def cmd_ablate(args) -> int:
     print(format_table(("removed", *shown.columns), rows), end="")
     print(f"table: {layout.ablation}")
     try:
-        png = save_png(plot_ablation_heatmap(table, title=layout.root.resolve().name), layout.ablation.with_suffix(".png"))
+        png = save_png(plot_ablation_heatmap(table, title=layout.root.resolve().name),
+                       layout.ablation.with_suffix(".png"))
         print(f"heatmap: {png}")
     except PlotSkipped as e:
         print(f"heatmap skipped: {e}")
