@@ -5,7 +5,8 @@ from __future__ import annotations
 
 def register(subparsers):
     p = subparsers.add_parser("forest", help="list, add, remove, verify or ablate the experts of a forest",
-                              description="Inspect and edit a forest manifest (RUN_DIR/forest.json), or measure what removing each expert costs.")
+                              description="Inspect and edit a forest manifest (RUN_DIR/forest.json), "
+                                          "or measure what removing each expert costs.")
     sub = p.add_subparsers(dest="forest_command", metavar="ACTION")
     sub.required = True
 
