@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce docs/results.md (findings F1-F7 at small scale) on ../shared/corpus.
 #   bash examples/reproduce.sh [RUNS_DIR] [forest|sweeps|all]
-# "forest" runs F1 F2 F4 F5 F7, "sweeps" runs F3 and F6; the two halves can run side by side
+# "forest" runs F1 F2 F4 F5 F7 F8 and the prior estimators, "sweeps" runs F3 and F6; the two halves can run side by side
 # in two shells. Every step resumes: re-running skips what is finished. Ends with one
 # side-by-side report in RUNS_DIR/report/report.md.
 #
@@ -40,13 +40,31 @@ btm_run() {
     "$btm" run "$here/$config" --run-dir "$dir" --no-progress "${extra[@]}" "$@"
 }
 
+# priors RUN: the three prior estimators (docs/evaluation.md) on the valid and test splits, from
+# the run's cached scores (mixing only): the whole-document posterior (the run's own rows),
+# DEMix's block-end estimator, and the document one tempered with T chosen on valid. The rows
+# keep the config's name in the results' run column (btm eval's default is the directory's).
+priors() {
+    local split
+    for split in valid test; do
+        "$btm" eval "$1" --run-name btm-forest --split "$split" --methods ensemble_prior,ensemble_posterior
+        "$btm" eval "$1" --run-name btm-forest --split "$split" --methods ensemble_prior,ensemble_posterior \
+            --prior-estimator block_end --prior-block-tokens 128
+        "$btm" eval "$1" --run-name btm-forest --split "$split" --methods ensemble_prior,ensemble_posterior \
+            --prior-temperature 1 --prior-temperature 3 --prior-temperature 10 \
+            --prior-temperature 30 --prior-temperature 100
+    done
+}
+
 forest() {  # forest SEED
     local seed="$1" size dir posterior seedrule
     for size in $sizes; do  # F1 F2 F4 F5 at every size
         dir="$(run_dir btm-forest "$size" "$seed")"
         btm_run btm-forest.yaml "$dir" "$size" "$seed"
         # F5: top-k for k = 1..6 costs only mixing over the scores cached by the run's eval.
-        "$btm" eval "$dir" --methods topk_prior --top-k 1,2,3,4,5,6
+        "$btm" eval "$dir" --run-name btm-forest --methods topk_prior --top-k 1,2,3,4,5,6
+        priors "$dir"
+        "$btm" forest ablate "$dir"  # F8: expert removal, from the cached scores
     done
     posterior="$(run_dir grow-posterior tiny "$seed")"
     seedrule="$(run_dir grow-seed tiny "$seed")"

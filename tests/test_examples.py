@@ -89,3 +89,9 @@ def test_reproduce_with_seeds_and_sizes_repeats_the_findings(tmp_path):
     assert len(evals) == 6  # F5 on every forest: 3 seeds x 2 sizes
     report = [c for c in calls if c[0] == "report"]
     assert len(report) == 1
+    ablate = [c for c in calls if c[:2] == ["forest", "ablate"]]
+    assert sorted(Path(c[2]).name for c in ablate) == sorted(
+        f"btm-forest{size}.seed{s}" for s in (1, 2, 3) for size in ("", ".small"))
+    priors = [c for c in calls if c[0] == "eval" and "ensemble_prior,ensemble_posterior" in c]
+    assert len(priors) == 6 * 2 * 3  # per forest: valid and test, three estimators
+    assert sum("block_end" in c for c in priors) == 12 and sum(c.count("--prior-temperature") == 5 for c in priors) == 12
