@@ -17,15 +17,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
-
 from launcher.contract import methods as registry
 from launcher.contract.ablation import ABLATION_COLUMNS  # noqa: F401  (the rows' columns)
 from launcher.contract.errors import BtmError
 from launcher.contract.names import validate_name
 from fairseq_ext import ensemble
 from fairseq_ext.evaluate import EvalDirs, EvalSettings, Scorer
-from fairseq_ext.priors import PriorSettings, estimate, stack_scores
+from fairseq_ext.priors import PriorSettings, stack_scores, tempered_prior
 
 
 def ensemble_rule(method: str) -> str:
@@ -49,23 +47,13 @@ def _require_cached(scorer: Scorer, experts: dict[str, Path], domains: list[str]
                                    "run `btm run` (its score stage) or `btm eval` with the same settings first")
 
 
-def _tempered_prior(held_lp: np.ndarray, held_starts: np.ndarray,
-                    settings: PriorSettings) -> tuple[np.ndarray, float]:
-    """(the prior over these experts, its temperature): estimated and tempered as the cache does."""
-    untempered = estimate(held_lp, held_starts, settings)
-    chosen = float(settings.temperatures[0])
-    if len(settings.temperatures) > 1:
-        chosen, _ = ensemble.choose_temperature(held_lp, held_starts, untempered, settings.temperatures)
-    return ensemble.temper_prior(untempered, chosen), chosen
-
-
 def _mixture_nll(keep: list[int], held, scored, rule: str, settings: PriorSettings) -> tuple[float, float]:
     """(nll of the experts ``keep`` mixed by ``rule``, the prior's temperature; 1 for uniform)."""
     lp, starts = scored
     prior, temperature = None, 1.0
     if rule != "uniform":
         held_lp, held_starts = held
-        prior, temperature = _tempered_prior(held_lp[keep], held_starts, settings)
+        prior, _, temperature, _ = tempered_prior(held_lp[keep], held_starts, settings)
     return ensemble.nll(ensemble.ensemble_logprobs(lp[keep], starts, rule, prior)), temperature
 
 

@@ -133,13 +133,25 @@ def save_prior(path: Path, key: dict, prior: np.ndarray, *, untempered: np.ndarr
                              "heldout_nll_by_temperature": {f"{t:g}": v for t, v in (heldout_nll or {}).items()}})
 
 
-def estimate(lp: np.ndarray, starts: np.ndarray, settings: PriorSettings) -> np.ndarray:
+def untempered_prior(lp: np.ndarray, starts: np.ndarray, settings: PriorSettings) -> np.ndarray:
     """The untempered prior of ``settings.estimator`` from held-out scores [N, T]."""
     if settings.estimator == "block_end":
         return estimate_prior_block_end(lp, settings.block_tokens, n_batches=settings.n_batches,
                                         alpha=settings.alpha, batch_blocks=settings.batch_docs)
     return estimate_prior(lp, starts, n_batches=settings.n_batches, alpha=settings.alpha,
                           batch_docs=settings.batch_docs)
+
+
+def tempered_prior(lp: np.ndarray, starts: np.ndarray, settings: PriorSettings):
+    """(prior, untempered prior, temperature, {candidate: held-out nll}) from held-out scores
+    [N, T]: ``settings.estimator``'s estimate, tempered with the one candidate temperature, or
+    with the one of several whose fixed-prior ensemble has the lowest nll on these scores."""
+    untempered = untempered_prior(lp, starts, settings)
+    if len(settings.temperatures) > 1:
+        temperature, heldout_nll = choose_temperature(lp, starts, untempered, settings.temperatures)
+    else:
+        temperature, heldout_nll = float(settings.temperatures[0]), {}
+    return temper_prior(untempered, temperature), untempered, temperature, heldout_nll
 
 
 def cached_domain_prior(priors_dir: str | os.PathLike, domain: str, experts: dict[str, str],
@@ -152,12 +164,7 @@ def cached_domain_prior(priors_dir: str | os.PathLike, domain: str, experts: dic
     if hit is not None:
         return CachedPrior(hit[0], path, True, hit[1])
     lp, starts = stack_scores(heldout_scores)
-    untempered = estimate(lp, starts, settings)
-    if len(settings.temperatures) > 1:
-        temperature, heldout_nll = choose_temperature(lp, starts, untempered, settings.temperatures)
-    else:
-        temperature, heldout_nll = float(settings.temperatures[0]), {}
-    prior = temper_prior(untempered, temperature)
+    prior, untempered, temperature, heldout_nll = tempered_prior(lp, starts, settings)
     save_prior(path, key, prior, untempered=untempered, temperature=temperature, heldout_nll=heldout_nll)
     return CachedPrior(prior, path, False, temperature)
 
