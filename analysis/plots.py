@@ -137,6 +137,93 @@ def plot_prior_heatmap(run: RunData, domain_order: list[str] | None = None) -> F
     return fig
 
 
+def plot_learning_curves(curves: pd.DataFrame, title: str) -> Figure:
+    """Validation loss against updates (left) and training tokens (right), one line per model
+    of the run (analysis/curves.py): the seed solid black, the dense baseline dashed, experts
+    in colour."""
+    if curves.empty:
+        raise PlotSkipped("no train_log.jsonl with validation rows under seed/, experts/ or dense/")
+    fig = Figure(figsize=(11.0, 4.2), layout="constrained")
+    axes = fig.subplots(1, 2, squeeze=False)[0]
+    models = list(dict.fromkeys(curves["model"]))
+    colors = dict(zip(models, _colors(len(models))))
+    for ax, x, xlabel in ((axes[0], "update", "updates"), (axes[1], "tokens", "training tokens")):
+        for model in models:
+            rows = curves[curves["model"] == model].dropna(subset=[x]).sort_values(x)
+            if rows.empty:
+                continue
+            kind = rows["kind"].iloc[0]
+            style = {"seed": dict(color="black", linestyle="-"), "dense": dict(color="gray", linestyle="--")}
+            ax.plot(rows[x], rows["valid_loss"], marker=".", label=model,
+                    **style.get(kind, dict(color=colors[model], linestyle="-")))
+        ax.set_xlabel(xlabel + ("" if x == "update" else " (from the job records)"))
+        ax.set_ylabel("validation loss (nats/token)")
+        ax.grid(True, alpha=0.3)
+    if curves["tokens"].isna().all():
+        axes[1].text(0.5, 0.5, "no job records with tokens", ha="center", va="center",
+                     transform=axes[1].transAxes)
+    axes[0].legend(fontsize="small")
+    fig.suptitle(f"{title}: learning curves (experts count their own updates after branching)",
+                 fontsize="medium")
+    return fig
+
+
+def plot_seed_spread(spread: pd.DataFrame, title: str, labels: list[str]) -> Figure:
+    """Mean perplexity over the seeds of one experiment per domain group (a panel each), one bar
+    per method, error bars from the min to the max over the seeds (analysis/seeds.py)."""
+    means = spread[(spread["row"] == "mean") & (spread["n"] >= 2)]
+    if means.empty:
+        raise PlotSkipped("no method has a domain-group mean in two or more seeds")
+    panels = list(dict.fromkeys(means["group"]))
+    fig = Figure(figsize=(max(6.0, 1.2 + 0.5 * len(labels) * len(panels)), 4.2), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, group in zip(axes, panels):
+        rows = means[means["group"] == group].set_index("label")
+        shown = [label for label in labels if label in rows.index]
+        rows = rows.loc[shown]
+        x = np.arange(len(shown))
+        err = np.vstack([rows["mean"] - rows["min"], rows["max"] - rows["mean"]])
+        ax.bar(x, rows["mean"], color=_colors(len(shown)), yerr=err, capsize=4)
+        ax.set_xticks(x, shown, rotation=40, ha="right", fontsize="small")
+        ax.set_ylabel("mean perplexity (bars: min–max over seeds)")
+        ax.set_title(GROUP_TITLES.get(group, group), fontsize="medium")
+        low = float((rows["min"]).min())
+        ax.set_ylim(bottom=max(0.0, low - 0.1 * (float(rows["max"].max()) - low + 1e-9) - 0.02 * low))
+    n = int(means["n"].max())
+    fig.suptitle(f"{title}: mean over {n} seeds", fontsize="medium")
+    return fig
+
+
+def plot_ablation_heatmap(table: pd.DataFrame, title: str = "expert removal") -> Figure:
+    """Heatmap of ``btm forest ablate``'s table: rows = removed expert, columns = eval domain,
+    cells = relative perplexity change (%) of the forest without that expert. A diverging map
+    centred on 0, so a rise (red) on the expert's own domain stands out."""
+    needed = {"removed", "eval_domain", "rel_ppl_change"}
+    if table.empty or not needed <= set(table.columns):
+        raise PlotSkipped(f"the ablation table needs rows with columns {', '.join(sorted(needed))}")
+    matrix = table.pivot_table(index="removed", columns="eval_domain", values="rel_ppl_change",
+                               aggfunc="mean", sort=False) * 100.0
+    limit = max(float(np.nanmax(np.abs(matrix.to_numpy()))), 1e-9)
+    fig = Figure(figsize=(max(4.5, 1.5 + 0.9 * matrix.shape[1]), max(3.0, 1.5 + 0.5 * matrix.shape[0])),
+                 layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(matrix.to_numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+    ax.set_xticks(range(matrix.shape[1]), list(matrix.columns), rotation=40, ha="right")
+    ax.set_yticks(range(matrix.shape[0]), list(matrix.index))
+    ax.set_xlabel("evaluation domain")
+    ax.set_ylabel("expert removed")
+    method = ", ".join(sorted(set(table["method"]))) if "method" in table else ""
+    ax.set_title(f"{title}: perplexity change without the expert" + (f"\n({method})" if method else ""),
+                 fontsize="medium")
+    if matrix.size <= 400:
+        for (i, j), v in np.ndenumerate(matrix.to_numpy()):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:+.1f}%", ha="center", va="center", fontsize=7,
+                        color="white" if abs(v) > 0.6 * limit else "black")
+    fig.colorbar(image, ax=ax, label="relative perplexity change (%)")
+    return fig
+
+
 # --------------------------------------------------------------------------- across runs
 
 def _panels(means: pd.DataFrame, x: str, what: str) -> list[str]:

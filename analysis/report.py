@@ -5,6 +5,8 @@ Layout of the output directory (RUN/report/ of the first run unless ``out`` is g
     report.md                          the report; links everything below
     tables/ppl_<group>.<run>.{md,tex,csv}   perplexity per domain x method (group: train/eval/...)
     tables/summary_<group>.{md,tex,csv}     mean perplexity per run x method
+    tables/seeds_<group>.<name>.seeds.{md,tex,csv}  mean ± std [min–max] over runs that differ
+                                            only in seed; tables/seeds.<name>.seeds.csv: tidy
     tables/experts.<run>.{md,tex,csv}       perplexity of each expert alone, per domain
     tables/fewshot.<run>.{md,tex,csv}       few-shot harness results per task/metric x method
                                             (mean over seeds; fewshot_std.<run>.*: their spread)
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import plots, render, tables
+from analysis import curves, plots, render, seeds, tables
 from analysis.results import RunData, load_runs
 from launcher.contract.atomic import atomic_write_text
 
@@ -111,7 +113,11 @@ def build_report(run_dirs: list[str | Path], out: str | Path | None = None,
             md += [f"**{g.title}**", "", text, links, ""]
 
     md += _summary_section(w, frame, runs, split, labels, run_groups)
+    seed_md, seed_notes = _seeds_section(w, frame, runs, split, labels)
+    md += seed_md
+    notes += seed_notes
     md += _experts_section(w, frame, runs, split, experts, run_groups)
+    md += _ablation_section(w, runs)
     if fewshot is not None:
         md += _fewshot_section(w, fewshot, runs)
     md += _compute_section(w, runs)
@@ -206,6 +212,38 @@ def _summary_section(w: _Out, frame, runs, split, labels, run_groups) -> list[st
     return md
 
 
+def _seeds_section(w: _Out, frame, runs, split, labels) -> tuple[list[str], list[str]]:
+    """Mean, std and min–max over runs that differ only in ``seed`` (analysis/seeds.py)."""
+    groups, notes = seeds.seed_groups(runs)
+    md = ["## Spread over seeds", "",
+          "Runs whose config.yaml differ only in `seed` (the training seed, which also sets data "
+          "order and initialization) are repeats of one experiment. Cells: mean ± standard "
+          "deviation [min–max] of the perplexity over those runs; a difference between two "
+          "methods smaller than their spread is not a finding.", ""]
+    if not groups:
+        return md + ["Omitted: no two runs differ only in `seed`.", ""], notes
+    for group in groups:
+        spread = seeds.seed_spread(frame, group, split)
+        w.text(f"tables/seeds.{group.label}.csv", spread.to_csv(index=False))
+        md += [f"### {group.label}: runs {', '.join(group.run_labels)} "
+               f"(seeds {', '.join(map(str, group.seeds))})", ""]
+        for key in dict.fromkeys(spread["group"].dropna()):
+            t = seeds.spread_table(spread, key, labels, len(group.runs))
+            if t.empty:
+                continue
+            title = plots.GROUP_TITLES.get(key, key)
+            text, links = w.table(f"tables/seeds_{key}.{group.label}", t,
+                                  f"{group.label}: perplexity on {title} over seeds ({split} split)",
+                                  mark_best=False)
+            md += [f"**{title[:1].upper() + title[1:]}**", "", text, links, ""]
+        md += [f"Tidy table (n, mean, std, min, max per method and domain): "
+               f"[tables/seeds.{group.label}.csv](tables/seeds.{group.label}.csv)", ""]
+        link, why = w.plot(f"plots/seeds.{group.label}.png",
+                           lambda spread=spread, group=group: plots.plot_seed_spread(spread, group.label, labels))
+        md += [f"![{group.label}: spread over seeds]({link})" if link else f"Plot omitted: {why}.", ""]
+    return md, notes
+
+
 def _experts_section(w: _Out, frame, runs, split, experts, run_groups) -> list[str]:
     md = ["## Single experts", "",
           "Each expert alone on every domain; a forest of specialists has its best value where "
@@ -223,6 +261,31 @@ def _experts_section(w: _Out, frame, runs, split, experts, run_groups) -> list[s
         text, links = w.table(f"tables/experts.{run.label}", t,
                               f"{run.label}: single-expert perplexity ({split} split)")
         md += [f"**Run {run.label}** (columns: experts)", "", text, links, ""]
+    return md
+
+
+def _ablation_section(w: _Out, runs) -> list[str]:
+    """``btm forest ablate``'s table of each run that has one: the change in % per domain."""
+    have = [run for run in runs if run.ablation is not None and not run.ablation.empty]
+    if not have:
+        return []
+    md = ["## Expert removal", "",
+          "From `btm forest ablate` (results/ablation.csv): the relative perplexity change, in %, "
+          "of the forest without each expert (rows) on each domain (columns), the prior "
+          "re-estimated over the remaining experts. Removing an expert should cost most on its "
+          "own domain and little elsewhere.", ""]
+    for run in have:
+        table = run.ablation.pivot_table(index="removed", columns="eval_domain", values="rel_ppl_change",
+                                         aggfunc="mean", sort=False) * 100.0
+        table.index.name, table.columns.name = None, None
+        method = ", ".join(sorted(set(run.ablation["method"])))
+        text, links = w.table(f"tables/ablation.{run.label}", table,
+                              f"{run.label}: perplexity change (%) without each expert ({method})",
+                              mark_best=False)
+        md += [f"**Run {run.label}** ({method}, {run.ablation['split'].iloc[0]} split)", "", text, links, ""]
+        link, why = w.plot(f"plots/ablation.{run.label}.png",
+                           lambda run=run: plots.plot_ablation_heatmap(run.ablation, run.label))
+        md += [f"![{run.label}: expert removal]({link})" if link else f"Plot omitted: {why}.", ""]
     return md
 
 
@@ -257,6 +320,8 @@ def _plots_section(w: _Out, frame, runs, split, labels, run_groups) -> list[str]
         order = [d for g in groups for d in g.domains]
         entry(f"Domain prior, run {run.label}", f"plots/prior_heatmap.{run.label}.png",
               lambda run=run, order=order: plots.plot_prior_heatmap(run, order))
+        entry(f"Learning curves, run {run.label}", f"plots/learning_curves.{run.label}.png",
+              lambda run=run: plots.plot_learning_curves(curves.learning_curves(run), run.label))
     entry("Perplexity vs. top-k", "plots/ppl_vs_topk.png",
           lambda: plots.plot_ppl_vs_topk(frame, runs, split))
     entry("Perplexity vs. seed fraction", "plots/ppl_vs_seed_fraction.png",

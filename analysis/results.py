@@ -12,6 +12,8 @@ tables must be there:
   Without it, domains have no roles and come from the table.
 - ``records/*.json``: one record per finished job unit (compute accounting, analysis/tables.py).
 - ``priors/*.json``: cached domain priors (two layouts, see ``load_priors``).
+- ``results/ablation.csv``: the expert-removal table of ``btm forest ablate``
+  (``launcher.contract.ablation``).
 
 Everything here is read-only; a malformed file raises ``BtmError`` naming the file and the
 column, key or line at fault.
@@ -28,7 +30,9 @@ from typing import Any
 
 import pandas as pd
 
+from launcher.contract.ablation import read_ablation
 from launcher.contract.errors import BtmError
+from launcher.contract.layout import RunLayout
 
 from launcher.contract.methods import EXPERT_PREFIX, is_expert_method  # noqa: F401  (re-exported)
 from launcher.contract.results import RESULTS, read_fewshot, read_results
@@ -55,6 +59,7 @@ class RunData:
     records: list[dict] = field(default_factory=list)
     priors: list[dict] = field(default_factory=list)
     fewshot: pd.DataFrame | None = None      # the few-shot table, when the run has one
+    ablation: pd.DataFrame | None = None     # results/ablation.csv (`btm forest ablate`), if any
     notes: list[str] = field(default_factory=list)   # things the reader should know
 
 
@@ -79,6 +84,7 @@ def load_run(run_dir: str | Path, label: str | None = None) -> RunData:
                          "results table alone")
     run.records = load_records(path / "records")
     run.priors = load_priors(path / "priors")
+    run.ablation = read_ablation(RunLayout(path).ablation)
     return run
 
 
@@ -244,6 +250,7 @@ def load_records(records_dir: Path) -> list[dict]:
         if sacct is not None and not isinstance(sacct, dict):
             raise BtmError(f"record {f}: key sacct must be an object, got {sacct!r}")
         out = {"stage": str(stage), "unit": rec.get("unit") or "", "_file": f,
+               "train": rec["train"] if isinstance(rec.get("train"), dict) else None,  # training stages
                "started_s": None if rec.get("started") is None else _timestamp(rec["started"], f, "started")}
         if sacct:
             out["wall_s"] = _seconds(sacct.get("elapsed_s"), f, "sacct.elapsed_s")

@@ -1,46 +1,104 @@
 #!/usr/bin/env bash
 # Reproduce docs/results.md (findings F1-F7 at small scale) on ../shared/corpus.
 #   bash examples/reproduce.sh [RUNS_DIR] [forest|sweeps|all]
-# "forest" runs F1 F2 F4 F5 F7, "sweeps" runs F3 and F6; the two halves can run side by side
+# "forest" runs F1 F2 F4 F5 F7 F8 and the prior estimators, "sweeps" runs F3 and F6; the two halves can run side by side
 # in two shells. Every step resumes: re-running skips what is finished. Ends with one
 # side-by-side report in RUNS_DIR/report/report.md.
+#
+# Seeds and sizes (docs/results.md, method):
+#   SEEDS="1 2 3"  reruns every finding once per seed (--set seed=S) into RUN.seedS run
+#                  directories; `btm report` groups runs that differ only in seed and shows
+#                  mean, std and min-max. Unset: one run per finding, as before (seed 1, the
+#                  configs' own seed, in the plain RUN directories).
+#   SIZES="tiny small"  also runs F1, F2 and F3 (btm-forest and the seed-fraction sweep) with
+#                  each preset (--set model.preset=P) into RUN.P[.seedS]; tiny keeps the plain
+#                  names. Same corpus and token budget at every size (the paper's rule).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 runs="${1:-runs}"
 part="${2:-all}"
 btm="${BTM:-btm}"
+seeds="${SEEDS:-}"
+sizes="${SIZES:-tiny}"
 mkdir -p "$runs"
 
-forest() {
-    "$btm" run "$here/btm-forest.yaml" --run-dir "$runs/btm-forest" --no-progress
-    # F5: top-k for k = 1..6 costs only mixing over the scores cached by the run's eval.
-    "$btm" eval "$runs/btm-forest" --methods topk_prior --top-k 1,2,3,4,5,6
-    "$btm" run "$here/grow.yaml" --run-dir "$runs/grow-posterior" --no-progress
-    "$btm" run "$here/grow.yaml" --run-dir "$runs/grow-seed" --no-progress \
-        --set branching.rule=seed --set name=grow-seed
-    # F7: the new expert's starting point itself (init.pt, before training) on its domain.
-    "$btm" eval "$runs/f7-init" --data "$runs/grow-posterior/data" --domains fiction --methods expert \
-        --experts "posterior=$runs/grow-posterior/experts/fiction/init.pt,seed=$runs/grow-seed/experts/fiction/init.pt"
+# run_dir BASE SIZE SEED: the run directory of one repeat ("" seed: no suffix).
+run_dir() {
+    local dir="$runs/$1"
+    [ "$2" = tiny ] || dir="$dir.$2"
+    [ -z "$3" ] || dir="$dir.seed$3"
+    echo "$dir"
 }
 
-sweeps() {
+# btm_run CONFIG DIR SIZE SEED [--set ...]: `btm run`, resumable, with the size and seed set.
+btm_run() {
+    local config="$1" dir="$2" size="$3" seed="$4"
+    shift 4
+    local extra=()
+    [ "$size" = tiny ] || extra+=(--set model.preset="$size")
+    [ -z "$seed" ] || extra+=(--set seed="$seed")
+    "$btm" run "$here/$config" --run-dir "$dir" --no-progress "${extra[@]}" "$@"
+}
+
+# priors RUN: the three prior estimators (docs/evaluation.md) on the valid and test splits, from
+# the run's cached scores (mixing only): the whole-document posterior (the run's own rows),
+# DEMix's block-end estimator, and the document one tempered with T chosen on valid. The rows
+# keep the config's name in the results' run column (btm eval's default is the directory's).
+priors() {
+    local split
+    for split in valid test; do
+        "$btm" eval "$1" --run-name btm-forest --split "$split" --methods ensemble_prior,ensemble_posterior
+        "$btm" eval "$1" --run-name btm-forest --split "$split" --methods ensemble_prior,ensemble_posterior \
+            --prior-estimator block_end --prior-block-tokens 128
+        "$btm" eval "$1" --run-name btm-forest --split "$split" --methods ensemble_prior,ensemble_posterior \
+            --prior-temperature 1 --prior-temperature 3 --prior-temperature 10 \
+            --prior-temperature 30 --prior-temperature 100
+    done
+}
+
+forest() {  # forest SEED
+    local seed="$1" size dir posterior seedrule
+    for size in $sizes; do  # F1 F2 F4 F5 at every size
+        dir="$(run_dir btm-forest "$size" "$seed")"
+        btm_run btm-forest.yaml "$dir" "$size" "$seed"
+        # F5: top-k for k = 1..6 costs only mixing over the scores cached by the run's eval.
+        "$btm" eval "$dir" --run-name btm-forest --methods topk_prior --top-k 1,2,3,4,5,6
+        priors "$dir"
+        "$btm" forest ablate "$dir"  # F8: expert removal, from the cached scores
+    done
+    posterior="$(run_dir grow-posterior tiny "$seed")"
+    seedrule="$(run_dir grow-seed tiny "$seed")"
+    btm_run grow.yaml "$posterior" tiny "$seed"
+    btm_run grow.yaml "$seedrule" tiny "$seed" --set branching.rule=seed --set name=grow-seed
+    # F7: the new expert's starting point itself (init.pt, before training) on its domain.
+    "$btm" eval "$(run_dir f7-init tiny "$seed")" --data "$posterior/data" --domains fiction --methods expert \
+        --experts "posterior=$posterior/experts/fiction/init.pt,seed=$seedrule/experts/fiction/init.pt"
+}
+
+sweeps() {  # sweeps SEED
+    local seed="$1" k sf size
     for k in 1 2 4 8; do
-        "$btm" run "$here/cbtm.yaml" --run-dir "$runs/cbtm$k" --no-progress \
+        btm_run cbtm.yaml "$(run_dir "cbtm$k" tiny "$seed")" tiny "$seed" \
             --set clusters.k="$k" --set name="cbtm$k"
     done
     # F3: seed fraction 0.5 is btm-forest's own forest (same training settings).
-    for sf in 0 10 30 70 90; do
-        "$btm" run "$here/seed-fraction.yaml" --run-dir "$runs/sf$sf" --no-progress \
-            --set budget.seed_fraction="0.$sf" --set name="sf$sf"
+    for size in $sizes; do
+        for sf in 0 10 30 70 90; do
+            btm_run seed-fraction.yaml "$(run_dir "sf$sf" "$size" "$seed")" "$size" "$seed" \
+                --set budget.seed_fraction="0.$sf" --set name="sf$sf"
+        done
     done
 }
 
-case "$part" in
-    forest) forest ;;
-    sweeps) sweeps ;;
-    all) forest; sweeps ;;
-    *) echo "unknown part '$part': expected forest, sweeps or all" >&2; exit 2 ;;
-esac
+for seed in ${seeds:-_}; do
+    [ "$seed" != _ ] || seed=""  # no SEEDS: one run per finding, plain directories
+    case "$part" in
+        forest) forest "$seed" ;;
+        sweeps) sweeps "$seed" ;;
+        all) forest "$seed"; sweeps "$seed" ;;
+        *) echo "unknown part '$part': expected forest, sweeps or all" >&2; exit 2 ;;
+    esac
+done
 if [ "$part" = all ]; then
-    "$btm" report "$runs"/btm-forest "$runs"/grow-* "$runs"/cbtm* "$runs"/sf* --out "$runs/report"
+    "$btm" report "$runs"/btm-forest* "$runs"/grow-* "$runs"/cbtm* "$runs"/sf* --out "$runs/report"
 fi

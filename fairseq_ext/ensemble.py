@@ -73,9 +73,13 @@ def normalize_prior(prior, n_experts: int) -> np.ndarray:
     p = np.asarray(prior, dtype=np.float64).reshape(-1)
     if p.size != n_experts:
         raise BtmError(f"prior has {p.size} entries but there are {n_experts} experts")
-    if not np.all(np.isfinite(p)) or np.any(p < 0) or p.sum() <= 0:
-        raise BtmError(f"prior must be non-negative with a positive sum, got {p.tolist()}")
-    return p / p.sum()
+    if not np.all(np.isfinite(p)) or np.any(p < 0) or not np.any(p > 0):
+        raise BtmError(f"prior must be finite and non-negative with a positive sum, got {p.tolist()[:8]}")
+    # Scale by the largest entry first: p.sum() overflows to inf for entries near the float
+    # maximum (e.g. [1e308]*3), and p / inf is all zeros. After scaling every entry is in
+    # [0, 1], so the sum is in [1, N] and the division is exact to rounding.
+    scaled = p / p.max()
+    return scaled / scaled.sum()
 
 
 def _log(p: np.ndarray) -> np.ndarray:
@@ -100,10 +104,17 @@ def doc_index(doc_starts: np.ndarray, n_tokens: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- weights
 
 def prefix_loglik(lp: np.ndarray, doc_starts: np.ndarray) -> np.ndarray:
-    """[N, T] sum of log p_j(x_s) over s < t in t's document (0 at a document's first token)."""
-    exclusive = np.cumsum(lp, axis=1) - lp  # sum over all s < t
-    at_start = exclusive[:, doc_starts]  # the part that belongs to earlier documents
-    return exclusive - at_start[:, doc_index(doc_starts, lp.shape[1])]
+    """[N, T] sum of log p_j(x_s) over s < t in t's document (0 at a document's first token).
+
+    Summed per document, from that document's first token: a running sum over the whole split
+    minus its value at the document start would carry the rounding error of every earlier
+    document (a split's sum reaches ~1e7 nats, where a float64 keeps only ~1e-9 absolute).
+    """
+    out = np.zeros_like(lp)
+    ends = np.append(doc_starts[1:], lp.shape[1])
+    for start, end in zip(doc_starts.tolist(), ends.tolist()):
+        np.cumsum(lp[:, start:end - 1], axis=1, out=out[:, start + 1:end])
+    return out
 
 
 def log_weights(expert_logprobs, doc_starts, method: str = "posterior", prior=None) -> np.ndarray:
@@ -242,19 +253,74 @@ def estimate_prior(expert_logprobs_heldout, doc_starts, n_batches: int | None = 
     ``prior_b = (1 - alpha) * prior_{b-1} + alpha * post_b`` (pandas ``ewm(alpha,
     adjust=False)``, as in the reference implementation). Returns [N] summing to 1.
     """
+    _check_ewma(alpha, batch_docs, n_batches, "batch_docs")
+    post = document_posteriors(expert_logprobs_heldout, doc_starts)  # [D, N]
+    return ewma_of_batches(post, batch_docs, n_batches, alpha)
+
+
+def _check_ewma(alpha: float, batch_size: int, n_batches: int | None, what: str) -> None:
     if not 0 < alpha <= 1:
         raise BtmError(f"prior alpha must be in (0, 1], got {alpha}")
-    if batch_docs < 1:
-        raise BtmError(f"prior batch_docs must be at least 1, got {batch_docs}")
+    if batch_size < 1:
+        raise BtmError(f"prior {what} must be at least 1, got {batch_size}")
     if n_batches is not None and n_batches < 1:
         raise BtmError(f"prior n_batches must be at least 1, got {n_batches}")
-    post = document_posteriors(expert_logprobs_heldout, doc_starts)  # [D, N]
-    n_docs = post.shape[0]
-    batch_of_doc = np.arange(n_docs) // batch_docs
-    n_avail = int(batch_of_doc[-1]) + 1
+
+
+def ewma_of_batches(post: np.ndarray, batch_size: int, n_batches: int | None, alpha: float) -> np.ndarray:
+    """[N] EWMA (pandas ``ewm(alpha, adjust=False)``) of the means of consecutive batches of
+    ``batch_size`` rows of ``post`` ([rows, N]), over the first ``n_batches`` (None: all)."""
+    batch_of_row = np.arange(post.shape[0]) // batch_size
+    n_avail = int(batch_of_row[-1]) + 1
     used = n_avail if n_batches is None else min(n_batches, n_avail)
     prior = None
     for b in range(used):
-        batch_post = post[batch_of_doc == b].mean(axis=0)
+        batch_post = post[batch_of_row == b].mean(axis=0)
         prior = batch_post if prior is None else (1 - alpha) * prior + alpha * batch_post
     return prior / prior.sum()
+
+
+def block_end_posteriors(expert_logprobs, block_tokens: int) -> np.ndarray:
+    """[B, N] for each block of ``block_tokens`` consecutive tokens (the split as one stream,
+    document boundaries ignored, the last block may be shorter): the previous-token posterior
+    at the block's last token, softmax_j log p_j(x_{e-2}) with a uniform prior (e = block end);
+    a one-token block has no previous token and gets the uniform prior."""
+    lp = np.asarray(expert_logprobs, dtype=np.float64)
+    n, t = lp.shape
+    starts = np.arange(0, t, block_tokens)
+    ends = np.minimum(starts + block_tokens, t)
+    prev = np.where(ends - starts >= 2, ends - 2, -1)
+    logits = np.where(prev >= 0, lp[:, np.maximum(prev, 0)], 0.0)  # [N, B]; 0 = uniform
+    return np.exp(logits - logsumexp(logits, axis=0)[None, :]).T
+
+
+def estimate_prior_block_end(expert_logprobs_heldout, block_tokens: int = 1024, n_batches: int | None = None,
+                             alpha: float = 0.3, batch_blocks: int = 2) -> np.ndarray:
+    """The cached prior as DEMix's released evaluation code estimates it (docs/evaluation.md
+    cites the source): the EWMA (alpha 0.3, pandas ``adjust=False``) over batches of
+    ``batch_blocks`` blocks of the batch mean of ``block_end_posteriors``. Much softer than
+    ``estimate_prior``: each block contributes one token's likelihood, not a document's."""
+    _check_ewma(alpha, batch_blocks, n_batches, "batch_blocks")
+    if block_tokens < 1:
+        raise BtmError(f"prior block_tokens must be at least 1, got {block_tokens}")
+    lp, _ = check_inputs(expert_logprobs_heldout, np.array([0]))
+    return ewma_of_batches(block_end_posteriors(lp, block_tokens), batch_blocks, n_batches, alpha)
+
+
+def temper_prior(prior, temperature: float) -> np.ndarray:
+    """``prior ** (1 / temperature)``, renormalized (in log space): T > 1 flattens towards
+    uniform over the prior's support, T < 1 sharpens, T = 1 is the prior itself."""
+    if not (np.isfinite(temperature) and temperature > 0):
+        raise BtmError(f"prior temperature must be a positive finite number, got {temperature}")
+    log_p = _log(normalize_prior(prior, len(np.asarray(prior).reshape(-1)))) / temperature
+    return np.exp(log_p - logsumexp(log_p, axis=0))
+
+
+def choose_temperature(expert_logprobs, doc_starts, prior, temperatures) -> tuple[float, dict]:
+    """(the temperature whose tempered prior gives the lowest nll of the fixed-prior ensemble
+    ``method='prior'`` on these scores, {temperature: nll}); ties go to the earlier one."""
+    if len(temperatures) == 0:
+        raise BtmError("prior temperatures must list at least one value")
+    nlls = {float(t): nll(ensemble_logprobs(expert_logprobs, doc_starts, "prior", temper_prior(prior, t)))
+            for t in temperatures}
+    return min(nlls, key=lambda t: (nlls[t], list(nlls).index(t))), nlls

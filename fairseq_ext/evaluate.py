@@ -44,7 +44,7 @@ from launcher.contract.atomic import atomic_write_json
 from launcher.contract.errors import BtmError
 from launcher.contract.names import validate_name
 from fairseq_ext import ensemble
-from fairseq_ext.priors import PriorSettings, cached_domain_prior, stack_scores
+from fairseq_ext.priors import CachedPrior, PriorSettings, cached_domain_prior, stack_scores
 from fairseq_ext.scoring import (ContextSettings, cache_key, cache_path, checkpoint_sha256, data_hash,
                                 score_split)
 
@@ -100,6 +100,7 @@ class EvalSettings:
                 raise BtmError(f"top-k values must be integers >= 1, got {k!r}")
         validate_name(self.split, "split")
         validate_name(self.prior.split, "prior split")
+        self.prior.validate()
         return dataclasses.replace(self, methods=methods)
 
 
@@ -191,12 +192,11 @@ def prescore(checkpoint: str | os.PathLike, domain: str, dirs: EvalDirs,
 
 
 def domain_prior(dirs: EvalDirs, scorer: Scorer, experts: dict[str, Path], domain: str,
-                 settings: PriorSettings) -> np.ndarray:
+                 settings: PriorSettings) -> CachedPrior:
     """The cached prior of ``domain`` over ``experts`` (scoring the held-out split if needed)."""
     heldout = [scorer(path, domain, settings.split) for path in experts.values()]
     names = {name: s.key["checkpoint_sha256"] for name, s in zip(experts, heldout)}
-    prior, _, _ = cached_domain_prior(dirs.priors, domain, names, heldout, settings)
-    return prior
+    return cached_domain_prior(dirs.priors, domain, names, heldout, settings)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -221,8 +221,10 @@ def _domain_rows(experts: dict[str, Path], domain: str, dirs: EvalDirs, scorer: 
                  settings: EvalSettings, run: str) -> list[dict]:
     names, methods, split = list(experts), settings.methods, settings.split
     n = len(names)
-    prior = domain_prior(dirs, scorer, experts, domain, settings.prior) if registry.needs_prior(methods) else None
-    prior_label = settings.prior.describe()
+    prior, prior_label = None, settings.prior.describe()
+    if registry.needs_prior(methods):
+        cached = domain_prior(dirs, scorer, experts, domain, settings.prior)
+        prior, prior_label = cached.prior, settings.prior.describe(cached.temperature)
     ensembles = [m for m in methods if registry.get_method(m).kind in ("ensemble", "baseline")]
 
     def scores_of(selected: list[str]) -> list:
@@ -349,16 +351,18 @@ def average_forest(experts: dict[str, Path], method: str, target_domain: str | N
                          "average name")
     check_experts(experts, trust_pickle=settings.trust_checkpoint)
     merge_info = _merge_record(merge, experts, settings.trust_checkpoint)
-    prior = None
+    prior, prior_label = None, "none"
     if method != "uniform":
-        prior = domain_prior(dirs, Scorer(dirs, settings), experts, target_domain, settings.prior)
+        cached = domain_prior(dirs, Scorer(dirs, settings), experts, target_domain, settings.prior)
+        prior, prior_label = cached.prior, f"{settings.prior.describe(cached.temperature)},target={target_domain}"
     weights = average_weights(method, prior, len(experts))
     out_dir = dirs.averages / name
     record = {"method": method, "target_domain": target_domain, "experts": list(experts),
               "expert_sha256": {n: checkpoint_sha256(p) for n, p in experts.items()},
               "weights": [float(w) for w in weights],
-              "prior": "none" if method == "uniform" else f"{settings.prior.describe()},target={target_domain}",
-              "prior_settings": asdict(settings.prior) if prior is not None else None,
+              "prior": prior_label,
+              # as JSON reads it back (tuples are lists), so the comparison below can match
+              "prior_settings": json.loads(json.dumps(asdict(settings.prior))) if prior is not None else None,
               "checkpoint": str(out_dir / "checkpoint.pt"), "safetensors": str(out_dir / "model.safetensors")}
     if merge_info is not None:
         record["merge"] = merge_info

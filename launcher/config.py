@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,11 @@ class EvaluationConfig:
     methods: list[str] = field(default_factory=lambda: ["experts", "ensemble_uniform", "ensemble_posterior", "average_uniform"],
                                metadata={"help": f"evaluation methods: {', '.join(EVAL_METHODS)}"})
     top_k: int = field(default=1, metadata={"help": "experts kept by top-k mixing", "min": 1})
+    prior_estimator: str = field(default="document", metadata={
+        "help": "cached prior: document (whole-document Bayes posterior) | block_end (DEMix's "
+                "previous-token posterior at each block's end, blocks of the preset's tokens_per_sample)"})
+    prior_temperatures: list[float] = field(default_factory=lambda: [1.0], metadata={
+        "help": "prior temperatures T (prior**(1/T)); several: the one best on the valid split"})
 
 
 @dataclass
@@ -306,6 +312,14 @@ def _validate(cfg: Config, err) -> None:
         err("branching.rule", f"unknown branching rule {shown(cfg.branching.rule)}; use seed or posterior")
     if cfg.evaluation.split not in ("valid", "test"):
         err("evaluation.split", f"unknown split {shown(cfg.evaluation.split)}; use valid or test")
+    if cfg.evaluation.prior_estimator not in ("document", "block_end"):
+        err("evaluation.prior_estimator", f"unknown prior estimator {shown(cfg.evaluation.prior_estimator)}; "
+            "use document or block_end")
+    if not cfg.evaluation.prior_temperatures:
+        err("evaluation.prior_temperatures", "must list at least one temperature")
+    for i, t in enumerate(cfg.evaluation.prior_temperatures):
+        if not (math.isfinite(t) and t > 0):
+            err(f"evaluation.prior_temperatures[{i}]", f"must be a positive finite number, got {t}")
     for i, m in enumerate(cfg.evaluation.methods):
         if m not in EVAL_METHODS:
             close = difflib.get_close_matches(m, EVAL_METHODS, n=1)

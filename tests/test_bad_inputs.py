@@ -111,6 +111,16 @@ def unknown_eval_method(tmp):
                     "did you mean 'ensemble_uniform'")
 
 
+def unknown_prior_estimator(tmp):
+    return _run_cfg(tmp, GOOD + "evaluation: {prior_estimator: last_token}\n", "evaluation.prior_estimator",
+                    "'last_token'", "document or block_end")
+
+
+def nonpositive_prior_temperature(tmp):
+    return _run_cfg(tmp, GOOD + "evaluation: {prior_temperatures: [1, 0]}\n", "evaluation.prior_temperatures[1]",
+                    "positive finite number, got 0.0")
+
+
 def shell_metachars_in_name(tmp):
     return _run_cfg(tmp, GOOD.replace("name: r", "name: 'r; rm -rf $HOME'"), "c.yaml:1", "invalid name",
                     "rm -rf")
@@ -278,7 +288,7 @@ LAUNCHER_CASES = [typo_key, typo_nested_key, wrong_type_number, wrong_type_list,
                   slash_in_profile_name, empty_config, binary_config, non_utf8_config, huge_single_line_config,
                   not_yaml, top_level_list, missing_config, corpus_not_a_directory, profile_with_newline,
                   profile_with_shell_in_extra_sbatch, sbatch_missing, second_run_on_locked_dir, stage_unknown,
-                  forest_checkpoint_changed]
+                  forest_checkpoint_changed, unknown_prior_estimator, nonpositive_prior_temperature]
 DATA_CASES = [data_empty_file, data_binary_file, data_non_utf8_line, data_huge_single_line, data_dotdot_domain]
 
 

@@ -146,3 +146,19 @@ def test_task_mixture_probs_and_splits(data_dir):
     assert parse_domains(str(data_dir), "") == ["bible", "code_python", "legal"]
     with pytest.raises(BtmError, match="nope"):
         parse_domains(str(data_dir), "bible,nope")
+
+
+def test_small_preset_is_about_ten_times_tiny(data_dir):
+    from fairseq.data import Dictionary
+    from fairseq_ext.registry import register_all
+    from launcher.contract.presets import PRESETS
+    register_all()
+    from fairseq_ext.models.elm import ElmDecoder, ElmModel, elm_config_for_preset
+    d = Dictionary.load(str(data_dir / "dict.txt"))
+    cfg = elm_config_for_preset("small")
+    cfg._name = "elm_small"
+    model = ElmModel(ElmDecoder(cfg, d))
+    assert (cfg.decoder_layers, cfg.decoder_embed_dim) == (4, 256)
+    assert sum(p.numel() for p in model.parameters()) == PRESETS["small"].approx_params(len(d))
+    # With the reproduction's 4096-token vocabulary: 4.24M against tiny's 0.37M parameters.
+    assert 9 < PRESETS["small"].approx_params(4096) / PRESETS["tiny"].approx_params(4096) < 12

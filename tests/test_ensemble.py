@@ -167,6 +167,35 @@ def test_long_documents_do_not_underflow():
     assert abs(got[-1000:].mean() - lp[0, -1000:].mean()) < 1e-6
 
 
+def test_a_prior_near_the_float_maximum_normalizes_to_the_exact_ratios():
+    # The plain sum of [1e308]*3 overflows to inf, which once gave zeros and a NaN ensemble.
+    np.testing.assert_array_equal(ensemble.normalize_prior([1e308] * 3, 3), [1 / 3, 1 / 3, 1 / 3])
+    np.testing.assert_array_equal(ensemble.normalize_prior([1e308, 0.0, 1e308], 3), [0.5, 0.0, 0.5])
+    np.testing.assert_array_equal(ensemble.normalize_prior([1e-320, 3e-320], 2), [0.25, 0.75])
+    lp = np.log(np.array([[0.5, 0.25, 0.5], [0.25, 0.5, 0.5], [0.125, 0.125, 0.5]]))
+    for method in ("prior", "posterior", "prev_token"):
+        np.testing.assert_array_equal(ensemble.ensemble_logprobs(lp, [0], method, prior=[1e308] * 3),
+                                      ensemble.ensemble_logprobs(lp, [0], method, prior=None))
+    with pytest.raises(BtmError, match="finite and non-negative"):
+        ensemble.normalize_prior([np.inf, 1.0], 2)
+    with pytest.raises(BtmError, match="positive sum"):
+        ensemble.normalize_prior([0.0, 0.0], 2)
+
+
+def test_a_documents_prefix_likelihood_does_not_depend_on_the_documents_before_it():
+    # A long first document (~ -1e5 nats) ahead of a short one: a running sum over the whole
+    # split carries that document's rounding into the second (-0.1 is not exact in binary).
+    second = np.array([[-0.1, -0.2, -0.3], [-0.7, -0.2, -0.9]])
+    lp = np.concatenate([np.full((2, 10000), -9.87), second], axis=1)
+    got = ensemble.prefix_loglik(lp, np.array([0, 10000]))
+    expected = np.array([[0.0, -0.1, -0.1 + -0.2], [0.0, -0.7, -0.7 + -0.2]])
+    np.testing.assert_array_equal(got[:, 10000:], expected)
+    np.testing.assert_array_equal(got[:, :3], [[0.0, -9.87, -9.87 * 2]] * 2)
+    # So the posterior on the second document is the one it has alone.
+    alone = ensemble.log_weights(second, [0], "posterior")
+    np.testing.assert_array_equal(ensemble.log_weights(lp, [0, 10000], "posterior")[:, 10000:], alone)
+
+
 def test_estimate_prior_is_the_ewma_of_batch_posteriors():
     rng = np.random.default_rng(3)
     lp = np.log(rng.uniform(0.05, 1, size=(3, 50)))
@@ -184,6 +213,34 @@ def test_estimate_prior_is_the_ewma_of_batch_posteriors():
     import pandas as pd
     ref = pd.DataFrame(np.array(batches)).ewm(alpha=0.3, adjust=False).mean().to_numpy()[-1]
     np.testing.assert_allclose(ensemble.estimate_prior(lp, starts, batch_docs=2), ref)
+
+
+def test_block_end_prior_is_the_ewma_of_previous_token_posteriors_at_block_ends():
+    # 7 tokens in blocks of 3: [0,3) [3,6) [6,7). A block's posterior uses the token before its
+    # last one (tokens 1 and 4); the one-token block has none and is uniform.
+    p = np.array([[0.5, 0.6, 0.5, 0.5, 0.2, 0.5, 0.5],
+                  [0.5, 0.2, 0.5, 0.5, 0.6, 0.5, 0.5]])
+    np.testing.assert_allclose(ensemble.block_end_posteriors(np.log(p), 3),
+                               [[0.75, 0.25], [0.25, 0.75], [0.5, 0.5]], rtol=1e-12)
+    # Batches of 2 blocks: mean([.75,.25],[.25,.75]) = [.5,.5], then [.5,.5]: EWMA [.5,.5].
+    np.testing.assert_allclose(ensemble.estimate_prior_block_end(np.log(p), 3, batch_blocks=2), [0.5, 0.5])
+    # One block per batch: 0.75 -> 0.7*0.75 + 0.3*0.25 = 0.6 -> 0.7*0.6 + 0.3*0.5 = 0.57.
+    np.testing.assert_allclose(ensemble.estimate_prior_block_end(np.log(p), 3, batch_blocks=1),
+                               [0.57, 0.43], rtol=1e-12)
+    np.testing.assert_allclose(ensemble.estimate_prior_block_end(np.log(p), 3, n_batches=1, batch_blocks=1),
+                               [0.75, 0.25], rtol=1e-12)
+
+
+def test_temperature_flattens_or_sharpens_the_prior():
+    np.testing.assert_allclose(ensemble.temper_prior([0.8, 0.2, 0.0], 2.0), [2 / 3, 1 / 3, 0.0], rtol=1e-12)
+    np.testing.assert_allclose(ensemble.temper_prior([2 / 3, 1 / 3], 0.5), [0.8, 0.2], rtol=1e-12)
+    np.testing.assert_allclose(ensemble.temper_prior([0.8, 0.2], 1.0), [0.8, 0.2], rtol=1e-12)
+    # Expert 1 fits every token better, so a prior that favours expert 0 is best flattened.
+    lp = np.log(np.array([[0.2, 0.2, 0.2], [0.4, 0.4, 0.4]]))
+    chosen, nlls = ensemble.choose_temperature(lp, [0], [0.99, 0.01], [0.5, 1.0, 100.0])
+    assert chosen == 100.0 and nlls[100.0] < nlls[1.0] < nlls[0.5]
+    with pytest.raises(BtmError, match="positive finite"):
+        ensemble.temper_prior([0.5, 0.5], 0.0)
 
 
 def test_estimate_prior_prefers_the_expert_that_fits_the_data():

@@ -348,3 +348,35 @@ def test_eval_stage_files_every_method_and_baseline(tiny_data, tiny_experts, tmp
     assert got["random_split", 3] == pytest.approx(got["ensemble_uniform", 3], rel=1e-12)
     assert got["dense", 1] == pytest.approx(got["expert:legal", 1], rel=1e-12)
     assert not (layout.root / "baselines").exists()
+
+
+def test_btm_eval_block_end_prior_with_temperatures_cli(tiny_data, tiny_experts, tmp_path):
+    import json
+
+    from fairseq_ext import ensemble
+    from fairseq_ext.evaluate import EvalDirs, EvalSettings, Scorer
+    from fairseq_ext.priors import stack_scores
+    from fairseq_ext.scoring import ContextSettings
+
+    run = tmp_path / "run"
+    experts = ",".join(f"{n}={p}" for n, p in tiny_experts.items())
+    run_btm("eval", run, "--experts", experts, "--data", tiny_data, "--tokens-per-sample", "64", "--domains", "legal",
+            "--methods", "ensemble_prior", "--prior-estimator", "block_end", "--prior-block-tokens", "32",
+            "--prior-temperature", "1", "--prior-temperature", "8", check=True)
+    (prior_file,) = (run / "priors").glob("legal.*.json")
+    saved = json.loads(prior_file.read_text())
+    assert saved["estimator"] == "block_end" and saved["key"]["settings"]["temperatures"] == [1.0, 8.0]
+    # The same prior from the cached valid scores, by the definition.
+    dirs = EvalDirs(data=tiny_data, scores=run / "scores", priors=tmp_path / "unused")
+    scorer = Scorer(dirs, EvalSettings(context=ContextSettings(tokens_per_sample=64)))
+    lp, starts = stack_scores([scorer(p, "legal", "valid") for p in tiny_experts.values()])
+    untempered = ensemble.estimate_prior_block_end(lp, 32)
+    chosen, nlls = ensemble.choose_temperature(lp, starts, untempered, (1.0, 8.0))
+    assert saved["temperature"] == chosen
+    assert saved["prior"] == pytest.approx(ensemble.temper_prior(untempered, chosen).tolist(), rel=1e-9)
+    label = read_results(run).prior.iloc[0]
+    assert label == (f"block_end(alpha=0.3,batches=all,batch_blocks=2,block_tokens=32,split=valid),"
+                     f"T={chosen:g}(chosen)")
+    bad = run_btm("eval", run, "--experts", experts, "--data", tiny_data, "--domains", "legal",
+                  "--methods", "ensemble_prior", "--prior-temperature", "-1")
+    assert bad.returncode == 2 and "positive finite numbers, got -1.0" in bad.stderr

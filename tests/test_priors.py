@@ -42,21 +42,63 @@ def test_prior_is_estimated_once_then_read_from_json(tmp_path):
     scores = fake_scores()
     experts = {"a": "sha-a", "b": "sha-b", "c": "sha-c"}
     settings = PriorSettings(alpha=0.3, batch_docs=2)
-    prior, path, cached = cached_domain_prior(tmp_path, "legal", experts, scores, settings)
+    prior, path, cached, temperature = cached_domain_prior(tmp_path, "legal", experts, scores, settings)
+    assert temperature == 1.0 and saved_temperature(path) == 1.0
     assert not cached and path.parent == tmp_path and path.name.startswith("legal.")
     lp = np.stack([s.logprobs for s in scores])
     np.testing.assert_allclose(prior, ensemble.estimate_prior(lp, scores[0].doc_starts, alpha=0.3, batch_docs=2))
     saved = json.loads(path.read_text())
-    assert saved["key"]["settings"] == {"split": "valid", "alpha": 0.3, "n_batches": None, "batch_docs": 2}
+    assert saved["key"]["settings"] == {"split": "valid", "alpha": 0.3, "n_batches": None, "batch_docs": 2,
+                                        "estimator": "document", "block_tokens": 1024, "temperatures": [1.0]}
+    assert saved["estimator"] == "document"
     assert saved["key"]["experts"] == ["a", "b", "c"]
     assert sum(saved["by_expert"].values()) == pytest.approx(1.0)
-    again, path2, cached2 = cached_domain_prior(tmp_path, "legal", experts, scores, settings)
+    again, path2, cached2, _ = cached_domain_prior(tmp_path, "legal", experts, scores, settings)
     assert cached2 and path2 == path
     np.testing.assert_array_equal(again, prior)
     # Other settings or other experts are another cache entry.
-    _, path3, cached3 = cached_domain_prior(tmp_path, "legal", experts, scores, PriorSettings(alpha=0.5))
+    _, path3, cached3, _ = cached_domain_prior(tmp_path, "legal", experts, scores, PriorSettings(alpha=0.5))
     assert not cached3 and path3 != path
     assert PriorSettings(alpha=0.5, n_batches=4).describe() == "ewma(alpha=0.5,batches=4,batch_docs=2,split=valid)"
+
+
+def saved_temperature(path):
+    return json.loads(path.read_text())["temperature"]
+
+
+def test_block_end_prior_with_a_temperature_chosen_on_the_heldout_split(tmp_path):
+    scores = fake_scores(seed=1)
+    experts = {"a": "sha-a", "b": "sha-b", "c": "sha-c"}
+    lp = np.stack([s.logprobs for s in scores]).astype(np.float64)
+    settings = PriorSettings(estimator="block_end", block_tokens=8, batch_docs=2, temperatures=(0.5, 1.0, 4.0))
+    prior, path, cached, temperature = cached_domain_prior(tmp_path, "legal", experts, scores, settings)
+    untempered = ensemble.estimate_prior_block_end(lp, block_tokens=8, batch_blocks=2)
+    nll = {t: ensemble.nll(ensemble.ensemble_logprobs(lp, scores[0].doc_starts, "prior",
+                                                      ensemble.temper_prior(untempered, t)))
+           for t in (0.5, 1.0, 4.0)}
+    assert not cached and temperature == min(nll, key=nll.get)
+    np.testing.assert_allclose(prior, ensemble.temper_prior(untempered, temperature), rtol=1e-12)
+    saved = json.loads(path.read_text())
+    assert saved["estimator"] == "block_end" and saved["temperature"] == temperature
+    np.testing.assert_allclose(saved["untempered_prior"], untempered, rtol=1e-12)
+    assert saved["heldout_nll_by_temperature"] == pytest.approx({f"{t:g}": v for t, v in nll.items()})
+    again = cached_domain_prior(tmp_path, "legal", experts, scores, settings)
+    assert again.cached and again.temperature == temperature
+    assert settings.describe(temperature) == (
+        f"block_end(alpha=0.3,batches=all,batch_blocks=2,block_tokens=8,split=valid),T={temperature:g}(chosen)")
+    assert PriorSettings().describe() == "ewma(alpha=0.3,batches=all,batch_docs=2,split=valid)"
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(estimator="last_token"), "unknown prior estimator 'last_token'; known: document, block_end"),
+    (dict(temperatures=()), "at least one value"),
+    (dict(temperatures=(1.0, 0.0)), "positive finite numbers, got 0.0"),
+    (dict(temperatures=(float("inf"),)), "positive finite numbers, got inf"),
+    (dict(block_tokens=0), "block_tokens must be at least 1"),
+])
+def test_bad_prior_settings_name_the_value(tmp_path, bad, match):
+    with pytest.raises(BtmError, match=match):
+        cached_domain_prior(tmp_path, "legal", {"a": "", "b": "", "c": ""}, fake_scores(), PriorSettings(**bad))
 
 
 def test_scores_of_different_tokens_are_refused(tmp_path):

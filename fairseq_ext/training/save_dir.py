@@ -8,12 +8,11 @@ per validation (``update, valid_loss, valid``) and per save forced by a stop sig
 from __future__ import annotations
 
 import json
-import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.contract.atomic import atomic_write_text
+from launcher.contract.train_log import TRAIN_LOG, read_train_log  # noqa: F401  (the one reader)
 
 
 @dataclass(frozen=True)
@@ -32,7 +31,7 @@ class TrainFiles:
 
     @property
     def log(self) -> Path:
-        return self.save_dir / "train_log.jsonl"
+        return self.save_dir / TRAIN_LOG
 
     def remove_killed_saves(self) -> None:
         """Delete the temporary files of saves that were killed midway (rank 0 only: another
@@ -65,24 +64,3 @@ class TrainLog:
         the old rows describe work that is gone, so they go too instead of being duplicated."""
         if self.writes and self.path.exists():
             atomic_write_text(self.path, "")
-
-
-def read_train_log(save_dir: str | os.PathLike) -> list[dict]:
-    """The rows of ``train_log.jsonl`` (the one reader of it). A line that is not a JSON object
-    (an append cut by a kill) is skipped with a warning: it holds no complete row."""
-    path = TrainFiles(Path(save_dir)).log
-    if not path.exists():
-        return []
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            row = None
-        if isinstance(row, dict):
-            rows.append(row)
-        else:
-            print(f"btm: warning: {path}:{number} is not a JSON row; skipping it", file=sys.stderr)
-    return rows

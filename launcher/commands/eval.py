@@ -42,7 +42,17 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prior-alpha", type=float, default=0.3, help="EWMA weight of each batch (default: 0.3)")
     g.add_argument("--prior-batches", type=int, default=None,
                    help="number of held-out batches to use (default: all)")
-    g.add_argument("--prior-batch-docs", type=int, default=2, help="documents per batch (default: 2)")
+    g.add_argument("--prior-batch-docs", type=int, default=2,
+                   help="documents (or blocks, with --prior-estimator block_end) per batch (default: 2)")
+    g.add_argument("--prior-estimator", choices=("document", "block_end"), default="document",
+                   help="document: a batch's posterior is the mean whole-document Bayes posterior; "
+                        "block_end: DEMix's released estimator, the previous-token posterior at the "
+                        "end of each block (docs/evaluation.md) (default: document)")
+    g.add_argument("--prior-block-tokens", type=int, default=1024,
+                   help="tokens per block of the block_end estimator (default: 1024, DEMix's)")
+    g.add_argument("--prior-temperature", type=float, action="append", metavar="T",
+                   help="temper the prior as prior**(1/T); repeat to choose the T whose fixed-prior "
+                        "ensemble has the lowest nll on the prior split (default: 1)")
     g = p.add_argument_group("scoring")
     g.add_argument("--split", default="test", help="split to report (default: test)")
     g.add_argument("--tokens-per-sample", type=int, default=None,
@@ -116,7 +126,9 @@ def _settings(args, **extra):
         if value < 1:
             raise BtmError(f"{opt} must be at least 1, got {value}")
     prior = PriorSettings(split=args.prior_split, alpha=args.prior_alpha, n_batches=args.prior_batches,
-                          batch_docs=args.prior_batch_docs)
+                          batch_docs=args.prior_batch_docs, estimator=args.prior_estimator,
+                          block_tokens=args.prior_block_tokens,
+                          temperatures=tuple(args.prior_temperature or (1.0,))).validate()
     context = ContextSettings(tokens_per_sample=args.tokens_per_sample, context_window=args.context_window,
                               reset_at_doc=not args.no_doc_reset).validate()
     return EvalSettings(prior=prior, context=context, split=args.split, device=args.device,

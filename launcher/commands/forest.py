@@ -1,10 +1,12 @@
-"""btm verbs: forest list|add|remove|verify (the forest manifest, forest.json)."""
+"""btm verbs: forest list|add|remove|verify (the forest manifest, forest.json) and ablate
+(expert removal from cached scores)."""
 from __future__ import annotations
 
 
 def register(subparsers):
-    p = subparsers.add_parser("forest", help="list, add, remove or verify the experts of a forest",
-                              description="Inspect and edit a forest manifest (RUN_DIR/forest.json).")
+    p = subparsers.add_parser("forest", help="list, add, remove, verify or ablate the experts of a forest",
+                              description="Inspect and edit a forest manifest (RUN_DIR/forest.json), "
+                                          "or measure what removing each expert costs.")
     sub = p.add_subparsers(dest="forest_command", metavar="ACTION")
     sub.required = True
 
@@ -35,6 +37,20 @@ def register(subparsers):
                         description="Re-hash every checkpoint; exit 1 naming experts whose checkpoint changed or vanished.")
     vf.add_argument("forest", help="run directory or forest.json")
     vf.set_defaults(func=cmd_verify)
+
+    ab = sub.add_parser(
+        "ablate", help="expert removal: the perplexity cost of dropping each expert, per domain",
+        description="For every expert of the run's forest: remove it, re-estimate each eval domain's "
+                    "prior over the remaining experts, re-mix their cached scores, and report the "
+                    "relative perplexity change on every eval domain (BTM's data opt-out). Uses only "
+                    "cached scores (no training, no scoring): run `btm run` first. Writes "
+                    "RUN_DIR/results/ablation.csv and a heatmap, ablation.png, beside it.")
+    ab.add_argument("run_dir", help="a run directory made by `btm run` (its config.yaml, forest.json, scores)")
+    ab.add_argument("--method", default="ensemble_posterior",
+                    help="the ensemble the forest is mixed with: ensemble_posterior (default), "
+                         "ensemble_prior, ensemble_prev_token or ensemble_uniform")
+    ab.add_argument("--domains", help="comma-separated eval domains (default: the config's domains.eval)")
+    ab.set_defaults(func=cmd_ablate)
 
 
 def _parse_parents(items: list[str]) -> dict[str, float]:
@@ -99,4 +115,34 @@ def cmd_verify(args) -> int:
         print(f"changed or missing checkpoints: {', '.join(bad)}", file=sys.stderr)
         return 1
     print(f"all {len(forest.experts)} checkpoints match forest.json")
+    return 0
+
+
+def cmd_ablate(args) -> int:
+    from analysis.plots import PlotSkipped, plot_ablation_heatmap, save_png
+    from launcher.contract.forest import verified_checkpoints
+    from launcher.contract.layout import RunLayout
+    from launcher.stages.eval import EvalParams, eval_settings, eval_units
+    from launcher.stages.evaluation import evaluate_ablation
+    from launcher.stages.runner import load_run_config
+    from launcher.status import format_table
+
+    layout = RunLayout(args.run_dir)
+    cfg = load_run_config(args.run_dir)
+    params = EvalParams(**eval_units(cfg)[0].params)
+    domains = [d for d in args.domains.split(",") if d] if args.domains else list(params.domains)
+    table = evaluate_ablation(layout, verified_checkpoints(layout.forest), domains, eval_settings(params),
+                              method=args.method)
+    shown = table.pivot_table(index="removed", columns="eval_domain", values="rel_ppl_change", sort=False)
+    rows = [(name, *(f"{100 * shown.at[name, d]:+.2f}%" for d in shown.columns)) for name in shown.index]
+    print(f"relative perplexity change without each expert ({table['method'].iloc[0]}, "
+          f"split {table['split'].iloc[0]}):")
+    print(format_table(("removed", *shown.columns), rows), end="")
+    print(f"table: {layout.ablation}")
+    try:
+        png = save_png(plot_ablation_heatmap(table, title=layout.root.resolve().name),
+                       layout.ablation.with_suffix(".png"))
+        print(f"heatmap: {png}")
+    except PlotSkipped as e:
+        print(f"heatmap skipped: {e}")
     return 0

@@ -89,6 +89,11 @@ class RunLayout:
         return self.root / "results"
 
     @property
+    def ablation(self) -> Path:
+        """The expert-removal table of ``btm forest ablate`` (its heatmap: ``.png`` beside it)."""
+        return self.results / "ablation.csv"
+
+    @property
     def report(self) -> Path:
         return self.root / "report"
 

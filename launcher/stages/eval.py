@@ -11,6 +11,7 @@ from launcher.config import Config
 from launcher.contract import methods as registry
 from launcher.contract.forest import verified_checkpoints
 from launcher.contract.layout import DENSE, SEED, random_split_name
+from launcher.contract.presets import get_preset
 from launcher.records import read_record
 from launcher.stages.base import Ctx, Params, Stage, device, units_of
 from launcher.stages.evaluation import evaluate_merges, evaluate_mixes, evaluate_model
@@ -26,12 +27,18 @@ class EvalParams(Params):
     top_k: int
     experts: list[str]  # the forest's experts, incremental ones included
     run: str  # the results' run column (config name)
+    # The cached prior's estimator, its block (the preset's context) and temperature candidates.
+    prior_estimator: str = "document"
+    prior_block_tokens: int = 1024
+    prior_temperatures: list[float] = dataclasses.field(default_factory=lambda: [1.0])
 
 
 def eval_units(cfg: Config):
     ev = cfg.evaluation
     return units_of([(None, EvalParams(list(ev.methods), list(cfg.baselines), list(cfg.domains.eval), ev.split,
-                                       ev.top_k, [*cfg.expert_names, *cfg.domains.incremental], cfg.name))])
+                                       ev.top_k, [*cfg.expert_names, *cfg.domains.incremental], cfg.name,
+                                       ev.prior_estimator, get_preset(cfg.model.preset).tokens_per_sample,
+                                       list(ev.prior_temperatures)))])
 
 
 def eval_inputs(ctx: Ctx) -> list[Path]:
@@ -58,15 +65,23 @@ def score_caches(ctx: Ctx) -> list[Path]:
     return out
 
 
+def eval_settings(p: EvalParams):
+    """The EvalSettings of the eval stage (also those `btm forest ablate` re-mixes with)."""
+    from fairseq_ext.evaluate import EvalSettings
+    from fairseq_ext.priors import PriorSettings
+
+    prior = PriorSettings(estimator=p.prior_estimator, block_tokens=p.prior_block_tokens,
+                          temperatures=tuple(p.prior_temperatures))
+    return EvalSettings(methods=(), top_k=(p.top_k,), split=p.split, prior=prior, device=device())
+
+
 def eval_run(ctx: Ctx):
     """Every configured method and baseline of the run into results/."""
-    from fairseq_ext.evaluate import EvalSettings
-
     p, cfg = ctx.params, ctx.config
     layout = ctx.layout
     experts = verified_checkpoints(layout.forest)
     domains, methods = list(p.domains), list(p.methods)
-    settings = EvalSettings(methods=(), top_k=(p.top_k,), split=p.split, device=device())
+    settings = eval_settings(p)
     common = dict(name=p.run, data_dir=ctx.data_dir)
     mixes = [m for m in methods if registry.canonical(m) in registry.MIXES]
     if mixes:

@@ -22,6 +22,7 @@ from launcher.contract import methods as registry
 from launcher.contract.errors import BtmError
 from launcher.contract.forest import verified_checkpoints
 from launcher.contract.layout import DENSE, RunLayout, random_split_name
+from launcher.contract.ablation import write_ablation
 from launcher.contract.results import append_results
 
 
@@ -117,3 +118,12 @@ def evaluate_merges(layout: RunLayout, experts: dict[str, Path], methods: list[s
                                          settings, merge=evaluate.MergeSpec(method=merge_method),
                                          name=name, data_dir=data_dir)[1])
     return rows
+
+
+def evaluate_ablation(layout: RunLayout, experts: dict[str, Path], domains: list[str], settings, *,
+                      method: str = "ensemble_posterior"):
+    """Expert removal (fairseq_ext/ablation.py) from the cached scores into ``layout.ablation``
+    (replaced whole: it describes the forest as it is now); returns the table."""
+    rows = _fairseq_ext("ablation").ablate_experts(experts, domains, eval_dirs(layout), settings=settings,
+                                                   method=method)
+    return write_ablation(layout.ablation, rows)
