@@ -22,6 +22,7 @@ from launcher.contract.errors import BtmError
 from launcher.contract.methods import BASELINES, CONFIG_METHODS
 from launcher.contract.names import validate_name
 from launcher.contract.presets import PRESETS
+from launcher.hf_config import check_hf_sources, resolve_hf_paths, validate_hf_keys
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -34,6 +35,7 @@ class CorpusConfig:
     path: str | None = field(default=None, metadata={"help": "corpus directory CORPUS/<domain>/<split>.jsonl[.gz]; relative to the config file; --corpus overrides"})
     text_field: str = field(default="text", metadata={"help": "JSON field holding the document text"})
     vocab_size: int = field(default=8000, metadata={"help": "sentencepiece vocabulary size"})
+    tokenizer: str | None = field(default=None, metadata={"help": "hf:PATH: encode with that transformers directory's tokenizer.json instead of training sentencepiece (docs/data.md); relative to the config file"})
 
 
 @dataclass
@@ -54,6 +56,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     preset: str = field(default="tiny", metadata={"help": f"model preset: {', '.join(PRESETS)}"})
+    arch: str | None = field(default=None, metadata={"help": "layout: gpt2 | llama (default: the preset's; must be the preset's)"})
+    init: str | None = field(default=None, metadata={"help": "hf:PATH: the seed LM is this local transformers model (GPT-2 or Llama family), trained on for budget.seed_fraction of the budget (0: used as is); relative to the config file"})
 
 
 @dataclass
@@ -290,6 +294,7 @@ def _validate(cfg: Config, err) -> None:
         if cfg.domains.incremental:
             err("domains.incremental", "incremental domains are for method: btm")
     _validate_mixture(cfg.data.mixture, err)
+    validate_hf_keys(cfg, err)
     if not 0.0 <= cfg.budget.seed_fraction < 1.0:
         err("budget.seed_fraction", f"must be in [0, 1), got {cfg.budget.seed_fraction}")
     for key in ("total_updates", "gpus"):
@@ -390,5 +395,7 @@ def load_config(name_or_path: str | Path, overrides: dict | None = None,
         cfg.corpus.path = str(Path(corpus).resolve())
     elif cfg.corpus.path and not Path(cfg.corpus.path).is_absolute():
         cfg.corpus.path = str((path.parent / cfg.corpus.path).resolve())
+    resolve_hf_paths(cfg, path.parent)
     check_corpus_domains(cfg)
+    check_hf_sources(cfg)
     return cfg
