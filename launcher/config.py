@@ -64,7 +64,7 @@ class ModelConfig:
 class BudgetConfig:
     total_updates: int | None = field(default=None, metadata={"help": "updates of the compute-matched dense run (default: the preset's)"})
     gpus: int | None = field(default=None, metadata={"help": "GPUs of the dense run; total budget = total_updates x gpus (default: the preset's)"})
-    seed_fraction: float = field(default=0.5, metadata={"help": "share of the budget spent training the seed LM (0 = experts start from random init)"})
+    seed_fraction: float = field(default=0.5, metadata={"help": "share of the budget spent training the seed LM (0 = experts start from random init, or from model.init as is)"})
     save_interval_updates: int = field(default=100, metadata={"help": "checkpoint_last every this many updates"})
 
 
