@@ -181,7 +181,13 @@ def save_pretrained_hf_tokenizer(data_dir: str | os.PathLike, out_dir: str | os.
                                    unk_token=tok.id_to_token(encoder.special_ids["unk"]),
                                    bos_token=names["bos"], eos_token=names["eos"],
                                    pad_token=names["pad"], model_max_length=model_max_length)
-    return [Path(f) for f in fast.save_pretrained(str(out_dir))]
+    files = [Path(f) for f in fast.save_pretrained(str(out_dir))]
+    # As the data: a special token's text in a document is text. transformers 5 does not save
+    # split_special_tokens itself, but reads it back from tokenizer_config.json.
+    config_path = Path(out_dir) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    atomic_write_text(config_path, json.dumps(config | {"split_special_tokens": True}, indent=2) + "\n")
+    return files
 
 
 # ---- preparing DATA/ from a transformers tokenizer ------------------------------------------

@@ -110,6 +110,7 @@ def test_import_scores_like_transformers(hf_run, tmp_path):
 def test_exported_experts_and_average_load_in_transformers_and_score_like_btm(hf_run, tmp_path):
     import torch
 
+    from fairseq_ext.data_prep import encode_text
     from fairseq_ext.export_hf import export_hf
     from fairseq_ext.scoring import ContextSettings, read_split, score_split
 
@@ -127,6 +128,7 @@ def test_exported_experts_and_average_load_in_transformers_and_score_like_btm(hf
         assert type(model).__name__ == "LlamaForCausalLM"
         tok = transformers.AutoTokenizer.from_pretrained(exported, trust_remote_code=False)
         assert tok(doc)["input_ids"] + [tok.eos_token_id] == tokens[:starts[1]].tolist()
+        assert tok("a </s> b")["input_ids"] == [1] + encode_text(data, "a </s> b")  # text, as in the data
         assert (tok.bos_token_id, tok.eos_token_id, model.config.bos_token_id) == (1, 2, 1)
         btm = score_split(ckpt, data, "bible", "test", cache_dir=tmp_path / name,
                           context=ContextSettings(max_docs=2))
