@@ -57,13 +57,16 @@ def check_hf_sources(cfg) -> None:
             raise BtmError(f"{cfg.source}: {key}: directory not found: {path}")
     try:
         size = hf_tokenizer_size(tokenizer_dir) if tokenizer_dir else None
-        if model_dir is None:
-            return
+    except BtmError as e:
+        raise BtmError(f"{cfg.source}: corpus.tokenizer: {e}") from None
+    if model_dir is None:
+        return
+    try:
         config = read_hf_config(model_dir)
         check_hf_shape(config, PRESETS[cfg.model.preset], model_dir)
         rows = hf_vocab_rows(config, model_dir)
     except BtmError as e:
-        raise BtmError(f"{cfg.source}: {'model.init' if model_dir else 'corpus.tokenizer'}: {e}") from None
+        raise BtmError(f"{cfg.source}: model.init: {e}") from None
     if size is not None and size > rows:
         raise BtmError(f"{cfg.source}: corpus.tokenizer: {tokenizer_dir}/tokenizer.json has {size} "
                        f"ids but model.init's embedding ({model_dir}/config.json vocab_size) has "

@@ -101,3 +101,9 @@ def test_the_1b_example_validates_and_plans(tmp_path):
     assert "seed 0 updates" in r.stdout and "4 experts x 2000 updates on 8/4 GPUs each" in r.stdout
     assert f"seed: imported from hf:{model}, used as is" in r.stdout
     assert not (tmp_path / "run" / "records").exists()
+
+
+def test_a_directory_without_tokenizer_json_is_named(tmp_path):
+    (tmp_path / "model").mkdir()
+    with pytest.raises(BtmError, match=r"run.yaml: corpus.tokenizer: .*/model has no tokenizer.json"):
+        load_config(_config(tmp_path, {"preset": "tiny"}))
