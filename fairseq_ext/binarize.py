@@ -17,7 +17,7 @@ from launcher.contract.atomic import atomic_path, atomic_write_bytes, sha256_fil
 from launcher.contract.corpus import SPLITS, iter_documents
 from launcher.contract.logging_setup import quiet_third_party_logging
 
-from fairseq_ext.spm_tokenizer import EOS_ID, encode_with
+from fairseq_ext.encoders import data_encoder
 
 
 @dataclass
@@ -41,11 +41,9 @@ def binarize_domain(job: DomainJob) -> dict:
     without an .idx (an error on load, and not in the manifest, so rebuilt), never a new .bin
     read through an old .idx.
     """
-    import sentencepiece as spm
-
     quiet_third_party_logging()  # a fresh worker process imports fairseq below
     out_dir = Path(job.out_dir)
-    sp = spm.SentencePieceProcessor(model_file=str(out_dir / "spm.model"))
+    encoder = data_encoder(out_dir)
     prefixes = {s: out_dir / job.domain / s for s in SPLITS}
     results = {}
     with contextlib.ExitStack() as stack:
@@ -55,7 +53,7 @@ def binarize_domain(job: DomainJob) -> dict:
             # Documents stream from the file into the temp dataset; bad input raises here and
             # the temp files are removed, so nothing of this domain is written.
             docs = iter_documents(job.sources[split], job.text_field)
-            results[split] = _build_split(sp, docs, tmp_bin[split], tmp_idx[split], job, split)
+            results[split] = _build_split(encoder, docs, tmp_bin[split], tmp_idx[split], job, split)
             results[split].update(source=job.sources[split], source_sha256=job.source_sha[split])
         # A copy of the shared dictionary next to the splits, so stock fairseq tools
         # (fairseq-train/fairseq-eval-lm DATA/<domain>) read a domain directory as it is.
@@ -65,18 +63,17 @@ def binarize_domain(job: DomainJob) -> dict:
     return {"domain": job.domain, "splits": results}
 
 
-def _build_split(sp, docs, tmp_bin: Path, tmp_idx: Path, job: DomainJob, split: str) -> dict:
-    """Write one mmap indexed dataset: item i = the ids of document i followed by eos."""
+def _build_split(encoder, docs, tmp_bin: Path, tmp_idx: Path, job: DomainJob, split: str) -> dict:
+    """Write one mmap indexed dataset: item i = document i as the encoder separates it."""
     import numpy as np
     import torch
     from fairseq.data import indexed_dataset
     from tqdm import tqdm
 
     tokens = documents = 0
-    builder = indexed_dataset.make_builder(str(tmp_bin), impl="mmap", vocab_size=sp.get_piece_size())
+    builder = indexed_dataset.make_builder(str(tmp_bin), impl="mmap", vocab_size=encoder.size)
     for doc in tqdm(docs, desc=f"{job.domain}/{split}", unit="doc", leave=False, disable=not job.show_progress):
-        ids = encode_with(sp, doc)
-        ids.append(EOS_ID)
+        ids = encoder.document(doc)
         builder.add_item(torch.from_numpy(np.asarray(ids, dtype=np.int64)))
         tokens += len(ids)
         documents += 1

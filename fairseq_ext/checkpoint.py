@@ -175,7 +175,10 @@ def _plainify(obj):
 
 
 def dictionary_to_state(dictionary) -> dict:
-    return {"symbols": list(dictionary.symbols), "counts": [int(c) for c in dictionary.count]}
+    from fairseq_ext.encoders import special_ids_of
+
+    return {"symbols": list(dictionary.symbols), "counts": [int(c) for c in dictionary.count],
+            "special_ids": special_ids_of(dictionary)}
 
 
 def dictionary_from_state(state: dict):
@@ -188,19 +191,23 @@ def dictionary_from_state(state: dict):
         d.symbols.append(sym)
         d.count.append(count)
     d.nspecial = 4
+    if state.get("special_ids"):  # an hf tokenizer's roles (fairseq_ext.encoders); else fairseq's
+        from fairseq_ext.encoders import set_special_ids
+
+        set_special_ids(d, state["special_ids"])
     return d
 
 
 def checkpoint_dictionary(state: dict, path: str | os.PathLike = "?"):
     """The Dictionary stored in a btm checkpoint, else DATA/dict.txt of its task cfg."""
-    from fairseq.data import Dictionary
+    from fairseq_ext.encoders import load_dictionary
 
     stored = btm_state(state).get("dictionary")
     if stored:
         return dictionary_from_state(stored)
     data = ((state.get("cfg") or {}).get("task") or {}).get("data")
     if data and os.path.isfile(os.path.join(str(data).split(":")[0], "dict.txt")):
-        return Dictionary.load(os.path.join(str(data).split(":")[0], "dict.txt"))
+        return load_dictionary(str(data).split(":")[0])
     raise BtmError(f"checkpoint {path} holds no dictionary and its data dir {data!r} has no "
                    "dict.txt")
 

@@ -33,9 +33,9 @@ from launcher.contract.data_manifest import FORMAT_VERSION, MANIFEST, read_data_
 from launcher.contract.errors import BtmError
 from launcher.contract.names import validate_name
 
-from fairseq_ext import binarize, spm_tokenizer
-from fairseq_ext.spm_tokenizer import (BOS_ID, EOS_ID, N_SPECIAL, PAD_ID, UNK_ID, TokenizerSettings,
-                                       decode_ids, encode_text, load_dictionary)
+from fairseq_ext import binarize, encoders, spm_tokenizer
+from fairseq_ext.encoders import decode_ids, encode_text, load_dictionary
+from fairseq_ext.spm_tokenizer import BOS_ID, EOS_ID, N_SPECIAL, PAD_ID, UNK_ID, TokenizerSettings
 
 __all__ = ["BOS_ID", "EOS_ID", "N_SPECIAL", "PAD_ID", "UNK_ID", "TokenizerSettings", "decode_ids",
            "encode_text", "load_dictionary", "prepare_data"]
@@ -45,11 +45,15 @@ def prepare_data(corpus_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                  domains: list[str] | None = None, train_domains: list[str] | None = None,
                  vocab_size: int = 8000, text_field: str = "text", workers: int = 2, seed: int = 1,
                  sample_chars: int = 1_000_000, character_coverage: float = 0.9995,
-                 overwrite: bool = False, progress: bool | None = None) -> dict:
+                 overwrite: bool = False, progress: bool | None = None,
+                 tokenizer: str | None = None) -> dict:
     """Prepare ``out_dir`` from ``corpus_dir`` and return the manifest (see module docstring).
 
     ``domains`` selects corpus domains (default: all subdirectories); ``train_domains`` (default:
     ``domains``) train the tokenizer. ``progress`` shows tqdm bars (default: when stderr is a TTY).
+    ``tokenizer``: ``hf:PATH`` encodes with that transformers model's tokenizer in the model's
+    ids instead of training sentencepiece (``fairseq_ext.encoders``; the sentencepiece settings
+    are then unused).
     """
     import filelock
 
@@ -83,7 +87,7 @@ def prepare_data(corpus_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     try:
         _remove_stale_temp_files(out_dir)
         source_sha = {key: sha256_file(p) for key, p in sources.items()}
-        manifest = _prepare_tokenizer(out_dir, settings, sources, source_sha, overwrite, progress)
+        manifest = _prepare_tokenizer(out_dir, settings, sources, source_sha, overwrite, progress, tokenizer)
         jobs = [binarize.DomainJob(domain=d, out_dir=str(out_dir), text_field=text_field,
                                    sources={s: str(sources[d, s].resolve()) for s in SPLITS},
                                    source_sha={s: source_sha[d, s] for s in SPLITS},
@@ -112,9 +116,9 @@ def _tokenizer_key(settings: TokenizerSettings, source_sha: dict) -> dict:
 
 
 def _prepare_tokenizer(out_dir: Path, settings: TokenizerSettings, sources: dict, source_sha: dict,
-                       overwrite: bool, progress: bool) -> dict:
-    """Reuse the recorded tokenizer if it matches, else train one; returns the manifest."""
-    key = _tokenizer_key(settings, source_sha)
+                       overwrite: bool, progress: bool, tokenizer: str | None) -> dict:
+    """Reuse the recorded tokenizer if it matches, else train (or copy) one; returns the manifest."""
+    key = _tokenizer_key(settings, source_sha) if tokenizer is None else encoders.hf_tokenizer_key(tokenizer)
     old = _read_manifest_if_any(out_dir)
     if old is not None and old.get("tokenizer") != key:
         if not overwrite:
@@ -126,18 +130,23 @@ def _prepare_tokenizer(out_dir: Path, settings: TokenizerSettings, sources: dict
     if old is not None:  # recorded but the files changed or vanished: rebuild everything
         _remove_outputs(out_dir, old)
 
-    trained = spm_tokenizer.train_tokenizer(out_dir, settings, sources, progress)
+    if tokenizer is None:
+        trained = spm_tokenizer.train_tokenizer(out_dir, settings, sources, progress)
+        trained["spm_model_sha256"] = sha256_file(out_dir / "spm.model")
+        described = {**settings.as_dict(), "special_ids": {"bos": BOS_ID, "pad": PAD_ID, "eos": EOS_ID, "unk": UNK_ID}}
+    else:
+        trained = encoders.prepare_hf_tokenizer(out_dir, tokenizer)
+        described = {"hf_tokenizer": tokenizer, "text_field": settings.text_field,
+                     "special_ids": trained.pop("special_ids"), "vocab_rows": trained["vocab_size"]}
     manifest = {
         "format_version": FORMAT_VERSION,
         "domains": [],
         "train_domains": list(settings.train_domains),
         "splits": list(SPLITS),
         **trained,
-        "spm_model_sha256": sha256_file(out_dir / "spm.model"),
         "dict_sha256": sha256_file(out_dir / "dict.txt"),
         "tokenizer": key,
-        "settings": {**settings.as_dict(), "special_ids": {"bos": BOS_ID, "pad": PAD_ID, "eos": EOS_ID, "unk": UNK_ID},
-                     "dataset_impl": "mmap", "item": "document token ids + eos",
+        "settings": {**described, "dataset_impl": "mmap", "item": "document token ids + eos (bos first when the hf tokenizer adds one)",
                      "tokens_count": "including the eos of every document"},
         "data_hash": {},
         "datasets": {},
@@ -148,7 +157,9 @@ def _prepare_tokenizer(out_dir: Path, settings: TokenizerSettings, sources: dict
 
 def _tokenizer_files_match(out_dir: Path, manifest: dict) -> bool:
     try:
-        return (sha256_file(out_dir / "spm.model") == manifest["spm_model_sha256"]
+        name, key = ((encoders.HF_TOKENIZER, "hf_tokenizer_sha256") if "hf_tokenizer_sha256" in manifest
+                     else ("spm.model", "spm_model_sha256"))
+        return (sha256_file(out_dir / name) == manifest[key]
                 and sha256_file(out_dir / "dict.txt") == manifest["dict_sha256"])
     except (OSError, KeyError):
         return False
@@ -211,7 +222,7 @@ def _remove_outputs(out_dir: Path, manifest: dict) -> None:
         validate_name(domain, "domain name in manifest")
         for name in (f"{split}.bin", f"{split}.idx", "dict.txt"):
             (out_dir / domain / name).unlink(missing_ok=True)
-    for name in ("spm.model", "spm.vocab", "dict.txt", "tokens.csv", MANIFEST):
+    for name in ("spm.model", "spm.vocab", encoders.HF_TOKENIZER, "dict.txt", "tokens.csv", MANIFEST):
         (out_dir / name).unlink(missing_ok=True)
 
 

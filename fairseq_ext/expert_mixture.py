@@ -25,7 +25,6 @@ from launcher.contract.methods import LM_EVAL_METHODS
 METHODS = LM_EVAL_METHODS  # the lm-eval model argument ``method``
 ROUTINGS = ("token", "prompt")
 PROMPT_ROUTED = ("posterior", "cluster")  # the methods whose weights can come from the prompt
-EOS_ID, PAD_ID = 2, 1
 
 
 @dataclass
@@ -235,7 +234,7 @@ class ExpertMixture:
             for start in range(0, len(seqs), self.batch_size):
                 rows = seqs[start:start + self.batch_size]
                 width = max(len(inputs[i]) for i in rows)
-                src = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
+                src = torch.full((len(rows), width), self.dictionary.pad(), dtype=torch.long)
                 tgt = torch.zeros((len(rows), width), dtype=torch.long)
                 for r, i in enumerate(rows):
                     src[r, :len(inputs[i])] = torch.tensor(inputs[i], dtype=torch.long)

@@ -14,7 +14,9 @@ dictionary (specials ``<s> <pad> </s> <unk>`` = ids 0-3 included). The tokenizer
 ``fairseq_ext.hf_tokenizer`` (same ids as ``data_prep.encode_text``).
 
 Feed ``</s>`` (id 2) in front of a document, as btm's scorer and trainer do; the exported
-config and tokenizer say so (``bos_token_id = eos_token_id = 2``).
+config and tokenizer say so (``bos_token_id = eos_token_id = 2``). Data prepared with a
+transformers tokenizer (``corpus.tokenizer: hf:PATH``) exports that tokenizer and its ids
+instead (``fairseq_ext.encoders``: the model's own bos/eos/pad).
 
 What a SOURCE can be:
 - one checkpoint file (an expert, the seed, a dense model, or a parameter average: all have the
@@ -40,6 +42,8 @@ from pathlib import Path
 from launcher.contract.atomic import atomic_write_bytes, atomic_write_json, sha256_file
 from launcher.contract.errors import BtmError
 from launcher.contract.forest import FOREST_FILE, expert_checkpoints, manifest_path
+
+from fairseq_ext.encoders import HF_TOKENIZER, data_encoder, export_special_ids, save_pretrained_hf_tokenizer
 
 EXPORT_FORMAT = 1
 EXPORT_RECORD = "btm_export.json"
@@ -132,15 +136,16 @@ def hf_model(model_cfg: dict, state_dict: dict, vocab_size: int):
 
 
 def checkpoint_data_dir(state: dict, checkpoint: Path, data_dir: str | os.PathLike | None) -> Path:
-    """Where spm.model/dict.txt are: ``data_dir`` or the checkpoint's ``cfg.task.data``."""
+    """Where the tokenizer (spm.model or an hf tokenizer.json) and dict.txt are: ``data_dir``
+    or the checkpoint's ``cfg.task.data``."""
     if data_dir is None:
         data = ((state.get("cfg") or {}).get("task") or {}).get("data")
         if not data:
             raise BtmError(f"checkpoint {checkpoint} names no data dir (cfg.task.data); pass --data-dir")
         data_dir = str(data).split(os.pathsep)[0]
     data_dir = Path(data_dir)
-    if not (data_dir / "spm.model").is_file():
-        raise BtmError(f"no spm.model in {data_dir} (the tokenizer of checkpoint {checkpoint}); "
+    if not (data_dir / "spm.model").is_file() and not (data_dir / HF_TOKENIZER).is_file():
+        raise BtmError(f"no spm.model nor {HF_TOKENIZER} in {data_dir} (the tokenizer of checkpoint {checkpoint}); "
                        "pass --data-dir DATA_DIR of 'btm data prepare'")
     return data_dir
 
@@ -167,22 +172,29 @@ def export_model(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
     dictionary = checkpoint_dictionary(state, checkpoint)
     data = checkpoint_data_dir(state, checkpoint, data_dir)
     config, tensors, embed_name, dim, positions = hf_model(model_cfg, state["model"], len(dictionary))
+    encoder = data_encoder(data)
+    special = export_special_ids(encoder)
+    config.update(special)
     if tuple(tensors[embed_name].shape) != (len(dictionary), dim):
         raise BtmError(f"checkpoint {checkpoint}: embedding shape "
                        f"{tuple(tensors[embed_name].shape)} does not match its "
                        f"dictionary ({len(dictionary)} symbols) and cfg (dim {dim})")
     record = {"format": EXPORT_FORMAT, "checkpoint": str(checkpoint), "checkpoint_sha256": sha,
-              "data_dir": str(data), "spm_model_sha256": sha256_file(data / "spm.model"),
-              "vocab_size": len(dictionary), "input_convention": "</s> (id 2) before each document"}
+              "data_dir": str(data), "tokenizer": encoder.kind,
+              f"{'hf_tokenizer' if encoder.kind == 'hf' else 'spm_model'}_sha256": sha256_file(encoder.tokenizer_file),
+              "vocab_size": len(dictionary),
+              "input_convention": f"id {special['bos_token_id']} before each document"}
     with _staging_dir(out_dir) as stage:
         _write_safetensors(tensors, stage / "model.safetensors")
         (stage / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        (stage / "generation_config.json").write_text(json.dumps(
-            {"bos_token_id": EOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}, indent=2) + "\n")
-        from fairseq_ext.hf_tokenizer import save_pretrained_tokenizer
+        (stage / "generation_config.json").write_text(json.dumps(special, indent=2) + "\n")
+        if encoder.kind == "hf":
+            save_pretrained_hf_tokenizer(data, stage, model_max_length=positions)
+        else:
+            from fairseq_ext.hf_tokenizer import save_pretrained_tokenizer
 
-        save_pretrained_tokenizer(data / "spm.model", list(dictionary.symbols), stage,
-                                  model_max_length=positions)
+            save_pretrained_tokenizer(data / "spm.model", list(dictionary.symbols), stage,
+                                      model_max_length=positions)
         record["model_safetensors_sha256"] = sha256_file(stage / "model.safetensors")
         (stage / EXPORT_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return record

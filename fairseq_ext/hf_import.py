@@ -29,26 +29,13 @@ from pathlib import Path
 
 from launcher.contract.atomic import sha256_file
 from launcher.contract.errors import BtmError
+from launcher.contract.hf_model import SUPPORTED_MODEL_TYPES, check_hf_shape, read_hf_config
 from launcher.contract.presets import get_preset
 
-SUPPORTED_MODEL_TYPES = {"gpt2": "gpt2", "llama": "llama"}  # HF model_type -> btm layout
+__all__ = ["SUPPORTED_MODEL_TYPES", "import_hf", "read_hf_config"]
+
 # Buffers some HF checkpoints carry that are not parameters (recomputed by the model).
 _BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
-
-
-def read_hf_config(model_dir: Path) -> dict:
-    path = model_dir / "config.json"
-    if not path.is_file():
-        raise BtmError(f"{model_dir} has no config.json; is it a transformers model directory?")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise BtmError(f"cannot read {path}: {e}") from None
-    model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise BtmError(f"{path}: model_type {model_type!r} is not supported; supported: "
-                       f"{', '.join(SUPPORTED_MODEL_TYPES)}")
-    return config
 
 
 def weight_files(model_dir: Path, trust_pickle: bool = False) -> tuple[list[Path], bool]:
@@ -96,12 +83,6 @@ def load_tensors(files: list[Path], pickled: bool) -> dict:
     return tensors
 
 
-def _expect(what: str, model_value, preset, preset_value, model_dir: Path) -> None:
-    if model_value != preset_value:
-        raise BtmError(f"{model_dir}/config.json: {what} is {model_value}, but preset "
-                       f"{preset.name!r} has {preset_value}; choose the preset of this model's shape")
-
-
 def _drop_buffers(tensors: dict) -> dict:
     return {k: v for k, v in tensors.items() if not k.endswith(_BUFFER_SUFFIXES)}
 
@@ -111,11 +92,6 @@ def gpt2_to_elm(config: dict, tensors: dict, preset, model_dir: Path):
     from fairseq_ext.export_hf import _BLOCK_RENAMES, _TOP_RENAMES  # the export's mapping
     from fairseq_ext.models.preset_config import model_config_for_preset
 
-    dim = config.get("n_embd")
-    _expect("n_layer", config.get("n_layer"), preset, preset.layers, model_dir)
-    _expect("n_embd", dim, preset, preset.embed_dim, model_dir)
-    _expect("n_head", config.get("n_head"), preset, preset.heads, model_dir)
-    _expect("n_inner", config.get("n_inner") or 4 * dim, preset, preset.ffn_dim, model_dir)
     for key, want in (("activation_function", ("gelu_new", "gelu_pytorch_tanh")),
                       ("layer_norm_epsilon", (1e-5,)), ("scale_attn_weights", (True,)),
                       ("scale_attn_by_inverse_layer_idx", (False,))):
@@ -123,9 +99,6 @@ def gpt2_to_elm(config: dict, tensors: dict, preset, model_dir: Path):
             raise BtmError(f"{model_dir}/config.json: {key} is {config[key]!r}; the GPT-2 ELM "
                            f"needs {' or '.join(map(repr, want))}")
     positions = preset.tokens_per_sample
-    if config.get("n_positions", 0) < positions:
-        raise BtmError(f"{model_dir}/config.json: n_positions is {config.get('n_positions')}, "
-                       f"fewer than preset {preset.name!r}'s tokens_per_sample {positions}")
     to_elm = {v: k for k, v in _TOP_RENAMES.items()}
     to_elm.update({f"transformer.h.{i}.{hf}": (f"decoder.layers.{i}.{elm}", t)
                    for i in range(preset.layers) for elm, (hf, t) in _BLOCK_RENAMES.items()})
@@ -156,13 +129,6 @@ def llama_to_elm(config: dict, tensors: dict, preset, model_dir: Path):
 
     heads, dim = config.get("num_attention_heads"), config.get("hidden_size")
     tied = bool(config.get("tie_word_embeddings", True))
-    _expect("num_hidden_layers", config.get("num_hidden_layers"), preset, preset.layers, model_dir)
-    _expect("hidden_size", dim, preset, preset.embed_dim, model_dir)
-    _expect("num_attention_heads", heads, preset, preset.heads, model_dir)
-    _expect("num_key_value_heads", config.get("num_key_value_heads") or heads, preset,
-            preset.key_value_heads, model_dir)
-    _expect("intermediate_size", config.get("intermediate_size"), preset, preset.ffn_dim, model_dir)
-    _expect("tie_word_embeddings", tied, preset, preset.tie_embeddings, model_dir)
     # transformers 5 writes rope_parameters, 4.x rope_theta and rope_scaling ({"type"} or {"rope_type"}).
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     settings = {"hidden_act": config.get("hidden_act"), "attention_bias": config.get("attention_bias"),
@@ -175,10 +141,6 @@ def llama_to_elm(config: dict, tensors: dict, preset, model_dir: Path):
         if value not in (*wanted, None):
             raise BtmError(f"{model_dir}/config.json: {key} is {value!r}; the llama-layout ELM "
                            f"supports only {' or '.join(map(repr, wanted))}")
-    if config.get("max_position_embeddings", 0) < preset.tokens_per_sample:
-        raise BtmError(f"{model_dir}/config.json: max_position_embeddings is "
-                       f"{config.get('max_position_embeddings')}, fewer than preset "
-                       f"{preset.name!r}'s tokens_per_sample {preset.tokens_per_sample}")
     tensors = _drop_buffers(tensors)
     if tied and "lm_head.weight" in tensors:  # some saves store the tied head too
         if not _same(tensors.pop("lm_head.weight"), tensors.get("model.embed_tokens.weight")):
@@ -232,9 +194,8 @@ def import_hf(model_dir: str | os.PathLike, out: str | os.PathLike, *, preset: s
     data whose ``dict.txt`` is the model's vocabulary in its id order. Returns the import record
     (also stored in the checkpoint as ``extra_state.btm.hf_import``).
     """
-    from fairseq.data import Dictionary
-
     from fairseq_ext import checkpoint as ck
+    from fairseq_ext.encoders import load_dictionary
     from fairseq_ext.tasks.multidomain_lm import MultidomainLMConfig
 
     model_dir, out, data_dir = Path(model_dir), Path(out), Path(data_dir)
@@ -242,10 +203,8 @@ def import_hf(model_dir: str | os.PathLike, out: str | os.PathLike, *, preset: s
         raise BtmError(f"model directory not found: {model_dir}")
     p = get_preset(preset)
     config = read_hf_config(model_dir)
+    check_hf_shape(config, p, model_dir)
     layout = SUPPORTED_MODEL_TYPES[config["model_type"]]
-    if layout != p.layout:
-        raise BtmError(f"{model_dir}/config.json: model_type {config['model_type']!r} is the "
-                       f"{layout} layout, but preset {p.name!r} is the {p.layout} layout")
     files, pickled = weight_files(model_dir, trust_pickle)
     digest = _source_digest(model_dir, files)
     done = _existing_import(out, digest)
@@ -254,7 +213,7 @@ def import_hf(model_dir: str | os.PathLike, out: str | os.PathLike, *, preset: s
     dict_path = data_dir / "dict.txt"
     if not dict_path.is_file():
         raise BtmError(f"no dict.txt in {data_dir} (the vocabulary to import the model with)")
-    dictionary = Dictionary.load(str(dict_path))
+    dictionary = load_dictionary(data_dir)
     convert = gpt2_to_elm if layout == "gpt2" else llama_to_elm
     model_cfg, state = convert(config, load_tensors(files, pickled), p, model_dir)
     rows = state.get("decoder.embed_tokens.weight")

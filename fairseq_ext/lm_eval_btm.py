@@ -45,7 +45,7 @@ from dataclasses import fields
 import numpy as np
 
 from launcher.contract.errors import BtmError
-from fairseq_ext.expert_mixture import EOS_ID, PAD_ID, BtmLMConfig, ExpertMixture, mixture_full
+from fairseq_ext.expert_mixture import BtmLMConfig, ExpertMixture, mixture_full
 
 # ----------------------------------------------------------------------------- lm_eval model
 
@@ -108,6 +108,14 @@ class BtmLM(_lm_base()):
             device = "cpu"
         self.cfg = BtmLMConfig(**model_args, batch_size=int(batch_size), device=str(device))
         self.mixture = ExpertMixture(self.cfg)
+        from fairseq_ext.encoders import data_encoder
+
+        # The data's separators (fairseq's </s>=2, or an hf tokenizer's own, docs/data.md): a
+        # text is scored as a document, i.e. after eos (and the model's bos when it has one).
+        encoder = data_encoder(self.mixture.data_dir)
+        self.eos, self.pad = encoder.eos, encoder.pad
+        bos = encoder.special_ids.get("bos_per_document")
+        self.prefix = [self.eos] + ([bos] if bos is not None else [])
         self._max_length = min(self.cfg.max_length or self.mixture.max_positions, self.mixture.max_positions)
 
     @property
@@ -118,7 +126,7 @@ class BtmLM(_lm_base()):
     # ---- tokenizer ----------------------------------------------------------------------
     @property
     def eot_token_id(self) -> int:
-        return EOS_ID
+        return self.eos
 
     @property
     def max_length(self) -> int:
@@ -140,9 +148,9 @@ class BtmLM(_lm_base()):
 
     # ---- scoring ------------------------------------------------------------------------
     def _document(self, tokens: list[int]) -> tuple[list[int], list[int]]:
-        """(inputs, targets) of a token sequence read as one document with </s> in front,
-        keeping the last ``max_length`` targets."""
-        full = tokens if tokens and tokens[0] == EOS_ID else [EOS_ID] + list(tokens)
+        """(inputs, targets) of a token sequence read as one document (``prefix`` in front; a
+        leading eos is lm-eval's empty context), keeping the last ``max_length`` targets."""
+        full = self.prefix + list(tokens[1:] if tokens[:1] == [self.eos] else tokens)
         full = full[-(self.max_length + 1):]
         return full[:-1], full[1:]
 
@@ -196,7 +204,8 @@ class BtmLM(_lm_base()):
             unique = list(dict.fromkeys(texts))
             rows = dict(zip(unique, self.mixture.cluster_log_weights(unique)))
             return np.stack([rows[t] for t in texts])
-        keys = [tuple(c[1:] if c[:1] == [EOS_ID] else c) for c in context_ids]  # </s> = no text
+        keys = [tuple(c[len(self.prefix):] if c[:len(self.prefix)] == self.prefix
+                      else c[1:] if c[:1] == [self.eos] else c) for c in context_ids]  # no text
         unique = list(dict.fromkeys(keys))
         loglik = np.zeros((len(self.mixture.models), len(unique)))
         scored = [j for j, key in enumerate(unique) if key]
@@ -228,6 +237,7 @@ class BtmLM(_lm_base()):
         texts = [req.args[0] for req in requests]
         encoded = [self.tok_encode(t) for t in texts]
         nonempty = [i for i, ids in enumerate(encoded) if ids]
+        encoded = [self.prefix[1:] + ids for ids in encoded]  # the model's bos, if it has one
         out = [0.0] * len(texts)
         if nonempty:
             tokens = np.concatenate([np.asarray(encoded[i], dtype=np.int64) for i in nonempty])
@@ -236,7 +246,7 @@ class BtmLM(_lm_base()):
             ctx = ContextSettings(tokens_per_sample=self.max_length, reset_at_doc=True)
             lp = []
             for model in self.mixture.models:
-                scores, passes = forward_logprobs(model, tokens, starts, ctx, eos=EOS_ID, pad=PAD_ID,
+                scores, passes = forward_logprobs(model, tokens, starts, ctx, eos=self.eos, pad=self.pad,
                                                   device=self.mixture.device, batch_size=self.mixture.batch_size)
                 self.mixture.forward_sequences += passes
                 lp.append(scores)
@@ -254,6 +264,8 @@ class BtmLM(_lm_base()):
                 method = "posterior" if self.mixture.method == "posterior" else (
                     "prior" if self.mixture.prior is not None else "uniform")
                 mixed = ensemble.ensemble_logprobs(lp, starts, method, self.mixture.prior, self.mixture.top_k)
+            if len(self.prefix) > 1:  # bos is part of the document, not of the string's score
+                mixed = np.where(np.isin(np.arange(len(mixed)), starts), 0.0, mixed)
             for i, total in zip(nonempty, np.add.reduceat(mixed, starts)):
                 out[i] = float(total)
         for text, res in zip(texts, out):
@@ -276,7 +288,7 @@ class BtmLM(_lm_base()):
             max_new = int(gen_kwargs.pop("max_gen_toks", self.cfg.max_gen_toks))
             if gen_kwargs.get("do_sample") or float(gen_kwargs.get("temperature", 0.0) or 0.0) > 0:
                 raise BtmError("the btm harness model decodes greedily only (do_sample/temperature unsupported)")
-            states.append({"ids": [EOS_ID] + self.tok_encode(context), "new": [], "until": until,
+            states.append({"ids": self.prefix + self.tok_encode(context), "new": [], "until": until,
                            "max_new": max_new, "done": max_new <= 0, "context": context})
         prompt = self.mixture.routing == "prompt"
         if prompt and states:
@@ -291,7 +303,7 @@ class BtmLM(_lm_base()):
             # Inputs = the last max_length tokens; targets = the inputs shifted left plus a dummy
             # last target, so the last row is the next-token distribution.
             inputs = [(s["ids"] + s["new"])[-self.max_length:] for s in live]
-            targets = [x[1:] + [PAD_ID] for x in inputs]
+            targets = [x[1:] + [self.pad] for x in inputs]
             lps, fulls = self.mixture.run(inputs, targets, [len(t) - 1 for t in targets],
                                          [s["kept"] for s in live] if prompt else None)
             for s, lp, full, tgt in zip(live, lps, fulls, targets):
@@ -302,7 +314,7 @@ class BtmLM(_lm_base()):
                     lp[:, -1] = 0.0  # the dummy target: its value never enters the weights used
                     log_w = self.mixture.log_weights(lp, tgt)[:, -1:]
                 token = int(mixture_full(log_w, full).argmax(-1)[0])
-                if token == EOS_ID:
+                if token == self.eos:
                     s["done"] = True
                     continue
                 if prompt:

@@ -2,7 +2,7 @@
 
 Files (in ``DATA/``): ``spm.model``, ``spm.vocab`` and ``dict.txt`` (the fairseq Dictionary;
 symbol i == sentencepiece piece i). ``fairseq_ext.data_prep`` decides when to train one and
-records it in the manifest; ``fairseq_ext.binarize`` encodes the datasets with it.
+records it in the manifest; ``fairseq_ext.encoders`` loads it (the encoder of a data dir).
 
 Tokenizer choices (why): sentencepiece BPE with byte fallback, identity normalization, no
 whitespace squashing and no dummy prefix, so ``decode(encode(text)) == text`` for any
@@ -54,27 +54,6 @@ class TokenizerSettings:
         d = dataclasses.asdict(self)
         d["train_domains"] = list(self.train_domains)
         return d
-
-
-def encode_text(data_dir: str | os.PathLike, text: str) -> list[int]:
-    """Token ids (fairseq = sentencepiece ids) of ``text``, without eos."""
-    return encode_with(_load_tokenizer(data_dir).sp, text)
-
-
-def decode_ids(data_dir: str | os.PathLike, ids) -> str:
-    """The text of token ids; bos/pad/eos are dropped, so a dataset item decodes to its document."""
-    tok = _load_tokenizer(data_dir)
-    ids = [int(i) for i in ids]
-    bad = [i for i in ids if not 0 <= i < tok.size]
-    if bad:
-        raise BtmError(f"token id {bad[0]} is outside the vocabulary of {data_dir} (size {tok.size})")
-    return tok.sp.decode([i for i in ids if i not in (BOS_ID, PAD_ID, EOS_ID)])
-
-
-def load_dictionary(data_dir: str | os.PathLike):
-    """The shared fairseq ``Dictionary`` of a prepared data directory."""
-    return _load_tokenizer(data_dir).dictionary
-
 
 
 @dataclass

@@ -24,6 +24,7 @@ from launcher.contract.layout import reserved_name_collision
 from launcher.contract.methods import BASELINES, CONFIG_METHODS
 from launcher.contract.names import validate_name
 from launcher.contract.presets import PRESETS
+from launcher.hf_config import check_hf_sources, resolve_hf_paths, validate_hf_keys
 from launcher.user_yaml import load_bounded
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -41,6 +42,7 @@ class CorpusConfig:
     path: str | None = field(default=None, metadata={"help": "corpus directory CORPUS/<domain>/<split>.jsonl[.gz]; relative to the config file; --corpus overrides"})
     text_field: str = field(default="text", metadata={"help": "JSON field holding the document text"})
     vocab_size: int = field(default=8000, metadata={"help": "sentencepiece vocabulary size", "min": MIN_VOCAB_SIZE})
+    tokenizer: str | None = field(default=None, metadata={"help": "hf:PATH: encode with that transformers directory's tokenizer.json instead of training sentencepiece (docs/data.md); relative to the config file"})
 
 
 @dataclass
@@ -61,13 +63,15 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     preset: str = field(default="tiny", metadata={"help": f"model preset: {', '.join(PRESETS)}"})
+    arch: str | None = field(default=None, metadata={"help": "layout: gpt2 | llama (default: the preset's; must be the preset's)"})
+    init: str | None = field(default=None, metadata={"help": "hf:PATH: the seed LM is this local transformers model (GPT-2 or Llama family), trained on for budget.seed_fraction of the budget (0: used as is); relative to the config file"})
 
 
 @dataclass
 class BudgetConfig:
     total_updates: int | None = field(default=None, metadata={"help": "updates of the compute-matched dense run (default: the preset's)", "min": 1})
     gpus: int | None = field(default=None, metadata={"help": "GPUs of the dense run; total budget = total_updates x gpus (default: the preset's)", "min": 1})
-    seed_fraction: float = field(default=0.5, metadata={"help": "share of the budget spent training the seed LM (0 = experts start from random init)", "min": 0.0, "below": 1.0})
+    seed_fraction: float = field(default=0.5, metadata={"help": "share of the budget spent training the seed LM (0 = experts start from random init, or from model.init as is)", "min": 0.0, "below": 1.0})
     save_interval_updates: int = field(default=100, metadata={"help": "checkpoint_last every this many updates", "min": 1})
 
 
@@ -308,6 +312,7 @@ def _validate(cfg: Config, err) -> None:
     if cfg.method == "cbtm" and cfg.domains.incremental:
         err("domains.incremental", "incremental domains are for method: btm")
     _validate_mixture(cfg.data.mixture, err)
+    validate_hf_keys(cfg, err)
     if cfg.branching.rule not in ("seed", "posterior"):
         err("branching.rule", f"unknown branching rule {shown(cfg.branching.rule)}; use seed or posterior")
     if cfg.evaluation.split not in ("valid", "test"):
@@ -404,5 +409,7 @@ def load_config(name_or_path: str | Path, overrides: dict | None = None,
         cfg.corpus.path = str(Path(corpus).resolve())
     elif cfg.corpus.path and not Path(cfg.corpus.path).is_absolute():
         cfg.corpus.path = str((path.parent / cfg.corpus.path).resolve())
+    resolve_hf_paths(cfg, path.parent)
     check_corpus_domains(cfg)
+    check_hf_sources(cfg)
     return cfg

@@ -133,6 +133,8 @@ def format_plan(plan: Plan, only_pending: bool = True) -> str:
         f"run directory: {plan.run_dir}",
         f"budget: {U} updates x {G} GPUs = {U * G} GPU-updates (the dense baseline's); "
         f"seed {seed_updates} updates on {G} GPUs; {n} experts x {expert_updates} updates on {G}/{n} GPUs each",
+        *([f"seed: imported from {cfg.model.init}" + (", used as is" if seed_updates == 0 else ", then trained on")]
+          if cfg.model.init else []),
         "",
     ]
     header = ("job", "stage", "units", "array", "after", "resources", "updates/unit", "GPU-updates", "tokens", "status")

@@ -252,12 +252,12 @@ def test_tampered_output_is_rebuilt(scratch, dp):
 
 
 def test_failed_run_leaves_no_partial_outputs(scratch, dp, monkeypatch):
-    from fairseq_ext import binarize
+    from fairseq_ext import spm_tokenizer  # the sentencepiece encoder binarize writes with
 
     corpus, out = scratch
     shutil.rmtree(out / "legal")
     calls = {"n": 0}
-    real_encode = binarize.encode_with
+    real_encode = spm_tokenizer.encode_with
 
     def failing_encode(sp, text):
         calls["n"] += 1
@@ -265,14 +265,14 @@ def test_failed_run_leaves_no_partial_outputs(scratch, dp, monkeypatch):
             raise RuntimeError("disk on fire")
         return real_encode(sp, text)
 
-    monkeypatch.setattr(binarize, "encode_with", failing_encode)
+    monkeypatch.setattr(spm_tokenizer, "encode_with", failing_encode)
     with pytest.raises(RuntimeError, match="disk on fire"):
         dp.prepare_data(corpus, out, vocab_size=VOCAB, workers=1, progress=False)
     leftovers = [p.name for p in (out / "legal").iterdir()] if (out / "legal").exists() else []
     assert not [n for n in leftovers if n.endswith((".bin", ".idx", ".tmp"))], leftovers
     manifest = read_data_manifest(out)
     assert "legal" not in manifest["domains"] and "legal/train" not in manifest["data_hash"]
-    monkeypatch.setattr(binarize, "encode_with", real_encode)
+    monkeypatch.setattr(spm_tokenizer, "encode_with", real_encode)
     manifest = dp.prepare_data(corpus, out, vocab_size=VOCAB, workers=1, progress=False)
     assert "legal" in manifest["domains"]
 

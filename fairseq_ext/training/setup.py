@@ -73,7 +73,7 @@ class TrainSetup:
 
 
 def set_up(spec: TrainSpec) -> TrainSetup:
-    from fairseq.data import Dictionary
+    from fairseq_ext.encoders import load_dictionary
     from fairseq_ext.registry import register_all
     from fairseq_ext.tasks.multidomain_lm import parse_domains
 
@@ -86,7 +86,7 @@ def set_up(spec: TrainSpec) -> TrainSetup:
     if ranks.writes_files:
         files.remove_killed_saves()
     precision = pick_precision(spec, ranks.device)
-    dictionary = Dictionary.load(os.path.join(spec.data_dir, "dict.txt"))
+    dictionary = load_dictionary(spec.data_dir)  # with the data's special ids (an hf tokenizer's)
     sequences, micro = split_batch(spec, preset, ranks.world)
     torch.manual_seed(spec.seed)
     np.random.seed(spec.seed)

@@ -21,7 +21,7 @@ def _prepare(args) -> int:
         args.corpus_dir, args.out_dir, domains=args.domains, train_domains=args.train_domains,
         vocab_size=args.vocab_size, text_field=args.text_field, workers=args.workers, seed=args.seed,
         sample_chars=args.sample_chars, character_coverage=args.character_coverage, overwrite=args.overwrite,
-        progress=False if args.no_progress else None)
+        progress=False if args.no_progress else None, tokenizer=args.tokenizer)
     print(f"prepared {args.out_dir}: {len(manifest['domains'])} domains, vocab size {manifest['vocab_size']}")
     print(f"{'domain/split':<32} {'documents':>10} {'tokens':>12}")
     for key, info in sorted(manifest["datasets"].items()):
@@ -76,6 +76,9 @@ def register(subparsers) -> None:
                         "any beyond half the vocabulary, are written as byte pieces (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
                    help="rebuild OUT_DIR when its tokenizer settings or training text differ")
+    p.add_argument("--tokenizer", default=None, metavar="hf:PATH",
+                   help="encode with this local transformers model's tokenizer.json, in the model's own ids, "
+                        "instead of training sentencepiece (docs/data.md)")
     p.add_argument("--no-progress", action="store_true", help="never show progress bars")
     p.set_defaults(func=_prepare)
 

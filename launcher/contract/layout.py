@@ -125,6 +125,11 @@ class RunLayout:
         """The checkpoint a model is used from once trained: ``checkpoint_last.pt``."""
         return self.model_dir(name) / "checkpoint_last.pt"
 
+    @property
+    def hf_import(self) -> Path:
+        """The seed's starting point imported from model.init (hf:PATH) when it trains on."""
+        return self.model_dir(SEED) / "hf_import.pt"
+
     def average_dir(self, name: str) -> Path:
         return self.averages / name
 

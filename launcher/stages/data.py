@@ -13,6 +13,7 @@ from launcher.contract.atomic import atomic_write_text
 from launcher.contract.corpus import FORMATS, SPLITS, find_split_file, iter_documents
 from launcher.contract.data_manifest import prepared_domains, read_data_manifest
 from launcher.contract.errors import BtmError
+from launcher.contract.hf_model import hf_dir, hf_tokenizer_files
 from launcher.contract.layout import random_split_name
 from launcher.stages.base import Ctx, Params, Stage, need, units_of, workers
 
@@ -45,7 +46,8 @@ def prepare(ctx: Ctx, domains: list[str]) -> dict:
     cfg = ctx.config
     return prepare_data(str(ctx.layout.corpus), str(ctx.data_dir), domains=domains,
                         train_domains=list(cfg.domains.train), vocab_size=cfg.corpus.vocab_size,
-                        text_field=cfg.corpus.text_field, workers=workers(), seed=cfg.seed, progress=False)
+                        text_field=cfg.corpus.text_field, workers=workers(), seed=cfg.seed, progress=False,
+                        tokenizer=cfg.corpus.tokenizer)
 
 
 def prepare_more(ctx: Ctx, new: list[str]) -> None:
@@ -54,8 +56,13 @@ def prepare_more(ctx: Ctx, new: list[str]) -> None:
     prepare(ctx, [*have, *[d for d in new if d not in have]])
 
 
+def tokenizer_file(ctx: Ctx) -> Path:
+    """The run's tokenizer: btm's sentencepiece model, or the copy of corpus.tokenizer's."""
+    return ctx.data_dir / ("tokenizer.json" if ctx.config.corpus.tokenizer else "spm.model")
+
+
 def data_outputs(ctx: Ctx, domains) -> list[Path]:
-    return [ctx.data_dir / "spm.model", ctx.data_dir / "dict.txt",
+    return [tokenizer_file(ctx), ctx.data_dir / "dict.txt",
             *ctx.layout.split_files(domains, SPLITS)]
 
 
@@ -70,6 +77,7 @@ class DataParams(Params):
     text_field: str
     random_split: int  # experts of the random-split baseline (0: none)
     seed: int  # the tokenizer's sample and the random split's shuffle
+    tokenizer: str | None  # corpus.tokenizer (hf:PATH) or None: train sentencepiece
 
 
 def data_units(cfg: Config):
@@ -77,7 +85,7 @@ def data_units(cfg: Config):
     # c-BTM: clusters are made from (and replace) the training domains; eval domains are kept.
     random_split = len(cfg.expert_names) if "random_split" in cfg.baselines else 0
     return units_of([(None, DataParams(cfg.corpus.path, base, list(cfg.domains.train), cfg.corpus.vocab_size,
-                                       cfg.corpus.text_field, random_split, cfg.seed))])
+                                       cfg.corpus.text_field, random_split, cfg.seed, cfg.corpus.tokenizer))])
 
 
 def build_corpus_view(ctx: Ctx) -> Path:
@@ -102,7 +110,9 @@ def build_corpus_view(ctx: Ctx) -> Path:
 
 
 def data_inputs(ctx: Ctx) -> list[Path]:
-    return corpus_files(Path(ctx.params.corpus), ctx.params.domains)
+    source = hf_dir(ctx.params.tokenizer)
+    return [*corpus_files(Path(ctx.params.corpus), ctx.params.domains),
+            *(hf_tokenizer_files(source) if source else [])]
 
 
 def data_run(ctx: Ctx):
@@ -133,7 +143,7 @@ def incremental_units(cfg: Config):
 
 def incremental_inputs(ctx: Ctx) -> list[Path]:
     return [*corpus_files(Path(ctx.params.corpus), ctx.params.domains),
-            ctx.data_dir / "spm.model", ctx.data_dir / "dict.txt"]
+            tokenizer_file(ctx), ctx.data_dir / "dict.txt"]
 
 
 def incremental_run(ctx: Ctx):

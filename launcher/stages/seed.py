@@ -1,5 +1,12 @@
 """The seed stage (BTM step 0): the seed LM on all of the budget's GPUs, trained on a mix of
-the training domains (``data.mixture``; balanced by default, as in the BTM paper)."""
+the training domains (``data.mixture``; balanced by default, as in the BTM paper).
+
+With ``model.init: hf:PATH`` the seed starts from that local transformers model, converted
+exactly (``fairseq_ext.hf_import``), instead of random init: it trains on for
+``budget.seed_fraction`` of the budget, or, with ``seed_fraction: 0``, the imported model is
+the seed as it is (what c-BTM and Branch-Train-MiX do) and the experts get the whole budget.
+The record lists the model directory's files (sha256) among the inputs: another model there
+makes a new seed."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from launcher.config import Config
+from launcher.contract.hf_model import hf_dir, hf_files
 from launcher.contract.layout import SEED
-from launcher.stages.base import Budget, Ctx, Stage, units_of
-from launcher.stages.training import (TrainParams, base_domains, dense_tokens_per_update, split_updates,
-                                      train_fields, train_unit, upstream_of_training)
+from launcher.stages.base import Budget, Ctx, Stage, need, units_of
+from launcher.stages.training import (TrainParams, base_domains, dense_tokens_per_update, has_seed,
+                                      split_updates, train_fields, train_unit, upstream_of_training)
 
 
 @dataclass(frozen=True)
@@ -21,7 +29,8 @@ class MixtureTrainParams(TrainParams):
 
 def seed_units(cfg: Config):
     seed_updates, _ = split_updates(cfg)
-    fields = train_fields(cfg, SEED, base_domains(cfg), None, seed_updates, dense_tokens_per_update(cfg))
+    fields = train_fields(cfg, SEED, base_domains(cfg), cfg.model.init, seed_updates,
+                          dense_tokens_per_update(cfg))
     return units_of([(None, MixtureTrainParams(**fields, mixture=cfg.data.mixture))])
 
 
@@ -29,8 +38,30 @@ def mixture_inputs(ctx: Ctx) -> list[Path]:
     return [ctx.data_dir / "dict.txt", *ctx.layout.split_files(ctx.params.domains, ("train", "valid"))]
 
 
+def seed_inputs(ctx: Ctx) -> list[Path]:
+    source = hf_dir(ctx.params.init)
+    return [*mixture_inputs(ctx), *(hf_files(source) if source else [])]
+
+
 def seed_run(ctx: Ctx):
-    return train_unit(ctx, ctx.model_dir(SEED), None, mixture=ctx.params.mixture)
+    p = ctx.params
+    save_dir = ctx.model_dir(SEED)
+    if p.init is None:
+        return train_unit(ctx, save_dir, None, mixture=p.mixture)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    import_hf = need("fairseq_ext.hf_import", "import_hf")
+    # As is: the import is the seed's checkpoint; else the trainer's init (a resumed run
+    # finds the same import and continues from checkpoint_last).
+    imported = ctx.layout.checkpoint(SEED) if p.max_updates == 0 else ctx.layout.hf_import
+    record = import_hf(hf_dir(p.init), imported, preset=p.preset, data_dir=ctx.data_dir)
+    if p.max_updates == 0:
+        return [imported], {"hf_import": record}
+    outputs, extra = train_unit(ctx, save_dir, imported, mixture=p.mixture)
+    return outputs, {**extra, "hf_import": record}
+
+
+def seed_gpus(cfg: Config) -> int:
+    return cfg.total_gpus if split_updates(cfg)[0] > 0 else 0  # importing as is needs none
 
 
 def seed_budget(cfg: Config) -> Budget:
@@ -38,6 +69,6 @@ def seed_budget(cfg: Config) -> Budget:
     return Budget(seed_updates, cfg.total_gpus, seed_updates * dense_tokens_per_update(cfg))
 
 
-STAGE = Stage("seed", MixtureTrainParams, seed_units, mixture_inputs, seed_run,
-              after_ok=upstream_of_training, enabled=lambda cfg: split_updates(cfg)[0] > 0,
-              gpus=lambda cfg: cfg.total_gpus, budget=seed_budget, trains=True)
+STAGE = Stage("seed", MixtureTrainParams, seed_units, seed_inputs, seed_run,
+              after_ok=upstream_of_training, enabled=has_seed, gpus=seed_gpus, budget=seed_budget,
+              trains=True)

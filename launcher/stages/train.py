@@ -8,13 +8,13 @@ from launcher.config import Config
 from launcher.contract.layout import SEED, random_split_name
 from launcher.stages.base import Ctx, Stage, units_of
 from launcher.stages.training import (TrainParams, branch_from, expert_budget, expert_gpus,
-                                      expert_tokens_per_batch, split_updates, train_fields, train_unit,
+                                      expert_tokens_per_batch, has_seed, split_updates, train_fields, train_unit,
                                       upstream_of_training)
 
 
 def train_units(cfg: Config):
-    seed_updates, expert_updates = split_updates(cfg)
-    init = SEED if seed_updates > 0 else None
+    _, expert_updates = split_updates(cfg)
+    init = SEED if has_seed(cfg) else None
     names = list(cfg.expert_names)
     if "random_split" in cfg.baselines:
         # random<i>: a random 1/n of the pooled training documents (built by the data stage)
@@ -39,7 +39,7 @@ def train_run(ctx: Ctx):
 
 
 def train_after(cfg: Config) -> list[str]:
-    return ["seed"] if split_updates(cfg)[0] > 0 else upstream_of_training(cfg)
+    return ["seed"] if has_seed(cfg) else upstream_of_training(cfg)
 
 
 STAGE = Stage("train", TrainParams, train_units, train_inputs, train_run, after_ok=train_after,

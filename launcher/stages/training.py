@@ -34,6 +34,11 @@ def split_updates(cfg: Config) -> tuple[int, int]:
     return seed_updates, cfg.total_updates - seed_updates
 
 
+def has_seed(cfg: Config) -> bool:
+    """Whether experts branch from a seed LM: one trained here, or imported (model.init)."""
+    return split_updates(cfg)[0] > 0 or cfg.model.init is not None
+
+
 def dense_tokens_per_update(cfg: Config) -> int:
     return cfg.total_gpus * cfg.preset.tokens_per_update_per_gpu
 
@@ -70,7 +75,7 @@ class TrainParams(Params):
     """One training run of a stage (the keys of its record's params)."""
     name: str
     domains: list[str]
-    init: str | None  # "seed", a branching rule (grow), or None for random init
+    init: str | None  # "seed", a branching rule (grow), "hf:PATH" (the seed), None for random init
     preset: str
     max_updates: int
     tokens_per_batch: int
