@@ -23,44 +23,110 @@ rebuilds everything.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import sys
 from pathlib import Path
 
-from launcher.contract.atomic import sha256_file
+from launcher.contract.atomic import atomic_write_bytes, sha256_file
 from launcher.contract.corpus import SPLITS, find_split_file, list_domains
 from launcher.contract.data_manifest import FORMAT_VERSION, MANIFEST, read_data_manifest, write_data_manifest
 from launcher.contract.errors import BtmError
 from launcher.contract.names import validate_name
 
-from fairseq_ext import binarize, spm_tokenizer
+from fairseq_ext import binarize, shards, spm_tokenizer
 from fairseq_ext.spm_tokenizer import (BOS_ID, EOS_ID, N_SPECIAL, PAD_ID, UNK_ID, TokenizerSettings,
                                        decode_ids, encode_text, load_dictionary)
 
-__all__ = ["BOS_ID", "EOS_ID", "N_SPECIAL", "PAD_ID", "UNK_ID", "TokenizerSettings", "decode_ids",
-           "encode_text", "load_dictionary", "prepare_data"]
+__all__ = ["BOS_ID", "EOS_ID", "N_SPECIAL", "PAD_ID", "UNK_ID", "TokenizerSettings", "binarize_task", "decode_ids",
+           "encode_text", "load_dictionary", "merge_data", "plan_data", "prepare_data"]
+
+
+DEFAULT_SHARD_BYTES = 256 << 20  # a small corpus is one shard per split
 
 
 def prepare_data(corpus_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                  domains: list[str] | None = None, train_domains: list[str] | None = None,
                  vocab_size: int = 8000, text_field: str = "text", workers: int = 2, seed: int = 1,
                  sample_chars: int = 1_000_000, character_coverage: float = 0.9995,
-                 overwrite: bool = False, progress: bool | None = None) -> dict:
-    """Prepare ``out_dir`` from ``corpus_dir`` and return the manifest (see module docstring).
+                 overwrite: bool = False, progress: bool | None = None,
+                 shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
+    """Prepare ``out_dir`` from ``corpus_dir`` and return the manifest (see module docstring):
+    ``plan_data``, then every shard in a pool of ``workers`` (``binarize_task`` 0 of 1), then
+    ``merge_data``, under one lock.
 
     ``domains`` selects corpus domains (default: all subdirectories); ``train_domains`` (default:
     ``domains``) train the tokenizer. ``progress`` shows tqdm bars (default: when stderr is a TTY).
     """
+    progress = sys.stderr.isatty() if progress is None else progress
+    with _locked(out_dir):
+        _plan(corpus_dir, out_dir, domains=domains, train_domains=train_domains, vocab_size=vocab_size,
+              text_field=text_field, seed=seed, sample_chars=sample_chars, character_coverage=character_coverage,
+              overwrite=overwrite, progress=progress, shard_bytes=shard_bytes)
+        binarize_task(out_dir, 0, 1, workers=workers, progress=progress)
+        return _merge(Path(out_dir))
+
+
+def plan_data(corpus_dir: str | os.PathLike, out_dir: str | os.PathLike, **kwargs) -> dict:
+    """Step 1 (one job): reuse or train the tokenizer, then write ``shards.json``: the shards
+    of every (domain, split) whose dataset is not current. Returns the plan's summary."""
+    with _locked(out_dir):
+        return _plan(corpus_dir, out_dir, **kwargs)
+
+
+def binarize_task(out_dir: str | os.PathLike, task: int, tasks: int, *, workers: int = 1,
+                  progress: bool = False) -> dict:
+    """Step 2 (task ``task`` of an array of ``tasks``): binarize this task's shards of the plan
+    (``shards.assign_tasks``) that are not done yet. Takes no lock: tasks write disjoint files."""
+    out_dir = Path(out_dir)
+    if not 0 <= task < tasks:
+        raise BtmError(f"shard task {task} is outside the array of {tasks} tasks")
+    _check_positive("workers", workers)
+    plan = shards.read_plan(out_dir)
+    if sha256_file(out_dir / "spm.model") != plan["spm_model_sha256"]:
+        raise BtmError(f"{out_dir / 'spm.model'} changed since {out_dir / shards.PLAN} was written: re-run the plan")
+    mine = shards.assign_tasks(plan["shards"], tasks)[task]
+    done = list(binarize.run_shards(out_dir, mine, plan["text_field"], plan["spm_model_sha256"], workers,
+                                    progress))
+    return {"shards": len(mine), "binarized": len(done), "bytes": sum(s.size for s in mine),
+            "tokens": sum(r["tokens"] for r in done)}
+
+
+def merge_data(out_dir: str | os.PathLike) -> dict:
+    """Step 3 (one job): concatenate each planned split's shards into ``<domain>/<split>.bin|.idx``,
+    record it in the manifest and remove its shards. Returns the manifest."""
+    with _locked(out_dir):
+        return _merge(Path(out_dir))
+
+
+@contextlib.contextmanager
+def _locked(out_dir):
     import filelock
 
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(str(Path(out_dir) / ".prepare.lock"))
+    try:
+        lock.acquire(timeout=5)
+    except filelock.Timeout:
+        raise BtmError(f"{out_dir} is being prepared by another process (lock {lock.lock_file})") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _plan(corpus_dir, out_dir, *, domains=None, train_domains=None, vocab_size=8000, text_field="text", seed=1,
+          sample_chars=1_000_000, character_coverage=0.9995, overwrite=False, progress=None,
+          shard_bytes=DEFAULT_SHARD_BYTES) -> dict:
     corpus_dir, out_dir = Path(corpus_dir), Path(out_dir)
     available = list_domains(corpus_dir)
     domains = _check_domains(domains or available, available, corpus_dir,
                              "--domains" if domains else f"domain directory of {corpus_dir}")
     train_domains = _check_domains(train_domains or domains, domains, corpus_dir, "--train-domains")
     _check_positive("vocab_size", vocab_size, minimum=N_SPECIAL + 256 + 1)
-    _check_positive("workers", workers)
     _check_positive("sample_chars", sample_chars)
+    _check_positive("shard_bytes", shard_bytes)
     if not isinstance(text_field, str) or not text_field:
         raise BtmError(f"invalid text field {text_field!r}: give a non-empty JSON field name")
     if not 0.98 <= character_coverage <= 1.0:  # sentencepiece's own limits
@@ -73,32 +139,40 @@ def prepare_data(corpus_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     settings = TokenizerSettings(vocab_size=vocab_size, train_domains=tuple(train_domains),
                                  sample_chars=sample_chars, seed=seed,
                                  character_coverage=character_coverage, text_field=text_field)
+    _remove_stale_temp_files(out_dir)
+    source_sha = {key: sha256_file(p) for key, p in sources.items()}
+    manifest = _prepare_tokenizer(out_dir, settings, sources, source_sha, overwrite, progress)
+    todo = {key: p for key, p in sources.items() if not _split_is_current(out_dir, manifest, *key, source_sha)}
+    stale = [f"{d}/{s}" for d, s in todo if f"{d}/{s}" in manifest["datasets"]]
+    if stale:  # the manifest only ever lists datasets that are current and complete
+        for key in stale:
+            del manifest["datasets"][key]
+        write_data_manifest(out_dir, manifest)
+    planned = shards.plan_shards(todo, source_sha, shard_bytes)
+    shards.write_plan(out_dir, planned, shard_bytes=shard_bytes, text_field=text_field,
+                      spm_sha256=manifest["spm_model_sha256"])
+    return {"datasets": len(todo), "shards": len(planned), "bytes": sum(s.size for s in planned)}
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lock = filelock.FileLock(str(out_dir / ".prepare.lock"))
-    try:
-        lock.acquire(timeout=5)
-    except filelock.Timeout:
-        raise BtmError(f"{out_dir} is being prepared by another process (lock {lock.lock_file})") from None
-    try:
-        _remove_stale_temp_files(out_dir)
-        source_sha = {key: sha256_file(p) for key, p in sources.items()}
-        manifest = _prepare_tokenizer(out_dir, settings, sources, source_sha, overwrite, progress)
-        jobs = [binarize.DomainJob(domain=d, out_dir=str(out_dir), text_field=text_field,
-                                   sources={s: str(sources[d, s].resolve()) for s in SPLITS},
-                                   source_sha={s: source_sha[d, s] for s in SPLITS},
-                                   show_progress=progress and workers == 1)
-                for d in domains if not _domain_is_current(out_dir, manifest, d, sources, source_sha)]
-        stale = [key for key in manifest["datasets"] if key.split("/")[0] in {j.domain for j in jobs}]
-        if stale:  # the manifest only ever lists datasets that are current and complete
-            for key in stale:
-                del manifest["datasets"][key]
+
+def _merge(out_dir: Path) -> dict:
+    plan = shards.read_plan(out_dir)
+    manifest = read_data_manifest(out_dir)
+    groups: dict[tuple[str, str], list] = {}
+    for shard in plan["shards"]:
+        groups.setdefault((shard.domain, shard.split), []).append(shard)
+    for (domain, split), group in sorted(groups.items()):
+        if all(binarize.shard_is_current(out_dir, s, plan["spm_model_sha256"]) for s in group):
+            manifest["datasets"][f"{domain}/{split}"] = shards.merge_split(out_dir, group)
+            # A copy of the shared dictionary next to the splits, so stock fairseq tools
+            # (fairseq-train/fairseq-eval-lm DATA/<domain>) read a domain directory as it is.
+            atomic_write_bytes(out_dir / domain / "dict.txt", (out_dir / "dict.txt").read_bytes())
             write_data_manifest(out_dir, manifest)
-        for result in binarize.run_jobs(jobs, workers, progress):
-            _record_domain(out_dir, manifest, result)
-        return manifest
-    finally:
-        lock.release()
+            shards.remove_shards(out_dir, group)
+        elif manifest["datasets"].get(f"{domain}/{split}", {}).get("source_sha256") != group[0].source_sha256:
+            missing = [s.key for s in group if not binarize.shard_is_current(out_dir, s, plan["spm_model_sha256"])]
+            raise BtmError(f"{out_dir}: {len(missing)} shard(s) of {domain}/{split} are not binarized "
+                           f"({', '.join(missing[:5])}): run their shard tasks first")
+    return manifest
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,31 +251,18 @@ def _read_manifest_if_any(out_dir: Path) -> dict | None:
     return read_data_manifest(out_dir)
 
 
-def _record_domain(out_dir: Path, manifest: dict, result: dict) -> None:
-    for split, info in result["splits"].items():
-        manifest["datasets"][f"{result['domain']}/{split}"] = info
-    write_data_manifest(out_dir, manifest)
-
-
-def _domain_is_current(out_dir: Path, manifest: dict, domain: str, sources: dict, source_sha: dict) -> bool:
-    """Recorded from the same input bytes and text field, and its files still hash as recorded."""
+def _split_is_current(out_dir: Path, manifest: dict, domain: str, split: str, source_sha: dict) -> bool:
+    """Recorded from the same input bytes, and its files still hash as recorded."""
+    info = manifest["datasets"].get(f"{domain}/{split}")
+    if info is None or info.get("source_sha256") != source_sha[domain, split]:
+        return False
+    prefix = out_dir / domain / split
     try:
-        if sha256_file(out_dir / domain / "dict.txt") != manifest["dict_sha256"]:
-            return False
+        return (sha256_file(out_dir / domain / "dict.txt") == manifest["dict_sha256"]
+                and sha256_file(prefix.with_suffix(".bin")) == info["bin_sha256"]
+                and sha256_file(prefix.with_suffix(".idx")) == info["idx_sha256"])
     except OSError:
         return False
-    for split in SPLITS:
-        info = manifest["datasets"].get(f"{domain}/{split}")
-        if info is None or info.get("source_sha256") != source_sha[domain, split]:
-            return False
-        prefix = out_dir / domain / split
-        try:
-            if (sha256_file(prefix.with_suffix(".bin")) != info["bin_sha256"]
-                    or sha256_file(prefix.with_suffix(".idx")) != info["idx_sha256"]):
-                return False
-        except OSError:
-            return False
-    return True
 
 
 def _remove_outputs(out_dir: Path, manifest: dict) -> None:
@@ -211,8 +272,9 @@ def _remove_outputs(out_dir: Path, manifest: dict) -> None:
         validate_name(domain, "domain name in manifest")
         for name in (f"{split}.bin", f"{split}.idx", "dict.txt"):
             (out_dir / domain / name).unlink(missing_ok=True)
-    for name in ("spm.model", "spm.vocab", "dict.txt", "tokens.csv", MANIFEST):
+    for name in ("spm.model", "spm.vocab", "dict.txt", "tokens.csv", shards.PLAN, MANIFEST):
         (out_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(out_dir / shards.SHARD_DIR, ignore_errors=True)
 
 
 def _remove_stale_temp_files(out_dir: Path) -> None:
