@@ -20,20 +20,24 @@ from fairseq_ext.shards import PLAN_VERSION, Shard, write_index
 from fairseq_ext.spm_tokenizer import EOS_ID, encode_with, text_chunks
 
 
-def shard_is_current(out_dir: Path, shard: Shard, spm_sha256: str) -> bool:
+def current_record(out_dir: Path, shard: Shard, spm_sha256: str) -> dict | None:
+    """The shard's record if the shard is done: same source sha256, byte range and tokenizer,
+    and its files still of the recorded sizes; else None (the shard is to be redone)."""
     prefix = shard.prefix(out_dir)
     try:
         record = read_versioned_json(prefix.with_suffix(".json"), what="shard record", key="format_version",
                                      version=PLAN_VERSION, missing="")
     except BtmError:
-        return False
+        return None
     if record.get("shard") != asdict(shard) or record.get("spm_model_sha256") != spm_sha256:
-        return False
+        return None
     try:
-        return (prefix.with_suffix(".bin").stat().st_size == record["bin_bytes"]
-                and prefix.with_suffix(".idx").stat().st_size == record["idx_bytes"])
+        if (prefix.with_suffix(".bin").stat().st_size == record["bin_bytes"]
+                and prefix.with_suffix(".idx").stat().st_size == record["idx_bytes"]):
+            return record
     except OSError:
-        return False
+        pass
+    return None
 
 
 def binarize_shard(out_dir: str, shard: Shard, text_field: str, spm_sha256: str) -> dict:
@@ -74,7 +78,7 @@ def run_shards(out_dir: Path, shards: list[Shard], text_field: str, spm_sha256: 
     first failure stops the rest)."""
     from tqdm import tqdm
 
-    todo = [s for s in shards if not shard_is_current(out_dir, s, spm_sha256)]
+    todo = [s for s in shards if current_record(out_dir, s, spm_sha256) is None]
     bar = tqdm(total=len(todo), desc="binarize shards", unit="shard", disable=not progress or not todo)
     try:
         if workers == 1 or len(todo) <= 1:

@@ -27,6 +27,7 @@ import contextlib
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.contract.atomic import atomic_write_bytes, sha256_file
@@ -59,20 +60,23 @@ def prepare_data(corpus_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     ``domains`` selects corpus domains (default: all subdirectories); ``train_domains`` (default:
     ``domains``) train the tokenizer. ``progress`` shows tqdm bars (default: when stderr is a TTY).
     """
-    progress = sys.stderr.isatty() if progress is None else progress
+    _check_positive("workers", workers)
+    request = _check_request(corpus_dir, domains=domains, train_domains=train_domains, vocab_size=vocab_size,
+                             text_field=text_field, seed=seed, sample_chars=sample_chars,
+                             character_coverage=character_coverage, overwrite=overwrite, progress=progress,
+                             shard_bytes=shard_bytes)
     with _locked(out_dir):
-        _plan(corpus_dir, out_dir, domains=domains, train_domains=train_domains, vocab_size=vocab_size,
-              text_field=text_field, seed=seed, sample_chars=sample_chars, character_coverage=character_coverage,
-              overwrite=overwrite, progress=progress, shard_bytes=shard_bytes)
-        binarize_task(out_dir, 0, 1, workers=workers, progress=progress)
+        _plan(Path(out_dir), request)
+        binarize_task(out_dir, 0, 1, workers=workers, progress=request.progress)
         return _merge(Path(out_dir))
 
 
 def plan_data(corpus_dir: str | os.PathLike, out_dir: str | os.PathLike, **kwargs) -> dict:
     """Step 1 (one job): reuse or train the tokenizer, then write ``shards.json``: the shards
     of every (domain, split) whose dataset is not current. Returns the plan's summary."""
+    request = _check_request(corpus_dir, **kwargs)
     with _locked(out_dir):
-        return _plan(corpus_dir, out_dir, **kwargs)
+        return _plan(Path(out_dir), request)
 
 
 def binarize_task(out_dir: str | os.PathLike, task: int, tasks: int, *, workers: int = 1,
@@ -116,10 +120,21 @@ def _locked(out_dir):
         lock.release()
 
 
-def _plan(corpus_dir, out_dir, *, domains=None, train_domains=None, vocab_size=8000, text_field="text", seed=1,
-          sample_chars=1_000_000, character_coverage=0.9995, overwrite=False, progress=None,
-          shard_bytes=DEFAULT_SHARD_BYTES) -> dict:
-    corpus_dir, out_dir = Path(corpus_dir), Path(out_dir)
+@dataclass(frozen=True)
+class _Request:
+    """A checked request to prepare data: the source files and the tokenizer settings."""
+    sources: dict
+    settings: TokenizerSettings
+    shard_bytes: int
+    overwrite: bool
+    progress: bool
+
+
+def _check_request(corpus_dir, *, domains=None, train_domains=None, vocab_size=8000, text_field="text", seed=1,
+                   sample_chars=1_000_000, character_coverage=0.9995, overwrite=False, progress=None,
+                   shard_bytes=DEFAULT_SHARD_BYTES) -> _Request:
+    """Every user error in the arguments or the corpus layout, before anything is written."""
+    corpus_dir = Path(corpus_dir)
     available = list_domains(corpus_dir)
     domains = _check_domains(domains or available, available, corpus_dir,
                              "--domains" if domains else f"domain directory of {corpus_dir}")
@@ -139,17 +154,22 @@ def _plan(corpus_dir, out_dir, *, domains=None, train_domains=None, vocab_size=8
     settings = TokenizerSettings(vocab_size=vocab_size, train_domains=tuple(train_domains),
                                  sample_chars=sample_chars, seed=seed,
                                  character_coverage=character_coverage, text_field=text_field)
+    return _Request(sources, settings, shard_bytes, overwrite, progress)
+
+
+def _plan(out_dir: Path, request: _Request) -> dict:
+    sources = request.sources
     _remove_stale_temp_files(out_dir)
     source_sha = {key: sha256_file(p) for key, p in sources.items()}
-    manifest = _prepare_tokenizer(out_dir, settings, sources, source_sha, overwrite, progress)
+    manifest = _prepare_tokenizer(out_dir, request.settings, sources, source_sha, request.overwrite, request.progress)
     todo = {key: p for key, p in sources.items() if not _split_is_current(out_dir, manifest, *key, source_sha)}
     stale = [f"{d}/{s}" for d, s in todo if f"{d}/{s}" in manifest["datasets"]]
     if stale:  # the manifest only ever lists datasets that are current and complete
         for key in stale:
             del manifest["datasets"][key]
         write_data_manifest(out_dir, manifest)
-    planned = shards.plan_shards(todo, source_sha, shard_bytes)
-    shards.write_plan(out_dir, planned, shard_bytes=shard_bytes, text_field=text_field,
+    planned = shards.plan_shards(todo, source_sha, request.shard_bytes)
+    shards.write_plan(out_dir, planned, shard_bytes=request.shard_bytes, text_field=request.settings.text_field,
                       spm_sha256=manifest["spm_model_sha256"])
     return {"datasets": len(todo), "shards": len(planned), "bytes": sum(s.size for s in planned)}
 
@@ -160,18 +180,25 @@ def _merge(out_dir: Path) -> dict:
     groups: dict[tuple[str, str], list] = {}
     for shard in plan["shards"]:
         groups.setdefault((shard.domain, shard.split), []).append(shard)
+    ready = {}
     for (domain, split), group in sorted(groups.items()):
-        if all(binarize.shard_is_current(out_dir, s, plan["spm_model_sha256"]) for s in group):
-            manifest["datasets"][f"{domain}/{split}"] = shards.merge_split(out_dir, group)
-            # A copy of the shared dictionary next to the splits, so stock fairseq tools
-            # (fairseq-train/fairseq-eval-lm DATA/<domain>) read a domain directory as it is.
-            atomic_write_bytes(out_dir / domain / "dict.txt", (out_dir / "dict.txt").read_bytes())
-            write_data_manifest(out_dir, manifest)
-            shards.remove_shards(out_dir, group)
+        records = [binarize.current_record(out_dir, s, plan["spm_model_sha256"]) for s in group]
+        if all(records):
+            if not sum(r["documents"] for r in records):  # checked before any split is merged
+                raise BtmError(f"{group[0].source} holds no documents (every line is blank or has an empty "
+                               f"{plan['text_field']!r})")
+            ready[domain, split] = group
         elif manifest["datasets"].get(f"{domain}/{split}", {}).get("source_sha256") != group[0].source_sha256:
-            missing = [s.key for s in group if not binarize.shard_is_current(out_dir, s, plan["spm_model_sha256"])]
+            missing = [s.key for s, r in zip(group, records) if r is None]
             raise BtmError(f"{out_dir}: {len(missing)} shard(s) of {domain}/{split} are not binarized "
                            f"({', '.join(missing[:5])}): run their shard tasks first")
+    for (domain, split), group in ready.items():
+        manifest["datasets"][f"{domain}/{split}"] = shards.merge_split(out_dir, group)
+        # A copy of the shared dictionary next to the splits, so stock fairseq tools
+        # (fairseq-train/fairseq-eval-lm DATA/<domain>) read a domain directory as it is.
+        atomic_write_bytes(out_dir / domain / "dict.txt", (out_dir / "dict.txt").read_bytes())
+        write_data_manifest(out_dir, manifest)
+        shards.remove_shards(out_dir, group)
     return manifest
 
 
