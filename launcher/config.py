@@ -34,6 +34,8 @@ class CorpusConfig:
     path: str | None = field(default=None, metadata={"help": "corpus directory CORPUS/<domain>/<split>.jsonl[.gz]; relative to the config file; --corpus overrides"})
     text_field: str = field(default="text", metadata={"help": "JSON field holding the document text"})
     vocab_size: int = field(default=8000, metadata={"help": "sentencepiece vocabulary size"})
+    shard_mb: float = field(default=256.0, metadata={"help": "data prep cuts each split file into shards of about this many MB (a smaller file is one shard); docs/data.md"})
+    shard_tasks: int = field(default=1, metadata={"help": "tasks of the data_shard array that binarize the shards (each a pool of its CPUs)"})
 
 
 @dataclass
@@ -290,6 +292,10 @@ def _validate(cfg: Config, err) -> None:
         if cfg.domains.incremental:
             err("domains.incremental", "incremental domains are for method: btm")
     _validate_mixture(cfg.data.mixture, err)
+    if not cfg.corpus.shard_mb * (1 << 20) >= 1:
+        err("corpus.shard_mb", f"must be a positive size in MB, got {cfg.corpus.shard_mb}")
+    if cfg.corpus.shard_tasks < 1:
+        err("corpus.shard_tasks", f"must be a positive integer, got {cfg.corpus.shard_tasks}")
     if not 0.0 <= cfg.budget.seed_fraction < 1.0:
         err("budget.seed_fraction", f"must be in [0, 1), got {cfg.budget.seed_fraction}")
     for key in ("total_updates", "gpus"):
