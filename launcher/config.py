@@ -76,6 +76,7 @@ class BranchingConfig:
 @dataclass
 class ClustersConfig:
     k: int = field(default=4, metadata={"help": "number of clusters = experts (method: cbtm)"})
+    assign_tasks: int = field(default=1, metadata={"help": "tasks of the cluster_assign array (each assigns a contiguous slice of the corpus)"})
 
 
 @dataclass
@@ -289,6 +290,8 @@ def _validate(cfg: Config, err) -> None:
     if cfg.method == "cbtm":
         if cfg.clusters.k < 1:
             err("clusters.k", f"need at least one cluster, got {cfg.clusters.k}")
+        if cfg.clusters.assign_tasks < 1:
+            err("clusters.assign_tasks", f"must be a positive integer, got {cfg.clusters.assign_tasks}")
         if cfg.domains.incremental:
             err("domains.incremental", "incremental domains are for method: btm")
     _validate_mixture(cfg.data.mixture, err)

@@ -87,7 +87,9 @@ def test_random_split_and_cbtm_units():
     assert plan.job("data_plan").units[0].params["random_split"] == 3
     assert plan.job("data").units[0].params["domains"][-3:] == ["random0", "random1", "random2"]
     cb = _plan("cbtm-tiny")
-    assert [j.name for j in cb.jobs][:5] == ["data_plan", "data_shard", "data", "cluster", "seed"]
+    assert [j.name for j in cb.jobs][:7] == ["data_plan", "data_shard", "data", "cluster_fit", "cluster_assign",
+                                             "cluster", "seed"]
+    assert cb.job("cluster_assign").array and cb.job("cluster").after_ok == ["cluster_assign"]
     assert [u.name for u in cb.job("train").units] == ["cluster_0", "cluster_1"]
 
 
