@@ -103,3 +103,33 @@ def test_long_document_is_encoded_in_pieces_with_the_same_ids(dp, small_corpus, 
     assert len(chunks) > 10 and "".join(chunks) == text
     assert [i for c in chunks for i in encode_with(sp, c)] == encode_with(sp, text)
     assert list(text_chunks("x" * 1000, 300)) == ["x" * 1000]  # no place to cut: whole
+
+
+def test_cbtm_stages_fit_assign_array_merge_same_clusters_as_one_task(dp, small_corpus, tmp_path):
+    """data_plan -> data_shard x2 -> data -> cluster_fit -> cluster_assign x3 -> cluster, run as
+    the array tasks would run them; the clusters equal those of a one-task assignment."""
+    from launcher.config import load_config
+    from launcher.stages import run_stage
+
+    def staged(name, tasks):
+        cfg = load_config("cbtm-tiny", {"corpus": {"path": str(small_corpus), "vocab_size": 400, "shard_mb": 0.01,
+                                                   "shard_tasks": 2},
+                                        "clusters": {"k": 2, "assign_tasks": tasks}}, corpus=small_corpus)
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        steps = [("data_plan", None), ("data_shard", "t0"), ("data_shard", "t1"), ("data", None),
+                 ("cluster_fit", None), *[("cluster_assign", f"s{t}") for t in range(tasks)], ("cluster", None)]
+        for stage, unit in steps:
+            assert run_stage(run_dir, stage, unit) == 0, (stage, unit)
+        return run_dir
+
+    three, one = staged("three", 3), staged("one", 1)
+    for c in ("cluster_0", "cluster_1"):
+        for split in ("train", "valid", "test"):
+            got = (three / "clusters" / "domains" / c / f"{split}.jsonl").read_bytes()
+            assert got == (one / "clusters" / "domains" / c / f"{split}.jsonl").read_bytes()
+    manifest = json.loads((three / "data" / "manifest.json").read_text())
+    assert {"cluster_0", "cluster_1"} <= set(manifest["domains"])
+    assert not (three / "clusters" / "domains" / ".shards").exists(), "merged slices are removed"
+    assert run_stage(three, "cluster_assign", "s1") == 0  # a re-run: record current, nothing redone
