@@ -66,42 +66,47 @@ def prepare_data(corpus_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                              character_coverage=character_coverage, overwrite=overwrite, progress=progress,
                              shard_bytes=shard_bytes)
     with _locked(out_dir):
-        _plan(Path(out_dir), request)
-        binarize_task(out_dir, 0, 1, workers=workers, progress=request.progress)
-        return _merge(Path(out_dir))
+        _plan(Path(out_dir), request, shards.ONE_JOB_PLAN)
+        binarize_task(out_dir, 0, 1, workers=workers, progress=request.progress, plan=shards.ONE_JOB_PLAN)
+        return _merge(Path(out_dir), shards.ONE_JOB_PLAN)
 
 
-def plan_data(corpus_dir: str | os.PathLike, out_dir: str | os.PathLike, **kwargs) -> dict:
+def plan_data(corpus_dir: str | os.PathLike, out_dir: str | os.PathLike, plan: str = shards.PLAN, **kwargs) -> dict:
     """Step 1 (one job): reuse or train the tokenizer, then write ``shards.json``: the shards
     of every (domain, split) whose dataset is not current. Returns the plan's summary."""
     request = _check_request(corpus_dir, **kwargs)
     with _locked(out_dir):
-        return _plan(Path(out_dir), request)
+        return _plan(Path(out_dir), request, plan)
 
 
 def binarize_task(out_dir: str | os.PathLike, task: int, tasks: int, *, workers: int = 1,
-                  progress: bool = False) -> dict:
+                  progress: bool = False, plan: str = shards.PLAN) -> dict:
     """Step 2 (task ``task`` of an array of ``tasks``): binarize this task's shards of the plan
     (``shards.assign_tasks``) that are not done yet. Takes no lock: tasks write disjoint files."""
     out_dir = Path(out_dir)
     if not 0 <= task < tasks:
         raise BtmError(f"shard task {task} is outside the array of {tasks} tasks")
     _check_positive("workers", workers)
-    plan = shards.read_plan(out_dir)
+    plan_name, plan = plan, shards.read_plan(out_dir, plan)
     if sha256_file(out_dir / "spm.model") != plan["spm_model_sha256"]:
-        raise BtmError(f"{out_dir / 'spm.model'} changed since {out_dir / shards.PLAN} was written: re-run the plan")
-    mine = shards.assign_tasks(plan["shards"], tasks)[task]
+        raise BtmError(f"{out_dir / 'spm.model'} changed since {out_dir / plan_name} was written: re-run the plan")
+    manifest = read_data_manifest(out_dir)
+    merged = {key for key, info in manifest["datasets"].items()  # by a merge after this plan
+              if manifest["spm_model_sha256"] == plan["spm_model_sha256"] and "shards" in info}
+    mine = [s for s in shards.assign_tasks(plan["shards"], tasks)[task]
+            if not (f"{s.domain}/{s.split}" in merged
+                    and manifest["datasets"][f"{s.domain}/{s.split}"]["source_sha256"] == s.source_sha256)]
     done = list(binarize.run_shards(out_dir, mine, plan["text_field"], plan["spm_model_sha256"], workers,
                                     progress))
     return {"shards": len(mine), "binarized": len(done), "bytes": sum(s.size for s in mine),
             "tokens": sum(r["tokens"] for r in done)}
 
 
-def merge_data(out_dir: str | os.PathLike) -> dict:
+def merge_data(out_dir: str | os.PathLike, plan: str = shards.PLAN) -> dict:
     """Step 3 (one job): concatenate each planned split's shards into ``<domain>/<split>.bin|.idx``,
     record it in the manifest and remove its shards. Returns the manifest."""
     with _locked(out_dir):
-        return _merge(Path(out_dir))
+        return _merge(Path(out_dir), plan)
 
 
 @contextlib.contextmanager
@@ -157,7 +162,7 @@ def _check_request(corpus_dir, *, domains=None, train_domains=None, vocab_size=8
     return _Request(sources, settings, shard_bytes, overwrite, progress)
 
 
-def _plan(out_dir: Path, request: _Request) -> dict:
+def _plan(out_dir: Path, request: _Request, plan_name: str) -> dict:
     sources = request.sources
     _remove_stale_temp_files(out_dir)
     source_sha = {key: sha256_file(p) for key, p in sources.items()}
@@ -170,12 +175,12 @@ def _plan(out_dir: Path, request: _Request) -> dict:
         write_data_manifest(out_dir, manifest)
     planned = shards.plan_shards(todo, source_sha, request.shard_bytes)
     shards.write_plan(out_dir, planned, shard_bytes=request.shard_bytes, text_field=request.settings.text_field,
-                      spm_sha256=manifest["spm_model_sha256"])
+                      spm_sha256=manifest["spm_model_sha256"], name=plan_name)
     return {"datasets": len(todo), "shards": len(planned), "bytes": sum(s.size for s in planned)}
 
 
-def _merge(out_dir: Path) -> dict:
-    plan = shards.read_plan(out_dir)
+def _merge(out_dir: Path, plan_name: str) -> dict:
+    plan = shards.read_plan(out_dir, plan_name)
     manifest = read_data_manifest(out_dir)
     groups: dict[tuple[str, str], list] = {}
     for shard in plan["shards"]:
@@ -299,7 +304,7 @@ def _remove_outputs(out_dir: Path, manifest: dict) -> None:
         validate_name(domain, "domain name in manifest")
         for name in (f"{split}.bin", f"{split}.idx", "dict.txt"):
             (out_dir / domain / name).unlink(missing_ok=True)
-    for name in ("spm.model", "spm.vocab", "dict.txt", "tokens.csv", shards.PLAN, MANIFEST):
+    for name in ("spm.model", "spm.vocab", "dict.txt", "tokens.csv", shards.PLAN, shards.ONE_JOB_PLAN, MANIFEST):
         (out_dir / name).unlink(missing_ok=True)
     shutil.rmtree(out_dir / shards.SHARD_DIR, ignore_errors=True)
 

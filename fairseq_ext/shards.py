@@ -4,6 +4,7 @@ array task, or one worker of a pool), then concatenated into each split's datase
 Files (all in ``DATA/``)::
 
     shards.json                                 the plan: every shard's source, byte range, source sha256
+                                                (shards.one_job.json: a one-process prepare's plan)
     .shards/<domain>/<split>/<index>.bin|.idx   one shard's mmap dataset (items: document ids + eos)
     .shards/<domain>/<split>/<index>.json       its record, written last: the shard is done
 
@@ -34,7 +35,10 @@ from launcher.contract.atomic import atomic_path, atomic_write_json, read_versio
 from launcher.contract.corpus import shard_ranges
 from launcher.contract.errors import BtmError
 
-PLAN = "shards.json"
+PLAN = "shards.json"  # the pipeline's plan (data_plan -> data_shard array -> data)
+# The plan of a one-process prepare (``btm data prepare``, and the data_incremental and
+# cluster stages adding domains): its own file, so it never rewrites the pipeline's plan.
+ONE_JOB_PLAN = "shards.one_job.json"
 SHARD_DIR = ".shards"
 PLAN_VERSION = 1
 _IDX_MAGIC = b"MMIDIDX\x00\x00"  # fairseq's MMapIndexedDataset index, version 1
@@ -71,11 +75,12 @@ def plan_shards(sources: dict, source_sha: dict, shard_bytes: int) -> list[Shard
     return shards
 
 
-def write_plan(out_dir: Path, shards: list[Shard], *, shard_bytes: int, text_field: str, spm_sha256: str) -> None:
+def write_plan(out_dir: Path, shards: list[Shard], *, shard_bytes: int, text_field: str, spm_sha256: str,
+               name: str = PLAN) -> None:
     """Write ``shards.json``, unless it already says the same (a no-op re-run rewrites nothing)."""
     plan = {"format_version": PLAN_VERSION, "shard_bytes": shard_bytes, "text_field": text_field,
             "spm_model_sha256": spm_sha256, "shards": [asdict(s) for s in shards]}
-    path = Path(out_dir) / PLAN
+    path = Path(out_dir) / name
     try:
         if json.loads(path.read_text(encoding="utf-8")) == plan:
             return
@@ -84,9 +89,9 @@ def write_plan(out_dir: Path, shards: list[Shard], *, shard_bytes: int, text_fie
     atomic_write_json(path, plan)
 
 
-def read_plan(out_dir: Path) -> dict:
-    plan = read_versioned_json(Path(out_dir) / PLAN, what="shard plan", key="format_version", version=PLAN_VERSION,
-                               missing=f"{Path(out_dir) / PLAN} not found: the data plan step has not run")
+def read_plan(out_dir: Path, name: str = PLAN) -> dict:
+    plan = read_versioned_json(Path(out_dir) / name, what="shard plan", key="format_version", version=PLAN_VERSION,
+                               missing=f"{Path(out_dir) / name} not found: the data plan step has not run")
     plan["shards"] = [Shard(**s) for s in plan["shards"]]
     return plan
 

@@ -175,9 +175,9 @@ def test_rerun_skips_finished_domains(prepared, small_corpus, dp, monkeypatch):
     elapsed = time.perf_counter() - t0
     assert again == manifest
     # nothing rewritten (same files, same mtimes) but the shard plan, which now lists no work
-    assert {k: v for k, v in output_files(out).items() if k != "shards.json"} == \
-        {k: v for k, v in before.items() if k != "shards.json"}
-    assert json.loads((out / "shards.json").read_text())["shards"] == []
+    assert {k: v for k, v in output_files(out).items() if k != "shards.one_job.json"} == \
+        {k: v for k, v in before.items() if k != "shards.one_job.json"}
+    assert json.loads((out / "shards.one_job.json").read_text())["shards"] == []
     assert elapsed < 30, f"a no-op re-run took {elapsed:.1f}s"  # only hashing; generous for CI
 
 
@@ -238,9 +238,9 @@ def test_adding_an_eval_domain_keeps_the_tokenizer(scratch, dp):
                                vocab_size=VOCAB, workers=1, progress=False)
     assert manifest["domains"] == ["bible", "code_python", "extra", "legal"]
     after = output_files(out)
-    assert {k: v for k, v in after.items() if not k.startswith("extra/")
-            and k not in ("manifest.json", "tokens.csv", "shards.json")} == {k: v for k, v in before.items()
-                                                             if k not in ("manifest.json", "tokens.csv", "shards.json")}
+    rewritten = ("manifest.json", "tokens.csv", "shards.one_job.json")
+    assert {k: v for k, v in after.items() if not k.startswith("extra/") and k not in rewritten} == \
+        {k: v for k, v in before.items() if k not in rewritten}
 
 
 def test_tampered_output_is_rebuilt(scratch, dp):
