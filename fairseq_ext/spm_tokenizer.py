@@ -122,8 +122,9 @@ def encode_with(sp, text: str) -> list[int]:
 
 
 # Encoding a long document in pieces of about this many characters bounds the memory of
-# sentencepiece's encoder (tens of bytes per character) and of the id lists.
-ENCODE_CHUNK_CHARS = 1 << 20
+# sentencepiece (and is faster: 2.2 s for 2M characters in 64K pieces, 3.9 s in 1M pieces) and
+# of the id lists.
+ENCODE_CHUNK_CHARS = 1 << 16
 
 
 def text_chunks(text: str, max_chars: int = ENCODE_CHUNK_CHARS):
