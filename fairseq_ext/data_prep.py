@@ -6,17 +6,25 @@ Data flow (contract: "Data" in docs/architecture.md; user guide: docs/data.md)::
       -> balanced sample of the training domains' train splits -> spm.model, spm.vocab
       -> dict.txt (fairseq Dictionary; symbol i == sentencepiece piece i)
                                                       fairseq_ext.spm_tokenizer
-      -> DATA/<domain>/<split>.bin|.idx (mmap indexed dataset, one item per document + eos)
-         and DATA/<domain>/dict.txt (a copy, so stock fairseq tools read DATA/<domain>)
-                                                      fairseq_ext.binarize
+      -> DATA/shards.json: each split file cut into byte ranges at document boundaries
+                                                      fairseq_ext.shards (plan_data)
+      -> DATA/.shards/<domain>/<split>/<i>.bin|.idx|.json, one per shard
+                                                      fairseq_ext.binarize (binarize_task)
+      -> DATA/<domain>/<split>.bin|.idx (mmap indexed dataset, one item per document + eos:
+         the shards concatenated) and DATA/<domain>/dict.txt (a copy, so stock fairseq tools
+         read DATA/<domain>)                          fairseq_ext.shards (merge_data)
       -> tokens.csv, manifest.json                    launcher.contract.data_manifest
+
+The three steps run in one process (``prepare_data``) or as three pipeline stages, the middle
+one an array of tasks (docs/data.md, "Sharding").
 
 This module decides what to (re)build and keeps the manifest; it also re-exports the
 tokenizer's public API (``encode_text``, ``decode_ids``, ``load_dictionary``, the special ids),
 which callers import from here.
 
-Re-runs: a domain is skipped when the manifest says it was built from the same input bytes
-with the same tokenizer and its .bin/.idx still hash to the recorded values. A re-run whose
+Re-runs: a (domain, split) is not planned when the manifest says it was built from the same
+input bytes with the same tokenizer and its .bin/.idx still hash to the recorded values; a
+shard is not redone when its record matches the plan (``binarize.current_record``). A re-run whose
 tokenizer settings or tokenizer training data differ from the manifest's is an error (the
 existing data may already be used by trained experts) unless ``overwrite=True``, which
 rebuilds everything.
