@@ -7,9 +7,10 @@ processes at the same time, each one task of the array (one core each):
 - binarization: ``data_prep.binarize_task(DATA, t, n)``, shards of ``--shard-mb``;
 - assignment: ``cluster.assign_shard(MODEL, CORPUS, OUT, t, n)``.
 
-Prints, per step and task count: wall time, tokens/s in all, tokens/s per task (= per core),
-and the largest peak RSS of a task (VmHWM of the task process). Tokens are the
-prepared tokens of the corpus (eos included), so both steps are in the same unit.
+Prints, per step and task count: wall time, tokens/s in all, the CPU seconds of all tasks
+(imports included) and tokens per CPU-second (= tokens/s per core, unaffected by other load
+on the machine), and the largest peak RSS of a task (VmHWM of the task process). Tokens are
+the prepared tokens of the corpus (eos included), so both steps are in the same unit.
 
 ``--long-mb N`` also measures one document of N MB on one line (no newline inside): the peak
 RSS of the task that binarizes it, and of encoding it in one call as data prep did before
@@ -45,7 +46,8 @@ def _task(step: str, args: tuple, queue) -> None:
 
         model, corpus, out, t, n = args
         assign_shard(model, corpus, out, t, n, AssignSettings())
-    queue.put(peak_rss_mb())
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    queue.put((peak_rss_mb(), usage.ru_utime + usage.ru_stime))
 
 
 def peak_rss_mb() -> float:
@@ -57,20 +59,21 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_tasks(step: str, task_args: list[tuple]) -> tuple[float, float]:
-    """Run the tasks at once, one process each; (wall seconds, largest peak RSS in MB)."""
+def run_tasks(step: str, task_args: list[tuple]) -> tuple[float, float, float]:
+    """Run the tasks at once, one process each; (wall seconds, largest peak RSS in MB, CPU
+    seconds of all tasks, imports included)."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_task, args=(step, a, queue)) for a in task_args]
     t0 = time.perf_counter()
     for p in procs:
         p.start()
-    rss = [queue.get() for _ in procs]
+    got = [queue.get() for _ in procs]
     for p in procs:
         p.join()
         if p.exitcode:
             raise SystemExit(f"{step} task failed (exit {p.exitcode})")
-    return time.perf_counter() - t0, max(rss)
+    return time.perf_counter() - t0, max(r for r, _ in got), sum(c for _, c in got)
 
 
 def long_document(work: Path, mb: int) -> None:
@@ -87,8 +90,8 @@ def long_document(work: Path, mb: int) -> None:
             f.write(json.dumps({"text": doc if split == "train" else "a short one"}) + "\n")
     out = work / "long_data"
     data_prep.plan_data(corpus, out, vocab_size=2000, sample_chars=200_000)
-    wall, rss = run_tasks("binarize", [(str(out), 0, 1)])
-    print(f"one {mb} MB single-line document: binarize task peak RSS {rss:.0f} MB, {wall:.1f} s")
+    wall, rss, cpu = run_tasks("binarize", [(str(out), 0, 1)])
+    print(f"one {mb} MB single-line document: binarize task peak RSS {rss:.0f} MB, {wall:.1f} s, {cpu:.1f} CPU s")
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     p = ctx.Process(target=_whole_encode, args=(str(out), str(corpus / "long" / "train.jsonl"), queue))
@@ -140,18 +143,24 @@ def main() -> None:
         planned = work / "planned"  # the planned data directory, copied afresh for every run
         shutil.copytree(data, planned)
         tokens = None
-        print(f"{'step':10} {'tasks':>5} {'wall s':>7} {'tokens/s':>10} {'tokens/s/core':>14} {'peak RSS MB':>12}")
+        header = (f"{'step':10} {'tasks':>5} {'wall s':>7} {'tokens/s':>10} {'CPU s':>7} {'tokens/CPU-s':>13} "
+                  f"{'peak RSS MB':>12}")
+        rows = []
         for n in [int(x) for x in args.tasks.split(",")]:
             shutil.rmtree(data)
             shutil.copytree(planned, data)
-            wall, rss = run_tasks("binarize", [(str(data), t, n) for t in range(n)])
+            result = run_tasks("binarize", [(str(data), t, n) for t in range(n)])
             if tokens is None:
                 manifest = data_prep.merge_data(data)
                 tokens = sum(v["tokens"] for v in manifest["datasets"].values())
-            print(f"{'binarize':10} {n:5d} {wall:7.1f} {tokens / wall:10.0f} {tokens / wall / n:14.0f} {rss:12.0f}")
+                print(f"tokens: {tokens}\n{header}")
+            rows.append(("binarize", n, *result))
             out = work / f"assign{n}"
-            wall, rss = run_tasks("assign", [(str(work / "model"), str(corpus), str(out), t, n) for t in range(n)])
-            print(f"{'assign':10} {n:5d} {wall:7.1f} {tokens / wall:10.0f} {tokens / wall / n:14.0f} {rss:12.0f}")
+            rows.append(("assign", n, *run_tasks("assign", [(str(work / "model"), str(corpus), str(out), t, n)
+                                                            for t in range(n)])))
+            for step, tasks, wall, rss, cpu in rows[-2:]:
+                print(f"{step:10} {tasks:5d} {wall:7.1f} {tokens / wall:10.0f} {cpu:7.1f} {tokens / cpu:13.0f} "
+                      f"{rss:12.0f}", flush=True)
         if args.long_mb:
             long_document(work, args.long_mb)
     finally:
