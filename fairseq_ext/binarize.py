@@ -1,106 +1,89 @@
-"""Binarizing one domain of a corpus into fairseq mmap datasets (runs in worker processes).
+"""Binarizing shards of a corpus into fairseq mmap datasets (runs in worker processes, or in
+the tasks of a SLURM array: see ``fairseq_ext.shards`` for the files and the resume rule).
 
-``DATA/<domain>/<split>.bin|.idx``: one item per document, its token ids followed by eos;
-``DATA/<domain>/dict.txt``: a copy of the shared dictionary, so stock fairseq tools read a
-domain directory as it is. ``fairseq_ext.data_prep`` decides which domains to build and
-records the results in the manifest.
+A shard's items are its documents as the data's encoder makes them (``fairseq_ext.encoders``:
+token ids followed by eos, bos first for hf tokenizers that add one); ids are written as they
+are encoded (``Encoder.document_parts`` bounds one encode call for sentencepiece), in the
+dtype fairseq's mmap builder would choose, so a merged split is byte for byte what one
+builder would write.
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from launcher.contract.atomic import atomic_path, atomic_write_bytes, sha256_file
-from launcher.contract.corpus import SPLITS, iter_documents
+from launcher.contract.atomic import atomic_path, atomic_write_json, read_versioned_json
+from launcher.contract.corpus import iter_documents
+from launcher.contract.errors import BtmError
 from launcher.contract.logging_setup import quiet_third_party_logging
 
 from fairseq_ext.encoders import data_encoder
+from fairseq_ext.shards import PLAN_VERSION, Shard, write_index
 
 
-@dataclass
-class DomainJob:
-    """One worker's task (picklable): the split files of ``domain`` and their sha256."""
-
-    domain: str
-    out_dir: str
-    text_field: str
-    sources: dict
-    source_sha: dict
-    show_progress: bool = False
-
-
-def binarize_domain(job: DomainJob) -> dict:
-    """Read, encode and write every split of one domain; returns what the manifest records.
-
-    All splits are built under temp names and renamed only when every one is complete: all the
-    .bin files first, then all the .idx files (ExitStack unwinds in reverse order of entry).
-    Old .idx files are removed before any rename, so a crash between the renames leaves a .bin
-    without an .idx (an error on load, and not in the manifest, so rebuilt), never a new .bin
-    read through an old .idx.
-    """
-    quiet_third_party_logging()  # a fresh worker process imports fairseq below
-    out_dir = Path(job.out_dir)
-    encoder = data_encoder(out_dir)
-    prefixes = {s: out_dir / job.domain / s for s in SPLITS}
-    results = {}
-    with contextlib.ExitStack() as stack:
-        tmp_idx = {s: stack.enter_context(atomic_path(f"{prefixes[s]}.idx")) for s in SPLITS}
-        tmp_bin = {s: stack.enter_context(atomic_path(f"{prefixes[s]}.bin")) for s in SPLITS}
-        for split in SPLITS:
-            # Documents stream from the file into the temp dataset; bad input raises here and
-            # the temp files are removed, so nothing of this domain is written.
-            docs = iter_documents(job.sources[split], job.text_field)
-            results[split] = _build_split(encoder, docs, tmp_bin[split], tmp_idx[split], job, split)
-            results[split].update(source=job.sources[split], source_sha256=job.source_sha[split])
-        # A copy of the shared dictionary next to the splits, so stock fairseq tools
-        # (fairseq-train/fairseq-eval-lm DATA/<domain>) read a domain directory as it is.
-        atomic_write_bytes(out_dir / job.domain / "dict.txt", (out_dir / "dict.txt").read_bytes())
-        for split in SPLITS:
-            Path(f"{prefixes[split]}.idx").unlink(missing_ok=True)
-    return {"domain": job.domain, "splits": results}
-
-
-def _build_split(encoder, docs, tmp_bin: Path, tmp_idx: Path, job: DomainJob, split: str) -> dict:
-    """Write one mmap indexed dataset: item i = document i as the encoder separates it."""
-    import numpy as np
-    import torch
-    from fairseq.data import indexed_dataset
-    from tqdm import tqdm
-
-    tokens = documents = 0
-    builder = indexed_dataset.make_builder(str(tmp_bin), impl="mmap", vocab_size=encoder.size)
-    for doc in tqdm(docs, desc=f"{job.domain}/{split}", unit="doc", leave=False, disable=not job.show_progress):
-        ids = encoder.document(doc)
-        builder.add_item(torch.from_numpy(np.asarray(ids, dtype=np.int64)))
-        tokens += len(ids)
-        documents += 1
-    builder.finalize(str(tmp_idx))
-    return {"documents": documents, "tokens": tokens, "bin_sha256": sha256_file(tmp_bin),
-            "idx_sha256": sha256_file(tmp_idx), "data_hash": _data_hash(tmp_bin, tmp_idx)}
-
-
-def _data_hash(bin_path: Path, idx_path: Path) -> str:
-    """sha256 of the .bin bytes followed by the .idx bytes: the identity of one dataset."""
-    h = hashlib.sha256()
-    for p in (bin_path, idx_path):
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
-def run_jobs(jobs: list[DomainJob], workers: int, progress: bool):
-    """Yield each domain's result as it finishes; the first failure stops the rest."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(jobs), desc="binarize domains", unit="domain", disable=not progress or not jobs)
+def current_record(out_dir: Path, shard: Shard, tokenizer_sha256: str) -> dict | None:
+    """The shard's record if the shard is done: same source sha256, byte range and tokenizer,
+    and its files still of the recorded sizes; else None (the shard is to be redone)."""
+    prefix = shard.prefix(out_dir)
     try:
-        if workers == 1 or len(jobs) <= 1:
-            for job in jobs:
-                yield binarize_domain(job)
+        record = read_versioned_json(prefix.with_suffix(".json"), what="shard record", key="format_version",
+                                     version=PLAN_VERSION, missing="")
+    except BtmError:
+        return None
+    if record.get("shard") != asdict(shard) or record.get("tokenizer_sha256") != tokenizer_sha256:
+        return None
+    try:
+        if (prefix.with_suffix(".bin").stat().st_size == record["bin_bytes"]
+                and prefix.with_suffix(".idx").stat().st_size == record["idx_bytes"]):
+            return record
+    except OSError:
+        pass
+    return None
+
+
+def binarize_shard(out_dir: str, shard: Shard, text_field: str, tokenizer_sha256: str) -> dict:
+    """Encode one shard into its .bin/.idx, then write its record (runs in a worker process)."""
+    import numpy as np
+    from fairseq.data.indexed_dataset import best_fitting_int_dtype
+
+    quiet_third_party_logging()  # a fresh worker process imports fairseq
+    out_dir = Path(out_dir)
+    prefix = shard.prefix(out_dir)
+    for stale in prefix.parent.glob(f".{prefix.name}.*.tmp"):  # a killed attempt at this shard
+        stale.unlink(missing_ok=True)
+    encoder = data_encoder(out_dir)
+    dtype = best_fitting_int_dtype(encoder.size)
+    sizes = []
+    with atomic_path(prefix.with_suffix(".idx")) as tmp_idx, atomic_path(prefix.with_suffix(".bin")) as tmp_bin:
+        with open(tmp_bin, "wb") as out:
+            for doc in iter_documents(shard.source, text_field, (shard.start, shard.end)):
+                n = 0
+                for part in encoder.document_parts(doc):
+                    ids = np.asarray(part, dtype=dtype)
+                    out.write(ids.tobytes())
+                    n += len(ids)
+                sizes.append(n)
+        write_index(tmp_idx, dtype, np.asarray(sizes, dtype=np.int32))
+        bin_bytes, idx_bytes = tmp_bin.stat().st_size, tmp_idx.stat().st_size
+    record = {"format_version": PLAN_VERSION, "shard": asdict(shard), "tokenizer_sha256": tokenizer_sha256,
+              "documents": len(sizes), "tokens": int(sum(sizes)), "bin_bytes": bin_bytes, "idx_bytes": idx_bytes}
+    atomic_write_json(prefix.with_suffix(".json"), record)
+    return record
+
+
+def run_shards(out_dir: Path, shards: list[Shard], text_field: str, tokenizer_sha256: str, workers: int,
+               progress: bool):
+    """Binarize the shards that are not current; yield each one's record as it finishes (the
+    first failure stops the rest)."""
+    from tqdm import tqdm
+
+    todo = [s for s in shards if current_record(out_dir, s, tokenizer_sha256) is None]
+    bar = tqdm(total=len(todo), desc="binarize shards", unit="shard", disable=not progress or not todo)
+    try:
+        if workers == 1 or len(todo) <= 1:
+            for shard in todo:
+                yield binarize_shard(str(out_dir), shard, text_field, tokenizer_sha256)
                 bar.update()
             return
         import multiprocessing
@@ -108,9 +91,9 @@ def run_jobs(jobs: list[DomainJob], workers: int, progress: bool):
         # Not "fork": the caller may hold torch/OpenMP threads (a training test, a notebook),
         # and a forked child that touches their locks can hang. A fresh worker costs one import.
         method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)),
+        with ProcessPoolExecutor(max_workers=min(workers, len(todo)),
                                  mp_context=multiprocessing.get_context(method)) as pool:
-            futures = [pool.submit(binarize_domain, job) for job in jobs]
+            futures = [pool.submit(binarize_shard, str(out_dir), s, text_field, tokenizer_sha256) for s in todo]
             try:
                 for fut in as_completed(futures):
                     yield fut.result()

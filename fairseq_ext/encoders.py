@@ -58,12 +58,26 @@ class Encoder:
 
     def document(self, text: str) -> list[int]:
         """A dataset item: [bos] + ids + [eos] (bos only for models whose tokenizer adds one)."""
-        ids = self.encode(text)
-        if self.pad in ids:
-            raise BtmError(f"{self.tokenizer_file} encodes a document to id {self.pad}, the id btm "
-                           f"pads with (a token it should never produce; text starts {text[:60]!r})")
+        return [i for part in self.document_parts(text) for i in part]
+
+    def document_parts(self, text: str):
+        """A dataset item in consecutive parts, so a huge document is never held as one list of
+        ids: [bos], the ids of each piece of the text, [eos]. Sentencepiece data encodes the text
+        in pieces cut where no piece of its tokenizer spans the cut (``text_chunks``: the same
+        ids as one call). An hf tokenizer encodes the document in one call: its pre-tokenizer
+        (a prepended ``▁``, byte-level rules) gives no such guarantee."""
+        from fairseq_ext.spm_tokenizer import text_chunks
+
         bos = self.special_ids.get("bos_per_document")
-        return ([bos] if bos is not None else []) + ids + [self.eos]
+        if bos is not None:
+            yield [bos]
+        for piece in (text_chunks(text) if self.kind == "sentencepiece" else [text]):
+            ids = self.encode(piece)
+            if self.pad in ids:
+                raise BtmError(f"{self.tokenizer_file} encodes a document to id {self.pad}, the id btm "
+                               f"pads with (a token it should never produce; text starts {text[:60]!r})")
+            yield ids
+        yield [self.eos]
 
     def strip(self, ids) -> list[int]:
         """Ids without bos, eos and pad (what decodes to a document's text)."""

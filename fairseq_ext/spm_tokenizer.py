@@ -100,6 +100,38 @@ def encode_with(sp, text: str) -> list[int]:
     return ids
 
 
+# Encoding a long document in pieces of about this many characters bounds the memory of
+# sentencepiece (and is faster: 2.2 s for 2M characters in 64K pieces, 3.9 s in 1M pieces) and
+# of the id lists.
+ENCODE_CHUNK_CHARS = 1 << 16
+
+
+def text_chunks(text: str, max_chars: int = ENCODE_CHUNK_CHARS):
+    """Cut ``text`` into pieces whose ``encode_with`` ids, concatenated, are the ids of ``text``.
+
+    A cut goes just before a space that follows a non-space character: no piece of this
+    tokenizer spans it (whitespace is split off, ``▁`` only begins a piece), so BPE merges on
+    either side never meet. A stretch of ``max_chars`` with no such place stays whole."""
+    start = 0
+    while len(text) - start > max_chars:
+        cut = text.rfind(" ", start + 1, start + max_chars + 1)
+        while cut > start and text[cut - 1] == " ":
+            cut = text.rfind(" ", start + 1, cut)
+        if cut <= start:  # no place in the window: the next one after it
+            cut = _next_cut(text, start + max_chars)
+            if cut < 0:
+                break
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def _next_cut(text: str, pos: int) -> int:
+    while (pos := text.find(" ", pos)) > 0 and text[pos - 1] == " ":
+        pos += 1
+    return pos
+
+
 def train_tokenizer(out_dir: Path, settings: TokenizerSettings, sources: dict, progress: bool) -> dict:
     """Train on a domain-balanced sample of ``sources[domain, "train"]`` and write spm.model,
     spm.vocab and dict.txt into ``out_dir``; returns what the manifest records about it."""

@@ -43,6 +43,8 @@ class CorpusConfig:
     text_field: str = field(default="text", metadata={"help": "JSON field holding the document text"})
     vocab_size: int = field(default=8000, metadata={"help": "sentencepiece vocabulary size", "min": MIN_VOCAB_SIZE})
     tokenizer: str | None = field(default=None, metadata={"help": "hf:PATH: encode with that transformers directory's tokenizer.json instead of training sentencepiece (docs/data.md); relative to the config file"})
+    shard_mb: float = field(default=256.0, metadata={"help": "data prep cuts each split file into shards of about this many MB (a smaller file is one shard); docs/data.md", "min": 1 / (1 << 20)})
+    shard_tasks: int = field(default=1, metadata={"help": "tasks of the data_shard array that binarize the shards (each a pool of its CPUs)", "min": 1})
 
 
 @dataclass
@@ -85,6 +87,7 @@ class BranchingConfig:
 @dataclass
 class ClustersConfig:
     k: int = field(default=4, metadata={"help": "number of clusters = experts (method: cbtm)", "min": 1})
+    assign_tasks: int = field(default=1, metadata={"help": "tasks of the cluster_assign array (each assigns a contiguous slice of the corpus)", "min": 1})
 
 
 @dataclass

@@ -58,6 +58,8 @@ def test_valid_config_parses_with_defaults():
     ("baselines", ["dense", "moe"], ["baselines[1]", "'moe'"]),
     ("domains.train", ["bible", "bible"], ["domains.train", "twice"]),
     ("domains.eval", [], ["domains.eval", "at least one"]),
+    ("corpus.shard_mb", 0, ["corpus.shard_mb", "positive size in MB"]),
+    ("corpus.shard_tasks", 0, ["corpus.shard_tasks", "positive integer"]),
 ])
 def test_bad_values_name_the_key(key, value, expected):
     message = _error(_with(key, value))

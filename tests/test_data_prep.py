@@ -168,13 +168,16 @@ def test_rerun_skips_finished_domains(prepared, small_corpus, dp, monkeypatch):
     from fairseq_ext import binarize, spm_tokenizer
 
     for module, name in ((spm_tokenizer, "_train_spm"), (spm_tokenizer, "_tokenizer_sample"),
-                         (binarize, "binarize_domain"), (binarize, "ProcessPoolExecutor")):
+                         (binarize, "binarize_shard"), (binarize, "ProcessPoolExecutor")):
         monkeypatch.setattr(module, name, must_not_run)
     t0 = time.perf_counter()
     again = dp.prepare_data(small_corpus, out, vocab_size=VOCAB, workers=2, progress=False)
     elapsed = time.perf_counter() - t0
     assert again == manifest
-    assert output_files(out) == before  # nothing rewritten: same files, same mtimes
+    # nothing rewritten (same files, same mtimes) but the shard plan, which now lists no work
+    assert {k: v for k, v in output_files(out).items() if k != "shards.one_job.json"} == \
+        {k: v for k, v in before.items() if k != "shards.one_job.json"}
+    assert json.loads((out / "shards.one_job.json").read_text())["shards"] == []
     assert elapsed < 30, f"a no-op re-run took {elapsed:.1f}s"  # only hashing; generous for CI
 
 
@@ -235,9 +238,9 @@ def test_adding_an_eval_domain_keeps_the_tokenizer(scratch, dp):
                                vocab_size=VOCAB, workers=1, progress=False)
     assert manifest["domains"] == ["bible", "code_python", "extra", "legal"]
     after = output_files(out)
-    assert {k: v for k, v in after.items() if not k.startswith("extra/")
-            and k not in ("manifest.json", "tokens.csv")} == {k: v for k, v in before.items()
-                                                             if k not in ("manifest.json", "tokens.csv")}
+    rewritten = ("manifest.json", "tokens.csv", "shards.one_job.json")
+    assert {k: v for k, v in after.items() if not k.startswith("extra/") and k not in rewritten} == \
+        {k: v for k, v in before.items() if k not in rewritten}
 
 
 def test_tampered_output_is_rebuilt(scratch, dp):
@@ -277,27 +280,38 @@ def test_failed_run_leaves_no_partial_outputs(scratch, dp, monkeypatch):
     assert "legal" in manifest["domains"]
 
 
-def test_killed_run_leaves_no_partial_outputs_and_resumes(scratch, dp):
+def test_killed_run_leaves_no_partial_outputs_and_resumes(scratch, prepared, dp):
     corpus, out = scratch
     shutil.rmtree(out / "legal")
-    # A real SIGKILL in the middle of writing legal/train (after its .bin temp file is complete).
+    # A real SIGKILL in the middle of the third shard of legal (its .bin temp file complete,
+    # its index not yet written); shards of 400 bytes cut legal into several per split.
     script = (
         "import os, signal\n"
-        "from fairseq.data import indexed_dataset\n"
+        "from fairseq_ext import binarize\n"
         "from fairseq_ext.data_prep import prepare_data\n"
-        "def die(self, index_file): os.kill(os.getpid(), signal.SIGKILL)\n"
-        "indexed_dataset.MMapIndexedDatasetBuilder.finalize = die\n"
-        f"prepare_data({str(corpus)!r}, {str(out)!r}, vocab_size={VOCAB}, workers=1, progress=False)\n"
+        "calls = []\n"
+        "def die(*args):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 3: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(*args)\n"
+        "real, binarize.write_index = binarize.write_index, die\n"
+        f"prepare_data({str(corpus)!r}, {str(out)!r}, vocab_size={VOCAB}, workers=1, progress=False, shard_bytes=400)\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
     assert proc.returncode == -9, proc.stderr
-    visible = [p.name for p in (out / "legal").iterdir() if not p.name.startswith(".")]
-    assert not [n for n in visible if n.endswith((".bin", ".idx"))], visible
+    shard_dir = out / ".shards" / "legal" / "test"
+    visible = sorted(p.name for p in shard_dir.iterdir() if not p.name.startswith("."))
+    assert visible == ["00000.bin", "00000.idx", "00000.json", "00001.bin", "00001.idx", "00001.json"], visible
+    assert [p.name for p in shard_dir.iterdir() if p.name.startswith(".00002.")], "the killed shard's temp files"
+    assert not (out / "legal").exists() or not list((out / "legal").glob("*.bin"))
     assert "legal" not in read_data_manifest(out)["domains"]
-    manifest = dp.prepare_data(corpus, out, vocab_size=VOCAB, workers=1, progress=False)
-    assert "legal" in manifest["domains"]
+    manifest = dp.prepare_data(corpus, out, vocab_size=VOCAB, workers=1, progress=False, shard_bytes=400)
+    assert manifest["data_hash"] == prepared[1]["data_hash"], "sharded and resumed: the same bytes"
+    assert manifest["datasets"]["legal/train"]["shards"] > 3
     assert not list(out.rglob(".*.tmp")), "the re-run cleans up the killed run's temp files"
+    assert not list((out / ".shards").rglob("*.*")), "merged shards are removed"
+
 
 
 # ---------------------------------------------------------------------------- bad input

@@ -289,7 +289,7 @@ def fault_free_staged(small_corpus, tmp_path_factory):
     """The same config's stages up to the forest, with nothing missing."""
     require_fairseq()
     run_dir = _staged_run(small_corpus, tmp_path_factory.mktemp("fault_free_staged") / "run")
-    for step in (["data"], ["seed"], ["train", "--unit", "bible"], ["train", "--unit", "legal"], ["merge"]):
+    for step in (["data_plan"], ["data_shard", "--unit", "t0"], ["data"], ["seed"], ["train", "--unit", "bible"], ["train", "--unit", "legal"], ["merge"]):
         r = _stage(run_dir, *step)
         assert r.returncode == 0, (step, r.stderr)
     return run_dir
@@ -298,7 +298,7 @@ def fault_free_staged(small_corpus, tmp_path_factory):
 def test_missing_expert_data_other_experts_finish_and_merge_names_it(small_corpus, fault_free_staged, tmp_path):
     require_fairseq()
     run_dir = _staged_run(small_corpus, tmp_path / "run")
-    for step in (["data"], ["seed"]):
+    for step in (["data_plan"], ["data_shard", "--unit", "t0"], ["data"], ["seed"]):
         r = _stage(run_dir, *step)
         assert r.returncode == 0, r.stderr
     for ext in ("bin", "idx"):  # legal's training data disappears (a purge, a bad rsync) after the seed

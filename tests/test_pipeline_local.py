@@ -111,8 +111,9 @@ def test_lock_refuses_a_second_run(tmp_path):
 @pytest.mark.slow
 @pytest.mark.fairseq
 def test_tiny_pipeline_end_to_end_then_incremental(tmp_path):
-    """tiny (3 experts) with the local executor; a second run submits nothing; adding a fourth
-    domain trains only it, branched from the posterior-weighted top-2 experts."""
+    """tiny (3 experts) with the local executor, its data in shards of 10 KB binarized by an
+    array of 3 tasks; a second run submits nothing; adding a fourth domain trains only it,
+    branched from the posterior-weighted top-2 experts."""
     require_fairseq()
     import importlib.util
 
@@ -124,21 +125,28 @@ def test_tiny_pipeline_end_to_end_then_incremental(tmp_path):
     corpus = write_small_corpus(tmp_path / "corpus", ["bible", "code_python", "legal", "fiction"],
                                 {"train": 60, "valid": 8, "test": 8})
     run_dir = tmp_path / "run"
-    r = run_btm("run", "tiny", "--run-dir", run_dir, "--corpus", corpus, "--no-progress", timeout=900)
+    sharded = tmp_path / "tiny.yaml"
+    sharded.write_text((REPO / "launcher" / "configs" / "tiny.yaml").read_text().replace(
+        "  vocab_size: 500\n", "  vocab_size: 500\n  shard_mb: 0.01\n  shard_tasks: 3\n"))
+    r = run_btm("run", sharded, "--run-dir", run_dir, "--corpus", corpus, "--no-progress", timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
+    manifest = json.loads((run_dir / "data" / "manifest.json").read_text())
+    assert manifest["datasets"]["legal/train"]["shards"] > 3
+    tasks = [json.loads((run_dir / "records" / f"data_shard.t{k}.json").read_text()) for k in range(3)]
+    assert all(t["shards"] > 0 for t in tasks), tasks
     forest = json.loads((run_dir / "forest.json").read_text())
     assert [e["name"] for e in forest["experts"]] == ["bible", "code_python", "legal"]
     assert all(e["parents"] == {"seed": 1.0} and e["updates"] == 12 for e in forest["experts"])
     assert "ensemble_posterior" in r.stdout and "report:" in r.stdout
-    for name in ("data", "seed", "train.bible", "merge", "score.legal", "eval", "report"):
+    for name in ("data_plan", "data", "seed", "train.bible", "merge", "score.legal", "eval", "report"):
         assert (run_dir / "records" / f"{name}.json").is_file()
-    again = run_btm("run", "tiny", "--run-dir", run_dir, "--corpus", corpus, "--no-progress")
+    again = run_btm("run", sharded, "--run-dir", run_dir, "--corpus", corpus, "--no-progress")
     assert again.returncode == 0 and "jobs to submit: 0" in again.stdout
     assert run_btm("forest", "verify", run_dir).returncode == 0
 
     before = {n: (run_dir / "experts" / n / "checkpoint_last.pt").stat().st_mtime_ns for n in ("bible", "legal")}
     grown = tmp_path / "grown.yaml"
-    text = (REPO / "launcher" / "configs" / "tiny.yaml").read_text()
+    text = sharded.read_text()
     grown.write_text(text.replace("train: [bible, code_python, legal]", "train: [bible, code_python, legal, fiction]"))
     r = run_btm("run", grown, "--run-dir", run_dir, "--corpus", corpus, "--no-progress", timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr

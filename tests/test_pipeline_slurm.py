@@ -64,8 +64,9 @@ def test_one_sbatch_per_stage_whatever_the_number_of_experts(tmp_path, n):
     run_dir = tmp_path / "run"
     r = run_btm("run", experts_config(tmp_path, n), "--run-dir", run_dir, env=env, check=True)
     scripts = sorted((tmp_path / "sbatch").glob("*.sh"))
-    assert len(scripts) == 8  # data seed train dense merge score eval report: not a function of n
-    assert "submitted 8 jobs" in r.stdout
+    # data_plan data_shard data seed train dense merge score eval report: not a function of n
+    assert len(scripts) == 10
+    assert "submitted 10 jobs" in r.stdout
     ledger = json.loads((run_dir / "jobs" / "submissions.json").read_text())
     ids = {row["job"]: row["job_id"] for row in ledger}
     text = {row["job"]: (tmp_path / "sbatch" / f"{row['job_id']}.sh").read_text() for row in ledger}
@@ -89,19 +90,19 @@ def test_status_and_cancel_use_the_ledger(tmp_path):
     (bin_dir / "scancel").chmod(0o755)
     # sacct answers for the train array: task 0 done, task 1 still PENDING (slurmdbd lags the
     # controller), while squeue already shows task 1 RUNNING: status takes the live state.
-    (bin_dir / "sacct").write_text("#!/bin/sh\necho '1003_0|n2.train|COMPLETED|0:0|95|01:30.250|cpu=1|node1'\n"
-                                   "echo '1003_1|n2.train|PENDING|0:0|0|00:00:00||None assigned'\n")
+    (bin_dir / "sacct").write_text("#!/bin/sh\necho '1005_0|n2.train|COMPLETED|0:0|95|01:30.250|cpu=1|node1'\n"
+                                   "echo '1005_1|n2.train|PENDING|0:0|0|00:00:00||None assigned'\n")
     run_dir = tmp_path / "run"
     run_btm("run", experts_config(tmp_path, 2), "--run-dir", run_dir, env=env, check=True)
-    (bin_dir / "squeue").write_text("#!/bin/sh\necho '1003_1|n2.train|RUNNING|0:10|node2|None'\n")
+    (bin_dir / "squeue").write_text("#!/bin/sh\necho '1005_1|n2.train|RUNNING|0:10|node2|None'\n")
     out = run_btm("status", run_dir, env=env, check=True).stdout
     rows = {tuple(line.split()[:3]): line.split() for line in out.splitlines()[1:] if line.strip()}
-    assert rows[("train", "train", "d0")][4:6] == ["COMPLETED", "1003_0"]
-    assert rows[("train", "train", "d1")][4:8] == ["RUNNING", "1003_1", "0:00:10", "node2"]
+    assert rows[("train", "train", "d0")][4:6] == ["COMPLETED", "1005_0"]
+    assert rows[("train", "train", "d1")][4:8] == ["RUNNING", "1005_1", "0:00:10", "node2"]
     assert "from squeue (queued jobs) and sacct (finished ones)" in out
     r = run_btm("cancel", run_dir, env=env, check=True)
-    assert "cancelled 8 job(s)" in r.stdout
-    assert (tmp_path / "scancel.args").read_text().split() == [str(i) for i in range(1001, 1009)]
+    assert "cancelled 10 job(s)" in r.stdout
+    assert (tmp_path / "scancel.args").read_text().split() == [str(i) for i in range(1001, 1011)]
 
 
 def test_check_uses_sbatch_test_only(tmp_path):
@@ -147,7 +148,7 @@ def _tiny_config(tmp_path: Path, corpus: Path, **budget) -> Path:
     cfg = tmp_path / "tiny-slurm.yaml"
     cfg.write_text(textwrap.dedent(f"""\
         name: tiny-slurm
-        corpus: {{path: {corpus}, vocab_size: 500}}
+        corpus: {{path: {corpus}, vocab_size: 500, shard_mb: 0.01, shard_tasks: 2}}
         domains: {{train: [bible, code_python, legal], eval: [bible, legal]}}
         model: {{preset: tiny}}
         budget: {json.dumps(b)}
@@ -166,10 +167,12 @@ def test_tiny_pipeline_on_slurm(slurm_cluster, small_corpus, tmp_path):
     run_dir = tmp_path / "run"
     cfg = _tiny_config(tmp_path, small_corpus)
     r = run_btm("run", cfg, "--run-dir", run_dir, check=True)
-    assert "submitted 7 jobs" in r.stdout
+    assert "submitted 9 jobs" in r.stdout
     _wait_done(slurm_cluster, run_dir, timeout=900)
     status = run_btm("status", run_dir, check=True).stdout
-    assert "11/11 units done" in status and "sacct" in status, status  # (squeue: only while queued)
+    assert "14/14 units done" in status and "sacct" in status, status  # (squeue: only while queued)
+    shards = [_record(run_dir, f"data_shard.t{k}") for k in range(2)]  # the data in shards, an array of 2
+    assert all(s["shards"] > 0 and s["slurm"]["slurm_array_job_id"] for s in shards), shards
     seed, merge = _record(run_dir, "seed"), _record(run_dir, "merge")
     trains = [_record(run_dir, f"train.{e}") for e in ("bible", "code_python", "legal")]
     for t in trains:  # dependencies held: every expert started after the seed finished

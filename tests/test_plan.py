@@ -27,7 +27,10 @@ def _plan(name, done=lambda stage, unit: False, profile=None):
 def test_stages_and_dependencies_of_the_paper_setup():
     plan = _plan("paper-350m")
     jobs = {j.name: j for j in plan.jobs}
-    assert list(jobs) == ["data", "seed", "train", "dense", "merge", "score", "eval", "report"]
+    assert list(jobs) == ["data_plan", "data_shard", "data", "seed", "train", "dense", "merge", "score", "eval",
+                          "report"]
+    assert jobs["data_shard"].array and jobs["data_shard"].after_ok == ["data_plan"]
+    assert jobs["data"].after_ok == ["data_shard"]
     assert jobs["train"].array and len(jobs["train"].units) == 16  # 8 experts + 8 random-split experts
     assert jobs["train"].after_ok == ["seed"] and jobs["seed"].after_ok == ["data"]
     assert jobs["merge"].after_any == ["train"] and jobs["merge"].after_ok == []
@@ -53,7 +56,8 @@ def test_forest_compute_equals_the_dense_baseline(preset):
 
 
 def test_resume_prunes_done_units_and_invalidates_downstream():
-    done = {("data", None), ("seed", None), ("train", "bible"), ("train", "legal")}
+    done = {("data_plan", None), ("data_shard", "t0"), ("data", None), ("seed", None), ("train", "bible"),
+            ("train", "legal")}
     plan = _plan("tiny", lambda stage, unit: (stage, unit.name) in done)
     submit = {j.name: j for j in plan.to_submit}
     assert set(submit) == {"train", "merge", "score", "eval", "report"}
@@ -80,9 +84,12 @@ def test_random_split_and_cbtm_units():
     names = [u.name for u in plan.job("train").units]
     assert names == ["bible", "code_python", "legal", "random0", "random1", "random2"]
     assert plan.job("train").units[3].params["domains"] == ["random0"]
-    assert plan.job("data").units[0].params["random_split"] == 3
+    assert plan.job("data_plan").units[0].params["random_split"] == 3
+    assert plan.job("data").units[0].params["domains"][-3:] == ["random0", "random1", "random2"]
     cb = _plan("cbtm-tiny")
-    assert [j.name for j in cb.jobs][:3] == ["data", "cluster", "seed"]
+    assert [j.name for j in cb.jobs][:7] == ["data_plan", "data_shard", "data", "cluster_fit", "cluster_assign",
+                                             "cluster", "seed"]
+    assert cb.job("cluster_assign").array and cb.job("cluster").after_ok == ["cluster_assign"]
     assert [u.name for u in cb.job("train").units] == ["cluster_0", "cluster_1"]
 
 
@@ -90,7 +97,7 @@ def test_incremental_domains_grow_after_merge():
     cfg = load_config("tiny")
     cfg.domains.incremental = ["fiction"]
     plan = build_plan(cfg, load_profile("local"), "r",
-                      lambda stage, unit: stage in ("data", "seed", "train", "merge"))
+                      lambda stage, unit: stage in ("data_plan", "data_shard", "data", "seed", "train", "merge"))
     submit = {j.name: j for j in plan.to_submit}
     assert set(submit) == {"data_incremental", "grow", "score", "eval", "report"}
     grow = submit["grow"]
@@ -111,9 +118,9 @@ def test_dry_run_golden(empty_corpus, tmp_path):
 
 
 def test_dry_run_shows_what_is_left():
-    plan = _plan("tiny", lambda stage, unit: stage == "data" or (stage == "seed"))
+    plan = _plan("tiny", lambda stage, unit: stage.startswith("data") or (stage == "seed"))
     text = format_plan(plan)
-    assert "done" in text.splitlines()[5] and "jobs to submit: 5" in text
+    assert all("done" in line for line in text.splitlines()[5:9]) and "jobs to submit: 5" in text
 
 
 def test_run_errors(empty_corpus, tmp_path):

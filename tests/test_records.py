@@ -119,27 +119,27 @@ def test_stage_runner_records_and_skips(tmp_path, monkeypatch):
         out.write_text("{}")
         return [out], {"note": "fake"}
 
-    data, registry = stages.get_stage("data"), list(stages.STAGES)
+    data, registry = stages.get_stage("data_plan"), list(stages.STAGES)
 
     def with_data_run(run):
         return [dataclasses.replace(data, run=run) if s is data else s for s in registry]
 
     monkeypatch.setattr(stages, "STAGES", with_data_run(fake_run))
-    assert stages.run_stage(run_dir, "data", None) == 0
-    assert stages.run_stage(run_dir, "data", None) == 0  # record current: skipped
+    assert stages.run_stage(run_dir, "data_plan", None) == 0
+    assert stages.run_stage(run_dir, "data_plan", None) == 0  # record current: skipped
     assert calls == [None]
-    rec = read_record(run_dir, "data", None)
+    rec = read_record(run_dir, "data_plan", None)
     assert rec["note"] == "fake" and "data/manifest.json" in rec["outputs"]
     assert any(k.endswith("bible/train.jsonl") for k in rec["inputs"])
     (corpus / "bible" / "train.jsonl").write_text('{"text": "new"}\n')
-    assert stages.run_stage(run_dir, "data", None) == 0
+    assert stages.run_stage(run_dir, "data_plan", None) == 0
     assert calls == [None, None]  # an input changed: ran again
 
     def preempted(ctx):
         raise stages.Preempted()
 
     monkeypatch.setattr(stages, "STAGES", with_data_run(preempted))
-    assert stages.run_stage(run_dir, "data", None, force=True) == 3
+    assert stages.run_stage(run_dir, "data_plan", None, force=True) == 3
 
 
 def test_stage_rejects_unknown_stage_and_unit(tmp_path):

@@ -38,7 +38,7 @@ def bash_n(text: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", "-n"], input=text, capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("job", ["data", "seed", "train", "dense", "merge", "score", "eval", "report"])
+@pytest.mark.parametrize("job", ["data_plan", "data_shard", "data", "seed", "train", "dense", "merge", "score", "eval", "report"])
 def test_golden_paper_125m(job):
     """The script sbatch receives and, beside it, the argv each task's pickled payload runs."""
     plan = _plan()

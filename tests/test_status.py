@@ -88,7 +88,7 @@ def test_status_rows_join_plan_ledger_scheduler_and_records(tmp_path):
     from launcher.status import format_table, status_rows
 
     cfg = load_config("tiny")
-    done = {("data", None), ("seed", None), ("train", "bible")}
+    done = {("data_plan", None), ("data_shard", "t0"), ("data", None), ("seed", None), ("train", "bible")}
     plan = build_plan(cfg, load_profile("slurm-test"), str(tmp_path), lambda s, u: (s, u.name) in done)
     subs = [{"job": "data", "job_id": "2001", "array": False, "units": [None]},
             {"job": "train", "job_id": "2002", "array": True, "units": ["bible", "code_python", "legal"]},

@@ -13,6 +13,12 @@ def _domain_list(value: str) -> list[str]:
     return names
 
 
+def _shard_bytes(mb: float) -> int:
+    if not mb * (1 << 20) >= 1:
+        raise BtmError(f"invalid --shard-mb {mb}: give a positive size in MB")
+    return int(mb * (1 << 20))
+
+
 def _prepare(args) -> int:
     # imports fairseq only inside its functions; main() has already quieted fairseq's logging
     from fairseq_ext.data_prep import prepare_data
@@ -21,7 +27,8 @@ def _prepare(args) -> int:
         args.corpus_dir, args.out_dir, domains=args.domains, train_domains=args.train_domains,
         vocab_size=args.vocab_size, text_field=args.text_field, workers=args.workers, seed=args.seed,
         sample_chars=args.sample_chars, character_coverage=args.character_coverage, overwrite=args.overwrite,
-        progress=False if args.no_progress else None, tokenizer=args.tokenizer)
+        progress=False if args.no_progress else None, shard_bytes=_shard_bytes(args.shard_mb),
+        tokenizer=args.tokenizer)
     print(f"prepared {args.out_dir}: {len(manifest['domains'])} domains, vocab size {manifest['vocab_size']}")
     print(f"{'domain/split':<32} {'documents':>10} {'tokens':>12}")
     for key, info in sorted(manifest["datasets"].items()):
@@ -66,7 +73,10 @@ def register(subparsers) -> None:
                    help="comma-separated domains whose train split trains the tokenizer (default: --domains)")
     p.add_argument("--vocab-size", type=int, default=8000, help="tokenizer vocabulary size (default: %(default)s)")
     p.add_argument("--text-field", default="text", help="JSON field holding the document text in .jsonl inputs (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=2, help="domains binarized in parallel (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=2, help="shards binarized in parallel (default: %(default)s)")
+    p.add_argument("--shard-mb", type=float, default=256.0,
+                   help="cut each split file into shards of about this many MB, binarized in parallel and merged; "
+                        "the output is the same whatever the size (default: %(default)s)")
     p.add_argument("--seed", type=int, default=1, help="seed of the tokenizer sample (default: %(default)s)")
     p.add_argument("--sample-chars", type=int, default=1_000_000,
                    help="characters sampled per training domain for the tokenizer, equal for every "

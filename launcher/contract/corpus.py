@@ -128,32 +128,83 @@ def find_sources(corpus_dir: str | os.PathLike, splits: Sequence[str] = SPLITS,
     return sources
 
 
-def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """Yield (1-based line number, decoded line including its newline)."""
+def _utf8_lines(path: Path, start: int = 0, end: int | None = None) -> Iterator[tuple[str, str]]:
+    """Yield (where: ``path:line``, decoded line including its newline) of the bytes
+    ``[start, end)`` (``start`` must be a line start: ``shard_ranges`` gives such ranges)."""
     opener = gzip.open if path.name.endswith(".gz") else open
+    if opener is gzip.open and end is not None:
+        if start or end < path.stat().st_size:
+            raise BtmError(f"{path}: a compressed file is read whole, not by byte range [{start}, {end})")
+        end = None  # the whole file, as shard_ranges gives it (compressed size)
+    label = f"{path}:" if not start else f"{path} (shard from byte {start}), line "
     try:
         with opener(path, "rb") as f:
+            f.seek(start)
+            pos = start
             for lineno, raw in enumerate(f, 1):
-                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                if end is not None and pos >= end:
+                    return
+                if pos == 0 and raw.startswith(b"\xef\xbb\xbf"):
                     raw = raw[3:]  # a UTF-8 byte-order mark is not part of the text
+                    pos += 3
+                pos += len(raw)
                 try:
-                    yield lineno, raw.decode("utf-8")
+                    yield f"{label}{lineno}", raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise BtmError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at "
+                    raise BtmError(f"{label}{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at "
                                    f"column {e.start + 1}); convert the file to UTF-8") from None
     except (OSError, EOFError, zlib.error) as e:
         raise BtmError(f"could not read {path}: {e}") from e
 
 
-def iter_documents(path: str | os.PathLike, text_field: str = "text") -> Iterator[str]:
-    """The documents of one split file, in file order, validated as they are read (streaming:
-    a split larger than memory is fine). Raises BtmError at the end if there were none."""
+def shard_ranges(path: str | os.PathLike, shard_bytes: int) -> list[tuple[int, int]]:
+    """Cut one split file into byte ranges of about ``shard_bytes`` that start at a document
+    boundary, so the documents of the ranges, in order, are the documents of the file.
+
+    A cut goes at the first line start at or after each ``shard_bytes`` mark (.jsonl), or after
+    the next blank line there (.txt, whose documents span lines). A compressed file cannot be
+    cut (no seeking into a gzip stream): it is one range. Only the lines at the cuts are read."""
     path = Path(path)
+    size = path.stat().st_size
+    if path.name.endswith(".gz") or size <= shard_bytes:
+        return [(0, size)]
+    ranges, start = [], 0
+    with open(path, "rb") as f:
+        while start < size:
+            cut = _boundary_at_or_after(f, start + shard_bytes, size, path.suffix == ".txt")
+            ranges.append((start, cut))
+            start = cut
+    return ranges
+
+
+def _boundary_at_or_after(f, offset: int, size: int, txt: bool) -> int:
+    if offset >= size:
+        return size
+    f.seek(offset - 1)
+    f.readline()  # the rest of the line holding byte offset-1: we are at a line start >= offset
+    while txt:  # a .txt document ends at a blank line: cut after one (bytes-blank is str-blank)
+        line = f.readline()
+        if not line:
+            return size
+        if not line.strip():
+            break
+    return min(f.tell(), size)
+
+
+def iter_documents(path: str | os.PathLike, text_field: str = "text",
+                   byte_range: tuple[int, int] | None = None) -> Iterator[str]:
+    """The documents of one split file, in file order, validated as they are read (streaming:
+    a split larger than memory is fine). Raises BtmError at the end if there were none.
+
+    ``byte_range`` (from ``shard_ranges``) reads the documents of one shard of the file only;
+    a shard may hold none (say, only blank lines)."""
+    path = Path(path)
+    start, end = byte_range or (0, None)
     count = 0
-    for doc in _iter_txt(path) if path.suffix == ".txt" else _iter_jsonl(path, text_field):
+    for doc in _iter_txt(path, start, end) if path.suffix == ".txt" else _iter_jsonl(path, text_field, start, end):
         count += 1
         yield doc
-    if count == 0:
+    if count == 0 and byte_range is None:
         raise BtmError(f"{path} holds no documents (every line is blank or has empty "
                        f"{text_field!r})")
 
@@ -197,30 +248,30 @@ def iter_corpus(sources: Sequence[Source], text_field: str = "text", *, start: i
         first += index + 1
 
 
-def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    for lineno, line in _utf8_lines(path):
+def _iter_jsonl(path: Path, text_field: str, start: int = 0, end: int | None = None) -> Iterator[str]:
+    for where, line in _utf8_lines(path, start, end):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise BtmError(f"{path}:{lineno}: not a JSON object ({e.msg} at column {e.colno})") from None
+            raise BtmError(f"{where}: not a JSON object ({e.msg} at column {e.colno})") from None
         if not isinstance(obj, dict):
-            raise BtmError(f"{path}:{lineno}: expected a JSON object with field {text_field!r}, "
+            raise BtmError(f"{where}: expected a JSON object with field {text_field!r}, "
                            f"got {type(obj).__name__}")
         if text_field not in obj:
             keys = ", ".join(map(repr, sorted(obj))) or "none"
-            raise BtmError(f"{path}:{lineno}: missing text field {text_field!r} (fields: {keys}); "
+            raise BtmError(f"{where}: missing text field {text_field!r} (fields: {keys}); "
                            "choose the field with --text-field")
         text = obj[text_field]
         if not isinstance(text, str):
-            raise BtmError(f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, not a string")
+            raise BtmError(f"{where}: field {text_field!r} is {type(text).__name__}, not a string")
         if text:
             yield text
 
 
-def _iter_txt(path: Path) -> Iterator[str]:
-    yield from txt_documents(line for _, line in _utf8_lines(path))
+def _iter_txt(path: Path, start: int = 0, end: int | None = None) -> Iterator[str]:
+    yield from txt_documents(line for _, line in _utf8_lines(path, start, end))
 
 
 def txt_documents(lines) -> Iterator[str]:

@@ -1,6 +1,13 @@
-"""The data stages: ``data`` binarizes the configured domains (and builds the random-split
-baseline's domains); ``data_incremental`` binarizes the incremental domains with the run's
-tokenizer. Both link the corpus domains into ``RUN_DIR/corpus`` first."""
+"""The data stages. Preparing the configured domains (and the random-split baseline's) is three
+stages, fairseq_ext.data_prep's three steps (docs/data.md, "Sharding"):
+
+- ``data_plan`` (one job): link the corpus into ``RUN_DIR/corpus``, train or reuse the
+  tokenizer, cut the split files into shards of ``corpus.shard_mb`` (``DATA/shards.json``);
+- ``data_shard`` (array of ``corpus.shard_tasks`` tasks): each binarizes its share of the
+  shards (equal bytes per task);
+- ``data`` (one job): merge the shards into each split's ``.bin``/``.idx`` and the manifest.
+
+``data_incremental`` binarizes the incremental domains with the run's tokenizer, in one job."""
 from __future__ import annotations
 
 import json
@@ -40,14 +47,18 @@ def link_domain(ctx: Ctx, name: str, target: Path) -> None:
         link.symlink_to(target.resolve(), target_is_directory=True)
 
 
-def prepare(ctx: Ctx, domains: list[str]) -> dict:
-    """Binarize ``domains`` of ``RUN_DIR/corpus`` into ``RUN_DIR/data`` (finished ones are skipped)."""
-    prepare_data = need("fairseq_ext.data_prep", "prepare_data")
+def prepare_args(ctx: Ctx, domains: list[str]) -> dict:
     cfg = ctx.config
-    return prepare_data(str(ctx.layout.corpus), str(ctx.data_dir), domains=domains,
-                        train_domains=list(cfg.domains.train), vocab_size=cfg.corpus.vocab_size,
-                        text_field=cfg.corpus.text_field, workers=workers(), seed=cfg.seed, progress=False,
-                        tokenizer=cfg.corpus.tokenizer)
+    return dict(domains=domains, train_domains=list(cfg.domains.train), vocab_size=cfg.corpus.vocab_size,
+                text_field=cfg.corpus.text_field, seed=cfg.seed, progress=False,
+                shard_bytes=int(cfg.corpus.shard_mb * (1 << 20)), tokenizer=cfg.corpus.tokenizer)
+
+
+def prepare(ctx: Ctx, domains: list[str]) -> dict:
+    """Binarize ``domains`` of ``RUN_DIR/corpus`` into ``RUN_DIR/data`` in this job (finished
+    ones are skipped)."""
+    prepare_data = need("fairseq_ext.data_prep", "prepare_data")
+    return prepare_data(str(ctx.layout.corpus), str(ctx.data_dir), workers=workers(), **prepare_args(ctx, domains))
 
 
 def prepare_more(ctx: Ctx, new: list[str]) -> None:
@@ -66,7 +77,7 @@ def data_outputs(ctx: Ctx, domains) -> list[Path]:
             *ctx.layout.split_files(domains, SPLITS)]
 
 
-# ---- data ------------------------------------------------------------------------------------
+# ---- data_plan, data_shard, data ---------------------------------------------------------------
 
 @dataclass(frozen=True)
 class DataParams(Params):
@@ -78,6 +89,14 @@ class DataParams(Params):
     random_split: int  # experts of the random-split baseline (0: none)
     seed: int  # the tokenizer's sample and the random split's shuffle
     tokenizer: str | None  # corpus.tokenizer (hf:PATH) or None: train sentencepiece
+    shard_mb: float
+
+
+def run_domains(cfg: Config) -> list[str]:
+    """The domains the data stages prepare: training, eval-only, random-split baseline's."""
+    base = [*cfg.domains.train, *[d for d in cfg.domains.eval if d not in cfg.domains.train]]
+    return [*base, *([random_split_name(i) for i in range(len(cfg.expert_names))]
+                     if "random_split" in cfg.baselines else [])]
 
 
 def data_units(cfg: Config):
@@ -85,7 +104,8 @@ def data_units(cfg: Config):
     # c-BTM: clusters are made from (and replace) the training domains; eval domains are kept.
     random_split = len(cfg.expert_names) if "random_split" in cfg.baselines else 0
     return units_of([(None, DataParams(cfg.corpus.path, base, list(cfg.domains.train), cfg.corpus.vocab_size,
-                                       cfg.corpus.text_field, random_split, cfg.seed, cfg.corpus.tokenizer))])
+                                       cfg.corpus.text_field, random_split, cfg.seed, cfg.corpus.tokenizer,
+                                       cfg.corpus.shard_mb))])
 
 
 def build_corpus_view(ctx: Ctx) -> Path:
@@ -115,14 +135,57 @@ def data_inputs(ctx: Ctx) -> list[Path]:
             *(hf_tokenizer_files(source) if source else [])]
 
 
-def data_run(ctx: Ctx):
+def plan_run(ctx: Ctx):
+    plan_data = need("fairseq_ext.data_prep", "plan_data")
     build_corpus_view(ctx)
-    domains = [*ctx.params.domains, *[random_split_name(i) for i in range(ctx.params.random_split)]]
-    prepare(ctx, domains)
-    return data_outputs(ctx, domains), {"domains": domains}
+    summary = plan_data(str(ctx.layout.corpus), str(ctx.data_dir), **prepare_args(ctx, run_domains(ctx.config)))
+    return [tokenizer_file(ctx), ctx.data_dir / "dict.txt", ctx.data_dir / "shards.json"], summary
 
 
-STAGE = Stage("data", DataParams, data_units, data_inputs, data_run)
+PLAN_STAGE = Stage("data_plan", DataParams, data_units, data_inputs, plan_run)
+
+
+@dataclass(frozen=True)
+class ShardTaskParams(Params):
+    task: int
+    tasks: int
+
+
+def shard_units(cfg: Config):
+    n = cfg.corpus.shard_tasks
+    return units_of([(f"t{k}", ShardTaskParams(k, n)) for k in range(n)])
+
+
+def shard_inputs(ctx: Ctx) -> list[Path]:
+    return [ctx.data_dir / "shards.json", tokenizer_file(ctx)]
+
+
+def shard_run(ctx: Ctx):
+    """Binarize this task's shards; the merge removes them, so they are not the record's outputs."""
+    binarize_task = need("fairseq_ext.data_prep", "binarize_task")
+    return [], binarize_task(str(ctx.data_dir), ctx.params.task, ctx.params.tasks, workers=workers())
+
+
+SHARD_STAGE = Stage("data_shard", ShardTaskParams, shard_units, shard_inputs, shard_run,
+                    after_ok=lambda cfg: ["data_plan"], array=True)
+
+
+@dataclass(frozen=True)
+class MergeParams(Params):
+    domains: list[str]
+
+
+def merge_units(cfg: Config):
+    return units_of([(None, MergeParams(run_domains(cfg)))])
+
+
+def merge_run(ctx: Ctx):
+    merge_data = need("fairseq_ext.data_prep", "merge_data")
+    merge_data(str(ctx.data_dir))
+    return data_outputs(ctx, ctx.params.domains), {"domains": ctx.params.domains}
+
+
+STAGE = Stage("data", MergeParams, merge_units, shard_inputs, merge_run, after_ok=lambda cfg: ["data_shard"])
 
 
 # ---- data_incremental --------------------------------------------------------------------------

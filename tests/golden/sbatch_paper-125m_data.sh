@@ -4,6 +4,7 @@
 #SBATCH --account=my-project
 #SBATCH --constraint=volta32gb
 #SBATCH --cpus-per-task=16
+#SBATCH --dependency='afterok:<data_shard>'
 #SBATCH --job-name=paper-125m.data
 #SBATCH --kill-on-invalid-dep=yes
 #SBATCH --mail-type=FAIL
