@@ -31,8 +31,9 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 # Evaluation methods and baselines a config may ask for: launcher.contract.methods.
 EVAL_METHODS = CONFIG_METHODS
-# Every numeric field declares its range in its metadata ("min", "max", "below"), checked when the
-# config is read: --dry-run refuses a bad value, not a stage hours later or the cluster.
+# Every numeric field declares its range in its metadata ("min" or exclusive "above", "max" or
+# exclusive "below"), checked when the config is read: --dry-run refuses a bad value, not a
+# stage hours later or the cluster.
 # vocab_size: 4 special + 256 byte pieces + 1 learned, the bound fairseq_ext.data_prep checks.
 MIN_VOCAB_SIZE = 4 + 256 + 1
 
@@ -43,7 +44,7 @@ class CorpusConfig:
     text_field: str = field(default="text", metadata={"help": "JSON field holding the document text"})
     vocab_size: int = field(default=8000, metadata={"help": "sentencepiece vocabulary size", "min": MIN_VOCAB_SIZE})
     tokenizer: str | None = field(default=None, metadata={"help": "hf:PATH: encode with that transformers directory's tokenizer.json instead of training sentencepiece (docs/data.md); relative to the config file"})
-    shard_mb: float = field(default=256.0, metadata={"help": "data prep cuts each split file into shards of about this many MB (a smaller file is one shard); docs/data.md", "min": 1 / (1 << 20)})
+    shard_mb: float = field(default=256.0, metadata={"help": "data prep cuts each split file into shards of about this many MB (a smaller file is one shard); docs/data.md", "above": 0})
     shard_tasks: int = field(default=1, metadata={"help": "tasks of the data_shard array that binarize the shards (each a pool of its CPUs)", "min": 1})
 
 
@@ -248,13 +249,14 @@ def _build(cls, data: Any, prefix: str, err):
 def _check_range(value, meta: dict, key: str, err) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return
-    low, high, below = meta.get("min"), meta.get("max"), meta.get("below")
+    low, high, below, above = meta.get("min"), meta.get("max"), meta.get("below"), meta.get("above")
     if value != value or (low is not None and value < low) or (high is not None and value > high) \
-            or (below is not None and value >= below):
+            or (below is not None and value >= below) or (above is not None and value <= above):
         def num(x, unbounded):  # 0.0 -> 0; 4294967295 stays whole
             return unbounded if x is None else str(int(x)) if float(x).is_integer() else str(x)
         upper = f"{num(below, '')})" if below is not None else f"{num(high, 'inf')}]"
-        err(key, f"must be in [{num(low, '-inf')}, {upper}, got {value}")
+        lower = f"({num(above, '')}" if above is not None else f"[{num(low, '-inf')}"
+        err(key, f"must be in {lower}, {upper}, got {value}")
 
 
 def parse_config(text: str, source: str = "<config>", overrides: dict | None = None) -> Config:

@@ -58,8 +58,8 @@ def test_valid_config_parses_with_defaults():
     ("baselines", ["dense", "moe"], ["baselines[1]", "'moe'"]),
     ("domains.train", ["bible", "bible"], ["domains.train", "twice"]),
     ("domains.eval", [], ["domains.eval", "at least one"]),
-    ("corpus.shard_mb", 0, ["corpus.shard_mb", "positive size in MB"]),
-    ("corpus.shard_tasks", 0, ["corpus.shard_tasks", "positive integer"]),
+    ("corpus.shard_mb", 0, ["corpus.shard_mb", "must be in (0, inf], got 0"]),
+    ("corpus.shard_tasks", 0, ["corpus.shard_tasks", "must be in [1, inf], got 0"]),
 ])
 def test_bad_values_name_the_key(key, value, expected):
     message = _error(_with(key, value))
@@ -208,8 +208,9 @@ def test_every_numeric_key_declares_its_range_and_the_bounds_are_enforced():
     fields = dict(_numeric_fields(Config))
     assert {"corpus.vocab_size", "seed", "evaluation.top_k", "budget.seed_fraction"} <= set(fields)
     for key, f in fields.items():
-        assert "min" in f.metadata, f"{key} declares no range"
-        outside = [f.metadata["min"] - 1, *[f.metadata[k] + (k == "max") for k in ("max", "below") if k in f.metadata]]
+        assert "min" in f.metadata or "above" in f.metadata, f"{key} declares no range"
+        lowest = f.metadata["min"] - 1 if "min" in f.metadata else f.metadata["above"]
+        outside = [lowest, *[f.metadata[k] + (k == "max") for k in ("max", "below") if k in f.metadata]]
         section, _, name = key.rpartition(".")
         for value in outside:
             data = dict(BASE)
@@ -217,7 +218,7 @@ def test_every_numeric_key_declares_its_range_and_the_bounds_are_enforced():
                 data[section] = {**BASE.get(section, {}), name: value}
             else:
                 data[name] = value
-            with pytest.raises(BtmError, match=re.escape(f"{key}: must be in [")):
+            with pytest.raises(BtmError, match=re.escape(f"{key}: must be in ")):
                 parse_config(yaml.safe_dump(data))
 
 
