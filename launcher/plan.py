@@ -79,12 +79,12 @@ def job_resources(profile: Profile, stage: str, gpus: int) -> dict:
     One node, at most its GPUs: no process group spans nodes (the trainer runs torchrun
     --standalone over one node's GPUs). A seed or dense run whose budget names more GPUs than a
     node has keeps the budget's batch by accumulating gradients (launcher.stages.training.accumulation_steps):
-    the same updates, on fewer GPUs, for proportionally longer."""
+    the same updates, on fewer GPUs, for proportionally longer. CPUs and memory follow the
+    GPUs where the profile says so (``Profile.cpus_and_mem``)."""
     p = profile.for_stage(stage)
-    if p.gpus_per_node <= 0 or gpus <= 0:
-        return {"nodes": 1, "gpus_per_node": 0, "cpus_per_task": p.cpus_per_task, "mem": p.mem, "time": p.time}
-    return {"nodes": 1, "gpus_per_node": min(gpus, p.gpus_per_node),
-            "cpus_per_task": p.cpus_per_task, "mem": p.mem, "time": p.time}
+    gpus_per_node = min(gpus, p.gpus_per_node) if p.gpus_per_node > 0 and gpus > 0 else 0
+    cpus, mem = profile.cpus_and_mem(stage, gpus_per_node)
+    return {"nodes": 1, "gpus_per_node": gpus_per_node, "cpus_per_task": cpus, "mem": mem, "time": p.time}
 
 
 def build_plan(cfg: Config, profile: Profile, run_dir: str,
@@ -133,6 +133,8 @@ def format_plan(plan: Plan, only_pending: bool = True) -> str:
         f"run directory: {plan.run_dir}",
         f"budget: {U} updates x {G} GPUs = {U * G} GPU-updates (the dense baseline's); "
         f"seed {seed_updates} updates on {G} GPUs; {n} experts x {expert_updates} updates on {G}/{n} GPUs each",
+        f"training domains ({len(cfg.domains.train)}): {', '.join(cfg.domains.train)}",
+        f"evaluation domains ({len(cfg.domains.eval)}): {', '.join(cfg.domains.eval)}",
         "",
     ]
     header = ("job", "stage", "units", "array", "after", "resources", "updates/unit", "GPU-updates", "tokens", "status")

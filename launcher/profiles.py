@@ -4,6 +4,11 @@ A profile (``slurm_templates/profiles/<name>.yaml``) says where and how jobs run
 account, qos, constraint, GPUs per node, CPUs, memory, time limit, extra sbatch lines, with
 optional per-stage overrides. The planner decides how many GPUs and nodes each job needs from
 the compute budget; the profile fills in the rest.
+
+CPUs and memory follow a job's GPUs where the profile says how much of them comes with one GPU
+(``cpus_per_gpu``, ``mem_per_gpu``): an expert on 2 of a node's 8 GPUs asks for a quarter of
+the node, so SLURM packs four on it. A stage's own ``cpus_per_task`` / ``mem`` override wins;
+jobs without GPUs take ``cpus_per_task`` / ``mem``.
 """
 from __future__ import annotations
 
@@ -23,6 +28,8 @@ from launcher.stages import STAGES
 # runs outside the pipeline: the names a profile's `stages:` section may set resources for.
 STAGE_NAMES = (*(stage.name for stage in STAGES), "fewshot")
 _EXTRA_LINE = re.compile(r"--[a-z][a-z0-9-]*(=.+)?")
+_MEM = re.compile(r"([1-9][0-9]*)([KMGT]?)")  # SLURM's --mem: an integer, unit K, M, G or T (default M)
+_INT_KEYS = ("gpus_per_node", "cpus_per_task", "cpus_per_gpu", "time", "signal_grace_s")
 
 
 @dataclass
@@ -32,6 +39,8 @@ class StageResources:
     mem: str | None = None
     time: int | None = None
     gpus_per_node: int | None = None
+    cpus_per_gpu: int | None = None
+    mem_per_gpu: str | None = None
 
 
 @dataclass
@@ -42,8 +51,10 @@ class Profile:
     qos: str | None = None
     constraint: str | None = None
     gpus_per_node: int = 0  # 0: CPU-only cluster (or the local machine)
-    cpus_per_task: int = 1
-    mem: str | None = None  # e.g. "32G"
+    cpus_per_task: int = 1  # jobs without GPUs, and GPU jobs when cpus_per_gpu is not set
+    mem: str | None = None  # e.g. "32G"; like cpus_per_task
+    cpus_per_gpu: int | None = None  # a GPU job's CPUs per task: this x its GPUs per node
+    mem_per_gpu: str | None = None  # a GPU job's memory per node: this x its GPUs per node, e.g. "60G"
     time: int = 60  # minutes
     signal_grace_s: int = 120  # SIGUSR2 this long before the time limit
     python: str | None = None  # interpreter on the compute nodes; default: the submitting one
@@ -57,6 +68,18 @@ class Profile:
         changes = {k: v for k, v in dataclasses.asdict(over).items() if v is not None}
         return dataclasses.replace(self, **changes)
 
+    def cpus_and_mem(self, stage: str, gpus_per_node: int) -> tuple[int, str | None]:
+        """CPUs per task and memory per node of a job of ``stage`` holding ``gpus_per_node`` GPUs."""
+        over = self.stages.get(stage) or StageResources()
+        p = self.for_stage(stage)
+        cpus, mem = p.cpus_per_task, p.mem
+        if gpus_per_node > 0 and p.cpus_per_gpu and over.cpus_per_task is None:
+            cpus = p.cpus_per_gpu * gpus_per_node
+        if gpus_per_node > 0 and p.mem_per_gpu and over.mem is None:
+            amount, unit = _MEM.fullmatch(p.mem_per_gpu).groups()
+            mem = f"{int(amount) * gpus_per_node}{unit}"
+        return cpus, mem
+
 
 def _check(value, tp, key: str, where: str):
     ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
@@ -66,6 +89,11 @@ def _check(value, tp, key: str, where: str):
     if tp is str and (not value or any(ord(c) < 32 or ord(c) == 127 for c in value)):
         raise BtmError(f"{where}: {key}: {value!r} is empty or has control characters (newline, tab, ...)")
     return value
+
+
+def _check_mem(value: str, key: str, where: str) -> None:
+    if not _MEM.fullmatch(value):
+        raise BtmError(f"{where}: {key}: expected SLURM memory like '60G' (an integer, unit K, M, G or T), got {value!r}")
 
 
 def parse_profile(data: dict, where: str, name: str) -> Profile:
@@ -98,14 +126,17 @@ def parse_profile(data: dict, where: str, name: str) -> Profile:
                 if not isinstance(over, dict) or set(over) - fields:
                     raise BtmError(f"{where}: stages.{stage}: expected keys among {', '.join(sorted(fields))}")
                 for k, v in over.items():
-                    _check(v, str if k == "mem" else int, f"stages.{stage}.{k}", where)
+                    _check(v, str if k in ("mem", "mem_per_gpu") else int, f"stages.{stage}.{k}", where)
+                    if k == "mem_per_gpu":
+                        _check_mem(v, f"stages.{stage}.{k}", where)
                 stages[stage] = StageResources(**over)
             kwargs[key] = stages
         elif value is None:
             kwargs[key] = None
         else:
-            tp = int if key in ("gpus_per_node", "cpus_per_task", "time", "signal_grace_s") else str
-            kwargs[key] = _check(value, tp, key, where)
+            kwargs[key] = _check(value, int if key in _INT_KEYS else str, key, where)
+            if key == "mem_per_gpu":
+                _check_mem(value, key, where)
     return Profile(**kwargs)
 
 

@@ -24,8 +24,8 @@ CTX = dict(run_dir="/scratch/runs/paper", run_name="paper-125m", array_paralleli
            python="/opt/btm/.venv/bin/python", pythonpath="/opt/btm")
 
 
-def _plan(name="paper-125m", profile="gpu-cluster-example"):
-    cfg = load_config(name)
+def _plan(corpus, name="paper-125m", profile="gpu-cluster-example"):
+    cfg = load_config(name, corpus=corpus)
     return build_plan(cfg, load_profile(profile), CTX["run_dir"])
 
 
@@ -39,17 +39,17 @@ def bash_n(text: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("job", ["data", "seed", "train", "dense", "merge", "score", "eval", "report"])
-def test_golden_paper_125m(job):
+def test_golden_paper_125m(job, paper_corpus):
     """The script sbatch receives and, beside it, the argv each task's pickled payload runs."""
-    plan = _plan()
+    plan = _plan(paper_corpus)
     sub = submission(plan.job(job), plan.profile, SbatchContext(**CTX))
     check_golden(f"sbatch_paper-125m_{job}.sh", sub.script)
     check_golden(f"sbatch_paper-125m_{job}.tasks", format_tasks(sub))
     assert bash_n(sub.script).returncode == 0
 
 
-def test_train_is_one_array_with_preemption_settings():
-    plan = _plan()
+def test_train_is_one_array_with_preemption_settings(paper_corpus):
+    plan = _plan(paper_corpus)
     sub = submission(plan.job("train"), plan.profile, SbatchContext(**CTX))
     text = sub.script
     assert sub.array and "#SBATCH --array=0-15%8" in text
@@ -67,8 +67,8 @@ def test_train_is_one_array_with_preemption_settings():
     assert "#SBATCH --dependency=afterany:1003" in merge
 
 
-def test_slurm_test_profile_renders_cpu_jobs():
-    plan = _plan("tiny", "slurm-test")
+def test_slurm_test_profile_renders_cpu_jobs(paper_corpus):
+    plan = _plan(paper_corpus, "tiny", "slurm-test")
     text = render_sbatch(plan.job("train"), plan.profile, SbatchContext(**CTX))
     assert "gpus" not in text and "#SBATCH --array=0-2%2" not in text  # array_parallelism from ctx: 8
     assert "#SBATCH --array=0-2%3" in text and "#SBATCH --mem=1000M" in text
@@ -120,10 +120,38 @@ def test_extra_sbatch_lines_and_stage_overrides():
     assert dataclasses.replace(prof).for_stage("merge").cpus_per_task == 3
 
 
-def test_multi_gpu_training_tasks_run_torchrun_inside_one_node():
+def test_cpus_and_memory_follow_the_gpus_so_four_experts_share_a_node(paper_corpus):
+    """paper-125m on the example profile (8 GPUs, 10 CPUs and 60G per GPU): an expert holds 2 GPUs
+    and asks for exactly a quarter of the node, so SLURM packs four on one node."""
+    plan = _plan(paper_corpus)
+    prof = plan.profile
+    node_cpus, node_mem = prof.cpus_per_gpu * prof.gpus_per_node, 60 * prof.gpus_per_node
+    train = submission(plan.job("train"), prof, SbatchContext(**CTX)).script
+    assert "#SBATCH --gpus-per-node=2" in train
+    assert f"#SBATCH --cpus-per-task={node_cpus // 4}" in train and f"#SBATCH --mem={node_mem // 4}G" in train
+    seed = submission(plan.job("seed"), prof, SbatchContext(**CTX)).script
+    assert f"#SBATCH --cpus-per-task={node_cpus}" in seed and f"#SBATCH --mem={node_mem}G" in seed
+    # A stage's own cpus_per_task / mem win over the per-GPU amounts; jobs without GPUs take them.
+    assert plan.job("score").cpus_per_task == 10 and plan.job("score").mem == "64G"
+    assert plan.job("data").gpus_per_node == 0 and plan.job("data").mem == "64G"
+    custom = parse_profile({"gpus_per_node": 4, "cpus_per_gpu": 3, "mem_per_gpu": "1500M", "mem": "2G",
+                            "stages": {"train": {"mem_per_gpu": "7G"}, "seed": {"cpus_per_task": 5}}}, "p.yaml", "p")
+    assert custom.cpus_and_mem("train", 2) == (6, "14G") and custom.cpus_and_mem("seed", 4) == (5, "6000M")
+    assert custom.cpus_and_mem("merge", 0) == (1, "2G")
+
+
+@pytest.mark.parametrize("bad", [{"mem_per_gpu": "60GB"}, {"mem_per_gpu": "1.5G"}, {"cpus_per_gpu": "10"},
+                                 {"stages": {"train": {"mem_per_gpu": "lots"}}}])
+def test_bad_per_gpu_resources_are_rejected(bad):
+    with pytest.raises(BtmError) as e:
+        parse_profile(bad, "p.yaml", "p")
+    assert "p.yaml" in str(e.value) and "per_gpu" in str(e.value)
+
+
+def test_multi_gpu_training_tasks_run_torchrun_inside_one_node(paper_corpus):
     """A training job with N > 1 GPUs per task: one node, and the stage trains on N processes
     (the stage's command carries --nproc-per-node N; the stage runs torchrun --standalone)."""
-    plan = _plan()  # paper-125m on 8-GPU nodes: experts 2 GPUs, seed and dense 16 -> 8
+    plan = _plan(paper_corpus)  # paper-125m on 8-GPU nodes: experts 2 GPUs, seed and dense 16 -> 8
     ctx = SbatchContext(**CTX)
     for job, n in (("train", 2), ("seed", 8), ("dense", 8)):
         sub = submission(plan.job(job), plan.profile, ctx)
@@ -131,10 +159,10 @@ def test_multi_gpu_training_tasks_run_torchrun_inside_one_node():
         assert all(argv[-2:] == ["--nproc-per-node", str(n)] for argv in sub.task_argvs), job
     for job in ("score", "eval", "data", "merge"):  # one GPU or none: one process
         assert not any("--nproc-per-node" in argv for argv in submission(plan.job(job), plan.profile, ctx).task_argvs)
-    cpu = _plan("tiny", "slurm-test")
+    cpu = _plan(paper_corpus, "tiny", "slurm-test")
     assert not any("--nproc-per-node" in argv for argv in submission(cpu.job("train"), cpu.profile, ctx).task_argvs)
     # 1.3b: an expert's share (128 / 8 = 16 GPUs) is more than a node; it takes one node's 8.
-    big = submission(_plan("paper-1.3b").job("train"), load_profile("gpu-cluster-example"), ctx)
+    big = submission(_plan(paper_corpus, "paper-1.3b").job("train"), load_profile("gpu-cluster-example"), ctx)
     assert "#SBATCH --nodes=1" in big.script and big.task_argvs[0][-2:] == ["--nproc-per-node", "8"]
     # Quoted like every other value: a run directory with a space stays one argument.
     spaced = submission(plan.job("train"), plan.profile, SbatchContext(**{**CTX, "run_dir": "/s/my run"}))

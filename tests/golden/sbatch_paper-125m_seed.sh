@@ -3,7 +3,7 @@
 # Parameters
 #SBATCH --account=my-project
 #SBATCH --constraint=volta32gb
-#SBATCH --cpus-per-task=10
+#SBATCH --cpus-per-task=80
 #SBATCH --dependency=afterok:1001
 #SBATCH --gpus-per-node=8
 #SBATCH --job-name=paper-125m.seed
