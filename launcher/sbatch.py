@@ -20,6 +20,7 @@ node (fairseq_ext/multiproc.py). A job never runs one process group across nodes
 """
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -46,6 +47,8 @@ class SbatchContext:
 
 
 def dependency_string(job: Job, ids: dict[str, str]) -> str | None:
+    """``afterok:ID[:ID...],afterany:...``; a job submitted as several arrays has all its ids
+    (``"101:102"``), so its dependents wait for every part."""
     parts = []
     for kind, names in (("afterok", job.after_ok), ("afterany", job.after_any)):
         got = [ids.get(n, f"<{n}>") for n in names]
@@ -142,6 +145,16 @@ def submission(job: Job, profile: Profile, ctx: SbatchContext, argv_for: ArgvFor
                                  **parameters)
     return Submission(folder=folder, python=python, parameters=parameters, units=units,
                       task_argvs=task_argvs, array=array, script=script)
+
+
+def array_parts(job: Job, max_array_size: int | None) -> list[Job]:
+    """``job`` as the arrays SLURM accepts: parts of at most ``max_array_size`` units each (the
+    cluster's MaxArraySize bounds an array's indices), in unit order. Each part is one sbatch
+    call; dependencies and status treat the parts as one job (launcher/executors/slurm.py)."""
+    if not job.array or not max_array_size or len(job.units) <= max_array_size:
+        return [job]
+    return [dataclasses.replace(job, units=job.units[i:i + max_array_size])
+            for i in range(0, len(job.units), max_array_size)]
 
 
 def format_tasks(sub: Submission) -> str:

@@ -244,3 +244,38 @@ def test_the_executor_submits_exactly_the_rendered_script_and_task_argvs(tmp_pat
     train = submission(plan.job("train"), plan.profile, ctx)
     assert ("#SBATCH --array=0-2%2" in train.script) == (len(train_domains) == 3)
     assert f"#SBATCH --dependency=afterok:{ctx.dependency_ids['seed']}" in train.script
+
+
+def test_an_array_past_max_array_size_is_several_arrays_treated_as_one_job(tmp_path, monkeypatch):
+    """With MaxArraySize 2 (scontrol faked), three experts are two arrays: indices 0-1 and 0.
+    Dependents wait for both ids; the ledger has one row per part; status joins every part."""
+    import json
+
+    from launcher.executors.slurm import submit
+    from launcher.scheduler import parse_max_array_size
+    from launcher.status import status_rows
+
+    fake_slurm(tmp_path, monkeypatch)
+    (tmp_path / "bin" / "scontrol").write_text("#!/bin/sh\necho 'MaxArraySize            = 2'\n")
+    (tmp_path / "bin" / "scontrol").chmod(0o755)
+    run_dir = tmp_path / "run"
+    plan = build_plan(load_config("tiny"), load_profile("slurm-test"), str(run_dir))
+    ctx = SbatchContext(run_dir=str(run_dir), run_name="tiny", array_parallelism=2, python="/opt/py")
+    rows = submit(plan.jobs, plan.profile, ctx)
+    train = [r for r in rows if r["job"] == "train"]
+    assert [(r["part"], r["units"], r["array"]) for r in train] == [
+        (0, ["bible", "code_python"], True), (1, ["legal"], False)]
+    ids = [r["job_id"] for r in train]
+    assert ctx.dependency_ids["train"] == ":".join(ids)
+    folder = run_dir / "jobs" / "submitit"
+    first, second = ((folder / f"{i}_submission.sh").read_text() for i in ids)
+    assert "#SBATCH --array=0-1%2" in first and "--array" not in second
+    assert _pickled_argv(folder / f"{ids[1]}_submitted.pkl") == ["stage", str(run_dir), "train", "--unit", "legal"]
+    merge = (folder / f"{ctx.dependency_ids['merge']}_submission.sh").read_text()
+    assert f"#SBATCH --dependency=afterany:{ids[0]}:{ids[1]}" in merge
+    assert json.loads((run_dir / "jobs" / "train.units.json").read_text()) == ["bible", "code_python", "legal"]
+    status = {r[2]: r[5] for r in status_rows(run_dir, plan, rows, {}) if r[0] == "train"}
+    assert status == {"bible": f"{ids[0]}_0", "code_python": f"{ids[0]}_1", "legal": ids[1]}
+    # The limit as scontrol prints it; no line, no limit (nothing is split).
+    assert parse_max_array_size("MaxArraySize            = 1001\nMaxBatchRequeue = 5\n") == 1001
+    assert parse_max_array_size("MaxJobCount = 10000\n") is None
