@@ -29,7 +29,8 @@ from launcher.stages import STAGES
 STAGE_NAMES = (*(stage.name for stage in STAGES), "fewshot")
 _EXTRA_LINE = re.compile(r"--[a-z][a-z0-9-]*(=.+)?")
 _MEM = re.compile(r"([1-9][0-9]*)([KMGT]?)")  # SLURM's --mem: an integer, unit K, M, G or T (default M)
-_INT_KEYS = ("gpus_per_node", "cpus_per_task", "cpus_per_gpu", "time", "signal_grace_s")
+_INT_KEYS = ("gpus_per_node", "cpus_per_task", "cpus_per_gpu", "time", "signal_grace_s", "max_nodes",
+             "collective_timeout_s")
 
 
 @dataclass
@@ -57,6 +58,8 @@ class Profile:
     mem_per_gpu: str | None = None  # a GPU job's memory per node: this x its GPUs per node, e.g. "60G"
     time: int = 60  # minutes
     signal_grace_s: int = 120  # SIGUSR2 this long before the time limit
+    max_nodes: int = 1  # nodes one training job may span (data parallel); beyond, gradient accumulation
+    collective_timeout_s: int = 600  # a multi-node job's ranks fail, never hang, when a peer is lost
     python: str | None = None  # interpreter on the compute nodes; default: the submitting one
     extra_sbatch: list[str] = field(default_factory=list)  # e.g. ["--exclusive", "--mail-type=END"]
     stages: dict[str, StageResources] = field(default_factory=dict)
@@ -135,6 +138,8 @@ def parse_profile(data: dict, where: str, name: str) -> Profile:
             kwargs[key] = None
         else:
             kwargs[key] = _check(value, int if key in _INT_KEYS else str, key, where)
+            if key in ("max_nodes", "collective_timeout_s") and value < 1:
+                raise BtmError(f"{where}: {key}: must be at least 1, got {value}")
             if key == "mem_per_gpu":
                 _check_mem(value, key, where)
     return Profile(**kwargs)

@@ -44,12 +44,13 @@ def test_forest_compute_equals_the_dense_baseline(preset, paper_corpus):
     assert forest == pytest.approx(dense.budget.gpu_updates)
     seed_tokens = seed.budget.tokens + n_experts * train.budget.tokens
     assert seed_tokens == pytest.approx(dense.budget.tokens, rel=1e-3)
-    # GPUs: each expert gets its share of the dense run's GPUs, seed and dense all of them,
-    # up to one node's (no job spans nodes; the rest is gradient accumulation).
-    per_node = plan.profile.gpus_per_node
-    assert all(j.nodes == 1 for j in plan.jobs)
-    assert train.gpus_per_node == min(per_node, plan.config.total_gpus // n_experts)
-    assert seed.gpus_per_node == dense.gpus_per_node == min(per_node, plan.config.total_gpus)
+    # GPUs: each expert gets its share of the dense run's GPUs, seed and dense all of them, a
+    # node's worth per node (up to the profile's max_nodes; the rest is gradient accumulation).
+    per_node, G = plan.profile.gpus_per_node, plan.config.total_gpus
+    assert train.gpus_per_node == min(per_node, G // n_experts)
+    assert seed.gpus_per_node == dense.gpus_per_node == min(per_node, G)
+    assert seed.nodes == dense.nodes == min(plan.profile.max_nodes, -(-G // per_node))
+    assert train.nodes * train.gpus_per_node == max(G // n_experts, per_node) or train.nodes == 1
 
 
 def test_resume_prunes_done_units_and_invalidates_downstream():

@@ -148,22 +148,34 @@ def test_bad_per_gpu_resources_are_rejected(bad):
     assert "p.yaml" in str(e.value) and "per_gpu" in str(e.value)
 
 
-def test_multi_gpu_training_tasks_run_torchrun_inside_one_node(paper_corpus):
-    """A training job with N > 1 GPUs per task: one node, and the stage trains on N processes
-    (the stage's command carries --nproc-per-node N; the stage runs torchrun --standalone)."""
-    plan = _plan(paper_corpus)  # paper-125m on 8-GPU nodes: experts 2 GPUs, seed and dense 16 -> 8
+def test_training_jobs_span_nodes_up_to_max_nodes(paper_corpus):
+    """A training job takes the budget's GPUs, a node's worth per node, on up to max_nodes nodes:
+    the stage's command carries --nproc-per-node N (torchrun on one node) and --nodes M (srun
+    tasks across the job's nodes); beyond max_nodes the job accumulates gradients."""
+    plan = _plan(paper_corpus)  # paper-125m on 8-GPU nodes: experts 2 GPUs, seed and dense 16 = 2 nodes x 8
     ctx = SbatchContext(**CTX)
-    for job, n in (("train", 2), ("seed", 8), ("dense", 8)):
+    for job, nodes, n in (("train", 1, 2), ("seed", 2, 8), ("dense", 2, 8)):
         sub = submission(plan.job(job), plan.profile, ctx)
-        assert "#SBATCH --nodes=1" in sub.script and f"#SBATCH --gpus-per-node={n}" in sub.script
-        assert all(argv[-2:] == ["--nproc-per-node", str(n)] for argv in sub.task_argvs), job
-    for job in ("score", "eval", "data", "merge"):  # one GPU or none: one process
-        assert not any("--nproc-per-node" in argv for argv in submission(plan.job(job), plan.profile, ctx).task_argvs)
-    cpu = _plan(paper_corpus, "tiny", "slurm-test")
-    assert not any("--nproc-per-node" in argv for argv in submission(cpu.job("train"), cpu.profile, ctx).task_argvs)
-    # 1.3b: an expert's share (128 / 8 = 16 GPUs) is more than a node; it takes one node's 8.
-    big = submission(_plan(paper_corpus, "paper-1.3b").job("train"), load_profile("gpu-cluster-example"), ctx)
-    assert "#SBATCH --nodes=1" in big.script and big.task_argvs[0][-2:] == ["--nproc-per-node", "8"]
+        assert f"#SBATCH --nodes={nodes}" in sub.script and f"#SBATCH --gpus-per-node={n}" in sub.script
+        tail = ["--nproc-per-node", str(n)] + (["--nodes", str(nodes)] if nodes > 1 else [])
+        assert all(argv[-len(tail):] == tail for argv in sub.task_argvs), job
+        assert ("export BTM_COLLECTIVE_TIMEOUT_S=600" in sub.script) == (nodes > 1)
+    for job in ("score", "eval", "data", "merge"):  # one GPU or none: one process on one node
+        sub = submission(plan.job(job), plan.profile, ctx)
+        assert "#SBATCH --nodes=1" in sub.script and not any("--nproc-per-node" in a for a in sub.task_argvs)
+    # 1.3b (128 GPUs): seed and dense on 16 nodes, not one node accumulating 16x; an expert's
+    # share (16 GPUs) on 2 nodes.
+    big = _plan(paper_corpus, "paper-1.3b")
+    for job, nodes in (("seed", 16), ("dense", 16), ("train", 2)):
+        assert big.job(job).nodes == nodes and big.job(job).gpus_per_node == 8, job
+    # A profile that caps the nodes: the rest of the batch is gradient accumulation.
+    capped = dataclasses.replace(load_profile("gpu-cluster-example"), max_nodes=4)
+    seed = build_plan(big.config, capped, "/r").job("seed")
+    assert seed.nodes == 4 and submission(seed, capped, ctx).task_argvs[0][-4:] == ["--nproc-per-node", "8", "--nodes", "4"]
+    # A CPU profile: one training process per node (gloo), on up to max_nodes nodes.
+    cpu = build_plan(load_config("tiny", {"budget.gpus": 2}), load_profile("slurm-test"), "/r").job("seed")
+    assert (cpu.nodes, cpu.gpus_per_node) == (2, 0)
+    assert submission(cpu, load_profile("slurm-test"), ctx).task_argvs[0][-2:] == ["--nodes", "2"]
     # Quoted like every other value: a run directory with a space stays one argument.
     spaced = submission(plan.job("train"), plan.profile, SbatchContext(**{**CTX, "run_dir": "/s/my run"}))
     assert bash_n(spaced.script).returncode == 0

@@ -28,10 +28,11 @@ def load_run_config(run_dir: str | Path) -> Config:
 
 
 def run_stage(run_dir: str | Path, stage: str, unit_name: str | None, force: bool = False,
-              nproc: int = 1) -> int:
+              nproc: int = 1, nodes: int = 1) -> int:
     """Run one unit; 0 = done (now or before), PREEMPTED_EXIT = saved, requeue me.
 
-    ``nproc`` > 1: a training stage trains on that many processes of this node (torchrun).
+    ``nproc`` > 1: a training stage trains on that many processes of this node (torchrun);
+    ``nodes`` > 1: on ``nproc`` processes of each of that many nodes of the job (srun).
     """
     run_dir = Path(run_dir).resolve()
     cfg = load_run_config(run_dir)
@@ -39,7 +40,9 @@ def run_stage(run_dir: str | Path, stage: str, unit_name: str | None, force: boo
     unit = find_unit(cfg, stage, unit_name)
     if nproc < 1:
         raise BtmError(f"--nproc-per-node must be >= 1, got {nproc}")
-    ctx = Ctx(run_dir, cfg, unit, impl, nproc)
+    if nodes < 1:
+        raise BtmError(f"--nodes must be >= 1, got {nodes}")
+    ctx = Ctx(run_dir, cfg, unit, impl, nproc, nodes)
     cache = HashCache(run_dir)
     label = f"{stage}" + (f" {unit_name}" if unit_name else "")
     if not force and record_is_current(read_record(run_dir, stage, unit_name), unit.params, cache):

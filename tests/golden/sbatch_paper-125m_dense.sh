@@ -10,7 +10,7 @@
 #SBATCH --kill-on-invalid-dep=yes
 #SBATCH --mail-type=FAIL
 #SBATCH --mem=480G
-#SBATCH --nodes=1
+#SBATCH --nodes=2
 #SBATCH --open-mode=append
 #SBATCH --output=/scratch/runs/paper/jobs/submitit/%j_0_log.out
 #SBATCH --partition=learnfair
@@ -22,6 +22,7 @@
 
 # setup
 export PYTHONPATH=/opt/btm${PYTHONPATH:+:$PYTHONPATH}
+export BTM_COLLECTIVE_TIMEOUT_S=600
 
 # command
 export SUBMITIT_EXECUTOR=slurm
