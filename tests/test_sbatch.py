@@ -200,6 +200,32 @@ def test_the_stage_starts_torchrun_standalone_and_keeps_the_per_gpu_batch():
     assert accumulation_steps(3 * 128, "tiny", 2) == 1  # 3 sequences on 2 ranks: the trainer says so
 
 
+def test_the_multi_node_stage_starts_one_srun_step_of_env_ranks(monkeypatch):
+    """The job step a --nodes M stage starts, the ranks' env:// variables from SLURM's, the
+    collective timeout from the job's environment, and the dry run's launch line."""
+    from fairseq_ext.multinode import master_port, slurm_rank_env, srun_argv
+    from fairseq_ext.training.setup import collective_timeout
+    from launcher.plan import launch_line
+
+    assert srun_argv(2, 8, 10, "/s/spec.json", "/s/result.json", python="/opt/py") == [
+        "srun", "--nodes=2", "--ntasks-per-node=8", "--cpus-per-task=10", "--kill-on-bad-exit=1", "--label",
+        "/opt/py", "-u", "-m", "fairseq_ext.multinode", "/s/spec.json", "/s/result.json"]
+    assert slurm_rank_env({"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1"}) == {
+        "RANK": "9", "WORLD_SIZE": "16", "LOCAL_RANK": "1"}
+    assert master_port("123456") == master_port("123456") != master_port("123457")
+    assert 1024 < master_port("123456") < 65536
+    monkeypatch.setenv("BTM_COLLECTIVE_TIMEOUT_S", "60")
+    assert collective_timeout().total_seconds() == 60
+    for bad in ("0", "soon"):
+        monkeypatch.setenv("BTM_COLLECTIVE_TIMEOUT_S", bad)
+        with pytest.raises(BtmError, match="BTM_COLLECTIVE_TIMEOUT_S"):
+            collective_timeout()
+    job = build_plan(load_config("tiny", {"budget.gpus": 2}), load_profile("slurm-test"), "/r").job("seed")
+    assert "srun --nodes=2 --ntasks-per-node=1 --cpus-per-task=1" in launch_line(job)
+    one = build_plan(load_config("tiny"), load_profile("slurm-test"), "/r").job("seed")
+    assert launch_line(one) is None
+
+
 FAKE_SBATCH = """#!/bin/sh
 # Stands in for sbatch: answers like sbatch with the next job id.
 n=$(( $(cat "$FAKE_SLURM_COUNTER" 2>/dev/null || echo 1000) + 1 ))
