@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from fairseq_ext.multiproc import stop_requests
 from launcher.contract.atomic import atomic_write_json
 from launcher.contract.errors import BtmError
 
@@ -55,7 +57,6 @@ def srun_argv(nodes: int, nproc_per_node: int, cpus_per_task: int, spec_path: st
 
 def train_lm_srun(spec, nodes: int, nproc_per_node: int):
     """Train ``spec`` on ``nodes`` x ``nproc_per_node`` ranks of this SLURM job; rank 0's result."""
-    from fairseq_ext.multiproc import _stop_requests
     from fairseq_ext.train import TrainResult
 
     job_id = os.environ.get("SLURM_JOB_ID")
@@ -69,7 +70,7 @@ def train_lm_srun(spec, nodes: int, nproc_per_node: int):
     atomic_write_json(spec_path, asdict(spec))
     cpus = max(1, int(os.environ.get("SLURM_CPUS_PER_TASK", "1")) // nproc_per_node)
     env = {**os.environ, "MASTER_ADDR": socket.gethostname(), "MASTER_PORT": str(master_port(job_id))}
-    with _stop_requests() as stop:
+    with stop_requests() as stop:
         proc = subprocess.Popen(srun_argv(nodes, nproc_per_node, cpus, str(spec_path), str(result_path)), env=env)
         rc = _wait_passing_stops(proc, stop)
     if not result_path.exists():
@@ -83,8 +84,6 @@ def train_lm_srun(spec, nodes: int, nproc_per_node: int):
 def _wait_passing_stops(proc: subprocess.Popen, stop: list) -> int:
     """Wait for srun; once a stop was requested, pass SIGUSR2 to it every second (srun signals
     every task; a rank still starting ignores it, so it is repeated until the step ends)."""
-    import signal
-
     while True:
         try:
             return proc.wait(timeout=1.0)
@@ -101,8 +100,6 @@ def slurm_rank_env(environ: dict) -> dict:
 
 
 if __name__ == "__main__":
-    import signal
-
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # until the trainer's StopFlag takes it over
     from fairseq_ext.multiproc import worker_main
 

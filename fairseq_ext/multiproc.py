@@ -55,7 +55,7 @@ def train_lm_torchrun(spec, nproc: int):
     with tempfile.TemporaryDirectory(prefix="btm-torchrun-") as tmp:
         spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         atomic_write_json(spec_path, asdict(spec))
-        with _stop_requests() as stop:  # before the start: no window where SIGUSR2 kills us
+        with stop_requests() as stop:  # before the start: no window where SIGUSR2 kills us
             proc = subprocess.Popen(torchrun_argv(nproc, str(spec_path), str(result_path)),
                                     preexec_fn=_ignore_sigusr2)
             rc = _wait_forwarding(proc, stop)
@@ -70,7 +70,7 @@ def _ignore_sigusr2() -> None:  # runs in the child before exec; SIG_IGN survive
 
 
 @contextlib.contextmanager
-def _stop_requests():
+def stop_requests():
     """A list that SIGUSR2/SIGTERM append to while the block runs (main thread only)."""
     stop, old = [], {}
     for sig in STOP_SIGNALS:
