@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -77,7 +78,7 @@ def train_lm_srun(spec, nodes: int, nproc_per_node: int):
         raise BtmError(f"training on {nodes} nodes x {nproc_per_node} processes in {spec.save_dir} failed: "
                        f"srun exited {rc} without a result (the ranks' errors are above)")
     result = TrainResult(**json.loads(result_path.read_text(encoding="utf-8")))
-    result_path.unlink()
+    shutil.rmtree(work)  # the save dir keeps only the trainer's files (kept above on a failure)
     return result
 
 
