@@ -65,7 +65,7 @@ def train_lm_torchrun(spec, nproc: int):
         spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         atomic_write_json(spec_path, asdict(spec))
         stop_file = Path(tmp) / "stop"
-        with _stop_requests(stop_file) as stop:  # before the start: no window where SIGUSR2 kills us
+        with stop_requests(stop_file) as stop:  # before the start: no window where SIGUSR2 kills us
             proc = subprocess.Popen(torchrun_argv(nproc, str(spec_path), str(result_path)),
                                     preexec_fn=_ignore_sigusr2, env={**os.environ, STOP_FILE_ENV: str(stop_file)})
             rc = _wait_forwarding(proc, stop)
@@ -80,13 +80,14 @@ def _ignore_sigusr2() -> None:  # runs in the child before exec; SIG_IGN survive
 
 
 @contextlib.contextmanager
-def _stop_requests(stop_file: Path):
+def stop_requests(stop_file: Path | None = None):
     """A list that SIGUSR2/SIGTERM append to while the block runs (main thread only); the first
-    one also creates ``stop_file`` for the workers."""
+    one also creates ``stop_file`` (if given) for workers that read it."""
     stop, old = [], {}
 
     def request(signum, frame):
-        stop_file.touch()
+        if stop_file is not None:
+            stop_file.touch()
         stop.append(signum)
 
     for sig in STOP_SIGNALS:

@@ -50,8 +50,8 @@ class CorpusConfig:
 
 @dataclass
 class DomainsConfig:
-    train: list[str] = field(default_factory=list, metadata={"help": "training domains, one expert each (btm)"})
-    eval: list[str] = field(default_factory=list, metadata={"help": "evaluation domains (may overlap train)"})
+    train: list[str] = field(default_factory=list, metadata={"help": "training domains, one expert each (btm); not set: every domain folder of the corpus"})
+    eval: list[str] = field(default_factory=list, metadata={"help": "evaluation domains (may overlap train); not set: every domain folder of the corpus"})
     incremental: list[str] = field(default_factory=list, metadata={"help": "domains added to an existing forest, branched by `branching`"})
 
 
@@ -307,10 +307,6 @@ def _validate(cfg: Config, err) -> None:
         dup = {d for d in values if values.count(d) > 1}
         if dup:
             err(f"domains.{section}", f"domain listed twice: {', '.join(sorted(dup))}")
-    if not cfg.domains.train:
-        err("domains.train", "at least one training domain is needed")
-    if not cfg.domains.eval:
-        err("domains.eval", "at least one evaluation domain is needed")
     both = set(cfg.domains.train) & set(cfg.domains.incremental)
     if both:
         err("domains.incremental", f"already a training domain: {', '.join(sorted(both))}")
@@ -370,11 +366,43 @@ def mixture_label(mixture: Any) -> str:
     return mixture if isinstance(mixture, str) else f"temperature {mixture['temperature']}"
 
 
+def corpus_domains(corpus: str) -> list[str]:
+    """The corpus's domains: its folders (CORPUS/<domain>/<split>.jsonl...), sorted by name."""
+    return sorted(p.name for p in Path(corpus).iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def fill_domains_from_corpus(cfg: Config) -> None:
+    """A config that names no training (evaluation) domains takes every domain folder of the
+    corpus: the paper configs run as written on any corpus of the documented layout."""
+    empty = [s for s in ("train", "eval") if not getattr(cfg.domains, s)]
+    if not empty:
+        return
+    where = f"{cfg.source}: domains.{empty[0]}"
+    if not cfg.corpus.path:
+        raise BtmError(f"{where}: not set, so every domain folder of the corpus is taken, but corpus.path "
+                       "is not set; pass --corpus DIR (or name the domains)")
+    if not Path(cfg.corpus.path).is_dir():
+        raise BtmError(f"{where}: not set, so every domain folder of the corpus is taken, but corpus.path "
+                       f"{cfg.corpus.path} is not a directory")
+    found = corpus_domains(cfg.corpus.path)
+    if not found:
+        raise BtmError(f"{where}: not set, and corpus {cfg.corpus.path} has no domain folders "
+                       "(expected CORPUS/<domain>/<split>.jsonl)")
+    for d in found:
+        validate_name(d, f"domain folder of corpus {cfg.corpus.path}")
+    for section in empty:
+        setattr(cfg.domains, section, list(found))
+    both = set(cfg.domains.train) & set(cfg.domains.incremental)
+    if both:
+        raise BtmError(f"{cfg.source}: domains.incremental: {', '.join(sorted(both))} would also be training "
+                       f"domains (domains.train is not set: every folder of corpus {cfg.corpus.path}); name domains.train")
+
+
 def check_corpus_domains(cfg: Config) -> None:
     """Every configured domain must exist in the corpus (when the corpus is there to look at)."""
     if not cfg.corpus.path or not Path(cfg.corpus.path).is_dir():
         return
-    have = sorted(p.name for p in Path(cfg.corpus.path).iterdir() if p.is_dir())
+    have = corpus_domains(cfg.corpus.path)
     for section in ("train", "eval", "incremental"):
         for i, d in enumerate(getattr(cfg.domains, section)):
             if d not in have:
@@ -394,7 +422,8 @@ def load_config(name_or_path: str | Path, overrides: dict | None = None,
     """Load a config file, or a named config from ``launcher/configs``.
 
     A relative ``corpus.path`` is resolved against the config file's directory; ``corpus``
-    (the ``--corpus`` flag) overrides it.
+    (the ``--corpus`` flag) overrides it. Domain sections left unset are filled with every
+    domain folder of the corpus (``fill_domains_from_corpus``).
     """
     path = Path(name_or_path)
     if not path.is_file():
@@ -415,6 +444,7 @@ def load_config(name_or_path: str | Path, overrides: dict | None = None,
     elif cfg.corpus.path and not Path(cfg.corpus.path).is_absolute():
         cfg.corpus.path = str((path.parent / cfg.corpus.path).resolve())
     resolve_hf_paths(cfg, path.parent)
+    fill_domains_from_corpus(cfg)
     check_corpus_domains(cfg)
     check_hf_sources(cfg)
     return cfg

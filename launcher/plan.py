@@ -5,18 +5,20 @@ executor, the SLURM executor and ``btm run --dry-run``.
 
 One job per stage of the registry (``launcher.stages.STAGES``, in pipeline order) that is
 enabled for the config; each stage module declares its units, dependencies, GPUs and budget
-(the compute budget: launcher/stages/training.py). A job never spans nodes: where the budget
-names more GPUs than a node has, the job takes one node's GPUs and accumulates gradients to
-keep the batch (same updates and tokens, longer wall time).
+(the compute budget: launcher/stages/training.py). Where the budget names more GPUs than a
+node has, a training job spans ``ceil(G / gpus_per_node)`` nodes, up to the profile's
+``max_nodes``; beyond that it accumulates gradients to keep the batch (same updates and
+tokens, longer wall time).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 from launcher.config import Config, mixture_label
 from launcher.profiles import Profile
-from launcher.stages import STAGES
+from launcher.stages import STAGES, TRAINING_STAGES
 from launcher.stages.base import Budget, Unit  # noqa: F401  (re-exported: a job's units and budget)
 from launcher.stages.training import split_updates
 
@@ -74,17 +76,21 @@ class Plan:
 # ---- the plan -----------------------------------------------------------------------------
 
 def job_resources(profile: Profile, stage: str, gpus: int) -> dict:
-    """nodes (always 1), GPUs per node, CPUs, memory and time of a job of ``stage``.
+    """Nodes, GPUs per node, CPUs, memory and time of a job of ``stage`` whose budget names ``gpus``.
 
-    One node, at most its GPUs: no process group spans nodes (the trainer runs torchrun
-    --standalone over one node's GPUs). A seed or dense run whose budget names more GPUs than a
-    node has keeps the budget's batch by accumulating gradients (launcher.stages.training.accumulation_steps):
-    the same updates, on fewer GPUs, for proportionally longer."""
+    A job takes the budget's GPUs, a node's worth per node, on up to the profile's
+    ``max_nodes`` nodes (data parallel across them, fairseq_ext/multinode.py); on a CPU-only
+    profile each of the budget's GPUs is one training process, one per node. Past ``max_nodes``
+    the job keeps the budget's batch by accumulating gradients
+    (launcher.stages.training.accumulation_steps): the same updates, on fewer GPUs, for
+    proportionally longer. CPUs and memory follow the GPUs where the profile says so
+    (``Profile.cpus_and_mem``)."""
     p = profile.for_stage(stage)
-    if p.gpus_per_node <= 0 or gpus <= 0:
-        return {"nodes": 1, "gpus_per_node": 0, "cpus_per_task": p.cpus_per_task, "mem": p.mem, "time": p.time}
-    return {"nodes": 1, "gpus_per_node": min(gpus, p.gpus_per_node),
-            "cpus_per_task": p.cpus_per_task, "mem": p.mem, "time": p.time}
+    per_node = p.gpus_per_node if p.gpus_per_node > 0 else 1
+    nodes = max(1, min(p.max_nodes, math.ceil(gpus / per_node))) if gpus > 0 else 1
+    gpus_per_node = min(gpus, p.gpus_per_node) if p.gpus_per_node > 0 and gpus > 0 else 0
+    cpus, mem = profile.cpus_and_mem(stage, gpus_per_node)
+    return {"nodes": nodes, "gpus_per_node": gpus_per_node, "cpus_per_task": cpus, "mem": mem, "time": p.time}
 
 
 def build_plan(cfg: Config, profile: Profile, run_dir: str,
@@ -106,6 +112,20 @@ def build_plan(cfg: Config, profile: Profile, run_dir: str,
             continue
         job.done = {u.name for u in job.units if is_done(job.stage, u)}
     return Plan(cfg, profile, run_dir, jobs)
+
+
+def launch_line(job: Job) -> str | None:
+    """The job step a multi-node training job's stage starts (``fairseq_ext.multinode``), with
+    placeholders for what only the running job knows; None for a job on one node."""
+    if job.stage not in TRAINING_STAGES or job.nodes <= 1:
+        return None
+    from fairseq_ext.multinode import srun_argv  # stdlib and launcher.contract only: no torch
+
+    per_node = max(1, job.gpus_per_node)
+    work = "SAVE_DIR/.multinode-$SLURM_JOB_ID"
+    argv = srun_argv(job.nodes, per_node, max(1, job.cpus_per_task // per_node), f"{work}/spec.json",
+                     f"{work}/result.json", python="PYTHON")
+    return " ".join(argv) + "  (MASTER_ADDR=first node, env://)"
 
 
 # ---- the dry-run text ---------------------------------------------------------------------
@@ -135,6 +155,8 @@ def format_plan(plan: Plan, only_pending: bool = True) -> str:
         f"seed {seed_updates} updates on {G} GPUs; {n} experts x {expert_updates} updates on {G}/{n} GPUs each",
         *([f"seed: imported from {cfg.model.init}" + (", used as is" if seed_updates == 0 else ", then trained on")]
           if cfg.model.init else []),
+        f"training domains ({len(cfg.domains.train)}): {', '.join(cfg.domains.train)}",
+        f"evaluation domains ({len(cfg.domains.eval)}): {', '.join(cfg.domains.eval)}",
         "",
     ]
     header = ("job", "stage", "units", "array", "after", "resources", "updates/unit", "GPU-updates", "tokens", "status")
@@ -169,4 +191,8 @@ def format_plan(plan: Plan, only_pending: bool = True) -> str:
             units = submit[job.name].units
             names = ", ".join(str(u.name) for u in units[:12]) + (f", ... ({len(units)} in all)" if len(units) > 12 else "")
             lines.append(f"  {job.name} units: {names}")
+    for job in plan.jobs:
+        line = launch_line(job) if job.name in submit else None
+        if line:
+            lines.append(f"  {job.name} launch ({job.nodes} nodes): {line}")
     return "\n".join(lines) + "\n"

@@ -4,6 +4,11 @@ A profile (``slurm_templates/profiles/<name>.yaml``) says where and how jobs run
 account, qos, constraint, GPUs per node, CPUs, memory, time limit, extra sbatch lines, with
 optional per-stage overrides. The planner decides how many GPUs and nodes each job needs from
 the compute budget; the profile fills in the rest.
+
+CPUs and memory follow a job's GPUs where the profile says how much of them comes with one GPU
+(``cpus_per_gpu``, ``mem_per_gpu``): an expert on 2 of a node's 8 GPUs asks for a quarter of
+the node, so SLURM packs four on it. A stage's own ``cpus_per_task`` / ``mem`` override wins;
+jobs without GPUs take ``cpus_per_task`` / ``mem``.
 """
 from __future__ import annotations
 
@@ -23,9 +28,10 @@ from launcher.user_yaml import load_bounded
 STAGE_NAMES = (*(stage.name for stage in STAGES), "fewshot")
 _EXTRA_LINE = re.compile(r"--[a-z][a-z0-9-]*(=.+)?")
 # sbatch's --mem: a whole number, optionally with a unit (K, M, G, T; default M).
-_MEM = re.compile(r"[0-9]+[KMGT]?")  # 0: all of the node's memory
+_MEM = re.compile(r"([0-9]+)([KMGT]?)")  # mem 0: all of the node's memory
 # The smallest value of each integer key (time in minutes; a job of 0 minutes never runs).
-_MINIMUM = {"gpus_per_node": 0, "cpus_per_task": 1, "time": 1, "signal_grace_s": 0}
+_MINIMUM = {"gpus_per_node": 0, "cpus_per_task": 1, "cpus_per_gpu": 1, "time": 1, "signal_grace_s": 0,
+            "max_nodes": 1, "collective_timeout_s": 1}
 
 
 @dataclass
@@ -35,6 +41,8 @@ class StageResources:
     mem: str | None = None
     time: int | None = None
     gpus_per_node: int | None = None
+    cpus_per_gpu: int | None = None
+    mem_per_gpu: str | None = None
 
 
 @dataclass
@@ -45,10 +53,14 @@ class Profile:
     qos: str | None = None
     constraint: str | None = None
     gpus_per_node: int = 0  # 0: CPU-only cluster (or the local machine)
-    cpus_per_task: int = 1
-    mem: str | None = None  # e.g. "32G"
+    cpus_per_task: int = 1  # jobs without GPUs, and GPU jobs when cpus_per_gpu is not set
+    mem: str | None = None  # e.g. "32G"; like cpus_per_task
+    cpus_per_gpu: int | None = None  # a GPU job's CPUs per task: this x its GPUs per node
+    mem_per_gpu: str | None = None  # a GPU job's memory per node: this x its GPUs per node, e.g. "60G"
     time: int = 60  # minutes
     signal_grace_s: int = 120  # SIGUSR2 this long before the time limit
+    max_nodes: int = 1  # nodes one training job may span (data parallel); beyond, gradient accumulation
+    collective_timeout_s: int = 600  # a multi-node job's ranks fail, never hang, when a peer is lost
     python: str | None = None  # interpreter on the compute nodes; default: the submitting one
     extra_sbatch: list[str] = field(default_factory=list)  # e.g. ["--exclusive", "--mail-type=END"]
     stages: dict[str, StageResources] = field(default_factory=dict)
@@ -59,6 +71,18 @@ class Profile:
             return self
         changes = {k: v for k, v in dataclasses.asdict(over).items() if v is not None}
         return dataclasses.replace(self, **changes)
+
+    def cpus_and_mem(self, stage: str, gpus_per_node: int) -> tuple[int, str | None]:
+        """CPUs per task and memory per node of a job of ``stage`` holding ``gpus_per_node`` GPUs."""
+        over = self.stages.get(stage) or StageResources()
+        p = self.for_stage(stage)
+        cpus, mem = p.cpus_per_task, p.mem
+        if gpus_per_node > 0 and p.cpus_per_gpu and over.cpus_per_task is None:
+            cpus = p.cpus_per_gpu * gpus_per_node
+        if gpus_per_node > 0 and p.mem_per_gpu and over.mem is None:
+            amount, unit = _MEM.fullmatch(p.mem_per_gpu).groups()
+            mem = f"{int(amount) * gpus_per_node}{unit}"
+        return cpus, mem
 
 
 def _check(value, tp, key: str, where: str):
@@ -71,9 +95,10 @@ def _check(value, tp, key: str, where: str):
     name = key.rsplit(".", 1)[-1]
     if tp is int and value < _MINIMUM[name]:
         raise BtmError(f"{where}: {key}: must be at least {_MINIMUM[name]}, got {value}")
-    if name == "mem" and not _MEM.fullmatch(value):
+    size = _MEM.fullmatch(value) if name in ("mem", "mem_per_gpu") else None
+    if name in ("mem", "mem_per_gpu") and not (size and (name == "mem" or int(size.group(1)) > 0)):
         raise BtmError(f"{where}: {key}: {shown(value)} is not a size; use a whole number with an "
-                       "optional unit K, M, G or T, e.g. 32G (sbatch --mem)")
+                       "optional unit K, M, G or T, e.g. 32G (sbatch --mem" + (")" if name == "mem" else "; at least 1)"))
     return value
 
 
@@ -117,14 +142,13 @@ def parse_profile(data: dict, where: str, name: str) -> Profile:
                 if not isinstance(over, dict) or set(over) - fields:
                     raise BtmError(f"{where}: stages.{stage}: expected keys among {', '.join(sorted(fields))}")
                 for k, v in over.items():
-                    _check(v, str if k == "mem" else int, f"stages.{stage}.{k}", where)
+                    _check(v, str if k in ("mem", "mem_per_gpu") else int, f"stages.{stage}.{k}", where)
                 stages[stage] = StageResources(**over)
             kwargs[key] = stages
         elif value is None:
             kwargs[key] = None
         else:
-            tp = int if key in ("gpus_per_node", "cpus_per_task", "time", "signal_grace_s") else str
-            kwargs[key] = _check(value, tp, key, where)
+            kwargs[key] = _check(value, int if key in _MINIMUM else str, key, where)
     profile = Profile(**kwargs)
     _check_grace(profile, where)
     return profile

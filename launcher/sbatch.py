@@ -16,10 +16,14 @@ PREEMPTED_EXIT, and the job is requeued.
 
 Several GPUs in one task: a training stage's command carries ``--nproc-per-node N`` (N = the
 job's GPUs per node), and the stage runs the trainer under ``torchrun --standalone`` on that
-node (fairseq_ext/multiproc.py). A job never runs one process group across nodes.
+node (fairseq_ext/multiproc.py). Several nodes (``#SBATCH --nodes=M``, one task per node): the
+command also carries ``--nodes M``; the stage, in the batch shell on the first node, starts one
+``srun`` step of M x N ranks (fairseq_ext/multinode.py; ``launch_line`` in launcher/plan.py
+shows it) and the script exports ``BTM_COLLECTIVE_TIMEOUT_S`` from the profile.
 """
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -46,6 +50,8 @@ class SbatchContext:
 
 
 def dependency_string(job: Job, ids: dict[str, str]) -> str | None:
+    """``afterok:ID[:ID...],afterany:...``; a job submitted as several arrays has all its ids
+    (``"101:102"``), so its dependents wait for every part."""
     parts = []
     for kind, names in (("afterok", job.after_ok), ("afterany", job.after_any)):
         got = [ids.get(n, f"<{n}>") for n in names]
@@ -69,6 +75,8 @@ def slurm_parameters(job: Job, profile: Profile, ctx: SbatchContext) -> dict:
     }
     if job.gpus_per_node:
         params["gpus_per_node"] = job.gpus_per_node
+    if job.nodes > 1:  # the ranks' collectives fail within this, never hang (fairseq_ext/training/setup.py)
+        params["setup"].append(f"export BTM_COLLECTIVE_TIMEOUT_S={profile.collective_timeout_s}")
     for key in ("partition", "account", "qos", "constraint"):
         value = getattr(profile, key)
         if value:
@@ -100,6 +108,8 @@ def stage_argv(run_dir: str, job: Job, unit: str | None) -> list[str]:
         argv += ["--unit", unit]
     if job.stage in TRAINING_STAGES and job.gpus_per_node > 1:
         argv += ["--nproc-per-node", str(job.gpus_per_node)]  # torchrun over this node's GPUs
+    if job.stage in TRAINING_STAGES and job.nodes > 1:
+        argv += ["--nodes", str(job.nodes)]  # srun tasks over the job's nodes (fairseq_ext/multinode.py)
     return argv
 
 
@@ -142,6 +152,16 @@ def submission(job: Job, profile: Profile, ctx: SbatchContext, argv_for: ArgvFor
                                  **parameters)
     return Submission(folder=folder, python=python, parameters=parameters, units=units,
                       task_argvs=task_argvs, array=array, script=script)
+
+
+def array_parts(job: Job, max_array_size: int | None) -> list[Job]:
+    """``job`` as the arrays SLURM accepts: parts of at most ``max_array_size`` units each (the
+    cluster's MaxArraySize bounds an array's indices), in unit order. Each part is one sbatch
+    call; dependencies and status treat the parts as one job (launcher/executors/slurm.py)."""
+    if not job.array or not max_array_size or len(job.units) <= max_array_size:
+        return [job]
+    return [dataclasses.replace(job, units=job.units[i:i + max_array_size])
+            for i in range(0, len(job.units), max_array_size)]
 
 
 def format_tasks(sub: Submission) -> str:

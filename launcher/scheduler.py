@@ -1,8 +1,9 @@
-"""What SLURM says about jobs: ``sacct`` and ``squeue`` queried and parsed.
+"""What SLURM says about jobs and itself: ``sacct``, ``squeue`` and ``scontrol show config``
+queried and parsed.
 
 ``btm status`` (launcher/status.py), a unit's record (its ``sacct`` accounting, launcher/records.py)
 and ``btm run``'s "is this run still queued?" check (launcher/executors/slurm.py) all read the
-scheduler through here. The parsers are pure functions of the commands' text output so they are
+scheduler through here, and the slurm executor reads the cluster's ``MaxArraySize`` here. The parsers are pure functions of the commands' text output so they are
 tested on captured samples.
 """
 from __future__ import annotations
@@ -192,3 +193,20 @@ def sacct_accounting(job_id: str) -> dict | None:
         return None
     rows = parse_sacct(out.stdout)
     return accounting_summary(rows, job_id) if rows else None
+
+
+def parse_max_array_size(text: str) -> int | None:
+    """``MaxArraySize = 1001`` from ``scontrol show config`` output; None when absent."""
+    m = re.search(r"^MaxArraySize\s*=\s*(\d+)\s*$", text, re.M)
+    return int(m.group(1)) if m else None
+
+
+def max_array_size() -> int | None:
+    """The cluster's MaxArraySize (an array's indices must stay below it), per ``scontrol show
+    config``; None when scontrol cannot be run or does not say (nothing is split then, and
+    sbatch names the limit if one is hit)."""
+    try:
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return parse_max_array_size(out.stdout) if out.returncode == 0 else None

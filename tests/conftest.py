@@ -83,6 +83,20 @@ def write_small_corpus(out: Path, domains: list[str], docs_per_split: dict[str, 
     return out
 
 
+# The development corpus's eight domains: the paper configs name no domains and take every
+# domain folder of the corpus they are given.
+PAPER_DOMAINS = ["bible", "code_python", "dictionary", "encyclopedia", "fiction", "kernel_docs", "legal", "quotes"]
+
+
+@pytest.fixture(scope="session")
+def paper_corpus(tmp_path_factory) -> Path:
+    """A corpus of the paper's eight domain folders, for planning (nothing in them is read)."""
+    root = tmp_path_factory.mktemp("paper_corpus")
+    for d in PAPER_DOMAINS:
+        (root / d).mkdir()
+    return root
+
+
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory) -> Path:
     """Three real domains, small enough that tiny models train on it in seconds."""

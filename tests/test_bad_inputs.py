@@ -144,7 +144,8 @@ def slash_in_profile_name(tmp):
 
 
 def empty_config(tmp):
-    return _run_cfg(tmp, "", "c.yaml", "domains.train", "at least one training domain")
+    # No domains named and no corpus to take its domain folders from.
+    return _run_cfg(tmp, "", "c.yaml", "domains.train", "corpus.path is not set", "--corpus DIR")
 
 
 def binary_config(tmp):

@@ -57,7 +57,6 @@ def test_valid_config_parses_with_defaults():
     ("evaluation.methods", ["ensemble_uniform", "ensmble_prior"], ["evaluation.methods[1]", "did you mean 'ensemble_prior'"]),
     ("baselines", ["dense", "moe"], ["baselines[1]", "'moe'"]),
     ("domains.train", ["bible", "bible"], ["domains.train", "twice"]),
-    ("domains.eval", [], ["domains.eval", "at least one"]),
     ("corpus.shard_mb", 0, ["corpus.shard_mb", "must be in (0, inf], got 0"]),
     ("corpus.shard_tasks", 0, ["corpus.shard_tasks", "must be in [1, inf], got 0"]),
 ])
@@ -119,21 +118,60 @@ def test_relative_corpus_path_is_relative_to_the_config_file(tmp_path):
     assert load_config(cfg_file).corpus.path == str((tmp_path / "data").resolve())
 
 
+def test_unnamed_domains_are_every_domain_folder_of_the_corpus(tmp_path):
+    """The paper configs name no domains: any corpus of the documented layout runs as written,
+    one expert per domain folder (sorted), all of them evaluated; named sections stay as named."""
+    corpus = tmp_path / "my_corpus"
+    for d in ("zeta", "alpha", "mid"):
+        (corpus / d).mkdir(parents=True)
+    (corpus / ".cache").mkdir()  # hidden folders are not domains
+    cfg = load_config("paper-125m", corpus=corpus)
+    assert cfg.domains.train == cfg.domains.eval == ["alpha", "mid", "zeta"]
+    assert cfg.expert_names == ["alpha", "mid", "zeta"]
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(yaml.safe_dump({"domains": {"train": ["mid"]}}))
+    cfg = load_config(cfg_file, corpus=corpus)
+    assert cfg.domains.train == ["mid"] and cfg.domains.eval == ["alpha", "mid", "zeta"]
+    # The resolved lists are what the run directory's config.yaml keeps (resume, reconcile).
+    assert parse_config(load_config("paper-125m", corpus=corpus).to_yaml()).domains.train == ["alpha", "mid", "zeta"]
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("no corpus", ["paper-125m.yaml", "domains.train", "--corpus DIR"]),
+    ("empty corpus", ["domains.train", "has no domain folders"]),
+    ("bad folder name", ["domain folder of corpus", "'a b'"]),
+    ("incremental is in the corpus", ["domains.incremental", "mid", "name domains.train"]),
+])
+def test_unnamed_domains_without_a_usable_corpus(tmp_path, case, expected):
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    overrides = {}
+    if case == "bad folder name":
+        (corpus / "a b").mkdir()
+    if case == "incremental is in the corpus":
+        (corpus / "mid").mkdir()
+        overrides = {"domains.incremental": ["mid"]}
+    with pytest.raises(BtmError) as e:
+        load_config("paper-125m", overrides, corpus=None if case == "no corpus" else corpus)
+    for part in expected:
+        assert part in str(e.value), str(e.value)
+
+
 def test_unknown_named_config():
     with pytest.raises(BtmError, match="did you mean 'tiny'"):
         load_config("tinny")
 
 
 @pytest.mark.parametrize("name", named_configs())
-def test_named_configs_are_valid(name):
-    cfg = load_config(name)
+def test_named_configs_are_valid(name, paper_corpus):
+    cfg = load_config(name, corpus=paper_corpus if name.startswith("paper-") else None)
     assert cfg.domains.train and cfg.domains.eval
 
 
-def test_paper_configs_cover_the_presets():
+def test_paper_configs_cover_the_presets(paper_corpus):
     names = named_configs()
     for preset in ("125m", "350m", "750m", "1.3b"):
-        cfg = load_config(f"paper-{preset}")
+        cfg = load_config(f"paper-{preset}", corpus=paper_corpus)
         assert cfg.model.preset == preset and len(cfg.domains.train) == 8
         assert set(cfg.baselines) == {"dense", "random_split"}
     assert {"tiny", "demo"} <= set(names)

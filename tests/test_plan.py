@@ -19,13 +19,13 @@ def empty_corpus(tmp_path):
     return tmp_path / "corpus"
 
 
-def _plan(name, done=lambda stage, unit: False, profile=None):
-    cfg = load_config(name)
+def _plan(name, done=lambda stage, unit: False, profile=None, corpus=None):
+    cfg = load_config(name, corpus=corpus)
     return build_plan(cfg, load_profile(profile or cfg.profile), "runs/x", done)
 
 
-def test_stages_and_dependencies_of_the_paper_setup():
-    plan = _plan("paper-350m")
+def test_stages_and_dependencies_of_the_paper_setup(paper_corpus):
+    plan = _plan("paper-350m", corpus=paper_corpus)
     jobs = {j.name: j for j in plan.jobs}
     assert list(jobs) == ["data_plan", "data_shard", "data", "seed", "train", "dense", "merge", "score", "eval",
                           "report"]
@@ -39,20 +39,21 @@ def test_stages_and_dependencies_of_the_paper_setup():
 
 
 @pytest.mark.parametrize("preset", ["125m", "350m", "750m", "1.3b"])
-def test_forest_compute_equals_the_dense_baseline(preset):
-    plan = _plan(f"paper-{preset}")
+def test_forest_compute_equals_the_dense_baseline(preset, paper_corpus):
+    plan = _plan(f"paper-{preset}", corpus=paper_corpus)
     seed, train, dense = plan.job("seed"), plan.job("train"), plan.job("dense")
     n_experts = 8
     forest = seed.budget.gpu_updates + n_experts * train.budget.gpu_updates
     assert forest == pytest.approx(dense.budget.gpu_updates)
     seed_tokens = seed.budget.tokens + n_experts * train.budget.tokens
     assert seed_tokens == pytest.approx(dense.budget.tokens, rel=1e-3)
-    # GPUs: each expert gets its share of the dense run's GPUs, seed and dense all of them,
-    # up to one node's (no job spans nodes; the rest is gradient accumulation).
-    per_node = plan.profile.gpus_per_node
-    assert all(j.nodes == 1 for j in plan.jobs)
-    assert train.gpus_per_node == min(per_node, plan.config.total_gpus // n_experts)
-    assert seed.gpus_per_node == dense.gpus_per_node == min(per_node, plan.config.total_gpus)
+    # GPUs: each expert gets its share of the dense run's GPUs, seed and dense all of them, a
+    # node's worth per node (up to the profile's max_nodes; the rest is gradient accumulation).
+    per_node, G = plan.profile.gpus_per_node, plan.config.total_gpus
+    assert train.gpus_per_node == min(per_node, G // n_experts)
+    assert seed.gpus_per_node == dense.gpus_per_node == min(per_node, G)
+    assert seed.nodes == dense.nodes == min(plan.profile.max_nodes, -(-G // per_node))
+    assert train.nodes * train.gpus_per_node == max(G // n_experts, per_node) or train.nodes == 1
 
 
 def test_resume_prunes_done_units_and_invalidates_downstream():
@@ -120,7 +121,7 @@ def test_dry_run_golden(empty_corpus, tmp_path):
 def test_dry_run_shows_what_is_left():
     plan = _plan("tiny", lambda stage, unit: stage.startswith("data") or (stage == "seed"))
     text = format_plan(plan)
-    assert all("done" in line for line in text.splitlines()[5:9]) and "jobs to submit: 5" in text
+    assert all("done" in line for line in text.splitlines()[7:11]) and "jobs to submit: 5" in text
 
 
 def test_run_errors(empty_corpus, tmp_path):

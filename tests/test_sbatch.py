@@ -24,8 +24,8 @@ CTX = dict(run_dir="/scratch/runs/paper", run_name="paper-125m", array_paralleli
            python="/opt/btm/.venv/bin/python", pythonpath="/opt/btm")
 
 
-def _plan(name="paper-125m", profile="gpu-cluster-example"):
-    cfg = load_config(name)
+def _plan(corpus, name="paper-125m", profile="gpu-cluster-example"):
+    cfg = load_config(name, corpus=corpus)
     return build_plan(cfg, load_profile(profile), CTX["run_dir"])
 
 
@@ -39,17 +39,17 @@ def bash_n(text: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("job", ["data_plan", "data_shard", "data", "seed", "train", "dense", "merge", "score", "eval", "report"])
-def test_golden_paper_125m(job):
+def test_golden_paper_125m(job, paper_corpus):
     """The script sbatch receives and, beside it, the argv each task's pickled payload runs."""
-    plan = _plan()
+    plan = _plan(paper_corpus)
     sub = submission(plan.job(job), plan.profile, SbatchContext(**CTX))
     check_golden(f"sbatch_paper-125m_{job}.sh", sub.script)
     check_golden(f"sbatch_paper-125m_{job}.tasks", format_tasks(sub))
     assert bash_n(sub.script).returncode == 0
 
 
-def test_train_is_one_array_with_preemption_settings():
-    plan = _plan()
+def test_train_is_one_array_with_preemption_settings(paper_corpus):
+    plan = _plan(paper_corpus)
     sub = submission(plan.job("train"), plan.profile, SbatchContext(**CTX))
     text = sub.script
     assert sub.array and "#SBATCH --array=0-15%8" in text
@@ -67,8 +67,8 @@ def test_train_is_one_array_with_preemption_settings():
     assert "#SBATCH --dependency=afterany:1003" in merge
 
 
-def test_slurm_test_profile_renders_cpu_jobs():
-    plan = _plan("tiny", "slurm-test")
+def test_slurm_test_profile_renders_cpu_jobs(paper_corpus):
+    plan = _plan(paper_corpus, "tiny", "slurm-test")
     text = render_sbatch(plan.job("train"), plan.profile, SbatchContext(**CTX))
     assert "gpus" not in text and "#SBATCH --array=0-2%2" not in text  # array_parallelism from ctx: 8
     assert "#SBATCH --array=0-2%3" in text and "#SBATCH --mem=1000M" in text
@@ -121,22 +121,62 @@ def test_extra_sbatch_lines_and_stage_overrides():
     assert dataclasses.replace(prof).for_stage("merge").cpus_per_task == 3
 
 
-def test_multi_gpu_training_tasks_run_torchrun_inside_one_node():
-    """A training job with N > 1 GPUs per task: one node, and the stage trains on N processes
-    (the stage's command carries --nproc-per-node N; the stage runs torchrun --standalone)."""
-    plan = _plan()  # paper-125m on 8-GPU nodes: experts 2 GPUs, seed and dense 16 -> 8
+def test_cpus_and_memory_follow_the_gpus_so_four_experts_share_a_node(paper_corpus):
+    """paper-125m on the example profile (8 GPUs, 10 CPUs and 60G per GPU): an expert holds 2 GPUs
+    and asks for exactly a quarter of the node, so SLURM packs four on one node."""
+    plan = _plan(paper_corpus)
+    prof = plan.profile
+    node_cpus, node_mem = prof.cpus_per_gpu * prof.gpus_per_node, 60 * prof.gpus_per_node
+    train = submission(plan.job("train"), prof, SbatchContext(**CTX)).script
+    assert "#SBATCH --gpus-per-node=2" in train
+    assert f"#SBATCH --cpus-per-task={node_cpus // 4}" in train and f"#SBATCH --mem={node_mem // 4}G" in train
+    seed = submission(plan.job("seed"), prof, SbatchContext(**CTX)).script
+    assert f"#SBATCH --cpus-per-task={node_cpus}" in seed and f"#SBATCH --mem={node_mem}G" in seed
+    # A stage's own cpus_per_task / mem win over the per-GPU amounts; jobs without GPUs take them.
+    assert plan.job("score").cpus_per_task == 10 and plan.job("score").mem == "64G"
+    assert plan.job("data").gpus_per_node == 0 and plan.job("data").mem == "64G"
+    custom = parse_profile({"gpus_per_node": 4, "cpus_per_gpu": 3, "mem_per_gpu": "1500M", "mem": "2G",
+                            "stages": {"train": {"mem_per_gpu": "7G"}, "seed": {"cpus_per_task": 5}}}, "p.yaml", "p")
+    assert custom.cpus_and_mem("train", 2) == (6, "14G") and custom.cpus_and_mem("seed", 4) == (5, "6000M")
+    assert custom.cpus_and_mem("merge", 0) == (1, "2G")
+
+
+@pytest.mark.parametrize("bad", [{"mem_per_gpu": "60GB"}, {"mem_per_gpu": "1.5G"}, {"cpus_per_gpu": "10"},
+                                 {"stages": {"train": {"mem_per_gpu": "lots"}}}])
+def test_bad_per_gpu_resources_are_rejected(bad):
+    with pytest.raises(BtmError) as e:
+        parse_profile(bad, "p.yaml", "p")
+    assert "p.yaml" in str(e.value) and "per_gpu" in str(e.value)
+
+
+def test_training_jobs_span_nodes_up_to_max_nodes(paper_corpus):
+    """A training job takes the budget's GPUs, a node's worth per node, on up to max_nodes nodes:
+    the stage's command carries --nproc-per-node N (torchrun on one node) and --nodes M (srun
+    tasks across the job's nodes); beyond max_nodes the job accumulates gradients."""
+    plan = _plan(paper_corpus)  # paper-125m on 8-GPU nodes: experts 2 GPUs, seed and dense 16 = 2 nodes x 8
     ctx = SbatchContext(**CTX)
-    for job, n in (("train", 2), ("seed", 8), ("dense", 8)):
+    for job, nodes, n in (("train", 1, 2), ("seed", 2, 8), ("dense", 2, 8)):
         sub = submission(plan.job(job), plan.profile, ctx)
-        assert "#SBATCH --nodes=1" in sub.script and f"#SBATCH --gpus-per-node={n}" in sub.script
-        assert all(argv[-2:] == ["--nproc-per-node", str(n)] for argv in sub.task_argvs), job
-    for job in ("score", "eval", "data", "merge"):  # one GPU or none: one process
-        assert not any("--nproc-per-node" in argv for argv in submission(plan.job(job), plan.profile, ctx).task_argvs)
-    cpu = _plan("tiny", "slurm-test")
-    assert not any("--nproc-per-node" in argv for argv in submission(cpu.job("train"), cpu.profile, ctx).task_argvs)
-    # 1.3b: an expert's share (128 / 8 = 16 GPUs) is more than a node; it takes one node's 8.
-    big = submission(_plan("paper-1.3b").job("train"), load_profile("gpu-cluster-example"), ctx)
-    assert "#SBATCH --nodes=1" in big.script and big.task_argvs[0][-2:] == ["--nproc-per-node", "8"]
+        assert f"#SBATCH --nodes={nodes}" in sub.script and f"#SBATCH --gpus-per-node={n}" in sub.script
+        tail = ["--nproc-per-node", str(n)] + (["--nodes", str(nodes)] if nodes > 1 else [])
+        assert all(argv[-len(tail):] == tail for argv in sub.task_argvs), job
+        assert ("export BTM_COLLECTIVE_TIMEOUT_S=600" in sub.script) == (nodes > 1)
+    for job in ("score", "eval", "data", "merge"):  # one GPU or none: one process on one node
+        sub = submission(plan.job(job), plan.profile, ctx)
+        assert "#SBATCH --nodes=1" in sub.script and not any("--nproc-per-node" in a for a in sub.task_argvs)
+    # 1.3b (128 GPUs): seed and dense on 16 nodes, not one node accumulating 16x; an expert's
+    # share (16 GPUs) on 2 nodes.
+    big = _plan(paper_corpus, "paper-1.3b")
+    for job, nodes in (("seed", 16), ("dense", 16), ("train", 2)):
+        assert big.job(job).nodes == nodes and big.job(job).gpus_per_node == 8, job
+    # A profile that caps the nodes: the rest of the batch is gradient accumulation.
+    capped = dataclasses.replace(load_profile("gpu-cluster-example"), max_nodes=4)
+    seed = build_plan(big.config, capped, "/r").job("seed")
+    assert seed.nodes == 4 and submission(seed, capped, ctx).task_argvs[0][-4:] == ["--nproc-per-node", "8", "--nodes", "4"]
+    # A CPU profile: one training process per node (gloo), on up to max_nodes nodes.
+    cpu = build_plan(load_config("tiny", {"budget.gpus": 2}), load_profile("slurm-test"), "/r").job("seed")
+    assert (cpu.nodes, cpu.gpus_per_node) == (2, 0)
+    assert submission(cpu, load_profile("slurm-test"), ctx).task_argvs[0][-2:] == ["--nodes", "2"]
     # Quoted like every other value: a run directory with a space stays one argument.
     spaced = submission(plan.job("train"), plan.profile, SbatchContext(**{**CTX, "run_dir": "/s/my run"}))
     assert bash_n(spaced.script).returncode == 0
@@ -159,6 +199,32 @@ def test_the_stage_starts_torchrun_standalone_and_keeps_the_per_gpu_batch():
     assert accumulation_steps(16 * per_gpu, "125m", 1) == 16
     assert accumulation_steps(1024, "tiny", 1) == 1
     assert accumulation_steps(3 * 128, "tiny", 2) == 1  # 3 sequences on 2 ranks: the trainer says so
+
+
+def test_the_multi_node_stage_starts_one_srun_step_of_env_ranks(monkeypatch):
+    """The job step a --nodes M stage starts, the ranks' env:// variables from SLURM's, the
+    collective timeout from the job's environment, and the dry run's launch line."""
+    from fairseq_ext.multinode import master_port, slurm_rank_env, srun_argv
+    from fairseq_ext.training.setup import collective_timeout
+    from launcher.plan import launch_line
+
+    assert srun_argv(2, 8, 10, "/s/spec.json", "/s/result.json", python="/opt/py") == [
+        "srun", "--nodes=2", "--ntasks-per-node=8", "--cpus-per-task=10", "--kill-on-bad-exit=1", "--label",
+        "/opt/py", "-u", "-m", "fairseq_ext.multinode", "/s/spec.json", "/s/result.json"]
+    assert slurm_rank_env({"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1"}) == {
+        "RANK": "9", "WORLD_SIZE": "16", "LOCAL_RANK": "1"}
+    assert master_port("123456") == master_port("123456") != master_port("123457")
+    assert 1024 < master_port("123456") < 65536
+    monkeypatch.setenv("BTM_COLLECTIVE_TIMEOUT_S", "60")
+    assert collective_timeout().total_seconds() == 60
+    for bad in ("0", "soon"):
+        monkeypatch.setenv("BTM_COLLECTIVE_TIMEOUT_S", bad)
+        with pytest.raises(BtmError, match="BTM_COLLECTIVE_TIMEOUT_S"):
+            collective_timeout()
+    job = build_plan(load_config("tiny", {"budget.gpus": 2}), load_profile("slurm-test"), "/r").job("seed")
+    assert "srun --nodes=2 --ntasks-per-node=1 --cpus-per-task=1" in launch_line(job)
+    one = build_plan(load_config("tiny"), load_profile("slurm-test"), "/r").job("seed")
+    assert launch_line(one) is None
 
 
 FAKE_SBATCH = """#!/bin/sh
@@ -217,3 +283,38 @@ def test_the_executor_submits_exactly_the_rendered_script_and_task_argvs(tmp_pat
     train = submission(plan.job("train"), plan.profile, ctx)
     assert ("#SBATCH --array=0-2%2" in train.script) == (len(train_domains) == 3)
     assert f"#SBATCH --dependency=afterok:{ctx.dependency_ids['seed']}" in train.script
+
+
+def test_an_array_past_max_array_size_is_several_arrays_treated_as_one_job(tmp_path, monkeypatch):
+    """With MaxArraySize 2 (scontrol faked), three experts are two arrays: indices 0-1 and 0.
+    Dependents wait for both ids; the ledger has one row per part; status joins every part."""
+    import json
+
+    from launcher.executors.slurm import submit
+    from launcher.scheduler import parse_max_array_size
+    from launcher.status import status_rows
+
+    fake_slurm(tmp_path, monkeypatch)
+    (tmp_path / "bin" / "scontrol").write_text("#!/bin/sh\necho 'MaxArraySize            = 2'\n")
+    (tmp_path / "bin" / "scontrol").chmod(0o755)
+    run_dir = tmp_path / "run"
+    plan = build_plan(load_config("tiny"), load_profile("slurm-test"), str(run_dir))
+    ctx = SbatchContext(run_dir=str(run_dir), run_name="tiny", array_parallelism=2, python="/opt/py")
+    rows = submit(plan.jobs, plan.profile, ctx)
+    train = [r for r in rows if r["job"] == "train"]
+    assert [(r["part"], r["units"], r["array"]) for r in train] == [
+        (0, ["bible", "code_python"], True), (1, ["legal"], False)]
+    ids = [r["job_id"] for r in train]
+    assert ctx.dependency_ids["train"] == ":".join(ids)
+    folder = run_dir / "jobs" / "submitit"
+    first, second = ((folder / f"{i}_submission.sh").read_text() for i in ids)
+    assert "#SBATCH --array=0-1%2" in first and "--array" not in second
+    assert _pickled_argv(folder / f"{ids[1]}_submitted.pkl") == ["stage", str(run_dir), "train", "--unit", "legal"]
+    merge = (folder / f"{ctx.dependency_ids['merge']}_submission.sh").read_text()
+    assert f"#SBATCH --dependency=afterany:{ids[0]}:{ids[1]}" in merge
+    assert json.loads((run_dir / "jobs" / "train.units.json").read_text()) == ["bible", "code_python", "legal"]
+    status = {r[2]: r[5] for r in status_rows(run_dir, plan, rows, {}) if r[0] == "train"}
+    assert status == {"bible": f"{ids[0]}_0", "code_python": f"{ids[0]}_1", "legal": ids[1]}
+    # The limit as scontrol prints it; no line, no limit (nothing is split).
+    assert parse_max_array_size("MaxArraySize            = 1001\nMaxBatchRequeue = 5\n") == 1001
+    assert parse_max_array_size("MaxJobCount = 10000\n") is None

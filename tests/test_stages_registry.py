@@ -21,9 +21,9 @@ def test_unknown_stage_gets_a_did_you_mean():
         get_stage("trian")
 
 
-def test_a_stage_waits_only_for_stages_before_it():
+def test_a_stage_waits_only_for_stages_before_it(paper_corpus):
     for name in named_configs():
-        cfg = load_config(name)
+        cfg = load_config(name, corpus=paper_corpus if name.startswith("paper-") else None)
         enabled = [s.name for s in STAGES if s.enabled(cfg)]
         for i, stage in enumerate(s for s in STAGES if s.enabled(cfg)):
             for dep in [*stage.after_ok(cfg), *stage.after_any(cfg)]:
@@ -31,9 +31,9 @@ def test_a_stage_waits_only_for_stages_before_it():
 
 
 @pytest.mark.parametrize("name", ["tiny", "cbtm-tiny", "demo", "paper-125m"])
-def test_record_params_round_trip_through_each_stages_typed_params(name):
+def test_record_params_round_trip_through_each_stages_typed_params(name, paper_corpus):
     """A unit's record params are exactly its stage's typed parameters, as a plain dict."""
-    cfg = load_config(name)
+    cfg = load_config(name, corpus=paper_corpus if name.startswith("paper-") else None)
     cfg.baselines = ["dense", "random_split"]
     for stage in STAGES:
         for unit in stage.units(cfg):

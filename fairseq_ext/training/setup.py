@@ -121,19 +121,39 @@ def resolve_spec(spec: TrainSpec) -> tuple[Preset, int]:
 def join_process_group(spec: TrainSpec) -> Ranks:
     """This process's rank and device; with several processes, join their group.
 
-    One task's GPUs only: ``torchrun --standalone`` sets WORLD_SIZE/RANK for a single-node group.
+    ``torchrun --standalone`` (one node, fairseq_ext/multiproc.py) or srun tasks
+    (several nodes, fairseq_ext/multinode.py) set WORLD_SIZE/RANK/LOCAL_RANK and MASTER_*.
+    Every collective of the group times out after ``collective_timeout()``: a rank whose peer
+    died (a node lost) fails instead of waiting forever.
     """
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     device = pick_device(spec, world)
     if world == 1:
         return Ranks(world, rank, device)
+    timeout = collective_timeout()
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    stop_group = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a timed-out collective aborts
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    stop_group = dist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda" else dist.group.WORLD
     return Ranks(world, rank, device, stop_group)
+
+
+def collective_timeout():
+    """``BTM_COLLECTIVE_TIMEOUT_S`` (default 600 s: longer than any one update or save of the
+    presets' models, far shorter than torch's 30 min); set by the job from its profile."""
+    from datetime import timedelta
+
+    raw = os.environ.get("BTM_COLLECTIVE_TIMEOUT_S", "600")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise BtmError(f"BTM_COLLECTIVE_TIMEOUT_S must be a number of seconds > 0, got {raw!r}")
+    return timedelta(seconds=seconds)
 
 
 def pick_device(spec: TrainSpec, world: int = 1) -> torch.device:

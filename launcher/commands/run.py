@@ -67,6 +67,8 @@ def register(subparsers):
     st.add_argument("--force", action="store_true", help="run even if the record is current")
     st.add_argument("--nproc-per-node", type=int, default=1,
                     help="training stages: train on N processes of this node, one per GPU (torchrun)")
+    st.add_argument("--nodes", type=int, default=1,
+                    help="training stages: train on N nodes of this SLURM job, --nproc-per-node ranks each (srun)")
     st.set_defaults(func=cmd_stage)
 
 
@@ -282,4 +284,5 @@ def cmd_cancel(args) -> int:
 def cmd_stage(args) -> int:
     from launcher.stages import run_stage
 
-    return run_stage(args.run_dir, args.stage, args.unit, force=args.force, nproc=args.nproc_per_node)
+    return run_stage(args.run_dir, args.stage, args.unit, force=args.force, nproc=args.nproc_per_node,
+                     nodes=args.nodes)

@@ -59,6 +59,9 @@ def _add_training_flags(p, *, default_interval: int = 100) -> None:
     p.add_argument("--log-interval", type=int, default=10, help="updates between train_log rows")
     p.add_argument("--nproc-per-node", type=int, default=1,
                    help="train on N processes of this node, one per GPU (torchrun; gloo on CPU)")
+    p.add_argument("--nodes", type=int, default=1,
+                   help="inside a SLURM job of N nodes: train on all of them, --nproc-per-node ranks each "
+                        "(srun tasks; NCCL on GPU, gloo on CPU)")
 
 
 def _spec_from_args(args, domains, weights, temperature, init, updates):
@@ -74,17 +77,17 @@ def _spec_from_args(args, domains, weights, temperature, init, updates):
         trust_init=getattr(args, "trust_checkpoint", False))
 
 
-def _run_training(spec, nproc: int = 1) -> int:
+def _run_training(spec, nproc: int = 1, nodes: int = 1) -> int:
     """Train through the stages' one trainer call; print the result; 3 when preempted."""
     from dataclasses import asdict
 
     from fairseq_ext.train import end_process_group
     from launcher.stages.training import train_model
 
-    result = train_model(spec, nproc)
+    result = train_model(spec, nproc, nodes)
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(asdict(result), indent=2, sort_keys=True), flush=True)
-    if nproc == 1:  # after rank 0's print: a rank that exits 3 gets torchrun to kill the rest
+    if nproc == 1 and nodes == 1:  # after rank 0's print: a rank that exits 3 gets torchrun to kill the rest
         end_process_group()
     if result.preempted:
         print("btm: preempted; checkpoint_last saved, run again to resume", file=sys.stderr)
@@ -110,14 +113,14 @@ def _seed(args) -> int:
     # pipeline's seed stage with its default data.mixture).
     weights, temperature = domain_mixture("balanced", len(domains))
     spec = _spec_from_args(args, domains, weights, temperature, None, updates)
-    return _run_training(spec, args.nproc_per_node)
+    return _run_training(spec, args.nproc_per_node, args.nodes)
 
 
 def _train(args) -> int:
     domains = _domains(args.domain, "--domain")
     weights = _floats(args.weights, "--weights")
     spec = _spec_from_args(args, domains, weights, args.temperature, args.init, args.updates)
-    return _run_training(spec, args.nproc_per_node)
+    return _run_training(spec, args.nproc_per_node, args.nodes)
 
 
 def _parse_parents(text: str) -> dict[str, float]:

@@ -97,6 +97,7 @@ class Ctx:
     unit: Unit
     stage: Stage
     nproc: int = 1  # training processes on this node (one per GPU of the task)
+    nodes: int = 1  # nodes of the job the training ranks span (srun tasks when > 1)
 
     @cached_property
     def layout(self) -> RunLayout:

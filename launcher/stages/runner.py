@@ -30,10 +30,11 @@ def load_run_config(run_dir: str | Path) -> Config:
 
 
 def run_stage(run_dir: str | Path, stage: str, unit_name: str | None, force: bool = False,
-              nproc: int = 1) -> int:
+              nproc: int = 1, nodes: int = 1) -> int:
     """Run one unit; 0 = done (now or before), PREEMPTED_EXIT = saved, requeue me.
 
-    ``nproc`` > 1: a training stage trains on that many processes of this node (torchrun).
+    ``nproc`` > 1: a training stage trains on that many processes of this node (torchrun);
+    ``nodes`` > 1: on ``nproc`` processes of each of that many nodes of the job (srun).
     """
     run_dir = Path(run_dir).resolve()
     cfg = load_run_config(run_dir)
@@ -41,11 +42,13 @@ def run_stage(run_dir: str | Path, stage: str, unit_name: str | None, force: boo
     unit = find_unit(cfg, stage, unit_name)
     if nproc < 1:
         raise BtmError(f"--nproc-per-node must be >= 1, got {nproc}")
+    if nodes < 1:
+        raise BtmError(f"--nodes must be >= 1, got {nodes}")
     # Before the stage imports torch: its thread pool is sized when torch starts.
     for var, value in apply_slurm_threads(nproc).items():
         print(f"{var}={value} (from SLURM_CPUS_PER_TASK={os.environ['SLURM_CPUS_PER_TASK']}, "
               f"{nproc} process(es))", flush=True)
-    ctx = Ctx(run_dir, cfg, unit, impl, nproc)
+    ctx = Ctx(run_dir, cfg, unit, impl, nproc, nodes)
     with unit_lock(run_dir, stage, unit_name):
         return _run_unit(ctx, force)
 

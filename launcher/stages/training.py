@@ -122,11 +122,16 @@ def accumulation_steps(tokens_per_batch: int, preset_name: str, nproc: int) -> i
     return least  # no even split: the trainer names the numbers
 
 
-def train_model(spec, nproc: int = 1):
-    """Train ``spec`` (a fairseq_ext.train.TrainSpec) on ``nproc`` processes of this node;
-    returns the TrainResult (``preempted`` set when it saved on SIGUSR2/SIGTERM)."""
+def train_model(spec, nproc: int = 1, nodes: int = 1):
+    """Train ``spec`` (a fairseq_ext.train.TrainSpec) on ``nproc`` processes of this node, or of
+    each of ``nodes`` nodes of this SLURM job (srun tasks, fairseq_ext/multinode.py); returns the
+    TrainResult (``preempted`` set when it saved on SIGUSR2/SIGTERM)."""
     if nproc < 1:
         raise BtmError(f"--nproc-per-node must be >= 1, got {nproc}")
+    if nodes < 1:
+        raise BtmError(f"--nodes must be >= 1, got {nodes}")
+    if nodes > 1:
+        return need("fairseq_ext.multinode", "train_lm_srun")(spec, nodes, nproc)
     if nproc > 1:
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:
             raise BtmError("--nproc-per-node starts torchrun itself; do not run it under torchrun")
@@ -145,10 +150,10 @@ def train_unit(ctx: Ctx, save_dir: Path, init: Path | None, mixture: Any = None)
                      preset=p.preset, domain_weights=weights, temperature=temperature,
                      init=str(init) if init else None, max_updates=p.max_updates,
                      save_interval_updates=p.save_interval_updates, tokens_per_batch=p.tokens_per_batch,
-                     update_freq=accumulation_steps(p.tokens_per_batch, p.preset, ctx.nproc),
+                     update_freq=accumulation_steps(p.tokens_per_batch, p.preset, ctx.nproc * ctx.nodes),
                      seed=p.seed, device=os.environ.get("BTM_DEVICE", "auto"))
     resumed = _resume_point(save_dir)
-    result = train_model(spec, ctx.nproc)
+    result = train_model(spec, ctx.nproc, ctx.nodes)
     if result.preempted:
         raise Preempted()
     outs = [save_dir / "checkpoint_last.pt", save_dir / "checkpoint_best.pt"]

@@ -230,7 +230,7 @@ class SlurmTestCluster:
     """One test cluster under `root`. API for tests (see docs/cluster-testing.md):
 
     start(), stop(), env, partitions, nodes, run(argv), wait_idle(), node_states(),
-    kill_slurmd(node), start_slurmd(node), restart_slurmctld(), status().
+    reconfigure(**settings), kill_slurmd(node), start_slurmd(node), restart_slurmctld(), status().
     """
 
     def __init__(self, root: Path | str, *, nodes: int = 3, cpus_per_node: int = 2,
@@ -712,6 +712,23 @@ class SlurmTestCluster:
             if left.returncode != 0 or not left.stdout.strip():
                 return
             time.sleep(0.5)
+
+    def reconfigure(self, **settings: str | None) -> dict[str, str | None]:
+        """Set slurm.conf keys (``MaxArraySize="2"``; None removes the key) and apply them with
+        ``scontrol reconfigure``. Returns the previous values: ``reconfigure(**old)`` restores."""
+        lines = self.slurm_conf.read_text().splitlines()
+        old: dict[str, str | None] = {}
+        for key, value in settings.items():
+            at = [i for i, ln in enumerate(lines) if ln.split("=", 1)[0] == key]
+            old[key] = lines[at[0]].split("=", 1)[1] if at else None
+            for i in reversed(at):
+                del lines[i]
+            if value is not None:  # before the node and partition lines, with the other globals
+                first_node = next(i for i, ln in enumerate(lines) if ln.startswith("NodeName="))
+                lines.insert(first_node, f"{key}={value}")
+        self.slurm_conf.write_text("\n".join(lines) + "\n")
+        self.run(["scontrol", "reconfigure"], timeout=60)
+        return old
 
     # ----------------------------------------------------------------- fault injection
     def kill_slurmd(self, node: str, sig: int = signal.SIGKILL) -> None:

@@ -3,11 +3,11 @@
 # Parameters
 #SBATCH --account=my-project
 #SBATCH --constraint=volta32gb
-#SBATCH --cpus-per-task=10
+#SBATCH --cpus-per-task=16
 #SBATCH --job-name=paper-125m.data_plan
 #SBATCH --kill-on-invalid-dep=yes
 #SBATCH --mail-type=FAIL
-#SBATCH --mem=480G
+#SBATCH --mem=64G
 #SBATCH --nodes=1
 #SBATCH --open-mode=append
 #SBATCH --output=/scratch/runs/paper/jobs/submitit/%j_0_log.out
@@ -15,7 +15,7 @@
 #SBATCH --qos=normal
 #SBATCH --requeue
 #SBATCH --signal=B:USR2@180
-#SBATCH --time=4320
+#SBATCH --time=240
 #SBATCH --wckey=btm
 
 # setup
