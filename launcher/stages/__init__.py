@@ -2,7 +2,7 @@
 order). ``launcher.plan`` builds the jobs from it; ``run_stage`` (``python -m launcher stage``)
 runs one unit of one of them.
 
-Order: data -> [cluster] -> [seed] -> train (array) -> [dense] -> merge -> [data_incremental
+Order: data -> [cluster] -> [seed] -> train (array) -> [dense] -> merge -> [moe] -> [data_incremental
 -> grow (array)] -> score (array) -> eval -> report; a stage's ``enabled(cfg)`` says whether
 the config's pipeline has it, its ``after_ok``/``after_any`` which jobs it waits for.
 
@@ -15,10 +15,11 @@ import difflib
 
 from launcher.config import Config
 from launcher.contract.errors import BtmError
-from launcher.stages import cluster, data, dense, eval, grow, merge, report, score, seed, train
+from launcher.stages import cluster, data, dense, eval, grow, merge, moe, report, score, seed, train
 from launcher.stages.base import Stage, Unit
 
 STAGES: list[Stage] = [data.STAGE, cluster.STAGE, seed.STAGE, train.STAGE, dense.STAGE, merge.STAGE,
+                       moe.STAGE,
                        data.INCREMENTAL_STAGE, grow.STAGE, score.STAGE, eval.STAGE, report.STAGE]
 
 # The stages that run fairseq_ext.train (a job with several GPUs runs them under torchrun).
