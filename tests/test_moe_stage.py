@@ -31,7 +31,8 @@ def test_the_moe_stage_runs_after_merge_and_its_compute_counts_in_the_budget(pre
     n_experts = len(plan.config.expert_names)
     forest = seed.budget.gpu_updates + n_experts * train.budget.gpu_updates + moe.budget.gpu_updates
     assert forest == pytest.approx(dense.budget.gpu_updates)
-    assert "moe" in format_plan(plan)
+    text = format_plan(plan)
+    assert f"MoE {moe.budget.updates} updates on {plan.config.total_gpus} GPUs" in text
 
 
 def test_without_moe_the_plan_is_unchanged():

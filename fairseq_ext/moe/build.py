@@ -191,11 +191,12 @@ def _check_output(tensors: dict, model_cfg: dict, dictionary, names) -> None:
                            f"{', '.join(names)})")
 
 
-def moe_info(path) -> dict:
-    """The ``extra_state.btm.moe`` record of a MoE checkpoint built here."""
-    from fairseq_ext.checkpoint import btm_state, load_checkpoint
+def moe_top_k(path) -> int:
+    """The ``moe_top_k`` of a MoE checkpoint (built here or trained from one)."""
+    from fairseq_ext.checkpoint import load_checkpoint
+    from fairseq_ext.moe.model import moe_layout
 
-    info = btm_state(load_checkpoint(Path(path), mmap=True)).get("moe")
-    if not info:
-        raise BtmError(f"{path} is not a MoE checkpoint built by btm moe (no extra_state.btm.moe)")
-    return info
+    model = load_checkpoint(Path(path), mmap=True)["cfg"]["model"]
+    if moe_layout(model.get("_name")) is None:
+        raise BtmError(f"{path} is not a MoE model (model {model.get('_name')!r})")
+    return int(model["moe_top_k"])

@@ -26,12 +26,14 @@ class RouterSample:
     batch_size: int = 8
 
 
-def domain_blocks(data_dir, domain: str, split: str, max_tokens: int, tokens_per_sample: int,
+def domain_blocks(data_dir, domain: str, split: str, max_tokens: int | None, tokens_per_sample: int,
                   pad: int):
-    """(inputs, targets) blocks of the first ``max_tokens`` tokens of ``domain/split``."""
+    """(inputs, targets) blocks of the first ``max_tokens`` tokens (None: all) of ``domain/split``."""
     from fairseq_ext.streams import eval_blocks, read_tokens
 
-    tokens = read_tokens(os.path.join(str(data_dir), domain, split))[:max_tokens + 1]
+    tokens = read_tokens(os.path.join(str(data_dir), domain, split))
+    if max_tokens is not None:
+        tokens = tokens[:max_tokens + 1]
     if len(tokens) < 2:
         raise BtmError(f"{os.path.join(str(data_dir), domain, split)} holds no tokens to sample")
     return eval_blocks(tokens, tokens_per_sample, pad)

@@ -10,9 +10,9 @@ from pathlib import Path
 from launcher.config import Config
 from launcher.contract import methods as registry
 from launcher.contract.forest import verified_checkpoints
-from launcher.contract.layout import DENSE, SEED, random_split_name
+from launcher.contract.layout import DENSE, MOE, SEED, random_split_name
 from launcher.stages.base import Ctx, Params, Stage, device, units_of
-from launcher.stages.evaluation import evaluate_merges, evaluate_mixes, evaluate_model
+from launcher.stages.evaluation import evaluate_merges, evaluate_mixes, evaluate_model, evaluate_moe
 
 
 @dataclass(frozen=True)
@@ -23,17 +23,19 @@ class EvalParams(Params):
     split: str
     top_k: int
     experts: list[str]  # the forest's experts, incremental ones included
+    moe: bool = False  # the forest's MoE model (stage moe) is scored too
 
 
 def eval_units(cfg: Config):
     ev = cfg.evaluation
     return units_of([(None, EvalParams(list(ev.methods), list(cfg.baselines), list(cfg.domains.eval), ev.split,
-                                       ev.top_k, [*cfg.expert_names, *cfg.domains.incremental]))])
+                                       ev.top_k, [*cfg.expert_names, *cfg.domains.incremental],
+                                       cfg.moe.enabled))])
 
 
 def eval_inputs(ctx: Ctx) -> list[Path]:
     p = ctx.params
-    models = [*p.experts, *([DENSE] if "dense" in p.baselines else [])]
+    models = [*p.experts, *([DENSE] if "dense" in p.baselines else []), *([MOE] if p.moe else [])]
     if registry.of_kind("merge", p.methods) and ctx.layout.checkpoint(SEED).exists():
         models.append(SEED)  # the base of the merges' task vectors (the experts' branch.json)
     return [ctx.layout.forest, *[ctx.layout.checkpoint(m) for m in models]]
@@ -55,6 +57,9 @@ def eval_run(ctx: Ctx):
     evaluate_merges(layout, experts, methods, domains, settings, **common)
     if "dense" in p.baselines:
         evaluate_model(layout, "dense", layout.checkpoint(DENSE), domains, settings, **common)
+    if p.moe:
+        evaluate_moe(layout, layout.checkpoint(MOE), domains, settings, experts=list(cfg.expert_names),
+                     **common)
     if "random_split" in p.baselines:
         shards = {random_split_name(i): layout.checkpoint(random_split_name(i))
                   for i in range(len(cfg.expert_names))}

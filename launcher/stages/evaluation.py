@@ -117,3 +117,22 @@ def evaluate_merges(layout: RunLayout, experts: dict[str, Path], methods: list[s
                                          settings, merge=evaluate.MergeSpec(method=merge_method),
                                          name=name, data_dir=data_dir)[1])
     return rows
+
+
+def evaluate_moe(layout: RunLayout, checkpoint: Path, domains: list[str], settings, *,
+                 experts: list[str], name: str | None = None, data_dir: Path | None = None):
+    """The MoE model's rows (method ``moe``, k = its top_k) appended to the results, and its
+    routing statistics (which expert slots each domain's tokens go to, per layer) to the
+    routing table. Returns the new results rows."""
+    from launcher.contract.results import ROUTING
+
+    moe, device = _fairseq_ext("moe.routing"), _fairseq_ext("evaluate").resolve_device(settings.device)
+    run, data = run_name(layout, name), data_dir or layout.data
+    top_k = _fairseq_ext("moe.build").moe_top_k(checkpoint)
+    new = evaluate_model(layout, "moe", checkpoint, domains, settings, k=top_k, name=name,
+                         data_dir=data_dir)
+    routing = moe.routing_statistics(checkpoint, data, domains, settings.split, expert_names=experts,
+                                     run=run, device=device,
+                                     trust_pickle=settings.trust_checkpoint)
+    append_results(layout.root, routing, ROUTING)
+    return new
