@@ -55,6 +55,7 @@ class RunData:
     records: list[dict] = field(default_factory=list)
     priors: list[dict] = field(default_factory=list)
     fewshot: pd.DataFrame | None = None      # the few-shot table, when the run has one
+    routing: pd.DataFrame | None = None      # the MoE's routing table (results/routing.*), if any
     notes: list[str] = field(default_factory=list)   # things the reader should know
 
 
@@ -77,6 +78,7 @@ def load_run(run_dir: str | Path, label: str | None = None) -> RunData:
     else:
         run.notes.append(f"{config_file} not found: domain roles (train/eval) come from the "
                          "results table alone")
+    run.routing = load_routing_table(path)
     run.records = load_records(path / "records")
     run.priors = load_priors(path / "priors")
     return run
@@ -116,6 +118,17 @@ def load_results_table(run_dir: Path) -> tuple[pd.DataFrame, Path]:
         raise BtmError(f"no results table in {run_dir / 'results'} (expected results.parquet or "
                        "results.csv; run `btm eval` first)")
     return for_tables(read_results(source)), source
+
+
+def load_routing_table(run_dir: Path) -> pd.DataFrame | None:
+    """RUN/results/routing.{parquet,csv} (a MoE's routing statistics) validated against
+    launcher.contract.results.ROUTING, or None."""
+    from launcher.contract.results import ROUTING, read_results
+
+    rdir = run_dir / "results"
+    if not any((rdir / f"routing.{ext}").is_file() for ext in ("parquet", "csv")):
+        return None
+    return read_results(rdir, ROUTING)
 
 
 def load_fewshot_table(run_dir: Path) -> pd.DataFrame | None:
