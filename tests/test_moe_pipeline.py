@@ -52,9 +52,16 @@ def test_tiny_forest_becomes_a_trained_moe_evaluated_and_reported(tmp_path):
     run_btm("moe", run_dir, check=True, timeout=600)
     again = json.loads((run_dir / "records" / "moe.json").read_text())
     assert again["train"]["resumed"]["checkpoint_last_existed"] and again["train"]["num_updates"] == 6
+    assert again["moe"] == record["moe"]
     assert (run_dir / "moe" / "init.pt").stat().st_mtime_ns == init_mtime  # not rebuilt
     dry = json.loads(run_btm("moe", run_dir, "--dry-run", check=True).stdout)
     assert dry["budget"]["updates"] == 6 and dry["params"]["router_init"] == "data"
+    # `btm eval --model moe=...` scores it as the stage does (k = top_k, slots named by the record)
+    r = run_btm("eval", run_dir, "--methods", "experts", "--split", "valid", "--model",
+                f"moe={run_dir / 'moe' / 'checkpoint_last.pt'}", check=True, timeout=600)
+    assert any(line.split()[:2] == ["moe", "2"] for line in r.stdout.splitlines())
+    valid = read_results(run_dir / "results", ROUTING)
+    assert set(valid["split"]) == {"test", "valid"} and set(valid["expert"]) == {"bible", "code_python", "legal"}
 
 
 def test_btm_moe_refuses_a_run_without_the_moe_section(tmp_path):

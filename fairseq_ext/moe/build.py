@@ -191,6 +191,17 @@ def _check_output(tensors: dict, model_cfg: dict, dictionary, names) -> None:
                            f"{', '.join(names)})")
 
 
+def moe_info(path) -> dict:
+    """The build record (``extra_state.btm.moe``: layout, top_k, router_init, experts) of a MoE
+    checkpoint written by ``build_moe``."""
+    from fairseq_ext.checkpoint import btm_state, load_checkpoint
+
+    info = btm_state(load_checkpoint(Path(path), mmap=True)).get("moe")
+    if not info:
+        raise BtmError(f"{path} is not a MoE built by btm (no extra_state.btm.moe)")
+    return info
+
+
 def moe_top_k(path) -> int:
     """The ``moe_top_k`` of a MoE checkpoint (built here or trained from one)."""
     from fairseq_ext.checkpoint import load_checkpoint

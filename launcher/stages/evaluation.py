@@ -120,11 +120,22 @@ def evaluate_merges(layout: RunLayout, experts: dict[str, Path], methods: list[s
 
 
 def evaluate_moe(layout: RunLayout, checkpoint: Path, domains: list[str], settings, *,
-                 experts: list[str], name: str | None = None, data_dir: Path | None = None):
+                 experts: list[str] | None = None, name: str | None = None,
+                 data_dir: Path | None = None):
     """The MoE model's rows (method ``moe``, k = its top_k) appended to the results, and its
     routing statistics (which expert slots each domain's tokens go to, per layer) to the
-    routing table. Returns the new results rows."""
+    routing table. ``experts``: the slots' expert names (None: from the moe stage's record).
+    Returns the new results rows."""
     from launcher.contract.results import ROUTING
+
+    if experts is None:
+        from launcher.records import read_record
+
+        built = (read_record(layout.root, "moe", None) or {}).get("moe")
+        if not built:
+            raise BtmError(f"{layout.record('moe', None)} is missing or names no experts: run the "
+                           "moe stage (`btm moe RUN_DIR`) before evaluating its MoE")
+        experts = [e["name"] for e in built["experts"]]
 
     moe, device = _fairseq_ext("moe.routing"), _fairseq_ext("evaluate").resolve_device(settings.device)
     run, data = run_name(layout, name), data_dir or layout.data

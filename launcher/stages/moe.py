@@ -10,7 +10,6 @@ unit, so the CLI and the pipeline share one code path.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,12 +49,12 @@ def moe_inputs(ctx: Ctx) -> list[Path]:
             *(ctx.layout.checkpoint(name) for name in p.experts)]
 
 
-def build_moe_init(ctx: Ctx, save_dir: Path) -> tuple[Path, dict | None]:
-    """``save_dir/init.pt``, the untrained MoE of the forest; (path, build info or None when a
-    resumed run reuses the one it started from)."""
+def build_moe_init(ctx: Ctx, save_dir: Path) -> tuple[Path, dict]:
+    """``save_dir/init.pt``, the untrained MoE of the forest, and its build info."""
     init = save_dir / "init.pt"
     if (save_dir / "checkpoint_last.pt").exists() and init.exists():
-        return init, None  # resuming (requeue): the trainer continues from checkpoint_last
+        # Resuming (requeue): the trainer continues from checkpoint_last; init.pt is kept.
+        return init, need("fairseq_ext.moe.build", "moe_info")(init)
     build = need("fairseq_ext.moe.build", "build_moe")
     MoeSpec = need("fairseq_ext.moe.build", "MoeSpec")
     RouterSample = need("fairseq_ext.moe.router_init", "RouterSample")
@@ -87,8 +86,7 @@ def moe_run(ctx: Ctx):
     save_dir.mkdir(parents=True, exist_ok=True)
     init, info = build_moe_init(ctx, save_dir)
     outputs, extra = train_unit(ctx, save_dir, init, mixture=ctx.params.mixture)
-    if info is not None:
-        extra["moe"] = {k: info[k] for k in ("layout", "top_k", "router_init", "experts")}
+    extra["moe"] = {k: info[k] for k in ("layout", "top_k", "router_init", "experts")}
     return [*outputs, init], extra
 
 
