@@ -5,7 +5,11 @@
   layout with every layer's FFN replaced by the MoE block);
 - ``build.py``: forest -> MoE checkpoint, streamed one expert at a time;
 - ``router_init.py``: the router's start from data (each expert's mean hidden states);
-- ``routing.py``: which experts each domain's tokens go to, per layer.
+- ``weights.py``: the averaging weights of the shared parameters (uniform or posterior);
+- ``routing.py``: which experts each domain's tokens go to, per layer;
+- ``export_mixtral.py``: a Llama-layout MoE as transformers' ``MixtralForCausalLM``.
+
+docs/moe.md describes the whole step.
 
 Importing this package imports nothing (the modules import fairseq or torch themselves).
 """
