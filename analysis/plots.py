@@ -224,6 +224,38 @@ def plot_ablation_heatmap(table: pd.DataFrame, title: str = "expert removal") ->
     return fig
 
 
+def plot_routing_heatmap(run: RunData, split: str) -> Figure:
+    """Heatmap of a MoE's routing: per layer, the share of each evaluation domain's
+    token-to-expert assignments that went to each expert slot (results/routing.*)."""
+    table = run.routing
+    if table is None or not (table["split"] == split).any():
+        raise PlotSkipped(f"run {run.label} has no MoE routing statistics on the {split} split")
+    table = table[table["split"] == split]
+    layers = sorted(table["layer"].unique())
+    fig = Figure(figsize=(1.0, 1.0), layout="constrained")
+    axes = fig.subplots(1, len(layers), squeeze=False)[0]
+    for ax, layer in zip(axes, layers):
+        matrix = table[table["layer"] == layer].pivot(index="eval_domain", columns="slot",
+                                                      values="share")
+        names = table[table["layer"] == layer].drop_duplicates("slot").set_index("slot")["expert"]
+        image = ax.imshow(matrix.to_numpy(dtype=float), cmap="viridis", vmin=0.0, vmax=1.0,
+                          aspect="auto")
+        ax.set_xticks(range(matrix.shape[1]), [names[s] for s in matrix.columns], rotation=40,
+                      ha="right")
+        ax.set_yticks(range(matrix.shape[0]), list(matrix.index))
+        ax.set_xlabel("expert slot (built from)")
+        ax.set_ylabel("evaluation domain")
+        ax.set_title(f"{run.label}: layer {layer}", fontsize="medium")
+        if matrix.size <= 200:
+            for (i, j), v in np.ndenumerate(matrix.to_numpy(dtype=float)):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if v < 0.5 else "black")
+    fig.colorbar(image, ax=list(axes), label="share of the domain's assignments")
+    fig.set_size_inches(max(6.0, len(layers) * (2.0 + 0.6 * matrix.shape[1]) + 1.5),
+                        max(3.5, 2.0 + 0.45 * matrix.shape[0]))
+    return fig
+
+
 # --------------------------------------------------------------------------- across runs
 
 def _panels(means: pd.DataFrame, x: str, what: str) -> list[str]:

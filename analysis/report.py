@@ -11,6 +11,8 @@ Layout of the output directory (RUN/report/ of the first run unless ``out`` is g
     tables/fewshot.<run>.{md,tex,csv}       few-shot harness results per task/metric x method
                                             (mean over seeds; fewshot_std.<run>.*: their spread)
     tables/compute.{md,tex,csv}             CPU/GPU/wall hours per run and stage
+    tables/routing.<run>.{md,tex,csv}       a MoE's routing shares per domain x (layer, expert)
+                                            (plots/routing_heatmap.<run>.png: the same as a heatmap)
     tables/results_all.csv                  every results row of every run (tidy, + run_label)
     plots/*.png
 
@@ -120,6 +122,7 @@ def build_report(run_dirs: list[str | Path], out: str | Path | None = None,
     md += _ablation_section(w, runs)
     if fewshot is not None:
         md += _fewshot_section(w, fewshot, runs)
+    md += _routing_section(w, runs, split)
     md += _compute_section(w, runs)
     md += _plots_section(w, frame, runs, split, labels, run_groups)
     return _finish(w, root, md, notes, frame)
@@ -286,6 +289,30 @@ def _ablation_section(w: _Out, runs) -> list[str]:
         link, why = w.plot(f"plots/ablation.{run.label}.png",
                            lambda run=run: plots.plot_ablation_heatmap(run.ablation, run.label))
         md += [f"![{run.label}: expert removal]({link})" if link else f"Plot omitted: {why}.", ""]
+    return md
+
+
+def _routing_section(w: _Out, runs, split: str) -> list[str]:
+    """The MoE's routing per run: which expert slots each domain's tokens go to, per layer."""
+    with_routing = [r for r in runs if r.routing is not None and (r.routing["split"] == split).any()]
+    if not with_routing:
+        return []
+    md = ["## MoE routing", "",
+          "Share of each evaluation domain's token-to-expert assignments (a token has top-k of "
+          "them) that went to each expert slot of the MoE (stage moe), per layer; a slot is "
+          "named after the forest expert whose FFN it was built from.", ""]
+    for run in with_routing:
+        rows = run.routing[run.routing["split"] == split]
+        table = rows.assign(column=[f"L{layer} {expert}" for layer, expert
+                                    in zip(rows["layer"], rows["expert"])])
+        table = table.pivot(index="eval_domain", columns="column", values="share")
+        table = table[sorted(table.columns, key=lambda c: (int(c.split()[0][1:]), c))]
+        text, links = w.table(f"tables/routing.{run.label}", table,
+                              f"{run.label}: MoE routing shares ({split} split)", mark_best=False)
+        md += [f"**Run {run.label}**", "", text, links, ""]
+        link, why = w.plot(f"plots/routing_heatmap.{run.label}.png",
+                           lambda run=run: plots.plot_routing_heatmap(run, split))
+        md += [f"![MoE routing, run {run.label}]({link})" if link else f"Heatmap omitted: {why}.", ""]
     return md
 
 

@@ -60,6 +60,7 @@ class RunData:
     priors: list[dict] = field(default_factory=list)
     fewshot: pd.DataFrame | None = None      # the few-shot table, when the run has one
     ablation: pd.DataFrame | None = None     # results/ablation.csv (`btm forest ablate`), if any
+    routing: pd.DataFrame | None = None      # the MoE's routing table (results/routing.*), if any
     notes: list[str] = field(default_factory=list)   # things the reader should know
 
 
@@ -82,6 +83,7 @@ def load_run(run_dir: str | Path, label: str | None = None) -> RunData:
     else:
         run.notes.append(f"{config_file} not found: domain roles (train/eval) come from the "
                          "results table alone")
+    run.routing = load_routing_table(path)
     run.records = load_records(path / "records")
     run.priors = load_priors(path / "priors")
     run.ablation = read_ablation(RunLayout(path).ablation)
@@ -123,6 +125,17 @@ def load_results_table(run_dir: Path) -> tuple[pd.DataFrame, Path]:
                        "results.csv; run `btm eval` first)")
     # The results dir, not one file: a damaged twin of the table is refused, never half-read.
     return for_tables(read_results(run_dir / "results")), source
+
+
+def load_routing_table(run_dir: Path) -> pd.DataFrame | None:
+    """RUN/results/routing.{parquet,csv} (a MoE's routing statistics) validated against
+    launcher.contract.results.ROUTING, or None."""
+    from launcher.contract.results import ROUTING, read_results
+
+    rdir = run_dir / "results"
+    if not any((rdir / f"routing.{ext}").is_file() for ext in ("parquet", "csv")):
+        return None
+    return read_results(rdir, ROUTING)
 
 
 def load_fewshot_table(run_dir: Path) -> pd.DataFrame | None:

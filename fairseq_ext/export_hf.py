@@ -120,9 +120,24 @@ def elm_to_gpt2(state_dict: dict, n_layers: int) -> dict:
 
 def hf_model(model_cfg: dict, state_dict: dict, vocab_size: int):
     """(HF config dict, HF tensors, embedding tensor name, model dim, max positions) of an ELM
-    checkpoint, by its layout: GPT-2 here, Llama in fairseq_ext/export_llama.py."""
+    checkpoint, by its layout: GPT-2 here, Llama in fairseq_ext/export_llama.py, a Llama-layout
+    MoE as Mixtral in fairseq_ext/moe/export_mixtral.py."""
+    from fairseq_ext.moe.model import moe_layout
     from launcher.contract.presets import layout_of_arch
 
+    moe = moe_layout(model_cfg.get("_name"))
+    if moe == "llama":
+        from fairseq_ext.moe.export_mixtral import elm_moe_to_mixtral, mixtral_config
+
+        config = mixtral_config(model_cfg, vocab_size)
+        tensors = elm_moe_to_mixtral(state_dict, config["num_hidden_layers"],
+                                     config["num_local_experts"], config["tie_word_embeddings"])
+        return (config, tensors, "model.embed_tokens.weight", config["hidden_size"],
+                config["max_position_embeddings"])
+    if moe == "gpt2":
+        from fairseq_ext.moe.export_mixtral import GPT2_MOE_UNSUPPORTED
+
+        raise BtmError(f"cannot export a GPT-2-layout MoE: {GPT2_MOE_UNSUPPORTED}")
     if layout_of_arch(model_cfg.get("_name")) == "llama":
         from fairseq_ext.export_llama import elm_to_llama, llama_config
 

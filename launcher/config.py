@@ -105,6 +105,17 @@ class EvaluationConfig:
 
 
 @dataclass
+class MoeConfig:
+    enabled: bool = field(default=False, metadata={"help": "turn the forest into one Mixture-of-Experts model and train it (stage moe, after merge)"})
+    top_k: int = field(default=2, metadata={"help": "experts each token is routed to (<= number of experts)", "min": 1})
+    router_init: str = field(default="zero", metadata={"help": "zero | data (each expert's mean hidden state on its own domain)"})
+    weights: str = field(default="uniform", metadata={"help": "averaging weights of embeddings, attention, norms: uniform | posterior (mean cached prior over the training domains)"})
+    train: str = field(default="all", metadata={"help": "router (routers only) | all (every parameter)"})
+    budget_share: float = field(default=0.1, metadata={"help": "share of the budget's updates spent training the MoE (taken from the experts' updates)", "above": 0.0, "below": 1.0})
+    aux_loss_coef: float = field(default=0.01, metadata={"help": "weight of the load-balancing loss", "min": 0.0})
+
+
+@dataclass
 class Config:
     name: str = field(default="run", metadata={"help": "run name (the `run` column of the results table)"})
     method: str = field(default="btm", metadata={"help": "btm (one expert per domain) | cbtm (one expert per cluster)"})
@@ -116,6 +127,7 @@ class Config:
     branching: BranchingConfig = field(default_factory=BranchingConfig)
     clusters: ClustersConfig = field(default_factory=ClustersConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    moe: MoeConfig = field(default_factory=MoeConfig)
     baselines: list[str] = field(default_factory=list, metadata={"help": "dense and/or random_split"})
     executor: str = field(default="local", metadata={"help": "local | slurm"})
     profile: str = field(default="local", metadata={"help": "cluster profile: slurm_templates/profiles/<name>.yaml or a path"})
@@ -334,6 +346,7 @@ def _validate(cfg: Config, err) -> None:
     for i, b in enumerate(cfg.baselines):
         if b not in BASELINES:
             err(f"baselines[{i}]", f"unknown baseline {shown(b)}; known: {', '.join(BASELINES)}")
+    _validate_moe(cfg, err)
     if cfg.executor not in ("local", "slurm"):
         err("executor", f"unknown executor {shown(cfg.executor)}; use local or slurm")
     if "/" not in cfg.profile and not cfg.profile.endswith(".yaml"):
@@ -344,6 +357,23 @@ def _validate(cfg: Config, err) -> None:
             close = difflib.get_close_matches(cfg.profile, known_profiles(), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             err("profile", f"unknown cluster profile {shown(cfg.profile)}{hint}; known: {', '.join(known_profiles())}")
+
+
+def _validate_moe(cfg: Config, err) -> None:
+    moe, n = cfg.moe, len(cfg.expert_names)
+    if moe.enabled and n < 2:
+        err("moe.enabled", f"a MoE needs at least 2 experts; the config has {n}")
+    if moe.enabled and not 1 <= moe.top_k <= n:
+        err("moe.top_k", f"must be in 1..{n} (the experts), got {moe.top_k}")
+    for key, allowed in (("router_init", ("zero", "data")), ("weights", ("uniform", "posterior")),
+                         ("train", ("router", "all"))):
+        if getattr(moe, key) not in allowed:
+            err(f"moe.{key}", f"unknown value {getattr(moe, key)!r}; use {' or '.join(allowed)}")
+    if moe.enabled and not 0.0 < moe.budget_share < 1.0 - cfg.budget.seed_fraction:
+        err("moe.budget_share", f"must be in (0, 1 - budget.seed_fraction = "
+                                f"{1.0 - cfg.budget.seed_fraction:g}), got {moe.budget_share}")
+    if not moe.aux_loss_coef >= 0:
+        err("moe.aux_loss_coef", f"must be >= 0, got {moe.aux_loss_coef}")
 
 
 def _validate_mixture(mixture: Any, err) -> None:

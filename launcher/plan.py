@@ -20,7 +20,7 @@ from launcher.config import Config, mixture_label
 from launcher.profiles import Profile
 from launcher.stages import STAGES, TRAINING_STAGES
 from launcher.stages.base import Budget, Unit  # noqa: F401  (re-exported: a job's units and budget)
-from launcher.stages.training import split_updates
+from launcher.stages.training import moe_updates, split_updates
 
 
 @dataclass
@@ -152,7 +152,8 @@ def format_plan(plan: Plan, only_pending: bool = True) -> str:
         f"mixture {mixture_label(cfg.data.mixture)}",
         f"run directory: {plan.run_dir}",
         f"budget: {U} updates x {G} GPUs = {U * G} GPU-updates (the dense baseline's); "
-        f"seed {seed_updates} updates on {G} GPUs; {n} experts x {expert_updates} updates on {G}/{n} GPUs each",
+        f"seed {seed_updates} updates on {G} GPUs; {n} experts x {expert_updates} updates on {G}/{n} GPUs each"
+        + (f"; MoE {moe_updates(cfg)} updates on {G} GPUs" if cfg.moe.enabled else ""),
         *([f"seed: imported from {cfg.model.init}" + (", used as is" if seed_updates == 0 else ", then trained on")]
           if cfg.model.init else []),
         f"training domains ({len(cfg.domains.train)}): {', '.join(cfg.domains.train)}",

@@ -12,8 +12,9 @@ from launcher.stages import STAGES, TRAINING_STAGES, get_stage
 
 def test_stages_in_pipeline_order_and_the_training_ones():
     assert [s.name for s in STAGES] == ["data_plan", "data_shard", "data", "cluster_fit", "cluster_assign",
-                                        "cluster", "seed", "train", "dense", "merge", "data_incremental", "grow", "score", "eval", "report"]
-    assert TRAINING_STAGES == ("seed", "train", "dense", "grow")
+                                        "cluster", "seed", "train", "dense", "merge", "moe", "data_incremental",
+                                        "grow", "score", "eval", "report"]
+    assert TRAINING_STAGES == ("seed", "train", "dense", "moe", "grow")
 
 
 def test_unknown_stage_gets_a_did_you_mean():

@@ -6,3 +6,4 @@ config for a preset name.
 """
 from fairseq_ext.models import elm  # noqa: F401
 from fairseq_ext.models import llama  # noqa: F401
+from fairseq_ext.moe import model as _moe_model  # noqa: F401,E402  (models elm_moe, elm_llama_moe)

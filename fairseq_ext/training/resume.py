@@ -112,8 +112,11 @@ def _read_start(setup: TrainSetup) -> tuple[dict | None, dict | None]:
 
 
 def _model_cfg(setup: TrainSetup, start: dict | None, *, from_init: bool):
-    """The preset's ElmConfig, overridden by the starting checkpoint's stored model cfg."""
+    """The preset's ElmConfig, overridden by the starting checkpoint's stored model cfg (the
+    preset layout's MoE config when that checkpoint is a MoE of the preset's experts)."""
     from fairseq_ext.models.preset_config import model_config_for_preset
+
+    from fairseq_ext.moe.model import moe_config, moe_layout
 
     preset = setup.preset
     model_cfg = model_config_for_preset(preset.name)
@@ -121,7 +124,10 @@ def _model_cfg(setup: TrainSetup, start: dict | None, *, from_init: bool):
     if start is None:
         return model_cfg
     stored = dict(start["cfg"]["model"])
-    if from_init and stored.get("_name") != preset.arch:
+    if moe_layout(stored.get("_name")) == preset.layout:
+        # A MoE built from experts of this preset (fairseq_ext/moe): same shapes, MoE fields.
+        model_cfg = moe_config(model_cfg, preset.layout)
+    elif from_init and stored.get("_name") != preset.arch:
         raise BtmError(f"init checkpoint {setup.spec.init} is arch {stored.get('_name')!r}, "
                        f"but preset {preset.name!r} is {preset.arch!r}")
     for k, v in stored.items():

@@ -87,7 +87,8 @@ def register(subparsers) -> None:
     p.add_argument("--top-k", type=_ints, default=[1], metavar="K1,K2",
                    help="k values for top-k and c-BTM (default: 1)")
     p.add_argument("--model", action="append", default=[], metavar="METHOD=PATH",
-                   help="also score a single model as METHOD, e.g. dense=RUN/dense/checkpoint_best.pt")
+                   help="also score a single model as METHOD, e.g. dense=RUN/dense/checkpoint_best.pt; "
+                        "moe=RUN/moe/checkpoint_last.pt also files its routing table")
     p.set_defaults(func=run_eval)
 
     p = subparsers.add_parser(
@@ -176,7 +177,7 @@ def _methods(names: list[str]) -> tuple[str, ...]:
 
 
 def run_eval(args) -> int:
-    from launcher.stages.evaluation import evaluate_merges, evaluate_mixes, evaluate_model
+    from launcher.stages.evaluation import evaluate_merges, evaluate_mixes, evaluate_model, evaluate_moe
 
     layout = RunLayout(args.run_dir)
     methods = _methods(args.methods)
@@ -193,7 +194,10 @@ def run_eval(args) -> int:
         method, sep, path = item.partition("=")
         if not sep or not path:
             raise BtmError(f"--model: expected METHOD=PATH, got {shown(item)}")
-        _print_rows(evaluate_model(layout, method, Path(path), domains, settings, **where))
+        if method == "moe":  # k = its top_k, and its routing table (slots named as the forest)
+            _print_rows(evaluate_moe(layout, Path(path), domains, settings, **where))
+        else:
+            _print_rows(evaluate_model(layout, method, Path(path), domains, settings, **where))
     print(f"results: {layout.results / 'results.csv'}")
     return 0
 

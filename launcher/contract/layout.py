@@ -13,6 +13,7 @@ from pathlib import Path
 # Names of the run's own model directories: a training domain or expert may not take them.
 SEED = "seed"
 DENSE = "dense"
+MOE = "moe"  # the forest turned into one Mixture-of-Experts model (stage moe)
 RANDOM_SPLIT_PREFIX = "random"  # random<i>: the random-split baseline's experts and domains
 
 
@@ -116,8 +117,8 @@ class RunLayout:
 
     # ---- models --------------------------------------------------------------------------
     def model_dir(self, name: str) -> Path:
-        """seed/, dense/ or experts/<name>/ (random-split experts included)."""
-        if name in (SEED, DENSE):
+        """seed/, dense/, moe/ or experts/<name>/ (random-split experts included)."""
+        if name in (SEED, DENSE, MOE):
             return self.root / name
         return self.root / "experts" / name
 

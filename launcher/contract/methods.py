@@ -7,7 +7,7 @@ the results table holds (one-expert rows are ``expert:<name>``; a config asks fo
 ``EvalMethod`` line plus the code that computes it:
 
 - ``kind``: which part of the eval stage computes it (``expert``, ``ensemble``, ``topk``,
-  ``average``, ``merge``, ``cluster``, ``baseline``);
+  ``average``, ``merge``, ``cluster``, ``baseline``, ``moe``);
 - ``mixing_rule``: the rule of ``fairseq_ext.ensemble.ensemble_logprobs`` (ensembles and top-k);
 - ``needs_prior``: whether it reads the cached domain prior (so the score stage also scores
   the prior split);
@@ -81,6 +81,9 @@ METHODS: tuple[EvalMethod, ...] = (
                  needs_prior=weighting == "posterior")
       for method, label in MERGE_LABELS.items() for weighting in MERGE_WEIGHTINGS),
     EvalMethod("cbtm_cluster", "cluster", "c-BTM", lm_eval={"method": "cluster"}),
+    # The forest as one Mixture-of-Experts model (stage moe; scored when moe.enabled). lm-eval
+    # runs it as one model: checkpoint=RUN/moe/checkpoint_last.pt.
+    EvalMethod("moe", "moe", "MoE (BTX)", in_config=False),
 )
 REGISTRY: dict[str, EvalMethod] = {m.name: m for m in METHODS}
 _ALIASES: dict[str, str] = {a: m.name for m in METHODS for a in m.aliases}

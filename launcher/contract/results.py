@@ -1,5 +1,7 @@
 """The results tables: tidy rows, one per evaluated (run, method, variant, data).
 
+``RUN_DIR/results/routing.{csv,parquet}`` (``ROUTING``): a MoE model's routing statistics, one
+row per (run, eval domain, split, layer, expert slot).
 ``RUN_DIR/results/results.{csv,parquet}`` (``RESULTS``): perplexity, one row per (run, method,
 k, prior, eval domain, split). ``RUN_DIR/results/fewshot.{csv,parquet}`` (``FEWSHOT``): few-shot
 harness results (lm-evaluation-harness through the ``btm`` model), one row per (run, task,
@@ -90,6 +92,18 @@ FEWSHOT_REQUIRED, FEWSHOT_OPTIONAL = _columns("""
     notes?                 str    free text
 """)
 FEWSHOT_KEY = ["run", "task", "metric", "filter", "method", "k", "routing", "prior", "num_fewshot", "seed"]
+
+ROUTING_REQUIRED, ROUTING_OPTIONAL = _columns("""
+    run                    str    run name (as in results.csv)
+    eval_domain            str    domain whose tokens were routed
+    split                  str    valid or test
+    layer                  int    MoE layer (0 = the first)
+    slot                   int    expert slot of that layer (0..N-1)
+    expert                 str    the forest expert whose FFN the slot was built from
+    share                  float  share of the domain's token-to-expert assignments at that layer that went to this slot
+    tokens                 int    tokens routed (each is assigned to top_k slots)
+""")
+ROUTING_KEY = ["run", "eval_domain", "split", "layer", "slot"]
 
 
 def results_dir(run_dir: str | os.PathLike) -> Path:
@@ -220,8 +234,20 @@ def _check_fewshot(cols: dict[str, np.ndarray]) -> None:
             raise BtmError(f"fewshot: column 'better' row {i} must be 'higher' or 'lower', got {better!r}")
 
 
+def _check_routing(cols: dict[str, np.ndarray]) -> None:
+    for col in ("layer", "slot", "tokens"):
+        bad = cols[col] < (1 if col == "tokens" else 0)
+        if bad.any():
+            raise BtmError(f"routing: column {col!r} row {_first(bad)} is out of range ({cols[col][_first(bad)]})")
+    bad = ~np.isfinite(cols["share"]) | (cols["share"] < 0) | (cols["share"] > 1)
+    if bad.any():
+        raise BtmError(f"routing: column 'share' row {_first(bad)} must be in [0, 1], got {cols['share'][_first(bad)]}")
+
+
 RESULTS = TableSpec("results", REQUIRED_COLUMNS, OPTIONAL_COLUMNS, KEY_COLUMNS, _check_values)
 FEWSHOT = TableSpec("fewshot", FEWSHOT_REQUIRED, FEWSHOT_OPTIONAL, FEWSHOT_KEY, _check_fewshot)
+# Which experts a MoE model (stage moe) sends each evaluation domain's tokens to, per layer.
+ROUTING = TableSpec("routing", ROUTING_REQUIRED, ROUTING_OPTIONAL, ROUTING_KEY, _check_routing)
 
 
 def read_results(path: str | os.PathLike, spec: TableSpec | None = None) -> pd.DataFrame:

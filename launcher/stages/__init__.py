@@ -2,7 +2,8 @@
 order). ``launcher.plan`` builds the jobs from it; ``run_stage`` (``python -m launcher stage``)
 runs one unit of one of them.
 
-Order: data_plan -> data_shard (array) -> data -> [cluster_fit -> cluster_assign (array) -> cluster] -> [seed] -> train (array) -> [dense] -> merge -> [data_incremental
+Order: data_plan -> data_shard (array) -> data -> [cluster_fit -> cluster_assign (array) -> cluster]
+-> [seed] -> train (array) -> [dense] -> merge -> [moe] -> [data_incremental
 -> grow (array)] -> score (array) -> eval -> report; a stage's ``enabled(cfg)`` says whether
 the config's pipeline has it, its ``after_ok``/``after_any`` which jobs it waits for.
 
@@ -15,10 +16,12 @@ import difflib
 
 from launcher.config import Config
 from launcher.contract.errors import BtmError, shown
-from launcher.stages import cluster, data, dense, eval, grow, merge, report, score, seed, train
+from launcher.stages import cluster, data, dense, eval, grow, merge, moe, report, score, seed, train
 from launcher.stages.base import Stage, Unit
 
-STAGES: list[Stage] = [data.PLAN_STAGE, data.SHARD_STAGE, data.STAGE, cluster.FIT_STAGE, cluster.ASSIGN_STAGE, cluster.STAGE, seed.STAGE, train.STAGE, dense.STAGE, merge.STAGE,
+STAGES: list[Stage] = [data.PLAN_STAGE, data.SHARD_STAGE, data.STAGE,
+                       cluster.FIT_STAGE, cluster.ASSIGN_STAGE, cluster.STAGE,
+                       seed.STAGE, train.STAGE, dense.STAGE, merge.STAGE, moe.STAGE,
                        data.INCREMENTAL_STAGE, grow.STAGE, score.STAGE, eval.STAGE, report.STAGE]
 
 # The stages that run fairseq_ext.train (a job with several GPUs runs them under torchrun).

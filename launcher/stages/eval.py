@@ -10,11 +10,11 @@ from pathlib import Path
 from launcher.config import Config
 from launcher.contract import methods as registry
 from launcher.contract.forest import verified_checkpoints
-from launcher.contract.layout import DENSE, SEED, random_split_name
+from launcher.contract.layout import DENSE, MOE, SEED, random_split_name
 from launcher.contract.presets import get_preset
 from launcher.records import read_record
 from launcher.stages.base import Ctx, Params, Stage, device, units_of
-from launcher.stages.evaluation import evaluate_merges, evaluate_mixes, evaluate_model
+from launcher.stages.evaluation import evaluate_merges, evaluate_mixes, evaluate_model, evaluate_moe
 from launcher.stages.score import PRIOR_SPLIT, scored_models
 
 
@@ -31,6 +31,7 @@ class EvalParams(Params):
     prior_estimator: str = "document"
     prior_block_tokens: int = 1024
     prior_temperatures: list[float] = dataclasses.field(default_factory=lambda: [1.0])
+    moe: bool = False  # the forest's MoE model (stage moe) is scored too
 
 
 def eval_units(cfg: Config):
@@ -38,7 +39,7 @@ def eval_units(cfg: Config):
     return units_of([(None, EvalParams(list(ev.methods), list(cfg.baselines), list(cfg.domains.eval), ev.split,
                                        ev.top_k, [*cfg.expert_names, *cfg.domains.incremental], cfg.name,
                                        ev.prior_estimator, get_preset(cfg.model.preset).tokens_per_sample,
-                                       list(ev.prior_temperatures)))])
+                                       list(ev.prior_temperatures), cfg.moe.enabled))])
 
 
 def eval_inputs(ctx: Ctx) -> list[Path]:
@@ -46,7 +47,7 @@ def eval_inputs(ctx: Ctx) -> list[Path]:
     prior's held-out split) of every eval domain, the score caches of the score array, and, for
     c-BTM, the fitted cluster model. An edited test split re-scores and so re-evaluates."""
     p, layout = ctx.params, ctx.layout
-    models = [*p.experts, *([DENSE] if "dense" in p.baselines else [])]
+    models = [*p.experts, *([DENSE] if "dense" in p.baselines else []), *([MOE] if p.moe else [])]
     if registry.of_kind("merge", p.methods) and layout.checkpoint(SEED).exists():
         models.append(SEED)  # the base of the merges' task vectors (the experts' branch.json)
     splits = [p.split, *([PRIOR_SPLIT] if registry.needs_prior(p.methods) and p.split != PRIOR_SPLIT else [])]
@@ -89,6 +90,9 @@ def eval_run(ctx: Ctx):
     evaluate_merges(layout, experts, methods, domains, settings, **common)
     if "dense" in p.baselines:
         evaluate_model(layout, "dense", layout.checkpoint(DENSE), domains, settings, **common)
+    if p.moe:
+        evaluate_moe(layout, layout.checkpoint(MOE), domains, settings, experts=list(cfg.expert_names),
+                     **common)
     if "random_split" in p.baselines:
         shards = {random_split_name(i): layout.checkpoint(random_split_name(i))
                   for i in range(len(cfg.expert_names))}

@@ -127,3 +127,33 @@ def evaluate_ablation(layout: RunLayout, experts: dict[str, Path], domains: list
     rows = _fairseq_ext("ablation").ablate_experts(experts, domains, eval_dirs(layout), settings=settings,
                                                    method=method)
     return write_ablation(layout.ablation, rows)
+
+
+def evaluate_moe(layout: RunLayout, checkpoint: Path, domains: list[str], settings, *,
+                 experts: list[str] | None = None, name: str | None = None,
+                 data_dir: Path | None = None):
+    """The MoE model's rows (method ``moe``, k = its top_k) appended to the results, and its
+    routing statistics (which expert slots each domain's tokens go to, per layer) to the
+    routing table. ``experts``: the slots' expert names (None: from the moe stage's record).
+    Returns the new results rows."""
+    from launcher.contract.results import ROUTING
+
+    if experts is None:
+        from launcher.records import read_record
+
+        built = (read_record(layout.root, "moe", None) or {}).get("moe")
+        if not built:
+            raise BtmError(f"{layout.record('moe', None)} is missing or names no experts: run the "
+                           "moe stage (`btm moe RUN_DIR`) before evaluating its MoE")
+        experts = [e["name"] for e in built["experts"]]
+
+    moe, device = _fairseq_ext("moe.routing"), _fairseq_ext("evaluate").resolve_device(settings.device)
+    run, data = run_name(layout, name), data_dir or layout.data
+    top_k = _fairseq_ext("moe.build").moe_top_k(checkpoint)
+    new = evaluate_model(layout, "moe", checkpoint, domains, settings, k=top_k, name=name,
+                         data_dir=data_dir)
+    routing = moe.routing_statistics(checkpoint, data, domains, settings.split, expert_names=experts,
+                                     run=run, device=device,
+                                     trust_pickle=settings.trust_checkpoint)
+    append_results(layout.root, routing, ROUTING)
+    return new

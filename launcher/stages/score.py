@@ -7,7 +7,7 @@ from pathlib import Path
 
 from launcher.config import Config
 from launcher.contract import methods
-from launcher.contract.layout import DENSE, random_split_name
+from launcher.contract.layout import DENSE, MOE, random_split_name
 from launcher.stages.base import Ctx, Params, Stage, device, need, units_of
 
 PRIOR_SPLIT = "valid"  # the cached domain prior is estimated on held-out data (fairseq_ext.priors)
@@ -26,6 +26,8 @@ def scored_models(cfg: Config) -> list[str]:
         models += [random_split_name(i) for i in range(len(cfg.expert_names))]
     if "dense" in cfg.baselines:
         models.append(DENSE)
+    if cfg.moe.enabled:
+        models.append(MOE)
     return models
 
 
@@ -57,7 +59,8 @@ def score_run(ctx: Ctx):
 
 
 def score_after(cfg: Config) -> list[str]:
-    return ["grow" if cfg.domains.incremental else "merge", *(["dense"] if "dense" in cfg.baselines else [])]
+    return ["grow" if cfg.domains.incremental else "merge", *(["dense"] if "dense" in cfg.baselines else []),
+            *(["moe"] if cfg.moe.enabled else [])]
 
 
 STAGE = Stage("score", ScoreParams, score_units, score_inputs, score_run, after_ok=score_after, array=True,

@@ -3,7 +3,9 @@
 The compute budget (BTM paper): the dense run is ``U`` updates on ``G`` GPUs. The seed LM
 spends ``seed_fraction * U`` updates on all ``G`` GPUs; each of the ``N`` experts then trains
 for the remaining updates on ``G / N`` of the GPUs (batch ``1/N`` of the dense batch), so the
-forest's GPU-updates, seed included, equal the dense baseline's.
+forest's GPU-updates, seed included, equal the dense baseline's. With ``moe.enabled`` the MoE
+stage trains ``moe.budget_share * U`` updates on all ``G`` GPUs and the experts that many fewer,
+so seed + experts + MoE still equal the dense run.
 
 ``train_model`` is the one call into the trainer: the stages and the CLI verbs build their
 ``TrainSpec`` and go through it (one process, or torchrun over this node's GPUs).
@@ -31,7 +33,12 @@ class Preempted(Exception):
 def split_updates(cfg: Config) -> tuple[int, int]:
     """(seed updates, updates of each expert)."""
     seed_updates = round(cfg.budget.seed_fraction * cfg.total_updates)
-    return seed_updates, cfg.total_updates - seed_updates
+    return seed_updates, cfg.total_updates - seed_updates - moe_updates(cfg)
+
+
+def moe_updates(cfg: Config) -> int:
+    """Updates of the MoE stage (all ``G`` GPUs, the dense batch), taken from the experts'."""
+    return round(cfg.moe.budget_share * cfg.total_updates) if cfg.moe.enabled else 0
 
 
 def has_seed(cfg: Config) -> bool:

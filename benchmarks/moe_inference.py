@@ -1,0 +1,128 @@
+"""Inference cost of the forest's MoE (stage moe) against one expert and the full ensemble,
+measured in the same run on the same batches.
+
+Forward passes (no gradients) over ``--batches`` batches of ``--batch-size`` sequences of the
+model's positions; each model is timed ``--repeats`` times, interleaved, and the median
+tokens/s is reported with its ratio to one expert's. The full ensemble runs every expert on
+the same batch (what `ensemble_*` costs per token). Either a run directory (its
+``moe/checkpoint_last.pt`` and forest.json experts) or ``--synthetic PRESET`` (random experts
+of that preset built into a temporary directory, then built into a MoE with ``--top-k``).
+
+    python benchmarks/moe_inference.py --run-dir RUN [--device cuda] [--batches 20]
+    python benchmarks/moe_inference.py --synthetic llama-tiny --experts 4 --top-k 2
+
+Prints one JSON object: device, tokens per batch, per model {tokens_per_s, ratio_to_expert}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def synthetic_forest(out: Path, preset: str, n: int, top_k: int) -> tuple[Path, list[Path]]:
+    """``n`` random experts of ``preset`` and their MoE (uniform weights, zero router)."""
+    import torch
+    from fairseq.data import Dictionary
+
+    from fairseq_ext import checkpoint as ck
+    from fairseq_ext.models.preset_config import model_config_for_preset
+    from fairseq_ext.moe.build import MoeSpec, build_moe
+    from fairseq_ext.tasks.multidomain_lm import MultidomainLMConfig
+    from launcher.contract.presets import PRESETS
+
+    d = Dictionary()
+    for i in range(8000 - 4):
+        d.add_symbol(f"w{i}")
+    cfg = model_config_for_preset(preset)
+    cfg._name = PRESETS[preset].arch
+    full = ck.make_cfg(cfg, MultidomainLMConfig(data="none"))
+    experts = {}
+    for j in range(n):
+        torch.manual_seed(j)
+        model = ck.build_model_from_cfg(full["model"], d)
+        experts[f"e{j}"] = out / f"e{j}.pt"
+        ck.save_checkpoint(ck.make_state(model.state_dict(), full, d), experts[f"e{j}"])
+    build_moe(experts, out / "moe.pt", MoeSpec(top_k=top_k))
+    return out / "moe.pt", list(experts.values())
+
+
+def run_forest(run_dir: Path) -> tuple[Path, list[Path]]:
+    from launcher.contract.forest import verified_checkpoints
+    from launcher.contract.layout import MOE, RunLayout
+
+    layout = RunLayout(run_dir)
+    return layout.checkpoint(MOE), list(verified_checkpoints(layout.forest).values())
+
+
+def measure(moe: Path, experts: list[Path], device: str, batches: int, batch_size: int,
+            repeats: int) -> dict:
+    import torch
+
+    from fairseq_ext.checkpoint import load_model
+
+    expert_models = [load_model(p, device).model for p in experts]
+    moe_model = load_model(moe, device).model
+    positions = moe_model.max_positions()
+    vocab = moe_model.decoder.embed_tokens.weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randint(4, vocab, (batch_size, positions), generator=g).to(device)
+            for _ in range(batches)]
+    runs = {"expert": expert_models[:1], "moe": [moe_model], "ensemble": expert_models}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    with torch.no_grad():
+        for models in runs.values():  # warm-up (kernels, allocator)
+            for m in models:
+                m(data[0])
+        for _ in range(repeats):
+            for name, models in runs.items():
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for x in data:
+                    for m in models:
+                        m(x)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - t0)
+    tokens = batches * batch_size * positions
+    speed = {name: tokens / statistics.median(t) for name, t in times.items()}
+    return {"device": device, "tokens_per_repeat": tokens, "experts": len(experts),
+            "top_k": int(moe_model.decoder.cfg.moe_top_k),
+            "models": {name: {"tokens_per_s": round(s, 1), "ratio_to_expert": round(s / speed["expert"], 3)}
+                       for name, s in speed.items()}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run-dir", type=Path, help="a run whose moe stage is done")
+    src.add_argument("--synthetic", metavar="PRESET", help="random experts of this preset")
+    ap.add_argument("--experts", type=int, default=4, help="--synthetic: number of experts")
+    ap.add_argument("--top-k", type=int, default=2, help="--synthetic: experts per token")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batches", type=int, default=10)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    from fairseq_ext.registry import register_all
+
+    register_all()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.run_dir:
+            moe, experts = run_forest(args.run_dir)
+        else:
+            moe, experts = synthetic_forest(Path(tmp), args.synthetic, args.experts, args.top_k)
+        result = measure(moe, experts, args.device, args.batches, args.batch_size, args.repeats)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
