@@ -21,6 +21,7 @@ Tolerances, and why they are what they are:
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import pytest
 
@@ -29,6 +30,7 @@ from conftest import require_fairseq
 pytestmark = [pytest.mark.gpu, pytest.mark.fairseq]
 
 UPDATES = 30
+INITIAL_LOSS_SCALE = 2.0 ** 16  # torch.amp.GradScaler's default init_scale
 DOMAIN = "python_code"
 
 
@@ -83,14 +85,20 @@ def test_mixed_precision_trains_like_fp32(data_dir, fp32_run, tmp_path, precisio
 
     reference, _ = fp32_run
     losses, result = _train(data_dir, tmp_path, precision=precision, compile=False)
-    assert losses[0] == pytest.approx(reference[0], rel=0.01)
-    assert sum(losses[-5:]) / 5 == pytest.approx(sum(reference[-5:]) / 5, rel=0.03)
-    assert losses[-1] < losses[0] - 0.5 and reference[-1] < reference[0] - 0.5  # both learn
     scaler = load_checkpoint(result.checkpoint_last)["extra_state"]["btm"]["scaler"]
+    skipped = 0
     if precision == "fp16":  # fp16 trains with a live loss scale, saved for resuming
         assert scaler and scaler["scale"] > 0
+        # Each overflow skips its update and halves the scale (no growth within 2000 updates),
+        # so fp16 is `skipped` updates behind fp32: compare it with fp32 that many updates back.
+        skipped = round(math.log2(INITIAL_LOSS_SCALE / scaler["scale"]))
+        assert 0 <= skipped <= 10
     else:
         assert not scaler  # bf16 has fp32's range: no scaling
+    assert losses[0] == pytest.approx(reference[0], rel=0.01)
+    behind = reference[:len(reference) - skipped]
+    assert sum(losses[-5:]) / 5 == pytest.approx(sum(behind[-5:]) / 5, rel=0.03)
+    assert losses[-1] < losses[0] - 0.5 and reference[-1] < reference[0] - 0.5  # both learn
 
 
 def test_compile_on_and_off_give_the_same_losses(data_dir, fp32_run, tmp_path):
