@@ -360,11 +360,9 @@ def _validate(cfg: Config, err) -> None:
 
 
 def _validate_moe(cfg: Config, err) -> None:
-    moe, n = cfg.moe, len(cfg.expert_names)
-    if moe.enabled and n < 2:
-        err("moe.enabled", f"a MoE needs at least 2 experts; the config has {n}")
-    if moe.enabled and not 1 <= moe.top_k <= n:
-        err("moe.top_k", f"must be in 1..{n} (the experts), got {moe.top_k}")
+    moe = cfg.moe
+    if cfg.expert_names:  # else the domains come from the corpus: checked once they are known
+        check_moe_experts(cfg, err)
     for key, allowed in (("router_init", ("zero", "data")), ("weights", ("uniform", "posterior")),
                          ("train", ("router", "all"))):
         if getattr(moe, key) not in allowed:
@@ -372,8 +370,15 @@ def _validate_moe(cfg: Config, err) -> None:
     if moe.enabled and not 0.0 < moe.budget_share < 1.0 - cfg.budget.seed_fraction:
         err("moe.budget_share", f"must be in (0, 1 - budget.seed_fraction = "
                                 f"{1.0 - cfg.budget.seed_fraction:g}), got {moe.budget_share}")
-    if not moe.aux_loss_coef >= 0:
-        err("moe.aux_loss_coef", f"must be >= 0, got {moe.aux_loss_coef}")
+
+
+def check_moe_experts(cfg: Config, err) -> None:
+    """The MoE settings that depend on the number of experts."""
+    moe, n = cfg.moe, len(cfg.expert_names)
+    if moe.enabled and n < 2:
+        err("moe.enabled", f"a MoE needs at least 2 experts; the config has {n}")
+    if moe.enabled and not 1 <= moe.top_k <= n:
+        err("moe.top_k", f"must be in 1..{n} (the experts), got {moe.top_k}")
 
 
 def _validate_mixture(mixture: Any, err) -> None:
@@ -422,6 +427,11 @@ def fill_domains_from_corpus(cfg: Config) -> None:
         validate_name(d, f"domain folder of corpus {cfg.corpus.path}")
     for section in empty:
         setattr(cfg.domains, section, list(found))
+
+    def err(key: str, message: str):
+        raise BtmError(f"{cfg.source}: {key}: {message} (domains.train not set: every folder of corpus "
+                       f"{cfg.corpus.path})")
+    check_moe_experts(cfg, err)
     both = set(cfg.domains.train) & set(cfg.domains.incremental)
     if both:
         raise BtmError(f"{cfg.source}: domains.incremental: {', '.join(sorted(both))} would also be training "
