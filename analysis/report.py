@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import curves, plots, render, seeds, tables
+from analysis import curves, heatmaps, plots, render, seeds, tables
 from analysis.results import RunData, load_runs
 from launcher.contract.atomic import atomic_write_text
 
@@ -287,7 +287,7 @@ def _ablation_section(w: _Out, runs) -> list[str]:
                               mark_best=False)
         md += [f"**Run {run.label}** ({method}, {run.ablation['split'].iloc[0]} split)", "", text, links, ""]
         link, why = w.plot(f"plots/ablation.{run.label}.png",
-                           lambda run=run: plots.plot_ablation_heatmap(run.ablation, run.label))
+                           lambda run=run: heatmaps.plot_ablation_heatmap(run.ablation, run.label))
         md += [f"![{run.label}: expert removal]({link})" if link else f"Plot omitted: {why}.", ""]
     return md
 
@@ -311,7 +311,7 @@ def _routing_section(w: _Out, runs, split: str) -> list[str]:
                               f"{run.label}: MoE routing shares ({split} split)", mark_best=False)
         md += [f"**Run {run.label}**", "", text, links, ""]
         link, why = w.plot(f"plots/routing_heatmap.{run.label}.png",
-                           lambda run=run: plots.plot_routing_heatmap(run, split))
+                           lambda run=run: heatmaps.plot_routing_heatmap(run, split))
         md += [f"![MoE routing, run {run.label}]({link})" if link else f"Heatmap omitted: {why}.", ""]
     return md
 
@@ -346,7 +346,7 @@ def _plots_section(w: _Out, frame, runs, split, labels, run_groups) -> list[str]
               lambda run=run, groups=groups: plots.plot_domain_ppl(frame, run, split, groups, labels))
         order = [d for g in groups for d in g.domains]
         entry(f"Domain prior, run {run.label}", f"plots/prior_heatmap.{run.label}.png",
-              lambda run=run, order=order: plots.plot_prior_heatmap(run, order))
+              lambda run=run, order=order: heatmaps.plot_prior_heatmap(run, order))
         entry(f"Learning curves, run {run.label}", f"plots/learning_curves.{run.label}.png",
               lambda run=run: plots.plot_learning_curves(curves.learning_curves(run), run.label))
     entry("Perplexity vs. top-k", "plots/ppl_vs_topk.png",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from analysis import plots, tables
+from analysis import heatmaps, plots, tables
 from analysis.results import load_runs
 from analysis_synth import EVAL, TRAIN, make_run, ppl_of, prior_of, result_rows
 
@@ -45,7 +45,7 @@ def test_domain_bars_show_every_method_and_domain(runs_and_frame, tmp_path):
 
 def test_prior_heatmap_is_domain_by_expert(runs_and_frame, tmp_path):
     runs, _ = runs_and_frame
-    fig = plots.plot_prior_heatmap(runs[0], TRAIN + EVAL)
+    fig = heatmaps.plot_prior_heatmap(runs[0], TRAIN + EVAL)
     ax = fig.get_axes()[0]
     assert ax.get_xlabel() == "expert" and ax.get_ylabel() == "evaluation domain"
     assert "cached domain prior" in ax.get_title()
@@ -77,10 +77,10 @@ def test_prior_files_as_fairseq_ext_writes_them_newest_wins(tmp_path):
     (run_dir / "records" / ".hashes.json").write_text("{}")  # not a record
     run = load_runs([run_dir])[0]
     assert len(run.records) == 6
-    fig = plots.plot_prior_heatmap(run, TRAIN + EVAL)
-    heatmaps = [ax for ax in fig.get_axes() if ax.get_images()]
-    assert len(heatmaps) == 2
-    forest = next(ax for ax in heatmaps if len(ax.get_xticklabels()) == 3)
+    fig = heatmaps.plot_prior_heatmap(run, TRAIN + EVAL)
+    panels = [ax for ax in fig.get_axes() if ax.get_images()]
+    assert len(panels) == 2
+    forest = next(ax for ax in panels if len(ax.get_xticklabels()) == 3)
     assert "3 experts" in forest.get_title()
     assert [t.get_text() for t in forest.get_yticklabels()] == TRAIN + EVAL
     quotes = forest.get_images()[0].get_array()[(TRAIN + EVAL).index("quotes")]
@@ -156,7 +156,7 @@ def test_plots_without_data_are_skipped_with_a_reason(tmp_path):
     runs = load_runs([make_run(tmp_path, "only", priors=False, cbtm_clusters=4)])
     frame, _ = tables.combine(runs)
     with pytest.raises(plots.PlotSkipped, match="no cached priors"):
-        plots.plot_prior_heatmap(runs[0])
+        heatmaps.plot_prior_heatmap(runs[0])
     with pytest.raises(plots.PlotSkipped, match="no topk_prior results"):
         plots.plot_ppl_vs_topk(frame, runs, "test")
     with pytest.raises(plots.PlotSkipped, match="only seed_fraction=0.5"):

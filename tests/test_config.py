@@ -261,6 +261,6 @@ def test_every_numeric_key_declares_its_range_and_the_bounds_are_enforced():
 
 
 def test_min_vocab_size_is_the_bound_data_prep_checks():
-    from launcher.config import MIN_VOCAB_SIZE
+    from launcher.config_schema import MIN_VOCAB_SIZE
     spm = pytest.importorskip("fairseq_ext.spm_tokenizer")
     assert MIN_VOCAB_SIZE == spm.N_SPECIAL + 256 + 1

@@ -119,7 +119,8 @@ def cmd_verify(args) -> int:
 
 
 def cmd_ablate(args) -> int:
-    from analysis.plots import PlotSkipped, plot_ablation_heatmap, save_png
+    from analysis.heatmaps import plot_ablation_heatmap
+    from analysis.plots import PlotSkipped, save_png
     from launcher.contract.forest import verified_checkpoints
     from launcher.contract.layout import RunLayout
     from launcher.stages.eval import EvalParams, eval_settings, eval_units
