@@ -697,6 +697,16 @@ def results_csv_truncated(tmp):
                 absent=[tmp / "report"])
 
 
+def data_manifest_truncated(tmp):
+    """A prepared data dir whose manifest.json was cut short: preparing again is refused,
+    naming the file and the command that rebuilds it (not a JSON traceback)."""
+    case = _data_case(tmp, lambda c: None)
+    run_btm(*case.argv, check=True)
+    manifest = tmp / "data" / "manifest.json"
+    manifest.write_text(manifest.read_text()[:60])
+    return Case(case.argv, [str(manifest), f"rm -r {tmp / 'data'}", "btm run"])
+
+
 FOREST_CASES = [forest_add_nan_weight, forest_add_inf_weight, forest_add_negative_weight, forest_add_reserved_seed,
                 forest_add_reserved_dense, forest_add_reserved_random_split, forest_add_checkpoint_is_a_directory,
                 forest_manifest_truncated, results_csv_truncated]
@@ -705,6 +715,13 @@ FOREST_CASES = [forest_add_nan_weight, forest_add_inf_weight, forest_add_negativ
 @pytest.mark.parametrize("make", FOREST_CASES, ids=lambda f: f.__name__)
 def test_forest_and_damaged_file_bad_input(make, tmp_path):
     check_case(make(tmp_path), tmp_path)
+
+
+@pytest.mark.fairseq
+@pytest.mark.slow
+def test_truncated_data_manifest_names_the_fix(tmp_path):
+    require_fairseq()
+    check_case(data_manifest_truncated(tmp_path), tmp_path)
 
 
 def test_forest_add_resolves_a_relative_checkpoint_against_the_current_directory(tmp_path):

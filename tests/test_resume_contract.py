@@ -1,5 +1,6 @@
 """The resume contract and damaged derived files (issue 17, classes 1 and 3), on one real
-finished tiny run (every stage of the registry but the c-BTM cluster stage).
+finished tiny run (every stage of the registry but c-BTM's cluster stage, which runs on its own
+c-BTM run directory: data and cluster only).
 
 - Every input a stage's record lists makes the stage stale when it changes, and the records
   list what the stage reads (data splits, score caches, checkpoints, forest.json, the config
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import require_fairseq, run_btm, write_small_corpus
+from launcher.stages import STAGES
 
 pytestmark = [pytest.mark.fairseq, pytest.mark.slow]
 
@@ -55,6 +57,21 @@ def finished(tmp_path_factory):
     return cfg, corpus, run_dir
 
 
+@pytest.fixture(scope="module")
+def clustered(finished, tmp_path_factory):
+    """A c-BTM run dir whose data and cluster stages ran (`btm stage`): the cluster stage is
+    the one stage of the registry the btm run above does not have."""
+    _, corpus, _ = finished
+    run_dir = tmp_path_factory.mktemp("cbtm") / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(CONFIG.format(corpus=corpus).replace("method: btm", "method: cbtm")
+                                         .replace(", incremental: [code_python]", "")
+                                         + "clusters: {k: 2}\n")
+    for stage in ("data", "cluster"):
+        run_btm("stage", run_dir, stage, check=True, timeout=900)
+    return run_dir
+
+
 @pytest.fixture
 def run_copy(finished, tmp_path):
     cfg, corpus, run_dir = finished
@@ -79,12 +96,12 @@ def _done(run_dir: Path, stage: str, unit) -> bool:
     return is_done(run_dir, stage, unit, HashCache(run_dir))
 
 
-@pytest.mark.parametrize("stage_name", ["data", "seed", "train", "dense", "merge", "data_incremental", "grow",
-                                        "score", "eval", "report"])
-def test_every_recorded_input_makes_its_stage_rerun(run_copy, stage_name):
+@pytest.mark.parametrize("stage_name", [s.name for s in STAGES])
+def test_every_recorded_input_makes_its_stage_rerun(request, tmp_path, stage_name):
     """Change each file a stage's record lists as input: the unit is no longer done (`btm run`
     plans it again); put it back: done again. And the records list what the stage reads."""
-    _, _, run_dir = run_copy
+    source = request.getfixturevalue("clustered") if stage_name == "cluster" else request.getfixturevalue("finished")[2]
+    run_dir = shutil.copytree(source, tmp_path / "run", symlinks=True)
     units = [(u, rec) for s, u, rec in _units(run_dir) if s.name == stage_name]
     assert units, f"the test run has no {stage_name} unit"
     for unit, record in units:
@@ -124,6 +141,9 @@ def _expected_inputs(stage_name: str, units) -> None:
             assert "experts/bible/branch.json" in ins and record["kept"] == ["forest.json"]
         if stage_name == "data":
             assert isinstance(record["params"]["seed"], int) and any(p.endswith("bible/test.jsonl") for p in ins)
+        if stage_name == "cluster":
+            assert "data/dict.txt" in ins and any(p.endswith("legal/train.jsonl") for p in ins)
+            assert any(p.startswith("clusters/model/") for p in record["outputs"]), sorted(record["outputs"])
         if stage_name == "report":
             assert "results/results.csv" in ins
 

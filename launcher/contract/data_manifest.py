@@ -24,8 +24,16 @@ def manifest_path(data_dir: str | os.PathLike) -> Path:
 def read_data_manifest(data_dir: str | os.PathLike) -> dict:
     """The manifest of a prepared data directory (BtmError if there is none or it is unreadable)."""
     path = manifest_path(data_dir)
-    return read_versioned_json(path, what="data manifest", key="format_version", version=FORMAT_VERSION,
-                               missing=f"{path} not found: run 'btm data prepare CORPUS {data_dir}' first")
+    try:
+        return read_versioned_json(path, what="data manifest", key="format_version", version=FORMAT_VERSION,
+                                   missing=f"{path} not found: run 'btm data prepare CORPUS {data_dir}' first")
+    except BtmError as e:
+        if not path.exists():
+            raise
+        # The manifest is what says which datasets are complete, so the datasets go with it.
+        raise BtmError(f"{e}; delete the data directory (`rm -r {Path(data_dir)}`) and prepare it again: "
+                       f"`btm run` in a run directory (its data stages rebuild it), else "
+                       f"`btm data prepare CORPUS {data_dir}`") from None
 
 
 def write_data_manifest(data_dir: str | os.PathLike, manifest: dict) -> None:
