@@ -132,4 +132,6 @@ def test_cbtm_stages_fit_assign_array_merge_same_clusters_as_one_task(dp, small_
     manifest = json.loads((three / "data" / "manifest.json").read_text())
     assert {"cluster_0", "cluster_1"} <= set(manifest["domains"])
     assert not (three / "clusters" / "domains" / ".shards").exists(), "merged slices are removed"
+    counted = json.loads((three / "clusters" / "domains" / ".document_counts.json").read_text())
+    assert len(counted["counts"]) == 9  # counted once by cluster_fit: 3 domains x 3 splits
     assert run_stage(three, "cluster_assign", "s1") == 0  # a re-run: record current, nothing redone
