@@ -88,6 +88,8 @@ def test_merge_refuses_missing_shards(dp, small_corpus, tmp_path):
         dp.merge_data(out)
     dp.binarize_task(out, 1, 2)
     assert dp.merge_data(out)["domains"] == ["bible", "code_python", "legal"]
+    assert dp.binarize_task(out, 0, 2)["shards"] == 0, "after the merge a task has nothing left to do"
+    assert dp.merge_data(out)["domains"] == ["bible", "code_python", "legal"]  # and a merge neither
 
 
 def test_long_document_is_encoded_in_pieces_with_the_same_ids(dp, small_corpus, tmp_path):
