@@ -103,11 +103,11 @@ def binarize_task(out_dir: str | os.PathLike, task: int, tasks: int, *, workers:
     tokenizer_file, sha_key = _tokenizer_file(manifest)
     if sha256_file(out_dir / tokenizer_file) != plan["tokenizer_sha256"]:
         raise BtmError(f"{out_dir / tokenizer_file} changed since {out_dir / plan_name} was written: re-run the plan")
-    merged = {key for key, info in manifest["datasets"].items()  # by a merge after this plan
-              if manifest[sha_key] == plan["tokenizer_sha256"] and "shards" in info}
+    # The plan dropped the manifest entries of the splits it lists, so an entry from the same
+    # source is a merge after this plan (which removed the shards): nothing left to do there.
+    merged = manifest["datasets"] if manifest[sha_key] == plan["tokenizer_sha256"] else {}
     mine = [s for s in shards.assign_tasks(plan["shards"], tasks)[task]
-            if not (f"{s.domain}/{s.split}" in merged
-                    and manifest["datasets"][f"{s.domain}/{s.split}"]["source_sha256"] == s.source_sha256)]
+            if merged.get(f"{s.domain}/{s.split}", {}).get("source_sha256") != s.source_sha256]
     done = list(binarize.run_shards(out_dir, mine, plan["text_field"], plan["tokenizer_sha256"], workers,
                                     progress))
     return {"shards": len(mine), "binarized": len(done), "bytes": sum(s.size for s in mine),

@@ -88,6 +88,8 @@ def test_merge_refuses_missing_shards(dp, small_corpus, tmp_path):
         dp.merge_data(out)
     dp.binarize_task(out, 1, 2)
     assert dp.merge_data(out)["domains"] == ["bible", "code_python", "legal"]
+    assert dp.binarize_task(out, 0, 2)["shards"] == 0, "after the merge a task has nothing left to do"
+    assert dp.merge_data(out)["domains"] == ["bible", "code_python", "legal"]  # and a merge neither
 
 
 def test_long_document_is_encoded_in_pieces_with_the_same_ids(dp, small_corpus, tmp_path):
@@ -132,4 +134,6 @@ def test_cbtm_stages_fit_assign_array_merge_same_clusters_as_one_task(dp, small_
     manifest = json.loads((three / "data" / "manifest.json").read_text())
     assert {"cluster_0", "cluster_1"} <= set(manifest["domains"])
     assert not (three / "clusters" / "domains" / ".shards").exists(), "merged slices are removed"
+    counted = json.loads((three / "clusters" / "domains" / ".document_counts.json").read_text())
+    assert len(counted["counts"]) == 9  # counted once by cluster_fit: 3 domains x 3 splits
     assert run_stage(three, "cluster_assign", "s1") == 0  # a re-run: record current, nothing redone

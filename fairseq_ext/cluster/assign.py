@@ -44,6 +44,7 @@ from fairseq_ext.cluster.kmeans import nearest_centre, squared_distances
 from fairseq_ext.cluster.model_io import load_model, model_fingerprint, text_hash
 
 REPORT = "cluster_report.json"
+COUNTS = ".document_counts.json"
 
 
 @dataclass
@@ -100,7 +101,7 @@ def assign_shard(model_dir, corpus_dir, out_dir, shard: int = 0, num_shards: int
     if done and done.get("fingerprint") == fp:
         return done
 
-    counts = count_documents(sources, settings.text_field)
+    counts = document_counts(sources, out, settings.text_field)
     total = sum(counts)
     lo, hi = shard * total // num_shards, (shard + 1) * total // num_shards
     docs = iter_corpus(sources, settings.text_field, start=lo, stop=hi, counts=counts)
@@ -116,6 +117,28 @@ def assign_shard(model_dir, corpus_dir, out_dir, shard: int = 0, num_shards: int
                "from_sample": tally.from_sample}
     atomic_write_json(sdir / "shard.json", summary)
     return summary
+
+
+def count_corpus(corpus_dir, out_dir, settings: AssignSettings | None = None) -> list[int]:
+    """Count the documents of every source once, for the assign tasks (``document_counts``)."""
+    settings = settings or AssignSettings()
+    sources = find_sources(corpus_dir, splits=settings.splits, domains=settings.domains)
+    return document_counts(sources, Path(out_dir), settings.text_field)
+
+
+def document_counts(sources, out: Path, text_field: str) -> list[int]:
+    """The documents of each source, from ``OUT/.document_counts.json`` when it names the same
+    files (path, size, mtime) and field, else counted (one streaming pass) and saved there: the
+    pipeline counts once before the assign array, so no task reads the whole corpus to find
+    its slice."""
+    key = {"text_field": text_field,
+           "sources": [[str(s.path.resolve()), os.path.getsize(s.path), os.stat(s.path).st_mtime_ns] for s in sources]}
+    saved = _read_json(out / COUNTS)
+    if saved and saved.get("key") == key:
+        return saved["counts"]
+    counts = count_documents(sources, text_field)
+    atomic_write_json(out / COUNTS, {"key": key, "counts": counts})
+    return counts
 
 
 @contextlib.contextmanager

@@ -42,11 +42,14 @@ def _assign_settings(p: ClusterParams):
 
 
 def fit_run(ctx: Ctx):
+    """Fit, then count the documents once for the assign array (each task reads its slice only)."""
     fit_model_dir = need("fairseq_ext.cluster.pipeline", "fit_model_dir")
     fit_settings = need("fairseq_ext.cluster", "FitSettings")
+    count_corpus = need("fairseq_ext.cluster.assign", "count_corpus")
     p = ctx.params
     fitted = fit_model_dir(str(ctx.layout.corpus), ctx.layout.cluster_model,
                            fit_settings(k=p.k, seed=p.seed, domains=list(p.domains), text_field=p.text_field))
+    count_corpus(str(ctx.layout.corpus), ctx.layout.clusters / "domains", _assign_settings(p))
     return [ctx.layout.cluster_model / "model.json", ctx.layout.cluster_model / "model.npz"], {"fitted": fitted}
 
 
