@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import curves, heatmaps, plots, render, seeds, tables
+from analysis import curves, heatmaps, plots, render, seeds, size_trend, tables
 from analysis.results import RunData, load_runs
 from launcher.contract.atomic import atomic_write_text
 
@@ -349,6 +349,8 @@ def _plots_section(w: _Out, frame, runs, split, labels, run_groups) -> list[str]
               lambda run=run, order=order: heatmaps.plot_prior_heatmap(run, order))
         entry(f"Learning curves, run {run.label}", f"plots/learning_curves.{run.label}.png",
               lambda run=run: plots.plot_learning_curves(curves.learning_curves(run), run.label))
+    entry("Forest vs. dense against model size", "plots/gap_vs_size.png",
+          lambda: size_trend.plot_gap_vs_size(size_trend.size_gaps(frame, runs, split)))
     entry("Perplexity vs. top-k", "plots/ppl_vs_topk.png",
           lambda: plots.plot_ppl_vs_topk(frame, runs, split))
     entry("Perplexity vs. seed fraction", "plots/ppl_vs_seed_fraction.png",

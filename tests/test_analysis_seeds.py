@@ -76,3 +76,37 @@ def test_report_shows_the_spread_table_and_error_bar_plot(runs, tmp_path):
     assert (out / "plots" / "seeds.f1.seeds.png").stat().st_size > 0
     tidy = pd.read_csv(out / "tables" / "seeds.f1.seeds.csv")
     assert set(tidy["n"]) == {3} and "longer" not in md.split("## Spread over seeds")[1].split("##")[0]
+
+
+def test_gap_to_dense_against_model_size_over_seeds(tmp_path):
+    from analysis import size_trend
+
+    dirs = [_seeded_run(tmp_path, f"f1.seed{s}", s) for s in (1, 2, 3)]
+    for s in (1, 2):  # the small preset: the forest 20% better than dense on every domain
+        run = _seeded_run(tmp_path, f"f1.small.seed{s}", s)
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        cfg["model"] = {"preset": "small"}
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+        results = pd.read_csv(run / "results" / "results.csv")
+        forest = results["method"] == "ensemble_prior"
+        dense = results[results["method"] == "dense"].set_index(["eval_domain", "split"])["ppl"]
+        results.loc[forest, "ppl"] = [0.8 * dense[(d, sp)] for d, sp in
+                                      zip(results.loc[forest, "eval_domain"], results.loc[forest, "split"])]
+        results["nll"] = results["ppl"].map(math.log)
+        results.to_csv(run / "results" / "results.csv", index=False)
+        dirs.append(run)
+    for run in dirs[:3]:
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        cfg["model"] = {"preset": "tiny"}
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    loaded = load_runs(dirs)
+    frame, _ = tables.combine(loaded)
+    gaps = size_trend.size_gaps(frame, loaded, "test")
+    prior = gaps[gaps["method"] == "ensemble_prior"].set_index(["group", "preset"])
+    # tiny: ensemble_prior / dense = 0.90 / 1.00 in every seed (both scale with the seed).
+    assert prior.loc[("train", "tiny"), "n"] == 3
+    assert prior.loc[("train", "tiny"), "mean"] == pytest.approx(-10.0, abs=1e-6)
+    assert prior.loc[("eval", "small"), "mean"] == pytest.approx(-20.0, abs=1e-6)
+    assert prior.loc[("eval", "small"), "params"] > 10 * prior.loc[("eval", "tiny"), "params"]
+    fig = size_trend.plot_gap_vs_size(gaps)
+    assert len(fig.axes) == 2
