@@ -25,7 +25,7 @@ def make_dense(data_dir, out, preset="tiny", seed=0, **overrides):
 
     torch.manual_seed(seed)
     dictionary = Dictionary.load(str(data_dir / "dict.txt"))
-    model_cfg = model_config_for_preset(preset, max_target_positions=64, **overrides)
+    model_cfg = model_config_for_preset(preset, **{"max_target_positions": 64, **overrides})
     model_cfg._name = PRESETS[preset].arch
     cfg = ck.make_cfg(model_cfg, MultidomainLMConfig(data=str(data_dir)))
     model = ck.build_model_from_cfg(cfg["model"], dictionary)
@@ -161,3 +161,21 @@ def test_bad_forests_are_refused_naming_the_expert(tiny_data, tmp_path):
     with pytest.raises(BtmError, match="expert 'b'.*does not match its sidecar"):
         build_moe({"a": a, "b": b}, out, MoeSpec())
     assert not out.exists()
+
+
+def test_a_moe_trains_on_two_processes_when_an_expert_gets_no_tokens(tiny_data, tmp_path):  # noqa: F811
+    """A zero router breaks its ties the same way for every token, so with top-2 of 3 the third
+    expert never gets a token: DDP must not wait for its gradients (two CPU processes, gloo)."""
+    from fairseq_ext.moe.build import MoeSpec, build_moe
+    from fairseq_ext.multiproc import train_lm_torchrun
+    from fairseq_ext.train import TrainSpec
+
+    experts = {n: make_dense(tiny_data, tmp_path / f"{n}.pt", seed=i, max_target_positions=128)
+               for i, n in enumerate("abc")}
+    build_moe(experts, tmp_path / "moe.pt", MoeSpec(top_k=2, router_init="zero"))
+    spec = TrainSpec(data_dir=str(tiny_data), domains=["bible", "legal"], save_dir=str(tmp_path / "run"),
+                     preset="tiny", init=str(tmp_path / "moe.pt"), max_updates=2,
+                     save_interval_updates=2, tokens_per_batch=1024, device="cpu", compile=False,
+                     valid_max_tokens=300)
+    result = train_lm_torchrun(spec, 2)
+    assert result.num_updates == 2 and not result.preempted

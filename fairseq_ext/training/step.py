@@ -54,7 +54,9 @@ class UpdateStep:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             device_ids = [ranks.device.index] if ranks.device.type == "cuda" else None
-            self.module = DDP(self.module, device_ids=device_ids)
+            # A MoE's experts that no token of a micro-batch was routed to get no gradient there.
+            self.module = DDP(self.module, device_ids=device_ids,
+                              find_unused_parameters=hasattr(state.model, "moe_blocks"))
         use_compile = spec.compile if spec.compile is not None else ranks.device.type == "cuda"
         self.forward = compile_step(self.module) if use_compile else self.module
 
