@@ -202,3 +202,40 @@ def test_a_node_dies_mid_training_the_job_is_requeued_and_resumes(slurm_cluster,
     assert state == "COMPLETED", (state, log)
     _assert_close(save / "checkpoint_last.pt", one_process / "checkpoint_last.pt")
 
+
+
+def test_a_two_node_seed_feeds_the_expert_array_and_the_run_completes(slurm_cluster, small_corpus, tmp_path):
+    """`btm run` with a budget of 2 GPUs on the slurm-test profile (max_nodes 2, CPU): the seed
+    job spans 2 nodes (srun step of 2 ranks under submitit), the experts are a normal array."""
+    import json
+    import textwrap
+
+    require_fairseq()
+    cfg = tmp_path / "two-node-seed.yaml"
+    cfg.write_text(textwrap.dedent(f"""\
+        name: two-node-seed
+        corpus: {{path: {small_corpus}, vocab_size: 500}}
+        domains: {{train: [bible, code_python, legal], eval: [bible]}}
+        model: {{preset: tiny}}
+        budget: {{total_updates: 16, gpus: 2, seed_fraction: 0.5, save_interval_updates: 4}}
+        evaluation: {{methods: [experts, ensemble_uniform]}}
+        executor: slurm
+        profile: slurm-test
+        max_parallel: 3
+        """))
+    run_dir = tmp_path / "run"
+    dry = run_btm("run", cfg, "--run-dir", run_dir, "--dry-run", check=True).stdout
+    assert "seed launch (2 nodes): srun --nodes=2 --ntasks-per-node=1" in dry, dry
+    run_btm("run", cfg, "--run-dir", run_dir, check=True, env={"BTM_COLLECTIVE_TIMEOUT_S": "60"})
+    ledger = json.loads((run_dir / "jobs" / "submissions.json").read_text())
+    ids = [row["job_id"] for row in ledger]
+    slurm_cluster.wait_for("the run's jobs to leave the queue", lambda: not slurm_cluster.run(
+        ["squeue", "-h", "-j", ",".join(ids)], check=False).stdout.strip(), timeout=900)
+    status = run_btm("status", run_dir, check=True).stdout
+    assert "units done" in status and (run_dir / "results" / "results.csv").is_file(), status
+    seed = json.loads((run_dir / "records" / "seed.json").read_text())
+    hosts = slurm_cluster.run(["scontrol", "show", "hostnames", seed["slurm"]["slurm_job_nodelist"]]).stdout.split()
+    assert len(hosts) == 2, seed["slurm"]
+    assert seed["train"]["num_updates"] == 8
+    trains = [json.loads((run_dir / "records" / f"train.{d}.json").read_text()) for d in ("bible", "code_python", "legal")]
+    assert all(t["started"] >= seed["finished"] for t in trains)
