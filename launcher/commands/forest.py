@@ -54,7 +54,7 @@ def register(subparsers):
 
 
 def _parse_parents(items: list[str]) -> dict[str, float]:
-    from launcher.contract.errors import BtmError
+    from launcher.contract.errors import BtmError, shown
     from launcher.contract.names import validate_name
 
     out = {}
@@ -63,7 +63,7 @@ def _parse_parents(items: list[str]) -> dict[str, float]:
         try:
             out[validate_name(name, "parent name")] = float(weight) if sep else 1.0
         except ValueError:
-            raise BtmError(f"--parent {item!r}: weight {weight!r} is not a number") from None
+            raise BtmError(f"--parent {shown(item)}: weight {shown(weight)} is not a number") from None
     return out
 
 

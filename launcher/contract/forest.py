@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from launcher.contract.atomic import atomic_write_json, read_versioned_json, sha256_file
-from launcher.contract.errors import BtmError
+from launcher.contract.errors import BtmError, shown
 from launcher.contract.layout import reserved_name_collision
 from launcher.contract.names import validate_name
 
@@ -45,7 +45,7 @@ class Expert:
         missing = {f.name for f in dataclasses.fields(cls)
                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING} - set(d)
         if unknown or missing:
-            raise BtmError(f"{where}: expert entry {d.get('name')!r}: "
+            raise BtmError(f"{where}: expert entry {shown(d.get('name'))}: "
                            + (f"unknown keys {sorted(unknown)} " if unknown else "")
                            + (f"missing keys {sorted(missing)}" if missing else ""))
         return cls(**d)
@@ -85,7 +85,7 @@ class Forest:
         parents = _checked_parents(name, parents or {})
         for what, value in (("updates", updates), ("tokens", tokens)):
             if not isinstance(value, int) or value < 0:
-                raise BtmError(f"expert {name!r}: {what} must be a whole number >= 0, got {value!r}")
+                raise BtmError(f"expert {name!r}: {what} must be a whole number >= 0, got {shown(value)}")
         if name in self.names():
             if not replace:
                 raise BtmError(f"expert {name!r} is already in {self.path or FOREST_FILE}; remove it first")
@@ -169,7 +169,7 @@ def _checked_parents(name: str, parents: dict) -> dict[str, float]:
         except (TypeError, ValueError):
             w = math.nan
         if not math.isfinite(w) or w < 0:
-            raise BtmError(f"expert {name!r}: parent {parent!r} has weight {weight!r}; "
+            raise BtmError(f"expert {name!r}: parent {shown(parent)} has weight {shown(weight)}; "
                            "a branch weight must be a finite number >= 0")
         out[str(parent)] = w
     return out

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from launcher.contract.atomic import atomic_path
-from launcher.contract.errors import BtmError
+from launcher.contract.errors import BtmError, shown
 from launcher.contract.methods import RESULT_METHODS, is_result_method
 
 def _columns(table: str) -> tuple[dict[str, tuple[str, str]], dict[str, tuple[str, str]]]:
@@ -138,7 +138,7 @@ def validate_rows(rows, spec: "TableSpec | None" = None) -> pd.DataFrame:
         raise BtmError(f"no {spec.name} rows")
     unknown = [c for c in columns if c not in known]
     if unknown:
-        raise BtmError(f"{spec.name}: unknown column {unknown[0]!r}; known columns: {', '.join(known)}")
+        raise BtmError(f"{spec.name}: unknown column {shown(unknown[0])}; known columns: {', '.join(known)}")
     for col in spec.required:
         if col not in columns:
             raise BtmError(f"{spec.name}: missing required column {col!r} ({spec.required[col][1]})")
@@ -171,7 +171,7 @@ def _typed(values: np.ndarray, col: str, kind: str, table: str = "results") -> n
             if isinstance(v, str):
                 continue
             if not pd.isna(v):
-                raise BtmError(f"{table}: column {col!r} must be text; row {i} has {v!r}")
+                raise BtmError(f"{table}: column {col!r} must be text; row {i} has {shown(v)}")
             values[i] = None  # values is our own copy (_columns)
         return values
     given = ~pd.isna(values)
@@ -179,12 +179,12 @@ def _typed(values: np.ndarray, col: str, kind: str, table: str = "results") -> n
     bad = np.isnan(numeric) & given
     if bad.any():
         i = _first(bad)
-        raise BtmError(f"{table}: column {col!r} must be a number; row {i} has {values[i]!r}")
+        raise BtmError(f"{table}: column {col!r} must be a number; row {i} has {shown(values[i])}")
     if kind == "int":
         frac = ~np.isnan(numeric) & (numeric != np.round(numeric))
         if frac.any():
             i = _first(frac)
-            raise BtmError(f"{table}: column {col!r} must be a whole number; row {i} has {values[i]!r}")
+            raise BtmError(f"{table}: column {col!r} must be a whole number; row {i} has {shown(values[i])}")
         return np.round(numeric)
     return numeric
 
@@ -196,7 +196,7 @@ def _first(mask) -> int:
 def _check_common(cols: dict[str, np.ndarray], table: str, nonneg: tuple, positive: tuple) -> None:
     for i, method in enumerate(cols["method"]):
         if not is_result_method(method):
-            raise BtmError(f"{table}: column 'method' row {i} has unknown method {method!r}; "
+            raise BtmError(f"{table}: column 'method' row {i} has unknown method {shown(method)}; "
                            f"use expert:<name> or one of {', '.join(RESULT_METHODS)}")
     for col in nonneg:
         neg = cols[col] < 0
@@ -231,7 +231,7 @@ def _check_fewshot(cols: dict[str, np.ndarray]) -> None:
         raise BtmError(f"fewshot: column 'value' row {_first(bad)} must be finite, got {value[_first(bad)]}")
     for i, better in enumerate(cols.get("better", ())):
         if better is not None and better not in ("higher", "lower"):
-            raise BtmError(f"fewshot: column 'better' row {i} must be 'higher' or 'lower', got {better!r}")
+            raise BtmError(f"fewshot: column 'better' row {i} must be 'higher' or 'lower', got {shown(better)}")
 
 
 def _check_routing(cols: dict[str, np.ndarray]) -> None:
