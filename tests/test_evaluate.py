@@ -335,7 +335,8 @@ def test_eval_stage_files_every_method_and_baseline(tiny_data, tiny_experts, tmp
     layout.model_dir("dense").mkdir()
     shutil.copy(tiny_experts["legal"], layout.checkpoint("dense"))
     params = eval_stage.EvalParams(methods=["experts", "ensemble_uniform", "topk_prior"], top_k=2, split="test",
-                        baselines=["dense", "random_split"], domains=["legal"], experts=list(tiny_experts))
+                        baselines=["dense", "random_split"], domains=["legal"], experts=list(tiny_experts),
+                        run="tiny")
     config = SimpleNamespace(name="tiny", expert_names=list(tiny_experts))
     monkeypatch.setenv("BTM_DEVICE", "cpu")
     eval_stage.eval_run(Ctx(layout.root, config, Unit(None, asdict(params)), eval_stage.STAGE))
