@@ -57,7 +57,7 @@ def _assert_refused(proc, path: Path, *words: str) -> None:
 
 def test_no_ledger_yet_is_no_jobs(run_dir, slurm_env, tmp_path):
     status = run_btm("status", run_dir, env=slurm_env, check=True)
-    assert "0/11 units done; scheduler state from records" in status.stdout
+    assert "0/13 units done; scheduler state from records" in status.stdout
     cancel = run_btm("cancel", run_dir, env=slurm_env, check=True)
     assert "no submitted SLURM jobs to cancel" in cancel.stdout
     assert _calls(tmp_path) == []
@@ -78,12 +78,12 @@ def test_corrupt_ledger_stops_status_cancel_and_run(run_dir, slurm_env, tmp_path
 
 
 def test_corrupt_record_stops_status_and_run(run_dir, slurm_env, tmp_path):
-    record = run_dir / "records" / "data.json"
+    record = run_dir / "records" / "data_plan.json"  # the first stage: the planner reads its record
     record.parent.mkdir()
-    record.write_text("{\"stage\": \"data\", \"outp")
+    record.write_text("{\"stage\": \"data_plan\", \"outp")
     for verb in (["status", run_dir], ["run", run_dir / "config.yaml", "--run-dir", run_dir]):
         _assert_refused(run_btm(*verb, env=slurm_env), record, "completion record",
-                        "delete it to run data again")
+                        "delete it to run data_plan again")
     assert not any(c.startswith("sbatch") for c in _calls(tmp_path))
     assert not (run_dir / "jobs").exists()
 
@@ -94,6 +94,6 @@ def test_corrupt_hash_cache_is_rebuilt_with_a_warning(run_dir, slurm_env):
     cache.write_text("{\"data/bible/train.bin\": [1, 2")
     status = run_btm("status", run_dir, env=slurm_env, check=True)
     assert f"btm: warning: hash cache {cache} cannot be read" in status.stderr
-    assert "0/11 units done" in status.stdout
+    assert "0/13 units done" in status.stdout
     assert json.loads(cache.read_text()) == {}  # replaced by the rebuilt (here: empty) cache
     assert "warning" not in run_btm("status", run_dir, env=slurm_env, check=True).stderr
