@@ -171,7 +171,7 @@ def test_the_eval_stage_files_merge_rows(tiny_data, branched_experts, tmp_path, 
     forest.save()
     params = eval_stage.EvalParams(methods=["merge_dare_ties_posterior", "merge_model_stock_uniform"], top_k=1,
                                    split="test", baselines=[], domains=["legal", "bible"],
-                                   experts=list(branched_experts["experts"]))
+                                   experts=list(branched_experts["experts"]), run="run")
     monkeypatch.setenv("BTM_DEVICE", "cpu")
     eval_stage.eval_run(Ctx(layout.root, SimpleNamespace(name="tiny", expert_names=params.experts),
                             Unit(None, asdict(params)), eval_stage.STAGE))
