@@ -180,7 +180,7 @@ def test_hf_seeded_forest_on_slurm(slurm_cluster, small_corpus, tmp_path):
     (tmp_path / "run.yaml").write_text(config.replace("max_parallel: 2", "max_parallel: 3"))
     run_dir = tmp_path / "run"
     r = run_btm("run", tmp_path / "run.yaml", "--run-dir", run_dir, check=True)
-    assert "submitted 7 jobs" in r.stdout and "seed: imported from hf:" in r.stdout
+    assert "submitted 9 jobs" in r.stdout and "seed: imported from hf:" in r.stdout
     _wait_done(slurm_cluster, run_dir, timeout=1200)
     seed = _record(run_dir, "seed")
     assert seed["hf_import"]["source"] == str((tmp_path / "model").resolve())

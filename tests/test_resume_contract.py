@@ -1,6 +1,6 @@
 """The resume contract and damaged derived files (issue 17, classes 1 and 3), on one real
-finished tiny run (every stage of the registry but c-BTM's cluster stage, which runs on its own
-c-BTM run directory: data and cluster only).
+finished tiny run with a MoE (every stage of the registry but c-BTM's three cluster stages,
+which run on their own c-BTM run directory: data and cluster stages only).
 
 - Every input a stage's record lists makes the stage stale when it changes, and the records
   list what the stage reads (data splits, score caches, checkpoints, forest.json, the config
@@ -35,6 +35,7 @@ CONFIG = textwrap.dedent("""\
     budget: {{total_updates: 8, gpus: 1, seed_fraction: 0.5, save_interval_updates: 4}}
     branching: {{rule: posterior, top_k: 2, sample_docs: 4}}
     evaluation: {{split: test, methods: [experts, ensemble_posterior, average_uniform]}}
+    moe: {{enabled: true, budget_share: 0.25, top_k: 2}}
     baselines: [dense]
     executor: local
     profile: local
@@ -59,16 +60,17 @@ def finished(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clustered(finished, tmp_path_factory):
-    """A c-BTM run dir whose data and cluster stages ran (`btm stage`): the cluster stage is
-    the one stage of the registry the btm run above does not have."""
+    """A c-BTM run dir whose data and cluster stages ran (`btm stage`): the cluster stages are
+    the stages of the registry the btm run above does not have."""
     _, corpus, _ = finished
     run_dir = tmp_path_factory.mktemp("cbtm") / "run"
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text(CONFIG.format(corpus=corpus).replace("method: btm", "method: cbtm")
                                          .replace(", incremental: [code_python]", "")
                                          + "clusters: {k: 2}\n")
-    for stage in ("data", "cluster"):
-        run_btm("stage", run_dir, stage, check=True, timeout=900)
+    for stage, unit in (("data_plan", None), ("data_shard", "t0"), ("data", None), ("cluster_fit", None),
+                        ("cluster_assign", "s0"), ("cluster", None)):
+        run_btm("stage", run_dir, stage, *(["--unit", unit] if unit else []), check=True, timeout=900)
     return run_dir
 
 
@@ -100,7 +102,8 @@ def _done(run_dir: Path, stage: str, unit) -> bool:
 def test_every_recorded_input_makes_its_stage_rerun(request, tmp_path, stage_name):
     """Change each file a stage's record lists as input: the unit is no longer done (`btm run`
     plans it again); put it back: done again. And the records list what the stage reads."""
-    source = request.getfixturevalue("clustered") if stage_name == "cluster" else request.getfixturevalue("finished")[2]
+    cbtm = stage_name in ("cluster_fit", "cluster_assign", "cluster")
+    source = request.getfixturevalue("clustered") if cbtm else request.getfixturevalue("finished")[2]
     run_dir = shutil.copytree(source, tmp_path / "run", symlinks=True)
     units = [(u, rec) for s, u, rec in _units(run_dir) if s.name == stage_name]
     assert units, f"the test run has no {stage_name} unit"
@@ -109,7 +112,7 @@ def test_every_recorded_input_makes_its_stage_rerun(request, tmp_path, stage_nam
         assert record["inputs"], f"{stage_name} {unit.name} records no input"
         for rel in record["inputs"]:
             path = Path(rel) if Path(rel).is_absolute() else run_dir / rel
-            if not path.is_relative_to(run_dir) and stage_name not in ("data", "data_incremental"):
+            if not path.is_relative_to(run_dir) and stage_name not in ("data_plan", "data_incremental"):
                 continue  # only the data stages read the corpus (kept outside the run)
             original = path.read_bytes()
             try:
@@ -139,8 +142,12 @@ def _expected_inputs(stage_name: str, units) -> None:
             assert "experts/bible/checkpoint_last.pt" in ins
         if stage_name == "merge":
             assert "experts/bible/branch.json" in ins and record["kept"] == ["forest.json"]
-        if stage_name == "data":
+        if stage_name == "data_plan":
             assert isinstance(record["params"]["seed"], int) and any(p.endswith("bible/test.jsonl") for p in ins)
+        if stage_name in ("data_shard", "data"):
+            assert "data/shards.json" in ins and "data/spm.model" in ins
+        if stage_name == "moe":
+            assert {"forest.json", "experts/bible/checkpoint_last.pt"} <= ins, sorted(ins)
         if stage_name == "cluster":
             assert "data/dict.txt" in ins and any(p.endswith("legal/train.jsonl") for p in ins)
             assert any(p.startswith("clusters/model/") for p in record["outputs"]), sorted(record["outputs"])

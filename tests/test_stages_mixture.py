@@ -34,9 +34,9 @@ def test_the_default_mixture_is_balanced():
 @pytest.mark.parametrize("mixture, expected", [
     ("balance", r"data\.mixture: unknown mixture 'balance'; did you mean 'balanced'\?"),
     ("uniform", r"data\.mixture: unknown mixture 'uniform'; use balanced, proportional or \{temperature: T\}"),
-    ({"temperature": 0}, r"data\.mixture\.temperature: must be a number > 0, got 0"),
-    ({"temperature": -1.5}, r"data\.mixture\.temperature: must be a number > 0, got -1\.5"),
-    ({"temperature": "hot"}, r"data\.mixture\.temperature: must be a number > 0, got 'hot'"),
+    ({"temperature": 0}, r"data\.mixture\.temperature: must be a finite number > 0, got 0"),
+    ({"temperature": -1.5}, r"data\.mixture\.temperature: must be a finite number > 0, got -1\.5"),
+    ({"temperature": "hot"}, r"data\.mixture\.temperature: must be a finite number > 0, got 'hot'"),
     ({"temp": 2}, r"data\.mixture: expected balanced, proportional or a mapping \{temperature: T\}, got \{'temp': 2\}"),
     (3, r"data\.mixture: expected balanced, proportional or a mapping \{temperature: T\}, got 3"),
 ])

@@ -26,6 +26,6 @@ def moe_weights(rule: str, experts: dict[str, Path], domains: list[str], dirs, s
     from fairseq_ext.evaluate import Scorer, domain_prior
 
     scorer = Scorer(dirs, settings.validate())
-    priors = [domain_prior(dirs, scorer, experts, d, settings.prior) for d in domains]
+    priors = [domain_prior(dirs, scorer, experts, d, settings.prior).prior for d in domains]
     mean = np.mean(np.asarray(priors, dtype=np.float64), axis=0)
     return [float(w) for w in mean / mean.sum()]
