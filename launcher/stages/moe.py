@@ -43,8 +43,11 @@ def moe_units(cfg: Config):
 
 
 def moe_inputs(ctx: Ctx) -> list[Path]:
+    """The base experts' checkpoints (the build reads only those) and the mix's splits. Not
+    forest.json: the grow stage adds incremental experts to it after merge, which must not make
+    the MoE of the base forest stale."""
     p = ctx.params
-    return [ctx.layout.forest, ctx.data_dir / "dict.txt",
+    return [ctx.data_dir / "dict.txt",
             *ctx.layout.split_files(p.domains, ("train", "valid")),
             *(ctx.layout.checkpoint(name) for name in p.experts)]
 
