@@ -56,7 +56,7 @@ if ! "$py" -c 'import torch, fairseq, sentencepiece, pytest' 2>/dev/null; then
   say "setup from $wheels"
   ls "$wheels"/fairseq[-_]fixed-*.tar.gz >/dev/null 2>&1 \
     || { say "no fairseq-fixed sdist in $wheels: fill it with benchmarks/gpu_wheels.sh"; exit 1; }
-  venv="${BTM_GPU_VENV:-/tmp/btm-gpu-venv}"
+  venv="${BTM_GPU_VENV:-$(mktemp -d -t btm-gpu-venv.XXXXXX)}"  # mktemp -t: under $TMPDIR
   "$py" -m venv --system-site-packages "$venv" || { say "cannot create a venv with $py"; exit 1; }
   py="$venv/bin/python"
   pip=("$py" -m pip install -q --disable-pip-version-check --no-index --find-links "$wheels")
@@ -86,7 +86,7 @@ step() {  # step NAME SECONDS CMD...: run CMD under a time limit, log its time a
   say "step $name: exit $rc after $((SECONDS - t0)) s"
 }
 
-work="$(mktemp -d "${TMPDIR:-/tmp}/btm-gpu-check.XXXXXX")"
+work="$(mktemp -d -t btm-gpu-check.XXXXXX)"
 if [ "$mode" = quick ]; then
   corpus_chars=20000 vocab=300 preset=tiny
   train_args=(--sequences 2 --updates 6 --skip 2 --log-interval 2)
