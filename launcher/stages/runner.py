@@ -7,7 +7,6 @@ record atomically.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
