@@ -24,7 +24,7 @@ from launcher.contract.methods import BASELINES
 from launcher.contract.names import validate_name
 from launcher.contract.presets import PRESETS
 from launcher.hf_config import check_hf_sources, resolve_hf_paths, validate_hf_keys
-from launcher.user_yaml import load_bounded
+from launcher.user_yaml import load_bounded, read_user_text
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -327,11 +327,7 @@ def load_config(name_or_path: str | Path, overrides: dict | None = None,
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise BtmError(f"config {shown(str(name_or_path))} is neither a file nor a named config{hint}; "
                            f"named configs: {', '.join(named_configs())}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise BtmError(f"cannot read config {path}: {e}") from None
-    cfg = parse_config(text, str(path), overrides)
+    cfg = parse_config(read_user_text(path, "config"), str(path), overrides)
     if corpus is not None:
         cfg.corpus.path = str(Path(corpus).resolve())
     elif cfg.corpus.path and not Path(cfg.corpus.path).is_absolute():

@@ -21,7 +21,7 @@ from pathlib import Path
 from launcher.contract.errors import BtmError, shown
 from launcher.profile_files import known_profiles, profile_dirs
 from launcher.stages import STAGES
-from launcher.user_yaml import load_bounded
+from launcher.user_yaml import read_user_yaml
 
 # The pipeline's stages (the registry) and `btm fewshot run`'s job (launcher/stages/fewshot.py), which
 # runs outside the pipeline: the names a profile's `stages:` section may set resources for.
@@ -160,9 +160,4 @@ def load_profile(name_or_path: str) -> Profile:
         path = next((d / f"{name_or_path}.yaml" for d in profile_dirs() if (d / f"{name_or_path}.yaml").is_file()), None)
         if path is None:
             raise BtmError(f"unknown cluster profile {name_or_path!r}; known: {', '.join(known_profiles())}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise BtmError(f"cannot read cluster profile {path}: {e}") from None
-    data, _ = load_bounded(text, str(path))
-    return parse_profile(data, str(path), path.stem)
+    return parse_profile(read_user_yaml(path, "cluster profile"), str(path), path.stem)

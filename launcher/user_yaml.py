@@ -9,11 +9,26 @@ stack are refused too. No btm file comes anywhere near the bound.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import yaml
 
 from launcher.contract.errors import BtmError
 
 MAX_YAML_NODES = 100_000  # expanded scalars + collections; the largest shipped config has < 200
+
+
+def read_user_text(path: Path, what: str) -> str:
+    """The text of a YAML file the user named; ``what`` says which (``"config"``, ...) in the error."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise BtmError(f"cannot read {what} {path}: {e}") from None
+
+
+def read_user_yaml(path: Path, what: str):
+    """A user's YAML file, read and parsed within the bound (``load_bounded``)."""
+    return load_bounded(read_user_text(path, what), str(path))[0]
 
 
 def load_bounded(text: str, source: str):

@@ -144,7 +144,7 @@ def parse_config(data: dict, path: Path) -> FewshotConfig:
 
 def load_config(name_or_path: str) -> FewshotConfig:
     """A few-shot config file, or the name of one in examples/fewshot/ (``paper``, ``local``)."""
-    from launcher.user_yaml import load_bounded
+    from launcher.user_yaml import read_user_yaml
 
     path = Path(name_or_path)
     if not path.is_file():
@@ -152,12 +152,7 @@ def load_config(name_or_path: str) -> FewshotConfig:
         if not path.is_file():
             known = sorted(p.stem for p in EXAMPLES.glob("*.yaml"))
             raise BtmError(f"no few-shot config {shown(name_or_path)} (a YAML file, or one of {', '.join(known)})")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise BtmError(f"cannot read few-shot config {path}: {e}") from None
-    data, _ = load_bounded(text, str(path))
-    return parse_config(data, path.resolve())
+    return parse_config(read_user_yaml(path, "few-shot config"), path.resolve())
 
 
 # ----------------------------------------------------------------------------- elements
