@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Reproduce docs/results.md (findings F1-F7 at small scale) on ../shared/corpus.
-#   bash examples/reproduce.sh [RUNS_DIR] [forest|sweeps|all]
-# "forest" runs F1 F2 F4 F5 F7 F8 and the prior estimators, "sweeps" runs F3 and F6; the two halves can run side by side
-# in two shells. Every step resumes: re-running skips what is finished. Ends with one
+#   bash examples/reproduce.sh [RUNS_DIR] [forest|grow|sweeps|moe|all]
+# "forest" runs F1 F2 F4 F5 F8 and the prior estimators, "grow" runs F7, "sweeps" runs F3 and
+# F6, "moe" the Branch-Train-MiX comparison (docs/moe.md); the parts can run side by side in
+# separate shells. Every step resumes: re-running skips what is finished. Ends with one
 # side-by-side report in RUNS_DIR/report/report.md.
 #
 # Seeds and sizes (docs/results.md, method):
@@ -57,7 +58,7 @@ priors() {
 }
 
 forest() {  # forest SEED
-    local seed="$1" size dir posterior seedrule
+    local seed="$1" size dir
     for size in $sizes; do  # F1 F2 F4 F5 at every size
         dir="$(run_dir btm-forest "$size" "$seed")"
         btm_run btm-forest.yaml "$dir" "$size" "$seed"
@@ -66,6 +67,10 @@ forest() {  # forest SEED
         priors "$dir"
         "$btm" forest ablate "$dir"  # F8: expert removal, from the cached scores
     done
+}
+
+grow() {  # grow SEED: F7
+    local seed="$1" posterior seedrule
     posterior="$(run_dir grow-posterior tiny "$seed")"
     seedrule="$(run_dir grow-seed tiny "$seed")"
     btm_run grow.yaml "$posterior" tiny "$seed"
@@ -73,6 +78,15 @@ forest() {  # forest SEED
     # F7: the new expert's starting point itself (init.pt, before training) on its domain.
     "$btm" eval "$(run_dir f7-init tiny "$seed")" --data "$posterior/data" --domains fiction --methods expert \
         --experts "posterior=$posterior/experts/fiction/init.pt,seed=$seedrule/experts/fiction/init.pt"
+}
+
+moe() {  # moe SEED: btm-forest's forest made one MoE, router started from zero and from data
+    local seed="$1" init
+    for init in zero data; do
+        btm_run btm-forest.yaml "$(run_dir "moe-$init" tiny "$seed")" tiny "$seed" \
+            --set moe.enabled=true --set moe.router_init="$init" --set name="moe-$init" \
+            --set 'baselines=[dense]' --set evaluation.top_k=2
+    done
 }
 
 sweeps() {  # sweeps SEED
@@ -94,11 +108,13 @@ for seed in ${seeds:-_}; do
     [ "$seed" != _ ] || seed=""  # no SEEDS: one run per finding, plain directories
     case "$part" in
         forest) forest "$seed" ;;
+        grow) grow "$seed" ;;
         sweeps) sweeps "$seed" ;;
-        all) forest "$seed"; sweeps "$seed" ;;
-        *) echo "unknown part '$part': expected forest, sweeps or all" >&2; exit 2 ;;
+        moe) moe "$seed" ;;
+        all) forest "$seed"; grow "$seed"; sweeps "$seed"; moe "$seed" ;;
+        *) echo "unknown part '$part': expected forest, grow, sweeps, moe or all" >&2; exit 2 ;;
     esac
 done
 if [ "$part" = all ]; then
-    "$btm" report "$runs"/btm-forest* "$runs"/grow-* "$runs"/cbtm* "$runs"/sf* --out "$runs/report"
+    "$btm" report "$runs"/btm-forest* "$runs"/grow-* "$runs"/cbtm* "$runs"/sf* "$runs"/moe-* --out "$runs/report"
 fi

@@ -69,7 +69,8 @@ def _run_dirs(calls) -> dict[str, list[str]]:
 def test_reproduce_without_seeds_keeps_one_run_per_finding(tmp_path):
     runs = _run_dirs(_reproduce_commands(tmp_path))
     assert sorted(runs) == sorted(["btm-forest", "grow-posterior", "grow-seed", "cbtm1", "cbtm2", "cbtm4",
-                                   "cbtm8", "sf0", "sf10", "sf30", "sf70", "sf90"])
+                                   "cbtm8", "sf0", "sf10", "sf30", "sf70", "sf90", "moe-zero", "moe-data"])
+    assert "moe.router_init=data" in runs["moe-data"] and "moe.enabled=true" in runs["moe-zero"]
     assert not any("seed=" in a or "model.preset" in a for c in runs.values() for a in c)
 
 
@@ -77,7 +78,7 @@ def test_reproduce_with_seeds_and_sizes_repeats_the_findings(tmp_path):
     calls = _reproduce_commands(tmp_path, SEEDS="1 2 3", SIZES="tiny small")
     runs = _run_dirs(calls)
     for seed in (1, 2, 3):
-        for base in ("btm-forest", "sf30", "cbtm4", "grow-seed"):
+        for base in ("btm-forest", "sf30", "cbtm4", "grow-seed", "moe-zero"):
             call = runs[f"{base}.seed{seed}"]
             assert call.count(f"seed={seed}") == 1
             assert "model.preset=small" not in call
