@@ -41,6 +41,7 @@ test = [
     "pytest>=8",
     "pytest-timeout>=2.2",
     "hypothesis>=6.100",
+    "tensorboard>=2.16",  # tests/test_train_tensorboard.py reads the trainer's event files back
 ]
 
 setup(

@@ -65,6 +65,11 @@ class BudgetConfig:
 
 
 @dataclass
+class TrainingConfig:
+    tensorboard: bool = field(default=False, metadata={"help": "the trainer also writes TensorBoard event files (train loss, lr, tokens seen, valid loss/ppl per update) into each model dir's tensorboard/ (view: tensorboard --logdir RUN); needs `pip install tensorboard`; changing it retrains nothing"})
+
+
+@dataclass
 class BranchingConfig:
     rule: str = field(default="posterior", metadata={"help": "how incremental experts start: seed | posterior (weighted average of the top-k experts)"})
     top_k: int = field(default=2, metadata={"help": "experts averaged by the posterior rule", "min": 1})
@@ -110,6 +115,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
     branching: BranchingConfig = field(default_factory=BranchingConfig)
     clusters: ClustersConfig = field(default_factory=ClustersConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)

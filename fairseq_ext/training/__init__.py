@@ -7,6 +7,7 @@ says how the parts fit together.
 - ``torch_compile``: torch.compile around the step, and when it falls back to eager mode;
 - ``schedule``: per-update numbers (learning rate, dropout seeds);
 - ``checkpoints``, ``validation``, ``save_dir``: what a save point writes and logs;
+- ``tensorboard_log``: the log's scalars as TensorBoard events (``TrainSpec.tensorboard``);
 - ``preemption``: the stop signal and the ranks' agreement on it;
 - ``loop``: the update loop that ties them together.
 """

@@ -26,15 +26,28 @@ if TYPE_CHECKING:
 def run_training(spec: TrainSpec) -> TrainResult:
     setup = set_up(spec)
     state = build_or_resume(setup)
-    log = TrainLog(setup.files.log, writes=setup.ranks.writes_files)
+    log = TrainLog(setup.files.log, writes=setup.ranks.writes_files, board=tensorboard_log(setup, state))
     if state.resumed:
         log.truncate_after(state.update)
     else:
         log.clear()
     run = TrainingRun(setup, state, UpdateStep(setup, state), CheckpointWriter(setup, state), log)
-    if state.update >= setup.max_updates:
-        return run.finish_without_training()
-    return run.train()
+    try:
+        if state.update >= setup.max_updates:
+            return run.finish_without_training()
+        return run.train()
+    finally:
+        log.close()
+
+
+def tensorboard_log(setup: TrainSetup, state: TrainState):
+    """The TensorBoard mirror of the log when the spec asks for one (rank 0 only), else None."""
+    if not (setup.spec.tensorboard and setup.ranks.writes_files):
+        return None
+    from fairseq_ext.training.tensorboard_log import TensorBoardLog
+
+    return TensorBoardLog(setup.files.tensorboard, setup.sequences * setup.tokens_per_sample,
+                          state.update if state.resumed else None)
 
 
 class LossWindow:

@@ -3,7 +3,9 @@
 The launcher hands the trainer a save dir; the file names inside it are decided here only.
 ``train_log.jsonl`` holds one JSON row per log interval (``update, loss, lr, tokens_per_s``),
 per validation (``update, valid_loss, valid``) and per save forced by a stop signal
-(``update, preempted_save``). Rank 0 alone writes these files.
+(``update, preempted_save``). Rank 0 alone writes these files, and with
+``TrainSpec.tensorboard`` the same scalars as TensorBoard events in ``tensorboard/``
+(``tensorboard_log.py``).
 """
 from __future__ import annotations
 
@@ -33,6 +35,11 @@ class TrainFiles:
     def log(self) -> Path:
         return self.save_dir / TRAIN_LOG
 
+    @property
+    def tensorboard(self) -> Path:
+        """The event files of ``TrainSpec.tensorboard`` (``tensorboard --logdir`` reads them)."""
+        return self.save_dir / "tensorboard"
+
     def remove_killed_saves(self) -> None:
         """Delete the temporary files of saves that were killed midway (rank 0 only: another
         rank could delete a save in progress)."""
@@ -41,17 +48,24 @@ class TrainFiles:
 
 
 class TrainLog:
-    """Appends rows to ``train_log.jsonl``; on ranks other than 0 (``writes=False``) it writes
-    nothing."""
+    """Appends rows to ``train_log.jsonl``, and to ``board`` (a ``TensorBoardLog``) when given;
+    on ranks other than 0 (``writes=False``) it writes nothing."""
 
-    def __init__(self, path: Path, writes: bool = True):
+    def __init__(self, path: Path, writes: bool = True, board=None):
         self.path = path
         self.writes = writes
+        self.board = board
 
     def append(self, row: dict) -> None:
         if self.writes:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
+        if self.board is not None:
+            self.board.add_row(row)
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
 
     def truncate_after(self, update: int) -> None:
         """Drop rows past the resumed update (they belong to work that was lost)."""

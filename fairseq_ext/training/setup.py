@@ -113,6 +113,10 @@ def resolve_spec(spec: TrainSpec) -> tuple[Preset, int]:
         raise BtmError(f"save_interval_updates must be > 0, got {spec.save_interval_updates}")
     if spec.update_freq < 1:
         raise BtmError(f"update_freq must be >= 1, got {spec.update_freq}")
+    if spec.tensorboard:  # every rank: a rank that fails alone would leave the others waiting
+        from fairseq_ext.training.tensorboard_log import check_tensorboard_installed
+
+        check_tensorboard_installed()
     if not os.path.isfile(os.path.join(spec.data_dir, "dict.txt")):
         raise BtmError(f"data dir {spec.data_dir} has no dict.txt (run `btm data prepare`)")
     return preset, max_updates

@@ -29,6 +29,7 @@ class TrainSpec:
     valid_max_tokens: int | None = None  # cap on validation tokens per domain (None = all)
     log_interval: int = 10
     trust_init: bool = False  # allow a pickle-needing init checkpoint
+    tensorboard: bool = False  # also write the log's scalars as TensorBoard events (tensorboard_log.py)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainSpec":

@@ -57,6 +57,9 @@ def _add_training_flags(p, *, default_interval: int = 100) -> None:
     p.add_argument("--valid-max-tokens", type=int, default=None,
                    help="validate on at most this many tokens per domain")
     p.add_argument("--log-interval", type=int, default=10, help="updates between train_log rows")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write train_log's scalars as TensorBoard event files in SAVE_DIR/tensorboard "
+                        "(view: tensorboard --logdir SAVE_DIR; needs `pip install tensorboard`)")
     p.add_argument("--nproc-per-node", type=int, default=1,
                    help="train on N processes of this node, one per GPU (torchrun; gloo on CPU)")
     p.add_argument("--nodes", type=int, default=1,
@@ -74,7 +77,7 @@ def _spec_from_args(args, domains, weights, temperature, init, updates):
         update_freq=args.update_freq, lr=args.lr, seed=args.seed, device=args.device,
         precision=args.precision, compile=False if args.no_compile else None,
         valid_max_tokens=args.valid_max_tokens, log_interval=args.log_interval,
-        trust_init=getattr(args, "trust_checkpoint", False))
+        trust_init=getattr(args, "trust_checkpoint", False), tensorboard=args.tensorboard)
 
 
 def _run_training(spec, nproc: int = 1, nodes: int = 1) -> int:

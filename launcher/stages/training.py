@@ -158,7 +158,9 @@ def train_unit(ctx: Ctx, save_dir: Path, init: Path | None, mixture: Any = None)
                      init=str(init) if init else None, max_updates=p.max_updates,
                      save_interval_updates=p.save_interval_updates, tokens_per_batch=p.tokens_per_batch,
                      update_freq=accumulation_steps(p.tokens_per_batch, p.preset, ctx.nproc * ctx.nodes),
-                     seed=p.seed, device=os.environ.get("BTM_DEVICE", "auto"))
+                     seed=p.seed, device=os.environ.get("BTM_DEVICE", "auto"),
+                     # from the config, not the unit's params: the events change no result
+                     tensorboard=ctx.config.training.tensorboard)
     resumed = _resume_point(save_dir)
     result = train_model(spec, ctx.nproc, ctx.nodes)
     if result.preempted:
