@@ -62,6 +62,8 @@ def test_events_hold_the_train_log_and_a_resume_keeps_one_value_per_update(data_
     assert [r["update"] for r in train_rows] == [r["update"] for r in valid_rows] == [2, 4, 6, 8]
     # One value per update: the first 6 and 8 (lost work) are purged, not drawn twice.
     assert [step for step, _ in scalars["train/loss"]] == [2, 4, 6, 8]
+    # tokens_per_s is timing, so the two runs of 6 and 8 differ there: what is shown is the
+    # requeued run's, the one train_log.jsonl kept.
     for tag, key in (("train/loss", "loss"), ("train/lr", "lr"), ("train/tokens_per_s", "tokens_per_s")):
         assert [v for _, v in scalars[tag]] == pytest.approx([r[key] for r in train_rows], rel=1e-6), tag
     assert scalars["train/tokens"] == [(u, u * 512) for u in (2, 4, 6, 8)]
