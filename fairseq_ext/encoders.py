@@ -10,10 +10,12 @@ Two kinds, told apart by the files in ``DATA/``:
   the model's order (ids 0-3 are fairseq's four placeholder names, whatever the model calls
   them; symbols are names only, ids are what the model sees); rows of the model's embedding
   without a token are ``<hf:ID>``. The fairseq roles follow the model: eos is its eos token
-  (the document separator), bos its bos when its tokenizer puts one in front of a text, pad a
-  special token btm never writes into the data (the tokenizer's pad token, else its
-  lowest-id other special token). Special tokens are never parsed out of a document's text,
-  so pad never occurs as a target; an encoding that still yields it is an error. The roles
+  (the document separator), bos its bos when its tokenizer puts one in front of a text, pad
+  the tokenizer's pad token, else its lowest-id other special token btm never writes into the
+  data, else -- GPT-2's only ``<|endoftext|>`` -- eos itself. Pad only fills padded inputs:
+  padded targets are ``streams.IGNORED_TARGET`` and the scorers mask by position, so no path
+  tells padding by its id. Special tokens are never parsed out of a document's text; an
+  encoding that still yields the pad id is an error. The roles
   are recorded in the manifest (``settings.special_ids``) and in every checkpoint's
   dictionary (``fairseq_ext.checkpoint``).
 
@@ -285,11 +287,10 @@ def _special_ids(tok, source: Path) -> dict:
     written = {eos, bos}
     candidates = [token_id("pad_token")] + sorted(i for i, t in tok.get_added_tokens_decoder().items()
                                                   if t.special)
-    pad = next((i for i in candidates if i is not None and i not in written), None)
-    if pad is None:
-        raise BtmError(f"{source}: the tokenizer has no special token besides eos/bos that btm can "
-                       "pad with (btm never writes it into the data); add a pad token to its "
-                       "tokenizer.json and tokenizer_config.json (and a row to the embedding)")
+    spare = next((i for i in candidates if i is not None and i not in written), None)
+    # GPT-2's convention (only <|endoftext|>): pad with eos, as transformers users do. Safe
+    # because padding is told by position (IGNORED_TARGET, scoring's block lengths), never by id.
+    pad = eos if spare is None else spare
     unk = token_id("unk_token")
     return {"bos": bos if bos is not None else eos, "pad": pad, "eos": eos,
             "unk": unk if unk is not None else pad, "bos_per_document": bos}

@@ -46,9 +46,10 @@ def weight_files(model_dir: Path, trust_pickle: bool = False) -> tuple[list[Path
             continue
         if pickled and not trust_pickle:
             raise BtmError(f"{model_dir} has only pickle weights ({name}); pickle can run "
-                           "arbitrary code, so btm refuses them. Convert the model to "
-                           "safetensors, or pass --trust-checkpoint (trust_pickle=True) if you "
-                           "trust this file")
+                           f"arbitrary code, so btm refuses {single if single.is_file() else index}. "
+                           "Convert the model to safetensors, or, if you trust this file, set "
+                           "model.trust_checkpoint: true in the run config (trust_pickle=True "
+                           "for import_hf)")
         if single.is_file():
             return [single], pickled
         try:

@@ -20,6 +20,11 @@ import torch
 
 from launcher.contract.errors import BtmError
 
+# The target of a padded position: ignored by the loss and every count of targets. Padding is
+# told apart by this value, never by the pad id, because the pad id may be a real token's (a
+# GPT-2-family tokenizer pads with eos, docs/data.md); the pad id only fills padded inputs.
+IGNORED_TARGET = -100
+
 # fairseq's MMapIndexedDataset header: magic, version, dtype code (see fairseq/data/indexed_dataset.py).
 _MAGIC = b"MMIDIDX\x00\x00"
 _DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64,
@@ -100,7 +105,8 @@ class MixtureBlockStream:
 
 
 def eval_blocks(tokens: np.ndarray, tokens_per_sample: int, pad: int):
-    """Every target token once: windows of ``T + 1`` at stride ``T``, the last one padded."""
+    """Every target token once: windows of ``T + 1`` at stride ``T``, the last one padded
+    (inputs with ``pad``, targets with ``IGNORED_TARGET``)."""
     T = tokens_per_sample
     n = len(tokens)
     if n < 2:
@@ -110,6 +116,8 @@ def eval_blocks(tokens: np.ndarray, tokens_per_sample: int, pad: int):
     for b in range(n_blocks):
         piece = tokens[b * T: b * T + T + 1]
         rows[b, :len(piece)] = piece
+    real = len(tokens) - 1 - (n_blocks - 1) * T  # targets of the last block
     rows = torch.from_numpy(rows)
     inputs, targets = rows[:, :-1].clone(), rows[:, 1:].clone()
+    targets[-1, real:] = IGNORED_TARGET
     return inputs, targets

@@ -53,7 +53,8 @@ class DataConfig:
 class ModelConfig:
     preset: str = field(default="tiny", metadata={"help": f"model preset: {', '.join(PRESETS)}"})
     arch: str | None = field(default=None, metadata={"help": "layout: gpt2 | llama (default: the preset's; must be the preset's)"})
-    init: str | None = field(default=None, metadata={"help": "hf:PATH: the seed LM is this local transformers model (GPT-2 or Llama family), trained on for budget.seed_fraction of the budget (0: used as is); relative to the config file"})
+    init: str | None = field(default=None, metadata={"help": "hf:PATH: the seed LM is this local transformers model (GPT-2 or Llama family), trained on for budget.seed_fraction of the budget (0: used as is); the dense baseline starts from it too; relative to the config file"})
+    trust_checkpoint: bool = field(default=False, metadata={"help": "allow model.init's pickle-only weights (pytorch_model.bin); pickle can run arbitrary code: set it only for files you trust"})
 
 
 @dataclass

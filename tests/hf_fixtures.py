@@ -56,3 +56,44 @@ def save_model_dir(out: Path, corpus: Path, vocab_size: int = 384, vocab_rows: i
     (embedding rows beyond the tokenizer's ids, as real models pad theirs)."""
     save_tokenizer(out, corpus_texts(corpus), vocab_size)
     return save_llama(out, vocab_rows)
+
+
+# GPT-2's convention: one special token, <|endoftext|>, after the vocabulary; it is bos, eos and
+# unk at once, there is no pad token, and nothing is put in front of a text.
+ENDOFTEXT = "<|endoftext|>"
+
+
+def save_gpt2_tokenizer(out: Path, texts: list[str], vocab_size: int = 300) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.add_special_tokens([ENDOFTEXT])
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=ENDOFTEXT, eos_token=ENDOFTEXT,
+                            unk_token=ENDOFTEXT).save_pretrained(out)
+    return out
+
+
+def save_gpt2_model_dir(out: Path, corpus: Path, seed: int = 3) -> Path:
+    """A GPT-2-family directory as a user downloads it: the tokenizer above and a ``tiny``-shaped
+    GPT2LMHeadModel (random, perturbed weights) whose embedding has exactly its ids."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer
+
+    save_gpt2_tokenizer(out, corpus_texts(corpus))
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    eot = tok.token_to_id(ENDOFTEXT)
+    torch.manual_seed(seed)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=tok.get_vocab_size(), n_positions=256, n_embd=64, n_layer=2, n_head=2,
+        n_inner=256, bos_token_id=eot, eos_token_id=eot))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    model.eval().save_pretrained(out)
+    return out

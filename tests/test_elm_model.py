@@ -54,17 +54,19 @@ def test_gpt2_layout_and_tied_embeddings(data_dir):
 def test_chunked_loss_matches_full_cross_entropy(data_dir):
     import torch
     import torch.nn.functional as F
+    from fairseq_ext.streams import IGNORED_TARGET
     model, _, d = _tiny_model(data_dir, loss_chunk_tokens=7)
     x = torch.randint(4, len(d), (3, 30))
     y = torch.randint(4, len(d), (3, 30))
-    y[1, -4:] = d.pad()
+    y[0, :3] = d.pad()  # a real target even if it is the pad id (GPT-2 pads with eos)
+    y[1, -4:] = IGNORED_TARGET  # padding (never told by the pad id)
     loss = model.lm_loss(x, y)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     logits = model(x)[0]
     ref = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1),
-                          ignore_index=d.pad(), reduction="sum")
+                          ignore_index=IGNORED_TARGET, reduction="sum")
     ref.backward()
     assert torch.allclose(loss, ref, rtol=1e-5)
     for n, p in model.named_parameters():

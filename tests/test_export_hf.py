@@ -74,9 +74,10 @@ def exported(experts, tmp_path_factory) -> Path:
     return out
 
 
-def hf_block_logprobs(model, tokens: np.ndarray, doc_starts: np.ndarray, positions: int) -> np.ndarray:
-    """Per-token log-probs from a transformers model, each document fed with </s> in front and
-    cut into blocks of ``positions`` targets (the btm scorer's default context settings)."""
+def hf_block_logprobs(model, tokens: np.ndarray, doc_starts: np.ndarray, positions: int,
+                      eos: int = 2) -> np.ndarray:
+    """Per-token log-probs from a transformers model, each document fed with eos (``eos``) in
+    front and cut into blocks of ``positions`` targets (the btm scorer's default context settings)."""
     import torch
 
     out = np.zeros(len(tokens), dtype=np.float32)
@@ -84,7 +85,7 @@ def hf_block_logprobs(model, tokens: np.ndarray, doc_starts: np.ndarray, positio
     for s0, s1 in zip(doc_starts, ends):
         for a in range(s0, s1, positions):
             b = min(a + positions, s1)
-            inputs = np.concatenate([[2], tokens[s0:s1 - 1]])[a - s0:b - s0]  # eos + shifted doc
+            inputs = np.concatenate([[eos], tokens[s0:s1 - 1]])[a - s0:b - s0]  # eos + shifted doc
             with torch.no_grad():
                 logits = model(torch.from_numpy(inputs[None].astype(np.int64))).logits[0].float()
             lp = torch.log_softmax(logits, -1).gather(1, torch.from_numpy(tokens[a:b][:, None]))[:, 0]

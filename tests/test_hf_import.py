@@ -196,7 +196,7 @@ def test_pickle_weights_need_trust(tiny_data, hf_dirs, tmp_path):  # noqa: F811
     pickled.mkdir()
     shutil.copy(hf_dirs["gpt2"] / "config.json", pickled / "config.json")
     torch.save(load_file(str(hf_dirs["gpt2"] / "model.safetensors")), pickled / "pytorch_model.bin")
-    with pytest.raises(BtmError, match=r"only pickle weights \(pytorch_model.bin\).*--trust-checkpoint"):
+    with pytest.raises(BtmError, match=r"only pickle weights \(pytorch_model.bin\).*pickled/pytorch_model.bin.*model.trust_checkpoint: true"):
         import_hf(pickled, tmp_path / "o.pt", preset="tiny", data_dir=tiny_data)
     assert not (tmp_path / "o.pt").exists()
     import_hf(pickled, tmp_path / "o.pt", preset="tiny", data_dir=tiny_data, trust_pickle=True)

@@ -219,20 +219,3 @@ def test_a_vocabulary_larger_than_the_embedding_is_refused(small_corpus, tmp_pat
     _prepare_refused(small_corpus, model, tmp_path / "data",
                      r"tokenizer.json has 384 ids but the model's embedding .*config.json vocab_size\) has only 300 rows")
 
-
-def test_a_tokenizer_with_nothing_to_pad_with_is_refused(small_corpus, tmp_path):
-    """GPT-2's convention: one special token, both bos and eos; btm needs another for padding."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from hf_fixtures import corpus_texts
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator(corpus_texts(small_corpus), trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
-                            eos_token="<|endoftext|>").save_pretrained(tmp_path / "m")
-    _prepare_refused(small_corpus, tmp_path / "m", tmp_path / "data",
-                     r"no special token besides eos/bos that btm can pad with")

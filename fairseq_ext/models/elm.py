@@ -36,6 +36,7 @@ from fairseq.models import (
     register_model_architecture,
 )
 
+from fairseq_ext.streams import IGNORED_TARGET
 from launcher.contract.presets import PRESETS
 
 
@@ -254,11 +255,12 @@ class ChunkedLossLM(FairseqLanguageModel):
         return cls(cls.decoder_class(cfg, task.target_dictionary))
 
     def lm_loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Summed next-token cross-entropy (nats) over non-pad targets, without full logits."""
+        """Summed next-token cross-entropy (nats) over the targets that are not
+        ``IGNORED_TARGET`` (padding), without full logits."""
         hidden, _ = self.decoder.extract_features(tokens)
         return chunked_tied_cross_entropy(hidden, self.decoder.output_weight(), targets,
                                           chunk=self.decoder.cfg.loss_chunk_tokens,
-                                          ignore_index=self.decoder.padding_idx)
+                                          ignore_index=IGNORED_TARGET)
 
     def max_positions(self):
         return self.decoder.max_positions()

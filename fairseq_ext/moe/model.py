@@ -26,6 +26,7 @@ from fairseq.models import register_model
 from fairseq_ext.models.elm import ChunkedLossLM, ElmConfig, ElmDecoder, ElmMLP
 from fairseq_ext.models.llama import LlamaElmConfig, LlamaElmDecoder, SwiGLU
 from fairseq_ext.moe.layer import MoeFeedForward
+from fairseq_ext.streams import IGNORED_TARGET
 
 # layout -> the registered MoE model name
 MOE_MODELS = {"gpt2": "elm_moe", "llama": "elm_llama_moe"}
@@ -96,7 +97,7 @@ class MoeLM(ChunkedLossLM):
         coef = self.decoder.cfg.moe_aux_loss_coef
         if self.training and coef:
             aux = torch.stack([layer.mlp.last_aux_loss for layer in self.decoder.layers]).mean()
-            loss = loss + coef * aux * (targets != self.decoder.padding_idx).sum()
+            loss = loss + coef * aux * (targets != IGNORED_TARGET).sum()
         return loss
 
     def moe_blocks(self) -> list[MoeFeedForward]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fairseq_ext.streams import IGNORED_TARGET
 from launcher.contract.errors import BtmError
 
 
@@ -64,7 +65,7 @@ def mean_ffn_inputs(checkpoint, domain: str, sample: RouterSample, *,
         with torch.no_grad():
             for start in range(0, len(inputs), sample.batch_size):
                 x = inputs[start:start + sample.batch_size]
-                mask = (targets[start:start + sample.batch_size] != pad).double()
+                mask = (targets[start:start + sample.batch_size] != IGNORED_TARGET).double()
                 count += int(mask.sum())
                 model(x)
     finally:

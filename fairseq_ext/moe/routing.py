@@ -16,6 +16,7 @@ def routing_statistics(checkpoint, data_dir, domains: list[str], split: str, *, 
 
     from fairseq_ext.checkpoint import load_model
     from fairseq_ext.moe.router_init import domain_blocks
+    from fairseq_ext.streams import IGNORED_TARGET
 
     loaded = load_model(checkpoint, device, trust_pickle=trust_pickle)
     model, pad = loaded.model, loaded.dictionary.pad()
@@ -33,14 +34,14 @@ def routing_statistics(checkpoint, data_dir, domains: list[str], split: str, *, 
         with torch.no_grad():
             for start in range(0, len(inputs), batch_size):
                 x, y = inputs[start:start + batch_size], targets[start:start + batch_size]
-                full = (y != pad).all(dim=1)
+                full = (y != IGNORED_TARGET).all(dim=1)
                 if full.any():
                     model(x[full].to(device))
                 for row in torch.nonzero(~full).flatten().tolist():  # padded: its real tokens only
-                    valid = int((y[row] != pad).sum())
+                    valid = int((y[row] != IGNORED_TARGET).sum())
                     if valid:
                         model(x[row:row + 1, :valid].to(device))
-        routed = int((targets != pad).sum())
+        routed = int((targets != IGNORED_TARGET).sum())
         for layer, block in enumerate(blocks):
             counts = block.routing_counts.double()
             block.routing_counts = None

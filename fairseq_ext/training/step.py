@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fairseq_ext.streams import IGNORED_TARGET
 from fairseq_ext.training.schedule import lr_at, micro_seed
 from fairseq_ext.training.torch_compile import compile_step
 
@@ -26,13 +27,12 @@ if TYPE_CHECKING:
 class LossModule(torch.nn.Module):
     """``(inputs, targets) -> (loss_sum, n_targets)``: the unit DDP and torch.compile wrap."""
 
-    def __init__(self, model: torch.nn.Module, pad: int):
+    def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
-        self.pad = pad
 
     def forward(self, tokens, targets):
-        return self.model.lm_loss(tokens, targets), (targets != self.pad).sum()
+        return self.model.lm_loss(tokens, targets), (targets != IGNORED_TARGET).sum()
 
 
 @dataclass
@@ -49,7 +49,7 @@ class UpdateStep:
         spec, ranks = setup.spec, setup.ranks
         self.setup = setup
         self.model, self.optimizer, self.scaler = state.model, state.optimizer, state.scaler
-        self.module = LossModule(state.model, setup.pad)
+        self.module = LossModule(state.model)
         if ranks.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -69,7 +69,7 @@ class UpdateStep:
             group["lr"] = self.lr(update)
         self.optimizer.zero_grad(set_to_none=True)
         # Every rank holds the whole batch, so each knows its target count without a collective.
-        n_target = max(int((targets != self.setup.pad).sum()), 1)
+        n_target = max(int((targets != IGNORED_TARGET).sum()), 1)
         micro_losses = [self._micro_batch(update, k, inputs, targets, n_target)
                         for k in range(self.setup.spec.update_freq)]
         self.scaler.unscale_(self.optimizer)

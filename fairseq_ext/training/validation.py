@@ -14,7 +14,7 @@ def evaluate(model, data_dir: str, domains: list[str], tokens_per_sample: int, p
     """Mean next-token loss (nats) per domain over ``split`` (each target token once)."""
     import torch
 
-    from fairseq_ext.streams import eval_blocks, read_tokens
+    from fairseq_ext.streams import IGNORED_TARGET, eval_blocks, read_tokens
 
     was_training = model.training
     model.eval()
@@ -31,8 +31,8 @@ def evaluate(model, data_dir: str, domains: list[str], tokens_per_sample: int, p
                 y = targets[i:i + batch_size].to(device)
                 with torch.autocast(device.type, dtype=autocast_dtype,
                                     enabled=autocast_dtype is not None):
-                    total += float(_summed_loss(model, x, y, pad))
-                count += int((y != pad).sum())
+                    total += float(_summed_loss(model, x, y))
+                count += int((y != IGNORED_TARGET).sum())
             out[d] = total / max(count, 1)
     model.train(was_training)
     return out
@@ -50,12 +50,14 @@ def validate_run(setup, model) -> tuple[dict[str, float], float]:
     return losses, float(np.mean(list(losses.values())))
 
 
-def _summed_loss(model, x, y, pad: int):
+def _summed_loss(model, x, y):
     """ELM's chunked loss, or full logits for other fairseq LMs (e.g. stock transformer_lm)."""
     import torch.nn.functional as F
+
+    from fairseq_ext.streams import IGNORED_TARGET
 
     if hasattr(model, "lm_loss"):
         return model.lm_loss(x, y)
     logits = model(x)[0].float()
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
-                           ignore_index=pad, reduction="sum")
+                           ignore_index=IGNORED_TARGET, reduction="sum")

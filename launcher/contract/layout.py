@@ -129,7 +129,11 @@ class RunLayout:
     @property
     def hf_import(self) -> Path:
         """The seed's starting point imported from model.init (hf:PATH) when it trains on."""
-        return self.model_dir(SEED) / "hf_import.pt"
+        return self.hf_import_of(SEED)
+
+    def hf_import_of(self, name: str) -> Path:
+        """The starting point of model ``name`` (the seed, dense) imported from model.init."""
+        return self.model_dir(name) / "hf_import.pt"
 
     def average_dir(self, name: str) -> Path:
         return self.averages / name

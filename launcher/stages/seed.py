@@ -6,7 +6,8 @@ exactly (``fairseq_ext.hf_import``), instead of random init: it trains on for
 ``budget.seed_fraction`` of the budget, or, with ``seed_fraction: 0``, the imported model is
 the seed as it is (what c-BTM and Branch-Train-MiX do) and the experts get the whole budget.
 The record lists the model directory's files (sha256) among the inputs: another model there
-makes a new seed."""
+makes a new seed. ``model.trust_checkpoint`` lets the import read pickle-only weights. The
+dense baseline starts from the same import (``launcher.stages.dense``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,9 +39,17 @@ def mixture_inputs(ctx: Ctx) -> list[Path]:
     return [ctx.data_dir / "dict.txt", *ctx.layout.split_files(ctx.params.domains, ("train", "valid"))]
 
 
-def seed_inputs(ctx: Ctx) -> list[Path]:
+def mixture_and_init_inputs(ctx: Ctx) -> list[Path]:
+    """The data, and every file of the model directory a run imports (``init: hf:PATH``)."""
     source = hf_dir(ctx.params.init)
     return [*mixture_inputs(ctx), *(hf_files(source) if source else [])]
+
+
+def import_init(ctx: Ctx, out: Path) -> dict:
+    """Import ``init: hf:PATH`` into ``out`` (the unit's starting point); the import record."""
+    import_hf = need("fairseq_ext.hf_import", "import_hf")
+    return import_hf(hf_dir(ctx.params.init), out, preset=ctx.params.preset, data_dir=ctx.data_dir,
+                     trust_pickle=ctx.config.model.trust_checkpoint)
 
 
 def seed_run(ctx: Ctx):
@@ -49,11 +58,10 @@ def seed_run(ctx: Ctx):
     if p.init is None:
         return train_unit(ctx, save_dir, None, mixture=p.mixture)
     save_dir.mkdir(parents=True, exist_ok=True)
-    import_hf = need("fairseq_ext.hf_import", "import_hf")
     # As is: the import is the seed's checkpoint; else the trainer's init (a resumed run
     # finds the same import and continues from checkpoint_last).
     imported = ctx.layout.checkpoint(SEED) if p.max_updates == 0 else ctx.layout.hf_import
-    record = import_hf(hf_dir(p.init), imported, preset=p.preset, data_dir=ctx.data_dir)
+    record = import_init(ctx, imported)
     if p.max_updates == 0:
         return [imported], {"hf_import": record}
     outputs, extra = train_unit(ctx, save_dir, imported, mixture=p.mixture)
@@ -69,6 +77,6 @@ def seed_budget(cfg: Config) -> Budget:
     return Budget(seed_updates, cfg.total_gpus, seed_updates * dense_tokens_per_update(cfg))
 
 
-STAGE = Stage("seed", MixtureTrainParams, seed_units, seed_inputs, seed_run,
+STAGE = Stage("seed", MixtureTrainParams, seed_units, mixture_and_init_inputs, seed_run,
               after_ok=upstream_of_training, enabled=has_seed, gpus=seed_gpus, budget=seed_budget,
               trains=True)

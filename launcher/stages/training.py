@@ -82,7 +82,7 @@ class TrainParams(Params):
     """One training run of a stage (the keys of its record's params)."""
     name: str
     domains: list[str]
-    init: str | None  # "seed", a branching rule (grow), "hf:PATH" (the seed), None for random init
+    init: str | None  # "seed", a branching rule (grow), "hf:PATH" (seed, dense), None for random init
     preset: str
     max_updates: int
     tokens_per_batch: int
