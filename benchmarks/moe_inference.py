@@ -3,7 +3,10 @@ measured in the same run on the same batches.
 
 Forward passes (no gradients) over ``--batches`` batches of ``--batch-size`` sequences of the
 model's positions; each model is timed ``--repeats`` times, interleaved, and the median
-tokens/s is reported with its ratio to one expert's. The full ensemble runs every expert on
+tokens/s is reported with its ratio to one expert's. On the CPU the time is the process's CPU
+time (``time.process_time``; run with ``OMP_NUM_THREADS=1``), so that a neighbour's load does
+not decide the ratio; on a GPU it is wall time after a synchronize. The load average at start
+and end is printed beside it. The full ensemble runs every expert on
 the same batch (what `ensemble_*` costs per token). Either a run directory (its
 ``moe/checkpoint_last.pt`` and forest.json experts) or ``--synthetic PRESET`` (random experts
 of that preset built into a temporary directory, then built into a MoE with ``--top-k``).
@@ -11,12 +14,14 @@ of that preset built into a temporary directory, then built into a MoE with ``--
     python benchmarks/moe_inference.py --run-dir RUN [--device cuda] [--batches 20]
     python benchmarks/moe_inference.py --synthetic llama-tiny --experts 4 --top-k 2
 
-Prints one JSON object: device, tokens per batch, per model {tokens_per_s, ratio_to_expert}.
+Prints one JSON object: device, clock, load average, tokens per batch, per model
+{tokens_per_s, ratio_to_expert}.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -77,24 +82,29 @@ def measure(moe: Path, experts: list[Path], device: str, batches: int, batch_siz
             for _ in range(batches)]
     runs = {"expert": expert_models[:1], "moe": [moe_model], "ensemble": expert_models}
     times: dict[str, list[float]] = {name: [] for name in runs}
+    cuda = device.startswith("cuda")
+    clock = time.perf_counter if cuda else time.process_time
+    load_start = os.getloadavg()
     with torch.no_grad():
         for models in runs.values():  # warm-up (kernels, allocator)
             for m in models:
                 m(data[0])
         for _ in range(repeats):
             for name, models in runs.items():
-                if device.startswith("cuda"):
+                if cuda:
                     torch.cuda.synchronize()
-                t0 = time.perf_counter()
+                t0 = clock()
                 for x in data:
                     for m in models:
                         m(x)
-                if device.startswith("cuda"):
+                if cuda:
                     torch.cuda.synchronize()
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(clock() - t0)
     tokens = batches * batch_size * positions
     speed = {name: tokens / statistics.median(t) for name, t in times.items()}
-    return {"device": device, "tokens_per_repeat": tokens, "experts": len(experts),
+    return {"device": device, "clock": "wall" if cuda else "process CPU",
+            "load_average_start_end": [round(load_start[0], 2), round(os.getloadavg()[0], 2)],
+            "tokens_per_repeat": tokens, "experts": len(experts),
             "top_k": int(moe_model.decoder.cfg.moe_top_k),
             "models": {name: {"tokens_per_s": round(s, 1), "ratio_to_expert": round(s / speed["expert"], 3)}
                        for name, s in speed.items()}}
