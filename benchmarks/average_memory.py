@@ -7,8 +7,14 @@ expert's file size). btm's merges (``fairseq_ext.merging.merge_checkpoints``; "l
 size, so the ratio should stay below 2.5 and flat in N. The baseline in the same run is the
 naive average: ``torch.load`` all N checkpoints, then average.
 
+The forest's MoE (``fairseq_ext.moe.build.build_moe``, uniform weights) is measured too:
+``moe`` starts the router from zero, ``moe-data`` from data (each expert reads the first
+``ROUTER_SAMPLE_TOKENS`` tokens of its own random domain). A MoE holds N experts' FFNs, so its
+own size grows with N; its columns are followed by a ``-out`` column, (peak RSS - RSS before -
+the MoE's file size) / one expert's file size, the streaming overhead that must stay flat in N.
+
     python benchmarks/average_memory.py [--layers 4 --dim 768 --vocab 8000] [--ns 2,8,16]
-        [--methods linear,task_arithmetic,ties,dare_ties,dare_linear,model_stock]
+        [--methods linear,task_arithmetic,ties,dare_ties,dare_linear,model_stock,moe,moe-data]
 """
 from __future__ import annotations
 
@@ -22,6 +28,11 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+MOE_METHODS = ("moe", "moe-data")
+# Tokens each expert reads for the data-started router: two blocks of the experts' 1024
+# positions, one batch. Its activations (not N) set the data start's extra memory; the default
+# sample (16k tokens, batches of 8) would cost 8x the forward passes for the same point.
+ROUTER_SAMPLE_TOKENS = 2048
 
 
 def _rss_kib(field: str) -> int:
@@ -61,6 +72,37 @@ def make_experts(out: Path, n: int, layers: int, dim: int, vocab: int) -> list[P
     return paths[:-1]
 
 
+def make_router_data(out: Path, n: int, vocab: int) -> Path:
+    """Domains d0.. of ``ROUTER_SAMPLE_TOKENS + 1`` random tokens each (their train split, a
+    fairseq mmap dataset) for the data-started router; reused when already in ``out``."""
+    import torch
+    from fairseq.data.indexed_dataset import MMapIndexedDatasetBuilder, best_fitting_int_dtype
+
+    for j in range(n):
+        prefix = out / f"d{j}" / "train"
+        if prefix.with_suffix(".idx").exists():
+            continue
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        g = torch.Generator().manual_seed(j)
+        builder = MMapIndexedDatasetBuilder(str(prefix) + ".bin", dtype=best_fitting_int_dtype(vocab))
+        builder.add_item(torch.randint(4, vocab, (ROUTER_SAMPLE_TOKENS + 1,), generator=g))
+        builder.finalize(str(prefix) + ".idx")
+    return out
+
+
+def build_forest_moe(method: str, paths: list[str], out: str) -> None:
+    """The MoE of ``paths`` (uniform weights), its router from zero or from router_data/."""
+    from fairseq_ext.moe.build import MoeSpec, build_moe
+    from fairseq_ext.moe.router_init import RouterSample
+
+    spec = MoeSpec()
+    if method == "moe-data":
+        spec = MoeSpec(router_init="data", router_sample=RouterSample(
+            str(Path(paths[0]).parent / "router_data"), [f"d{j}" for j in range(len(paths))],
+            max_tokens=ROUTER_SAMPLE_TOKENS))
+    build_moe({f"e{j}": p for j, p in enumerate(paths)}, out, spec)
+
+
 def child(method: str, paths: list[str], out: str) -> None:
     import torch
 
@@ -69,6 +111,16 @@ def child(method: str, paths: list[str], out: str) -> None:
     from fairseq_ext.registry import register_all
 
     register_all()
+    if method in MOE_METHODS:  # build_moe's own imports, so that they count in "before"
+        # The output check builds the MoE on the meta device, whose random init imports
+        # torch._dynamo (and sympy): about 67 MiB of code, the same for every model and N.
+        import torch._dynamo  # noqa: F401
+
+        import fairseq_ext.merging.mapped  # noqa: F401
+        import fairseq_ext.moe.build  # noqa: F401
+        import fairseq_ext.moe.model  # noqa: F401
+        import fairseq_ext.moe.router_init  # noqa: F401
+        import fairseq_ext.streams  # noqa: F401
     before = _rss_kib("VmRSS")
     # VmHWM cannot be reset portably; clear_refs '5' resets it on Linux.
     try:
@@ -76,7 +128,9 @@ def child(method: str, paths: list[str], out: str) -> None:
             f.write("5")
     except OSError:
         pass
-    if method == "linear":
+    if method in MOE_METHODS:
+        build_forest_moe(method, paths, out)
+    elif method == "linear":
         average_checkpoints(paths, [1.0] * len(paths), out)
     elif method != "naive":
         base = str(Path(paths[0]).parent / "base.pt") if get_method(method).needs_base else None
@@ -105,29 +159,44 @@ def main() -> None:
 
     sys.path.insert(0, str(REPO))
     ns = [int(x) for x in args.ns.split(",")]
+    methods = [*args.methods.split(","), "naive"]
     with (contextlib.nullcontext(args.workdir) if args.workdir
           else tempfile.TemporaryDirectory()) as tmp:
         tmp = Path(tmp)
         tmp.mkdir(parents=True, exist_ok=True)
         paths = make_experts(tmp, max(ns), args.layers, args.dim, args.vocab)
+        if "moe-data" in methods:
+            make_router_data(tmp / "router_data", max(ns), args.vocab)
         size = paths[0].stat().st_size
         print(f"expert: {args.layers} layers x {args.dim} dim, vocab {args.vocab}, "
               f"file {size / 2**20:.1f} MiB; load average {os.getloadavg()[0]:.1f}")
-        methods = [*args.methods.split(","), "naive"]
-        print(f"{'N':>3} " + " ".join(f"{m:>15}" for m in methods) + "   (peak RSS / expert)")
-        env = dict(os.environ, PYTHONPATH=str(REPO))
+        columns = [c for m in methods for c in ([m, f"{m}-out"] if m in MOE_METHODS else [m])]
+        if any(m in MOE_METHODS for m in methods):
+            columns.append("MoE file")
+        print(f"{'N':>3} " + " ".join(f"{c:>15}" for c in columns) + "   (peak RSS / expert)")
         for n in ns:
-            row = []
+            row, moe_file = [], None
             for method in methods:
-                proc = subprocess.run([sys.executable, __file__, "--child", method,
-                                       str(tmp / f"out_{method}.pt"), *map(str, paths[:n])],
-                                      env=env, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    sys.exit(f"{method} at N = {n} failed:\n{proc.stderr[-3000:]}")
-                r = json.loads(proc.stdout.strip().splitlines()[-1])
-                row.append((r["peak_kib"] - r["before_kib"]) * 1024 / size)
+                out = tmp / f"out_{method}.pt"
+                row.append(measure_once(method, out, paths[:n]) / size)
+                if method in MOE_METHODS:
+                    moe_file = out.stat().st_size / size
+                    row.append(row[-1] - moe_file)
+            if moe_file is not None:
+                row.append(moe_file)
             print(f"{n:>3} " + " ".join(f"{x:>15.2f}" for x in row), flush=True)
         print(f"load average at the end {os.getloadavg()[0]:.1f}")
+
+
+def measure_once(method: str, out: Path, paths: list[Path]) -> int:
+    """Peak RSS - RSS before, in bytes, of ``method`` over ``paths`` in a fresh process."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, __file__, "--child", method, str(out), *map(str, paths)],
+                          env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{method} at N = {len(paths)} failed:\n{proc.stderr[-3000:]}")
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    return (r["peak_kib"] - r["before_kib"]) * 1024
 
 
 if __name__ == "__main__":
