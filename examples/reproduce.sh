@@ -42,15 +42,17 @@ btm_run() {
 }
 
 # priors RUN: the three prior estimators (docs/evaluation.md) on the valid and test splits, from
-# the run's cached scores (mixing only): the whole-document posterior (the run's own rows),
-# DEMix's block-end estimator, and the document one tempered with T chosen on valid. The rows
-# keep the config's name in the results' run column (btm eval's default is the directory's).
+# the run's cached scores (mixing only): the whole-document posterior untempered (T = 1),
+# DEMix's block-end estimator, and the document one tempered with T chosen on valid (the
+# default, so the run's own test rows). The rows keep the config's name in the results' run
+# column (btm eval's default is the directory's).
 priors() {
     local split
     for split in valid test; do
-        "$btm" eval "$1" --run-name btm-forest --split "$split" --methods ensemble_prior,ensemble_posterior
         "$btm" eval "$1" --run-name btm-forest --split "$split" --methods ensemble_prior,ensemble_posterior \
-            --prior-estimator block_end --prior-block-tokens 128
+            --prior-temperature 1
+        "$btm" eval "$1" --run-name btm-forest --split "$split" --methods ensemble_prior,ensemble_posterior \
+            --prior-estimator block_end --prior-block-tokens 128 --prior-temperature 1
         "$btm" eval "$1" --run-name btm-forest --split "$split" --methods ensemble_prior,ensemble_posterior \
             --prior-temperature 1 --prior-temperature 3 --prior-temperature 10 \
             --prior-temperature 30 --prior-temperature 100

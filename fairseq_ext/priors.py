@@ -7,7 +7,8 @@ The prior P(D=j) of an eval domain comes from one of two estimators (``PriorSett
 - ``block_end``, ``ensemble.estimate_prior_block_end``: DEMix's released estimator, the same
   EWMA over batches of blocks of the previous-token posterior at each block's end.
 It is then tempered, ``prior ** (1/T)`` renormalized, with T the one of ``temperatures`` whose
-fixed-prior ensemble has the lowest nll on the held-out split (one value: that T).
+fixed-prior ensemble has the lowest nll on the held-out split (one value: that T; the default
+candidates, ``launcher.contract.methods.PRIOR_TEMPERATURES``, won on btm-forest's valid split).
 It is computed from cached scores (``fairseq_ext/scoring.py``), so it costs no forward pass
 once the held-out split has been scored, and is saved as ``RUN/priors/<domain>.<key>.json``
 with every setting it depends on, the chosen temperature and the nll of each candidate.
@@ -28,6 +29,7 @@ import numpy as np
 
 from launcher.contract.atomic import atomic_write_json, sha256_bytes
 from launcher.contract.errors import BtmError
+from launcher.contract.methods import PRIOR_TEMPERATURES
 from launcher.contract.names import validate_name
 from fairseq_ext.ensemble import choose_temperature, estimate_prior, estimate_prior_block_end, temper_prior
 
@@ -47,9 +49,9 @@ class PriorSettings:
                 "posterior at the end of each block"})
     block_tokens: int = field(default=1024, metadata={
         "help": "tokens per block of the block_end estimator (DEMix: 1024, its context length)"})
-    temperatures: tuple[float, ...] = field(default=(1.0,), metadata={
+    temperatures: tuple[float, ...] = field(default=PRIOR_TEMPERATURES, metadata={
         "help": "candidate temperatures T (prior ** 1/T); several: the one with the lowest "
-                "held-out nll of the fixed-prior ensemble"})
+                "held-out nll of the fixed-prior ensemble (default: 1, 3, 10, 30, 100)"})
 
     def validate(self) -> "PriorSettings":
         if self.estimator not in ESTIMATORS:

@@ -72,7 +72,11 @@ def test_forest_rows_are_correct_and_a_rerun_hits_the_cache(tiny_data, tiny_expe
                          ("ensemble_posterior", "posterior"), ("ensemble_prev_token", "prev_token")]:
         expected = ensemble.nll(ensemble.ensemble_logprobs(lp, s.doc_starts, rule, prior))
         assert legal[method, 3].nll == pytest.approx(expected, rel=1e-12)
-    assert legal["ensemble_prior", 3].prior == PriorSettings().describe()
+    # The default prior: T chosen on valid among the candidates, each candidate's nll recorded.
+    saved = json.loads(prior_files[0].read_text())
+    assert legal["ensemble_prior", 3].prior == PriorSettings().describe(saved["temperature"])
+    assert legal["ensemble_prior", 3].prior.endswith(f",T={saved['temperature']:g}(chosen)")
+    assert set(saved["heldout_nll_by_temperature"]) == {"1", "3", "10", "30", "100"}
     assert legal["ensemble_prior", 3].nll <= float(prior @ np.array(list(expert_nll.values()))) + 1e-12
     # The posterior ensemble beats the uniform one on an in-domain split.
     assert legal["ensemble_posterior", 3].nll < legal["ensemble_uniform", 3].nll

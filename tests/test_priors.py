@@ -41,7 +41,7 @@ def test_estimate_prior_is_the_mixing_definition():
 def test_prior_is_estimated_once_then_read_from_json(tmp_path):
     scores = fake_scores()
     experts = {"a": "sha-a", "b": "sha-b", "c": "sha-c"}
-    settings = PriorSettings(alpha=0.3, batch_docs=2)
+    settings = PriorSettings(alpha=0.3, batch_docs=2, temperatures=(1.0,))  # untempered: the estimate itself
     prior, path, cached, temperature = cached_domain_prior(tmp_path, "legal", experts, scores, settings)
     assert temperature == 1.0 and saved_temperature(path) == 1.0
     assert not cached and path.parent == tmp_path and path.name.startswith("legal.")
@@ -57,9 +57,33 @@ def test_prior_is_estimated_once_then_read_from_json(tmp_path):
     assert cached2 and path2 == path
     np.testing.assert_array_equal(again, prior)
     # Other settings or other experts are another cache entry.
-    _, path3, cached3, _ = cached_domain_prior(tmp_path, "legal", experts, scores, PriorSettings(alpha=0.5))
+    _, path3, cached3, _ = cached_domain_prior(tmp_path, "legal", experts, scores,
+                                               PriorSettings(alpha=0.5, temperatures=(1.0,)))
     assert not cached3 and path3 != path
-    assert PriorSettings(alpha=0.5, n_batches=4).describe() == "ewma(alpha=0.5,batches=4,batch_docs=2,split=valid)"
+    assert PriorSettings(alpha=0.5, n_batches=4, temperatures=(1.0,)).describe() == \
+        "ewma(alpha=0.5,batches=4,batch_docs=2,split=valid)"
+
+
+def test_default_prior_is_the_document_one_with_t_chosen_on_valid(tmp_path):
+    """The default won on btm-forest's valid split (docs/evaluation.md): the document estimator,
+    tempered with the T among 1, 3, 10, 30, 100 whose fixed-prior ensemble is best on valid."""
+    scores = fake_scores(seed=2)
+    experts = {"a": "sha-a", "b": "sha-b", "c": "sha-c"}
+    lp = np.stack([s.logprobs for s in scores]).astype(np.float64)
+    settings = PriorSettings()
+    assert settings.estimator == "document" and settings.temperatures == (1.0, 3.0, 10.0, 30.0, 100.0)
+    prior, path, _, temperature = cached_domain_prior(tmp_path, "legal", experts, scores, settings)
+    untempered = ensemble.estimate_prior(lp, scores[0].doc_starts, alpha=0.3, batch_docs=2)
+    nll = {t: ensemble.nll(ensemble.ensemble_logprobs(lp, scores[0].doc_starts, "prior",
+                                                      ensemble.temper_prior(untempered, t)))
+           for t in settings.temperatures}
+    assert temperature == min(nll, key=nll.get)
+    np.testing.assert_allclose(prior, ensemble.temper_prior(untempered, temperature), rtol=1e-12)
+    saved = json.loads(path.read_text())
+    assert saved["heldout_nll_by_temperature"] == pytest.approx({f"{t:g}": v for t, v in nll.items()})
+    assert settings.describe() == "ewma(alpha=0.3,batches=all,batch_docs=2,split=valid),T=best_of(1/3/10/30/100)"
+    assert settings.describe(temperature) == \
+        f"ewma(alpha=0.3,batches=all,batch_docs=2,split=valid),T={temperature:g}(chosen)"
 
 
 def saved_temperature(path):
@@ -86,7 +110,6 @@ def test_block_end_prior_with_a_temperature_chosen_on_the_heldout_split(tmp_path
     assert again.cached and again.temperature == temperature
     assert settings.describe(temperature) == (
         f"block_end(alpha=0.3,batches=all,batch_blocks=2,block_tokens=8,split=valid),T={temperature:g}(chosen)")
-    assert PriorSettings().describe() == "ewma(alpha=0.3,batches=all,batch_docs=2,split=valid)"
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -52,7 +52,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="tokens per block of the block_end estimator (default: 1024, DEMix's)")
     g.add_argument("--prior-temperature", type=float, action="append", metavar="T",
                    help="temper the prior as prior**(1/T); repeat to choose the T whose fixed-prior "
-                        "ensemble has the lowest nll on the prior split (default: 1)")
+                        "ensemble has the lowest nll on the prior split (default: 1, 3, 10, 30, 100; "
+                        "one --prior-temperature 1: untempered)")
     g = p.add_argument_group("scoring")
     g.add_argument("--split", default="test", help="split to report (default: test)")
     g.add_argument("--tokens-per-sample", type=int, default=None,
@@ -129,7 +130,7 @@ def _settings(args, **extra):
     prior = PriorSettings(split=args.prior_split, alpha=args.prior_alpha, n_batches=args.prior_batches,
                           batch_docs=args.prior_batch_docs, estimator=args.prior_estimator,
                           block_tokens=args.prior_block_tokens,
-                          temperatures=tuple(args.prior_temperature or (1.0,))).validate()
+                          temperatures=tuple(args.prior_temperature or registry.PRIOR_TEMPERATURES)).validate()
     context = ContextSettings(tokens_per_sample=args.tokens_per_sample, context_window=args.context_window,
                               reset_at_doc=not args.no_doc_reset).validate()
     return EvalSettings(prior=prior, context=context, split=args.split, device=args.device,

@@ -37,6 +37,14 @@ EXPERTS = "experts"  # the config's name for "every expert:<name> row"
 _EXPERT_METHOD = re.compile(r"expert:[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 GIVEN = "<given>"  # an lm_eval argument that selects a method by being given, whatever its value
 
+# The cached prior's default temperature candidates (prior ** (1/T); the one whose fixed-prior
+# ensemble has the lowest nll on the valid split is used). Measured on btm-forest (2 seeds, valid
+# split, ensemble with cached prior; docs/results.md): choosing T among these gave mean perplexity
+# 163.8 on the training domains and 352.3 on the eval domains, against 164.1 and 373.4 for T=1
+# (the plain document posterior) and 214.0 and 373.7 for DEMix's block_end estimator.
+# `evaluation.prior_temperatures: [1]` gives the untempered prior back.
+PRIOR_TEMPERATURES: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0, 100.0)
+
 
 # The merge methods of fairseq_ext.merging other than linear, with their table labels (this
 # package does not import fairseq_ext; tests/test_merge_eval.py checks the names against

@@ -30,7 +30,7 @@ class EvalParams(Params):
     # The cached prior's estimator, its block (the preset's context) and temperature candidates.
     prior_estimator: str = "document"
     prior_block_tokens: int = 1024
-    prior_temperatures: list[float] = dataclasses.field(default_factory=lambda: [1.0])
+    prior_temperatures: list[float] = dataclasses.field(default_factory=lambda: list(registry.PRIOR_TEMPERATURES))
     moe: bool = False  # the forest's MoE model (stage moe) is scored too
 
 
