@@ -19,6 +19,13 @@ import pytest
 # The SLURM test cluster fixtures (`slurm_cluster`) live in tests/slurm_testcluster.py.
 pytest_plugins = ["slurm_testcluster"]
 
+# One torch/OpenMP thread for the tests and every process they start (btm stages, sbatch jobs
+# export it too), set before anything imports torch. The models are tiny, and on the shared
+# 2-core CI machine two intra-op threads wait on each other whenever the other core is busy:
+# 12 tiny updates took 4.1 s with 2 threads and 0.6 s with 1 on the loaded machine. Nothing
+# the tests check depends on the thread count; an exported value wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 
 

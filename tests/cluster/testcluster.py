@@ -506,8 +506,9 @@ class SlurmTestCluster:
             "SlurmdUser=root",
             "AuthType=auth/munge",
             "CredType=cred/munge",
-            # cred_expire also delays a requeued job's restart: keep it short for fault tests.
-            f"AuthInfo=socket={self.munge_socket},cred_expire=30",
+            # cred_expire also delays a requeued job's restart (by cred_expire + 1 s): keep it
+            # short for fault tests, yet well above the second a job launch takes here.
+            f"AuthInfo=socket={self.munge_socket},cred_expire=15",
             f"StateSaveLocation={r}/state",
             f"SlurmdSpoolDir={r}/spool/%n",
             f"SlurmctldPidFile={r}/run/slurmctld.pid",
@@ -522,6 +523,9 @@ class SlurmTestCluster:
             "TaskPlugin=task/none",
             "MpiDefault=none",
             "SchedulerType=sched/backfill",
+            # A job that becomes eligible by time (a requeued job after cred_expire) waits for
+            # the next periodic pass, not an event: every second instead of 30 s (backfill).
+            "SchedulerParameters=bf_interval=1",
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_Core_Memory",
             f"DefMemPerCPU={self.mem_mb_per_node // self.cpus_per_node}",
