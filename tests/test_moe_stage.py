@@ -42,6 +42,19 @@ def test_without_moe_the_plan_is_unchanged(paper_corpus):
     assert plain.job("train").budget == off.job("train").budget
 
 
+def test_posterior_weights_use_the_evaluation_sections_prior(paper_corpus):
+    """The MoE's posterior weights come from the cached prior the ensembles use, so the moe
+    unit carries the evaluation section's prior keys (and a change to them re-runs it)."""
+    from launcher.stages.moe import moe_units
+    cfg = load_config("paper-125m", {**MOE_ON, "moe.weights": "posterior",
+                                     "evaluation.prior_estimator": "block_end",
+                                     "evaluation.prior_temperatures": [1, 10]}, corpus=paper_corpus)
+    (unit,) = moe_units(cfg)
+    assert unit.params["prior_estimator"] == "block_end"
+    assert unit.params["prior_temperatures"] == [1, 10]
+    assert unit.params["prior_block_tokens"] == cfg.preset.tokens_per_sample
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"moe.top_k": 9}, "moe.top_k: must be in 1..8"),
     ({"moe.router_init": "random"}, "moe.router_init: unknown value 'random'"),
