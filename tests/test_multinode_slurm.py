@@ -16,7 +16,7 @@ from conftest import REPO, require_fairseq, run_btm
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.fairseq]
 
-UPDATES = 8
+UPDATES = 16  # room between the first checkpoint (update 4) and the end for a stop or a node death
 
 
 @pytest.fixture(scope="module")
@@ -168,10 +168,13 @@ def test_a_node_dies_mid_training_the_job_is_requeued_and_resumes(slurm_cluster,
     resumes from checkpoint_last and ends at the uninterrupted result."""
     save = tmp_path / "bible"
     job = _sbatch_two_nodes(slurm_cluster, data_dir, save, tmp_path / "job.log", "--requeue")
-    _rank_pid(1)
+    rank1 = _rank_pid(1)  # srun task 1: on the job's second node
     deadline = time.monotonic() + 180
     while not (save / "checkpoint_last.pt").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
+    # Freeze rank 1 at once so training cannot run to its end before the node is taken down
+    # (rank 0 then waits in its next collective); it is among the node's processes frozen below.
+    os.kill(rank1, signal.SIGSTOP)
     nodes = slurm_cluster.run(["squeue", "-h", "-j", job, "-o", "%N"]).stdout.strip()
     second = slurm_cluster.run(["scontrol", "show", "hostnames", nodes]).stdout.split()[1]
     slurm_cluster.kill_slurmd(second)
