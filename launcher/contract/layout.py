@@ -126,11 +126,6 @@ class RunLayout:
         """The checkpoint a model is used from once trained: ``checkpoint_last.pt``."""
         return self.model_dir(name) / "checkpoint_last.pt"
 
-    @property
-    def hf_import(self) -> Path:
-        """The seed's starting point imported from model.init (hf:PATH) when it trains on."""
-        return self.hf_import_of(SEED)
-
     def hf_import_of(self, name: str) -> Path:
         """The starting point of model ``name`` (the seed, dense) imported from model.init."""
         return self.model_dir(name) / "hf_import.pt"

@@ -7,8 +7,8 @@ from __future__ import annotations
 from launcher.config import Config
 from launcher.contract.layout import DENSE
 from launcher.stages.base import Budget, Ctx, Stage, units_of
-from launcher.stages.seed import MixtureTrainParams, import_init, mixture_and_init_inputs
-from launcher.stages.training import (base_domains, dense_tokens_per_update, train_fields, train_unit,
+from launcher.stages.seed import MixtureTrainParams, mixture_and_init_inputs, train_mixture_model
+from launcher.stages.training import (base_domains, dense_tokens_per_update, train_fields,
                                       upstream_of_training)
 
 
@@ -19,16 +19,8 @@ def dense_units(cfg: Config):
 
 
 def dense_run(ctx: Ctx):
-    save_dir = ctx.model_dir(DENSE)
-    if ctx.params.init is None:
-        return train_unit(ctx, save_dir, None, mixture=ctx.params.mixture)
-    save_dir.mkdir(parents=True, exist_ok=True)
-    # Its own import (not the seed's file): dense does not wait for the seed stage. A resumed
-    # run finds the same import and continues from checkpoint_last.
-    imported = ctx.layout.hf_import_of(DENSE)
-    record = import_init(ctx, imported)
-    outputs, extra = train_unit(ctx, save_dir, imported, mixture=ctx.params.mixture)
-    return outputs, {**extra, "hf_import": record}
+    # With an import, dense makes its own (not the seed's file): it does not wait for the seed.
+    return train_mixture_model(ctx, DENSE)
 
 
 def dense_budget(cfg: Config) -> Budget:

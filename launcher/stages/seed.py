@@ -52,20 +52,27 @@ def import_init(ctx: Ctx, out: Path) -> dict:
                      trust_pickle=ctx.config.model.trust_checkpoint)
 
 
-def seed_run(ctx: Ctx):
-    p = ctx.params
-    save_dir = ctx.model_dir(SEED)
-    if p.init is None:
-        return train_unit(ctx, save_dir, None, mixture=p.mixture)
+def train_mixture_model(ctx: Ctx, name: str):
+    """Train model ``name`` (the seed, dense) on the unit's mixture from random init, or from its
+    own import of ``init: hf:PATH`` (a resumed run finds the same import and continues from
+    checkpoint_last); with an import, the extra record says what was imported."""
+    save_dir = ctx.model_dir(name)
+    if ctx.params.init is None:
+        return train_unit(ctx, save_dir, None, mixture=ctx.params.mixture)
     save_dir.mkdir(parents=True, exist_ok=True)
-    # As is: the import is the seed's checkpoint; else the trainer's init (a resumed run
-    # finds the same import and continues from checkpoint_last).
-    imported = ctx.layout.checkpoint(SEED) if p.max_updates == 0 else ctx.layout.hf_import
+    imported = ctx.layout.hf_import_of(name)
     record = import_init(ctx, imported)
-    if p.max_updates == 0:
-        return [imported], {"hf_import": record}
-    outputs, extra = train_unit(ctx, save_dir, imported, mixture=p.mixture)
+    outputs, extra = train_unit(ctx, save_dir, imported, mixture=ctx.params.mixture)
     return outputs, {**extra, "hf_import": record}
+
+
+def seed_run(ctx: Ctx):
+    if ctx.params.init is not None and ctx.params.max_updates == 0:
+        # As is: the import is the seed's checkpoint.
+        ctx.model_dir(SEED).mkdir(parents=True, exist_ok=True)
+        imported = ctx.layout.checkpoint(SEED)
+        return [imported], {"hf_import": import_init(ctx, imported)}
+    return train_mixture_model(ctx, SEED)
 
 
 def seed_gpus(cfg: Config) -> int:
