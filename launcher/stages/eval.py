@@ -38,8 +38,7 @@ def eval_units(cfg: Config):
     ev = cfg.evaluation
     return units_of([(None, EvalParams(list(ev.methods), list(cfg.baselines), list(cfg.domains.eval), ev.split,
                                        ev.top_k, [*cfg.expert_names, *cfg.domains.incremental], cfg.name,
-                                       ev.prior_estimator, get_preset(cfg.model.preset).tokens_per_sample,
-                                       list(ev.prior_temperatures), cfg.moe.enabled))])
+                                       moe=cfg.moe.enabled, **prior_fields(cfg)))])
 
 
 def eval_inputs(ctx: Ctx) -> list[Path]:
@@ -66,14 +65,27 @@ def score_caches(ctx: Ctx) -> list[Path]:
     return out
 
 
+def prior_fields(cfg: Config) -> dict:
+    """The cached prior's unit parameters from the config (eval; moe's posterior weights)."""
+    ev = cfg.evaluation
+    return dict(prior_estimator=ev.prior_estimator,
+                prior_block_tokens=get_preset(cfg.model.preset).tokens_per_sample,
+                prior_temperatures=list(ev.prior_temperatures))
+
+
+def prior_settings(p):
+    """``PriorSettings`` from a unit's ``prior_fields`` (an EvalParams or MoeParams)."""
+    from fairseq_ext.priors import PriorSettings
+
+    return PriorSettings(estimator=p.prior_estimator, block_tokens=p.prior_block_tokens,
+                         temperatures=tuple(p.prior_temperatures))
+
+
 def eval_settings(p: EvalParams):
     """The EvalSettings of the eval stage (also those `btm forest ablate` re-mixes with)."""
     from fairseq_ext.evaluate import EvalSettings
-    from fairseq_ext.priors import PriorSettings
 
-    prior = PriorSettings(estimator=p.prior_estimator, block_tokens=p.prior_block_tokens,
-                          temperatures=tuple(p.prior_temperatures))
-    return EvalSettings(methods=(), top_k=(p.top_k,), split=p.split, prior=prior, device=device())
+    return EvalSettings(methods=(), top_k=(p.top_k,), split=p.split, prior=prior_settings(p), device=device())
 
 
 def eval_run(ctx: Ctx):

@@ -16,8 +16,8 @@ from pathlib import Path
 from launcher.config import Config
 from launcher.contract.forest import Forest, verified_checkpoints
 from launcher.contract.layout import MOE
-from launcher.contract.presets import get_preset
 from launcher.stages.base import Budget, Ctx, Stage, device, need, units_of
+from launcher.stages.eval import prior_fields, prior_settings
 from launcher.stages.seed import MixtureTrainParams
 from launcher.stages.training import (base_domains, dense_tokens_per_update, moe_updates,
                                       train_fields, train_unit)
@@ -40,15 +40,13 @@ class MoeParams(MixtureTrainParams):
 
 
 def moe_units(cfg: Config):
-    m, ev = cfg.moe, cfg.evaluation
+    m = cfg.moe
     fields = train_fields(cfg, MOE, base_domains(cfg), "forest", moe_updates(cfg),
                           dense_tokens_per_update(cfg))
     return units_of([(None, MoeParams(**fields, mixture="balanced", experts=list(cfg.expert_names),
                                       top_k=m.top_k, router_init=m.router_init, weights=m.weights,
                                       train=m.train, aux_loss_coef=m.aux_loss_coef,
-                                      prior_estimator=ev.prior_estimator,
-                                      prior_block_tokens=get_preset(cfg.model.preset).tokens_per_sample,
-                                      prior_temperatures=list(ev.prior_temperatures)))])
+                                      **prior_fields(cfg)))])
 
 
 def moe_inputs(ctx: Ctx) -> list[Path]:
@@ -87,12 +85,9 @@ def _weights(ctx: Ctx, experts: dict[str, Path]) -> list[float]:
     from launcher.stages.evaluation import eval_dirs
 
     EvalSettings = need("fairseq_ext.evaluate", "EvalSettings")
-    PriorSettings = need("fairseq_ext.priors", "PriorSettings")
     moe_weights = need("fairseq_ext.moe.weights", "moe_weights")
     p = ctx.params
-    prior = PriorSettings(estimator=p.prior_estimator, block_tokens=p.prior_block_tokens,
-                          temperatures=tuple(p.prior_temperatures))
-    settings = EvalSettings(methods=(), prior=prior, device=device())
+    settings = EvalSettings(methods=(), prior=prior_settings(p), device=device())
     return moe_weights(p.weights, experts, list(p.domains), eval_dirs(ctx.layout), settings)
 
 
