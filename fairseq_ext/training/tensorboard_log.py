@@ -37,7 +37,7 @@ class TensorBoardLog:
     first row, so a no-op re-run of a finished run adds none."""
 
     def __init__(self, log_dir: Path, tokens_per_update: int, resumed_update: int | None):
-        check_tensorboard_installed()
+        # The package was checked on every rank before training (setup.resolve_spec).
         if resumed_update is None and log_dir.exists():
             shutil.rmtree(log_dir)  # a run started from scratch: those events describe lost work
         self.log_dir = log_dir
