@@ -13,6 +13,7 @@ Layout of the output directory (RUN/report/ of the first run unless ``out`` is g
     tables/compute.{md,tex,csv}             CPU/GPU/wall hours per run and stage
     tables/routing.<run>.{md,tex,csv}       a MoE's routing shares per domain x (layer, expert)
                                             (plots/routing_heatmap.<run>.png: the same as a heatmap)
+    tables/inference.{md,tex,csv}           a MoE's tokens/s against one expert and the full ensemble
     tables/results_all.csv                  every results row of every run (tidy, + run_label)
     plots/*.png
 
@@ -122,6 +123,7 @@ def build_report(run_dirs: list[str | Path], out: str | Path | None = None,
     md += _ablation_section(w, runs)
     if fewshot is not None:
         md += _fewshot_section(w, fewshot, runs)
+    md += _inference_section(w, runs, split)
     md += _routing_section(w, runs, split)
     md += _compute_section(w, runs)
     md += _plots_section(w, frame, runs, split, labels, run_groups)
@@ -290,6 +292,27 @@ def _ablation_section(w: _Out, runs) -> list[str]:
                            lambda run=run: heatmaps.plot_ablation_heatmap(run.ablation, run.label))
         md += [f"![{run.label}: expert removal]({link})" if link else f"Plot omitted: {why}.", ""]
     return md
+
+
+def _inference_section(w: _Out, runs, split: str) -> list[str]:
+    """The MoE's inference speed per run, relative to one expert (results/inference.*)."""
+    rows = [r.inference[r.inference["split"] == split].assign(run=r.label) for r in runs
+            if r.inference is not None and (r.inference["split"] == split).any()]
+    if not rows:
+        return []
+    table = pd.concat(rows, ignore_index=True)
+    table.index = [f"{run}: {model}" for run, model in zip(table["run"], table["model"])]
+    table = table[["models_run", "tokens_per_s", "ratio_to_expert", "device", "clock"]]
+    table = table.rename(columns={"models_run": "models run", "tokens_per_s": "tokens/s",
+                                  "ratio_to_expert": "× one expert"})
+    text, links = w.table("tables/inference", table, f"MoE inference speed ({split} split)", mark_best=False)
+    return ["## MoE inference speed", "",
+            "Tokens per second of forward passes (no gradients) over the same blocks of the "
+            "evaluation data, timed in one process at evaluation: the MoE, the one expert its ratio "
+            "is against (the forest's first), and the full ensemble (every expert on every token, "
+            "what `ensemble_*` costs). Median of interleaved repeats; on the CPU the clock is the "
+            "process's CPU time, so the ratio, not the absolute speed, is what to read.", "",
+            text, links, ""]
 
 
 def _routing_section(w: _Out, runs, split: str) -> list[str]:

@@ -14,6 +14,8 @@ tables must be there:
 - ``priors/*.json``: cached domain priors (two layouts, see ``load_priors``).
 - ``results/ablation.csv``: the expert-removal table of ``btm forest ablate``
   (``launcher.contract.ablation``).
+- ``results/routing.*`` and ``results/inference.*``: a MoE model's routing statistics and its
+  inference speed against one expert (``launcher.contract.moe_tables``).
 
 Everything here is read-only; a malformed file raises ``BtmError`` naming the file and the
 column, key or line at fault.
@@ -35,7 +37,8 @@ from launcher.contract.errors import BtmError
 from launcher.contract.layout import RunLayout
 
 from launcher.contract.methods import EXPERT_PREFIX, is_expert_method  # noqa: F401  (re-exported)
-from launcher.contract.results import RESULTS, read_fewshot, read_results
+from launcher.contract.moe_tables import INFERENCE, ROUTING
+from launcher.contract.results import RESULTS, TableSpec, read_fewshot, read_results
 
 # The tables compute with numbers and text: numeric columns as float (NaN: no value), text
 # columns as str ("" for no value in prior, routing and notes).
@@ -61,6 +64,7 @@ class RunData:
     fewshot: pd.DataFrame | None = None      # the few-shot table, when the run has one
     ablation: pd.DataFrame | None = None     # results/ablation.csv (`btm forest ablate`), if any
     routing: pd.DataFrame | None = None      # the MoE's routing table (results/routing.*), if any
+    inference: pd.DataFrame | None = None    # the MoE's speed table (results/inference.*), if any
     notes: list[str] = field(default_factory=list)   # things the reader should know
 
 
@@ -83,7 +87,8 @@ def load_run(run_dir: str | Path, label: str | None = None) -> RunData:
     else:
         run.notes.append(f"{config_file} not found: domain roles (train/eval) come from the "
                          "results table alone")
-    run.routing = load_routing_table(path)
+    run.routing = load_moe_table(path, ROUTING)
+    run.inference = load_moe_table(path, INFERENCE)
     run.records = load_records(path / "records")
     run.priors = load_priors(path / "priors")
     run.ablation = read_ablation(RunLayout(path).ablation)
@@ -127,15 +132,13 @@ def load_results_table(run_dir: Path) -> tuple[pd.DataFrame, Path]:
     return for_tables(read_results(run_dir / "results")), source
 
 
-def load_routing_table(run_dir: Path) -> pd.DataFrame | None:
-    """RUN/results/routing.{parquet,csv} (a MoE's routing statistics) validated against
-    launcher.contract.results.ROUTING, or None."""
-    from launcher.contract.results import ROUTING, read_results
-
+def load_moe_table(run_dir: Path, spec: TableSpec) -> pd.DataFrame | None:
+    """RUN/results/<spec.name>.{parquet,csv} (a MoE's routing or inference table) validated
+    against ``spec``, or None when the run has neither file."""
     rdir = run_dir / "results"
-    if not any((rdir / f"routing.{ext}").is_file() for ext in ("parquet", "csv")):
+    if not any((rdir / f"{spec.name}.{ext}").is_file() for ext in ("parquet", "csv")):
         return None
-    return read_results(rdir, ROUTING)
+    return read_results(rdir, spec)
 
 
 def load_fewshot_table(run_dir: Path) -> pd.DataFrame | None:

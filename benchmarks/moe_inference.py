@@ -1,5 +1,7 @@
 """Inference cost of the forest's MoE (stage moe) against one expert and the full ensemble,
-measured in the same run on the same batches.
+measured in the same run on the same batches, with the eval stage's own timing
+(fairseq_ext/moe/speed.py, which `btm report` shows from a few short passes over evaluation
+data); this script runs longer passes over random blocks.
 
 Forward passes (no gradients) over ``--batches`` batches of ``--batch-size`` sequences of the
 model's positions; each model is timed ``--repeats`` times, interleaved, and the median
@@ -22,10 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,9 +69,11 @@ def run_forest(run_dir: Path) -> tuple[Path, list[Path]]:
 
 def measure(moe: Path, experts: list[Path], device: str, batches: int, batch_size: int,
             repeats: int) -> dict:
+    """The eval stage's timing (fairseq_ext/moe/speed.py) on random blocks of full length."""
     import torch
 
     from fairseq_ext.checkpoint import load_model
+    from fairseq_ext.moe.speed import clock_name, speed_rows, time_models
 
     expert_models = [load_model(p, device).model for p in experts]
     moe_model = load_model(moe, device).model
@@ -80,34 +82,16 @@ def measure(moe: Path, experts: list[Path], device: str, batches: int, batch_siz
     g = torch.Generator().manual_seed(0)
     data = [torch.randint(4, vocab, (batch_size, positions), generator=g).to(device)
             for _ in range(batches)]
-    runs = {"expert": expert_models[:1], "moe": [moe_model], "ensemble": expert_models}
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    cuda = device.startswith("cuda")
-    clock = time.perf_counter if cuda else time.process_time
     load_start = os.getloadavg()
-    with torch.no_grad():
-        for models in runs.values():  # warm-up (kernels, allocator)
-            for m in models:
-                m(data[0])
-        for _ in range(repeats):
-            for name, models in runs.items():
-                if cuda:
-                    torch.cuda.synchronize()
-                t0 = clock()
-                for x in data:
-                    for m in models:
-                        m(x)
-                if cuda:
-                    torch.cuda.synchronize()
-                times[name].append(clock() - t0)
-    tokens = batches * batch_size * positions
-    speed = {name: tokens / statistics.median(t) for name, t in times.items()}
-    return {"device": device, "clock": "wall" if cuda else "process CPU",
+    seconds = time_models({"expert": expert_models[:1], "moe": [moe_model], "ensemble": expert_models},
+                          data, device, repeats)
+    rows = speed_rows(seconds, batches * batch_size * positions, "expert")
+    return {"device": device, "clock": clock_name(device),
             "load_average_start_end": [round(load_start[0], 2), round(os.getloadavg()[0], 2)],
-            "tokens_per_repeat": tokens, "experts": len(experts),
+            "tokens_per_repeat": rows[0]["tokens"], "experts": len(experts),
             "top_k": int(moe_model.decoder.cfg.moe_top_k),
-            "models": {name: {"tokens_per_s": round(s, 1), "ratio_to_expert": round(s / speed["expert"], 3)}
-                       for name, s in speed.items()}}
+            "models": {r["model"]: {"tokens_per_s": round(r["tokens_per_s"], 1),
+                                    "ratio_to_expert": round(r["ratio_to_expert"], 3)} for r in rows}}
 
 
 def main() -> None:

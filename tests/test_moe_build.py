@@ -179,3 +179,31 @@ def test_a_moe_trains_on_two_processes_when_an_expert_gets_no_tokens(tiny_data, 
                      valid_max_tokens=300)
     result = train_lm_torchrun(spec, 2)
     assert result.num_updates == 2 and not result.preempted
+
+
+def test_inference_speed_times_the_moe_one_expert_and_the_ensemble_on_the_same_blocks(forest, tiny_data,
+                                                                                        tmp_path):
+    """The rows `btm report` shows as "MoE inference speed": the ratio is against the forest's
+    first expert, the ensemble runs every expert, and the rows are a valid inference table.
+    No timing is asserted (the values depend on the machine): only what was timed, and that
+    a broken row is refused."""
+    from fairseq_ext.moe.build import MoeSpec, build_moe
+    from fairseq_ext.moe.speed import moe_inference_speed
+    from launcher.contract.errors import BtmError
+    from launcher.contract.moe_tables import INFERENCE
+    from launcher.contract.results import append_results, read_results
+
+    build_moe(forest, tmp_path / "moe.pt", MoeSpec(top_k=2))
+    rows = moe_inference_speed(tmp_path / "moe.pt", forest, tiny_data, ["bible", "legal"], "valid",
+                               run="r", batches=2, batch_size=2, repeats=2)
+    by_model = {r["model"]: r for r in rows}
+    assert list(by_model) == ["expert:bible", "moe", "ensemble"]
+    assert by_model["expert:bible"]["ratio_to_expert"] == 1.0
+    assert by_model["ensemble"]["models_run"] == 3 and by_model["moe"]["models_run"] == 1
+    assert len({r["tokens"] for r in rows}) == 1 and rows[0]["tokens"] == 2 * 2 * 64
+    assert all(r["clock"] == "process CPU" and r["tokens_per_s"] > 0 for r in rows)
+
+    table = append_results(tmp_path / "run", rows, INFERENCE)
+    assert table.equals(read_results(tmp_path / "run", INFERENCE))
+    with pytest.raises(BtmError, match="inference: column 'seconds' row 0 must be positive"):
+        append_results(tmp_path / "run", [{**rows[0], "seconds": 0.0}], INFERENCE)

@@ -1,6 +1,7 @@
 """The tiny pipeline with the moe stage on the local executor: the forest becomes a MoE
 (router from data, posterior weights), the MoE trains for its share of the budget, is scored
-beside the forest, its routing lands in results/routing.* and in the report; `btm moe` runs
+beside the forest, its routing and its speed against one expert land in results/routing.* and
+results/inference.* and in the report; `btm moe` runs
 the same unit and resumes from its checkpoint_last."""
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ MOE = ["--set", "moe.enabled=true", "--set", "moe.budget_share=0.25", "--set", "
 
 def test_tiny_forest_becomes_a_trained_moe_evaluated_and_reported(tmp_path):
     require_fairseq()
-    from launcher.contract.results import ROUTING, read_results
+    from launcher.contract.moe_tables import INFERENCE, ROUTING
+    from launcher.contract.results import read_results
 
     corpus = write_small_corpus(tmp_path / "corpus", ["bible", "code_python", "legal"],
                                 {"train": 60, "valid": 8, "test": 8})
@@ -41,8 +43,13 @@ def test_tiny_forest_becomes_a_trained_moe_evaluated_and_reported(tmp_path):
     assert len(routing) == 3 * 2 * 3  # domains x layers x slots
     sums = routing.groupby(["eval_domain", "layer"])["share"].sum()
     assert ((sums - 1).abs() < 1e-9).all()
+    speed = read_results(run_dir / "results", INFERENCE).set_index("model")
+    assert list(speed.index) == ["expert:bible", "moe", "ensemble"] and set(speed["split"]) == {"test"}
+    assert speed.loc["expert:bible", "ratio_to_expert"] == 1.0 and speed.loc["ensemble", "models_run"] == 3
     report = (run_dir / "report" / "report.md").read_text()
     assert "## MoE routing" in report and "MoE (BTX)" in report
+    assert "## MoE inference speed" in report and "| run: moe |" in report
+    assert (run_dir / "report" / "tables" / "inference.csv").is_file()
     assert (run_dir / "report" / "plots" / "routing_heatmap.run.png").is_file()
 
     # `btm moe` is the stage's unit: done, then (record removed) resumed from checkpoint_last.

@@ -60,4 +60,5 @@ def test_moe_stage_on_slurm_resumes_after_requeue(slurm_cluster, small_corpus, t
     results = (run_dir / "results" / "results.csv").read_text().splitlines()
     assert sum(1 for line in results if line.split(",")[1] == "moe") == 1  # legal
     assert (run_dir / "results" / "routing.csv").is_file()
+    assert (run_dir / "results" / "inference.csv").is_file()
     assert "jobs to submit: 0" in run_btm("run", cfg, "--run-dir", run_dir, check=True).stdout

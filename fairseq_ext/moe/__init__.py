@@ -7,6 +7,7 @@
 - ``router_init.py``: the router's start from data (each expert's mean hidden states);
 - ``weights.py``: the averaging weights of the shared parameters (uniform or posterior);
 - ``routing.py``: which experts each domain's tokens go to, per layer;
+- ``speed.py``: inference tokens/s against one expert and the full ensemble;
 - ``export_mixtral.py``: a Llama-layout MoE as transformers' ``MixtralForCausalLM``.
 
 docs/moe.md describes the whole step.

@@ -1,6 +1,6 @@
 """Routing statistics of a MoE model: for each evaluation domain and layer, the share of the
 domain's token-to-expert assignments (each token has ``top_k`` of them) that went to each expert
-slot. Returned as rows of the ``routing`` table (launcher.contract.results.ROUTING); the launcher
+slot. Returned as rows of the ``routing`` table (launcher.contract.moe_tables.ROUTING); the launcher
 files them and the report draws them as a table and a heatmap."""
 from __future__ import annotations
 

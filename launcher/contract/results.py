@@ -1,7 +1,7 @@
 """The results tables: tidy rows, one per evaluated (run, method, variant, data).
 
-``RUN_DIR/results/routing.{csv,parquet}`` (``ROUTING``): a MoE model's routing statistics, one
-row per (run, eval domain, split, layer, expert slot).
+A MoE model's routing and speed tables (``ROUTING``, ``INFERENCE``) are defined in
+launcher.contract.moe_tables and stored, locked and validated by the functions here.
 ``RUN_DIR/results/results.{csv,parquet}`` (``RESULTS``): perplexity, one row per (run, method,
 k, prior, eval domain, split). ``RUN_DIR/results/fewshot.{csv,parquet}`` (``FEWSHOT``): few-shot
 harness results (lm-evaluation-harness through the ``btm`` model), one row per (run, task,
@@ -38,7 +38,7 @@ from launcher.contract.atomic import atomic_path
 from launcher.contract.errors import BtmError, shown
 from launcher.contract.methods import RESULT_METHODS, is_result_method
 
-def _columns(table: str) -> tuple[dict[str, tuple[str, str]], dict[str, tuple[str, str]]]:
+def column_table(table: str) -> tuple[dict[str, tuple[str, str]], dict[str, tuple[str, str]]]:
     """(required, optional) ``{column: (kind, help)}`` from a table of ``name kind help`` lines;
     a name ending in ``?`` is optional. Kinds: str, int, float."""
     required, optional = {}, {}
@@ -48,7 +48,7 @@ def _columns(table: str) -> tuple[dict[str, tuple[str, str]], dict[str, tuple[st
     return required, optional
 
 
-REQUIRED_COLUMNS, OPTIONAL_COLUMNS = _columns("""
+REQUIRED_COLUMNS, OPTIONAL_COLUMNS = column_table("""
     run                    str    run name (the run directory's name unless given)
     method                 str    expert:<name> or a registered method (launcher.contract.methods)
     k                      int    number of experts whose scores the method used (1 for a single model)
@@ -71,7 +71,7 @@ KEY_COLUMNS = ["run", "method", "k", "prior", "eval_domain", "split"]
 
 _DTYPES = {"str": "string", "int": "Int64", "float": "float64"}
 
-FEWSHOT_REQUIRED, FEWSHOT_OPTIONAL = _columns("""
+FEWSHOT_REQUIRED, FEWSHOT_OPTIONAL = column_table("""
     run                    str    run name (the few-shot config's name unless given)
     task                   str    lm-evaluation-harness task name
     metric                 str    lm-eval metric, e.g. acc, acc_norm, f1
@@ -92,19 +92,6 @@ FEWSHOT_REQUIRED, FEWSHOT_OPTIONAL = _columns("""
     notes?                 str    free text
 """)
 FEWSHOT_KEY = ["run", "task", "metric", "filter", "method", "k", "routing", "prior", "num_fewshot", "seed"]
-
-ROUTING_REQUIRED, ROUTING_OPTIONAL = _columns("""
-    run                    str    run name (as in results.csv)
-    eval_domain            str    domain whose tokens were routed
-    split                  str    valid or test
-    layer                  int    MoE layer (0 = the first)
-    slot                   int    expert slot of that layer (0..N-1)
-    expert                 str    the forest expert whose FFN the slot was built from
-    share                  float  share of the domain's token-to-expert assignments at that layer that went to this slot
-    tokens                 int    tokens routed (each is assigned to top_k slots)
-""")
-ROUTING_KEY = ["run", "eval_domain", "split", "layer", "slot"]
-
 
 def results_dir(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / "results"
@@ -144,7 +131,7 @@ def validate_rows(rows, spec: "TableSpec | None" = None) -> pd.DataFrame:
             raise BtmError(f"{spec.name}: missing required column {col!r} ({spec.required[col][1]})")
         missing = pd.isna(columns[col])
         if missing.any():
-            raise BtmError(f"{spec.name}: column {col!r} is empty in row {_first(missing)}")
+            raise BtmError(f"{spec.name}: column {col!r} is empty in row {first_row(missing)}")
     values = {col: _typed(columns[col], col, kind, spec.name)
               for col, (kind, _) in known.items() if col in columns}
     spec.check(values)
@@ -178,18 +165,18 @@ def _typed(values: np.ndarray, col: str, kind: str, table: str = "results") -> n
     numeric = np.asarray(pd.to_numeric(values, errors="coerce"), dtype="float64")
     bad = np.isnan(numeric) & given
     if bad.any():
-        i = _first(bad)
+        i = first_row(bad)
         raise BtmError(f"{table}: column {col!r} must be a number; row {i} has {shown(values[i])}")
     if kind == "int":
         frac = ~np.isnan(numeric) & (numeric != np.round(numeric))
         if frac.any():
-            i = _first(frac)
+            i = first_row(frac)
             raise BtmError(f"{table}: column {col!r} must be a whole number; row {i} has {shown(values[i])}")
         return np.round(numeric)
     return numeric
 
 
-def _first(mask) -> int:
+def first_row(mask) -> int:
     return int(np.asarray(mask).argmax())
 
 
@@ -201,11 +188,11 @@ def _check_common(cols: dict[str, np.ndarray], table: str, nonneg: tuple, positi
     for col in nonneg:
         neg = cols[col] < 0
         if neg.any():
-            raise BtmError(f"{table}: column {col!r} must be >= 0; row {_first(neg)} is negative")
+            raise BtmError(f"{table}: column {col!r} must be >= 0; row {first_row(neg)} is negative")
     for col in positive:
         zero = cols[col] < 1
         if zero.any():
-            raise BtmError(f"{table}: column {col!r} must be >= 1; row {_first(zero)} is 0")
+            raise BtmError(f"{table}: column {col!r} must be >= 1; row {first_row(zero)} is 0")
 
 
 def _check_values(cols: dict[str, np.ndarray]) -> None:
@@ -213,12 +200,12 @@ def _check_values(cols: dict[str, np.ndarray]) -> None:
     nll, ppl = cols["nll"], cols["ppl"]
     bad = ~np.isfinite(nll) | (nll < 0)
     if bad.any():
-        i = _first(bad)
+        i = first_row(bad)
         raise BtmError(f"results: column 'nll' row {i} must be a finite non-negative loss, got {nll[i]}")
     with np.errstate(over="ignore"):
         bad = ~np.isclose(ppl, np.exp(nll), rtol=1e-6, atol=0)
     if bad.any():
-        i = _first(bad)
+        i = first_row(bad)
         raise BtmError(f"results: column 'ppl' row {i} is {ppl[i]} but exp(nll) = {math.exp(nll[i])}")
 
 
@@ -228,27 +215,14 @@ def _check_fewshot(cols: dict[str, np.ndarray]) -> None:
     value = cols["value"]
     bad = ~np.isfinite(value)
     if bad.any():
-        raise BtmError(f"fewshot: column 'value' row {_first(bad)} must be finite, got {value[_first(bad)]}")
+        raise BtmError(f"fewshot: column 'value' row {first_row(bad)} must be finite, got {value[first_row(bad)]}")
     for i, better in enumerate(cols.get("better", ())):
         if better is not None and better not in ("higher", "lower"):
             raise BtmError(f"fewshot: column 'better' row {i} must be 'higher' or 'lower', got {shown(better)}")
 
 
-def _check_routing(cols: dict[str, np.ndarray]) -> None:
-    for col in ("layer", "slot", "tokens"):
-        bad = cols[col] < (1 if col == "tokens" else 0)
-        if bad.any():
-            raise BtmError(f"routing: column {col!r} row {_first(bad)} is out of range ({cols[col][_first(bad)]})")
-    bad = ~np.isfinite(cols["share"]) | (cols["share"] < 0) | (cols["share"] > 1)
-    if bad.any():
-        raise BtmError(f"routing: column 'share' row {_first(bad)} must be in [0, 1], got {cols['share'][_first(bad)]}")
-
-
 RESULTS = TableSpec("results", REQUIRED_COLUMNS, OPTIONAL_COLUMNS, KEY_COLUMNS, _check_values)
 FEWSHOT = TableSpec("fewshot", FEWSHOT_REQUIRED, FEWSHOT_OPTIONAL, FEWSHOT_KEY, _check_fewshot)
-# Which experts a MoE model (stage moe) sends each evaluation domain's tokens to, per layer.
-ROUTING = TableSpec("routing", ROUTING_REQUIRED, ROUTING_OPTIONAL, ROUTING_KEY, _check_routing)
-
 
 def read_results(path: str | os.PathLike, spec: TableSpec | None = None) -> pd.DataFrame:
     """A results table from a run dir, its results/ dir, or a <table>.csv/.parquet file

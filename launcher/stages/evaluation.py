@@ -19,7 +19,7 @@ import dataclasses
 from pathlib import Path
 
 from launcher.contract import methods as registry
-from launcher.contract.errors import BtmError
+from launcher.contract.errors import BtmError, shown
 from launcher.contract.forest import verified_checkpoints
 from launcher.contract.layout import DENSE, RunLayout, random_split_name
 from launcher.contract.ablation import write_ablation
@@ -132,11 +132,12 @@ def evaluate_ablation(layout: RunLayout, experts: dict[str, Path], domains: list
 def evaluate_moe(layout: RunLayout, checkpoint: Path, domains: list[str], settings, *,
                  experts: list[str] | None = None, name: str | None = None,
                  data_dir: Path | None = None):
-    """The MoE model's rows (method ``moe``, k = its top_k) appended to the results, and its
+    """The MoE model's rows (method ``moe``, k = its top_k) appended to the results, its
     routing statistics (which expert slots each domain's tokens go to, per layer) to the
-    routing table. ``experts``: the slots' expert names (None: from the moe stage's record).
-    Returns the new results rows."""
-    from launcher.contract.results import ROUTING
+    routing table, and its inference speed against one expert and the full ensemble (the
+    forest's checkpoints of ``experts``) to the inference table. ``experts``: the slots'
+    expert names (None: from the moe stage's record). Returns the new results rows."""
+    from launcher.contract.moe_tables import INFERENCE, ROUTING
 
     if experts is None:
         from launcher.records import read_record
@@ -146,14 +147,23 @@ def evaluate_moe(layout: RunLayout, checkpoint: Path, domains: list[str], settin
             raise BtmError(f"{layout.record('moe', None)} is missing or names no experts: run the "
                            "moe stage (`btm moe RUN_DIR`) before evaluating its MoE")
         experts = [e["name"] for e in built["experts"]]
+    forest = verified_checkpoints(layout.forest)
+    missing = [e for e in experts if e not in forest]
+    if missing:
+        raise BtmError(f"{layout.forest} has no expert {', '.join(map(shown, missing))}, which the "
+                       f"MoE {checkpoint} was built from: its speed is measured against them")
 
-    moe, device = _fairseq_ext("moe.routing"), _fairseq_ext("evaluate").resolve_device(settings.device)
+    device = _fairseq_ext("evaluate").resolve_device(settings.device)
     run, data = run_name(layout, name), data_dir or layout.data
     top_k = _fairseq_ext("moe.build").moe_top_k(checkpoint)
     new = evaluate_model(layout, "moe", checkpoint, domains, settings, k=top_k, name=name,
                          data_dir=data_dir)
-    routing = moe.routing_statistics(checkpoint, data, domains, settings.split, expert_names=experts,
-                                     run=run, device=device,
-                                     trust_pickle=settings.trust_checkpoint)
+    routing = _fairseq_ext("moe.routing").routing_statistics(
+        checkpoint, data, domains, settings.split, expert_names=experts, run=run, device=device,
+        trust_pickle=settings.trust_checkpoint)
     append_results(layout.root, routing, ROUTING)
+    speed = _fairseq_ext("moe.speed").moe_inference_speed(
+        checkpoint, {e: forest[e] for e in experts}, data, domains, settings.split, run=run,
+        device=device, trust_pickle=settings.trust_checkpoint)
+    append_results(layout.root, speed, INFERENCE)
     return new
