@@ -207,3 +207,24 @@ def test_inference_speed_times_the_moe_one_expert_and_the_ensemble_on_the_same_b
     assert table.equals(read_results(tmp_path / "run", INFERENCE))
     with pytest.raises(BtmError, match="inference: column 'seconds' row 0 must be positive"):
         append_results(tmp_path / "run", [{**rows[0], "seconds": 0.0}], INFERENCE)
+
+
+def test_evaluating_a_moe_whose_experts_left_the_forest_names_them(forest, tmp_path):
+    """Its speed is measured against the forest's checkpoints of its slots' experts, so an
+    expert removed from forest.json since the build is one clear error, before any scoring."""
+    from fairseq_ext.evaluate import EvalSettings
+    from fairseq_ext.moe.build import MoeSpec, build_moe
+    from launcher.contract.errors import BtmError
+    from launcher.contract.forest import Forest
+    from launcher.contract.layout import RunLayout
+    from launcher.stages.evaluation import evaluate_moe
+
+    build_moe(forest, tmp_path / "moe.pt", MoeSpec())
+    layout = RunLayout(tmp_path / "run")
+    layout.root.mkdir()
+    kept = Forest(run="run", path=layout.forest)
+    kept.add("bible", ["bible"], forest["bible"])
+    kept.save()
+    with pytest.raises(BtmError, match=r"forest.json has no expert 'code_python', 'legal', which the MoE"):
+        evaluate_moe(layout, tmp_path / "moe.pt", ["bible"], EvalSettings(), experts=list(forest))
+    assert not layout.results.exists()
