@@ -215,7 +215,7 @@ def test_evaluating_a_moe_whose_experts_left_the_forest_names_them(forest, tmp_p
     from fairseq_ext.evaluate import EvalSettings
     from fairseq_ext.moe.build import MoeSpec, build_moe
     from launcher.contract.errors import BtmError
-    from launcher.contract.forest import Forest
+    from launcher.contract.forest import Forest, verified_checkpoints
     from launcher.contract.layout import RunLayout
     from launcher.stages.evaluation import evaluate_moe
 
@@ -226,5 +226,6 @@ def test_evaluating_a_moe_whose_experts_left_the_forest_names_them(forest, tmp_p
     kept.add("bible", ["bible"], forest["bible"])
     kept.save()
     with pytest.raises(BtmError, match=r"forest.json has no expert 'code_python', 'legal', which the MoE"):
-        evaluate_moe(layout, tmp_path / "moe.pt", ["bible"], EvalSettings(), experts=list(forest))
+        evaluate_moe(layout, tmp_path / "moe.pt", verified_checkpoints(layout.forest), ["bible"], EvalSettings(),
+                     experts=list(forest))
     assert not layout.results.exists()

@@ -196,7 +196,7 @@ def run_eval(args) -> int:
         if not sep or not path:
             raise BtmError(f"--model: expected METHOD=PATH, got {shown(item)}")
         if method == "moe":  # k = its top_k, and its routing table (slots named as the forest)
-            _print_rows(evaluate_moe(layout, Path(path), domains, settings, **where))
+            _print_rows(evaluate_moe(layout, Path(path), experts, domains, settings, **where))
         else:
             _print_rows(evaluate_model(layout, method, Path(path), domains, settings, **where))
     print(f"results: {layout.results / 'results.csv'}")

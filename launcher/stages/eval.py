@@ -103,7 +103,8 @@ def eval_run(ctx: Ctx):
     if "dense" in p.baselines:
         evaluate_model(layout, "dense", layout.checkpoint(DENSE), domains, settings, **common)
     if p.moe:
-        evaluate_moe(layout, layout.checkpoint(MOE), domains, settings, experts=list(cfg.expert_names),
+        evaluate_moe(layout, layout.checkpoint(MOE), experts, domains, settings,
+                     experts=list(cfg.expert_names),
                      **common)
     if "random_split" in p.baselines:
         shards = {random_split_name(i): layout.checkpoint(random_split_name(i))

@@ -129,14 +129,15 @@ def evaluate_ablation(layout: RunLayout, experts: dict[str, Path], domains: list
     return write_ablation(layout.ablation, rows)
 
 
-def evaluate_moe(layout: RunLayout, checkpoint: Path, domains: list[str], settings, *,
-                 experts: list[str] | None = None, name: str | None = None,
+def evaluate_moe(layout: RunLayout, checkpoint: Path, forest: dict[str, Path], domains: list[str],
+                 settings, *, experts: list[str] | None = None, name: str | None = None,
                  data_dir: Path | None = None):
     """The MoE model's rows (method ``moe``, k = its top_k) appended to the results, its
     routing statistics (which expert slots each domain's tokens go to, per layer) to the
     routing table, and its inference speed against one expert and the full ensemble (the
-    forest's checkpoints of ``experts``) to the inference table. ``experts``: the slots'
-    expert names (None: from the moe stage's record). Returns the new results rows."""
+    ``forest`` checkpoints, already verified by the caller, of ``experts``) to the inference
+    table. ``experts``: the slots' expert names (None: from the moe stage's record). Returns
+    the new results rows."""
     from launcher.contract.moe_tables import INFERENCE, ROUTING
 
     if experts is None:
@@ -147,7 +148,6 @@ def evaluate_moe(layout: RunLayout, checkpoint: Path, domains: list[str], settin
             raise BtmError(f"{layout.record('moe', None)} is missing or names no experts: run the "
                            "moe stage (`btm moe RUN_DIR`) before evaluating its MoE")
         experts = [e["name"] for e in built["experts"]]
-    forest = verified_checkpoints(layout.forest)
     missing = [e for e in experts if e not in forest]
     if missing:
         raise BtmError(f"{layout.forest} has no expert {', '.join(map(shown, missing))}, which the "
