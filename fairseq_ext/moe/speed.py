@@ -6,7 +6,8 @@ Forward passes without gradients; every model is timed ``repeats`` times, interl
 others, and the median pass counts. On the CPU the clock is the process's CPU time
 (``time.process_time``), so a neighbour's load does not decide the ratio; on a GPU it is wall
 time after a synchronize. The full ensemble runs every expert on the batch, which is what an
-``ensemble_*`` method costs per token.
+``ensemble_*`` method costs per token; the eval stage times it one expert at a time (the sum of
+their medians), so its memory stays one expert and the MoE however large the forest.
 """
 from __future__ import annotations
 
@@ -84,16 +85,19 @@ def moe_inference_speed(checkpoint: Path, experts: dict[str, Path], data_dir, do
     blocks of ``domains``' ``split``."""
     from fairseq_ext.checkpoint import load_model
 
-    loaded = {name: load_model(path, device, trust_pickle=trust_pickle).model
-              for name, path in experts.items()}
     moe = load_model(checkpoint, device, trust_pickle=trust_pickle)
     data = [x.to(device) for x in eval_batches(data_dir, domains, split, moe.model.max_positions(),
                                                 moe.dictionary.pad(), batches=batches,
                                                 batch_size=batch_size)]
-    first = f"expert:{next(iter(loaded))}"
-    models = {first: [next(iter(loaded.values()))], "moe": [moe.model], "ensemble": list(loaded.values())}
-    seconds = time_models(models, data, device, repeats)
+    (first_name, first_path), *others = experts.items()
+    first = f"expert:{first_name}"
+    seconds = time_models({first: [load_model(first_path, device, trust_pickle=trust_pickle).model],
+                           "moe": [moe.model]}, data, device, repeats)
+    seconds["ensemble"] = seconds[first] + sum(
+        time_models({"e": [load_model(path, device, trust_pickle=trust_pickle).model]}, data, device,
+                    repeats)["e"] for _, path in others)
     tokens = sum(x.numel() for x in data)
+    models_run = {first: 1, "moe": 1, "ensemble": len(experts)}
     return [{"run": run, "split": split, "device": device, "clock": clock_name(device),
-             "models_run": len(models[row["model"]]), **row}
+             "models_run": models_run[row["model"]], **row}
             for row in speed_rows(seconds, tokens, first)]
