@@ -11,10 +11,10 @@ from launcher.config import Config
 from launcher.contract import methods as registry
 from launcher.contract.forest import verified_checkpoints
 from launcher.contract.layout import DENSE, MOE, SEED, random_split_name
-from launcher.contract.presets import get_preset
 from launcher.records import read_record
 from launcher.stages.base import Ctx, Params, Stage, device, units_of
-from launcher.stages.evaluation import evaluate_merges, evaluate_mixes, evaluate_model, evaluate_moe
+from launcher.stages.evaluation import (evaluate_merges, evaluate_mixes, evaluate_model, evaluate_moe,
+                                       prior_fields, prior_settings)
 from launcher.stages.score import PRIOR_SPLIT, scored_models
 
 
@@ -63,22 +63,6 @@ def score_caches(ctx: Ctx) -> list[Path]:
         record = read_record(ctx.run_dir, "score", model)
         out += [ctx.run_dir / q for q in (record or {}).get("outputs", {})]
     return out
-
-
-def prior_fields(cfg: Config) -> dict:
-    """The cached prior's unit parameters from the config (eval; moe's posterior weights)."""
-    ev = cfg.evaluation
-    return dict(prior_estimator=ev.prior_estimator,
-                prior_block_tokens=get_preset(cfg.model.preset).tokens_per_sample,
-                prior_temperatures=list(ev.prior_temperatures))
-
-
-def prior_settings(p):
-    """``PriorSettings`` from a unit's ``prior_fields`` (an EvalParams or MoeParams)."""
-    from fairseq_ext.priors import PriorSettings
-
-    return PriorSettings(estimator=p.prior_estimator, block_tokens=p.prior_block_tokens,
-                         temperatures=tuple(p.prior_temperatures))
 
 
 def eval_settings(p: EvalParams):

@@ -18,11 +18,13 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from launcher.config import Config
 from launcher.contract import methods as registry
 from launcher.contract.errors import BtmError, shown
 from launcher.contract.forest import verified_checkpoints
 from launcher.contract.layout import DENSE, RunLayout, random_split_name
 from launcher.contract.ablation import write_ablation
+from launcher.contract.presets import get_preset
 from launcher.contract.results import append_results
 
 
@@ -33,6 +35,20 @@ def _fairseq_ext(module: str):
         return importlib.import_module(f"fairseq_ext.{module}")
     except ImportError as e:
         raise BtmError(f"evaluation needs fairseq_ext.{module}, which is not available: {e}") from None
+
+
+def prior_fields(cfg: Config) -> dict:
+    """The cached prior's unit parameters from the config (eval; moe's posterior weights)."""
+    ev = cfg.evaluation
+    return dict(prior_estimator=ev.prior_estimator,
+                prior_block_tokens=get_preset(cfg.model.preset).tokens_per_sample,
+                prior_temperatures=list(ev.prior_temperatures))
+
+
+def prior_settings(p):
+    """``PriorSettings`` from a unit's ``prior_fields`` (an EvalParams or MoeParams)."""
+    return _fairseq_ext("priors").PriorSettings(estimator=p.prior_estimator, block_tokens=p.prior_block_tokens,
+                                                temperatures=tuple(p.prior_temperatures))
 
 
 def eval_dirs(layout: RunLayout, data_dir: Path | None = None):

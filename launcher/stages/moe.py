@@ -17,7 +17,7 @@ from launcher.config import Config
 from launcher.contract.forest import Forest, verified_checkpoints
 from launcher.contract.layout import MOE
 from launcher.stages.base import Budget, Ctx, Stage, device, need, units_of
-from launcher.stages.eval import prior_fields, prior_settings
+from launcher.stages.evaluation import prior_fields, prior_settings
 from launcher.stages.seed import MixtureTrainParams
 from launcher.stages.training import (base_domains, dense_tokens_per_update, moe_updates,
                                       train_fields, train_unit)
