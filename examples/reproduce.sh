@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Reproduce docs/results.md (findings F1-F7 at small scale) on ../shared/corpus.
+# Reproduce docs/results.md (findings F1-F9, the prior estimators and Branch-Train-MiX at small
+# scale) on ../shared/corpus.
 #   bash examples/reproduce.sh [RUNS_DIR] [forest|grow|sweeps|moe|all]
-# "forest" runs F1 F2 F4 F5 F8 and the prior estimators, "grow" runs F7, "sweeps" runs F3 and
+# "forest" runs F1 F2 F4 F5 F8 F9 and the prior estimators, "grow" runs F7, "sweeps" runs F3 and
 # F6, "moe" the Branch-Train-MiX comparison (docs/moe.md); the parts can run side by side in
 # separate shells. Every step resumes: re-running skips what is finished. Ends with one
 # side-by-side report in RUNS_DIR/report/report.md.
@@ -59,6 +60,10 @@ priors() {
     done
 }
 
+# F9: merge methods beyond linear averaging, each with the posterior weights of F2.
+merges=merge_task_arithmetic_posterior,merge_ties_posterior,merge_dare_ties_posterior
+merges+=,merge_dare_linear_posterior,merge_model_stock_posterior
+
 forest() {  # forest SEED
     local seed="$1" size dir
     for size in $sizes; do  # F1 F2 F4 F5 at every size
@@ -68,6 +73,8 @@ forest() {  # forest SEED
         "$btm" eval "$dir" --run-name btm-forest --methods topk_prior --top-k 1,2,3,4,5,6
         priors "$dir"
         "$btm" forest ablate "$dir"  # F8: expert removal, from the cached scores
+        # F9 at tiny (one merged model per domain and method; merges and scores are reused on a re-run).
+        [ "$size" != tiny ] || "$btm" eval "$dir" --run-name btm-forest --methods "$merges"
     done
 }
 

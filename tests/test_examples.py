@@ -93,6 +93,9 @@ def test_reproduce_with_seeds_and_sizes_repeats_the_findings(tmp_path):
     ablate = [c for c in calls if c[:2] == ["forest", "ablate"]]
     assert sorted(Path(c[2]).name for c in ablate) == sorted(
         f"btm-forest{size}.seed{s}" for s in (1, 2, 3) for size in ("", ".small"))
+    merges = [c for c in calls if c[0] == "eval" and any(a.startswith("merge_") for a in c)]
+    assert sorted(Path(c[1]).name for c in merges) == [f"btm-forest.seed{s}" for s in (1, 2, 3)]  # F9 at tiny
+    assert all(c[c.index("--methods") + 1].count("merge_") == 5 for c in merges)
     priors = [c for c in calls if c[0] == "eval" and "ensemble_prior,ensemble_posterior" in c]
     assert len(priors) == 6 * 2 * 3  # per forest: valid and test, three estimators
     assert sum("block_end" in c for c in priors) == 12
