@@ -87,9 +87,9 @@ def eval_run(ctx: Ctx):
     if "dense" in p.baselines:
         evaluate_model(layout, "dense", layout.checkpoint(DENSE), domains, settings, **common)
     if p.moe:
+        # experts: the verified checkpoints; experts=: the MoE's slots, named as the forest
         evaluate_moe(layout, layout.checkpoint(MOE), experts, domains, settings,
-                     experts=list(cfg.expert_names),
-                     **common)
+                     experts=list(cfg.expert_names), **common)
     if "random_split" in p.baselines:
         shards = {random_split_name(i): layout.checkpoint(random_split_name(i))
                   for i in range(len(cfg.expert_names))}
